@@ -1,0 +1,217 @@
+"""Measure where memory goes: tensor bytes by category at the peak, plus the process peak.
+
+Tensor-level attribution is PyTorch's `MemTracker` (a `TorchDispatchMode` with module and optimizer hooks)
+— private API, so it stays behind this module. Process-level peak is `memfit.memory.process`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+from memfit.memory import process
+from memfit.memory.breakdown import CATEGORIES, MemoryBreakdown, format_bytes
+
+_CATEGORY_OF = {
+    _MemRefType.PARAM: "parameters",
+    _MemRefType.BUFFER: "buffers",
+    _MemRefType.GRAD: "gradients",
+    _MemRefType.OPT: "optimizer",
+    _MemRefType.ACT: "activations",
+    _MemRefType.TEMP: "temporaries",
+    _MemRefType.OTH: "other",
+}
+
+
+def _breakdown(snapshot: dict[Any, int]) -> MemoryBreakdown:
+    values = {c: 0 for c in CATEGORIES}
+    for reftype, nbytes in snapshot.items():
+        if reftype in _CATEGORY_OF:
+            values[_CATEGORY_OF[reftype]] += nbytes
+    return MemoryBreakdown(**values)
+
+
+@dataclass
+class MemoryReport:
+    """What one measured region used: tensor bytes by category at the peak, and the process peak."""
+
+    peak: MemoryBreakdown  # every category at the moment the tensor total peaked
+    category_peaks: MemoryBreakdown  # each category's own maximum over the region
+    process_peak: int | None = None  # VmHWM (CPU) or max reserved (CUDA), bytes
+    process_start: int | None = None  # RSS (CPU) or allocated (CUDA) when the region began
+    device: str = "cpu"
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tensor_peak(self) -> int:
+        return self.peak.total
+
+    @property
+    def overhead(self) -> int | None:
+        """Process peak minus tensor peak: interpreter, libraries, allocator slack."""
+        return None if self.process_peak is None else self.process_peak - self.tensor_peak
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device,
+            "peak": self.peak.to_dict(),
+            "category_peaks": self.category_peaks.to_dict(),
+            "tensor_peak": self.tensor_peak,
+            "process_peak": self.process_peak,
+            "process_start": self.process_start,
+            "overhead": self.overhead,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MemoryReport:
+        return cls(
+            peak=MemoryBreakdown.from_dict(d["peak"]),
+            category_peaks=MemoryBreakdown.from_dict(d["category_peaks"]),
+            process_peak=d.get("process_peak"),
+            process_start=d.get("process_start"),
+            device=d.get("device", "cpu"),
+            notes=d.get("notes", {}),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self, estimate: MemoryBreakdown | None = None, title: str = "memory by category"):
+        """A rich Table: measured at peak (and estimate, with the ratio, when given)."""
+        from rich.table import Table
+
+        table = Table(title=title)
+        table.add_column("category")
+        table.add_column("measured @ peak", justify="right")
+        table.add_column("category max", justify="right")
+        if estimate is not None:
+            table.add_column("estimate", justify="right")
+            table.add_column("measured/est", justify="right")
+        for c in CATEGORIES:
+            measured, cmax = getattr(self.peak, c), getattr(self.category_peaks, c)
+            est = getattr(estimate, c) if estimate is not None else 0
+            if measured == 0 and cmax == 0 and est == 0:
+                continue
+            row = [c, format_bytes(measured), format_bytes(cmax)]
+            if estimate is not None:
+                row += [format_bytes(est), f"{measured / est:.2f}" if est else "-"]
+            table.add_row(*row)
+        total = [f"[bold]tensor total", format_bytes(self.tensor_peak), ""]
+        if estimate is not None:
+            ratio = f"{self.tensor_peak / estimate.total:.2f}" if estimate.total else "-"
+            total += [format_bytes(estimate.total), ratio]
+        table.add_row(*total)
+        if self.process_peak is not None:
+            table.add_row("process peak", format_bytes(self.process_peak), "", *([""] * (2 if estimate else 0)))
+            table.add_row("  minus tensors", format_bytes(self.overhead), "", *([""] * (2 if estimate else 0)))
+        return table
+
+
+class _CategoryPeakTracker(MemTracker):
+    """MemTracker that also remembers each category's own maximum (MemTracker keeps only the total's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.category_max: dict[Any, int] = {}
+
+    def _update_snap(self, *args, **kwargs) -> None:  # noqa: D401 - private hook of MemTracker
+        super()._update_snap(*args, **kwargs)
+        for snap in self._curr_mem_snap.values():
+            for reftype, nbytes in snap.items():
+                if nbytes > self.category_max.get(reftype, 0):
+                    self.category_max[reftype] = nbytes
+
+
+class MemoryMeter:
+    """Measures one or more regions (steps) of a run and reports the worst one.
+
+    >>> meter = MemoryMeter(model, optimizer)
+    >>> with meter.region():
+    ...     loss = model(**batch).loss; loss.backward(); optimizer.step()
+    >>> meter.report().peak.gradients
+    """
+
+    def __init__(self, *tracked: nn.Module | torch.optim.Optimizer | torch.Tensor | None,
+                 device: torch.device | str | None = None) -> None:
+        self.device = torch.device(device) if device is not None else _device_of(tracked)
+        self._tracker = _CategoryPeakTracker()
+        self._tracker.track_external(*[t for t in tracked if t is not None])
+        self._peak: MemoryBreakdown | None = None
+        self._process_peak: int | None = None
+        self._process_start: int | None = None
+
+    def track(self, *objs: nn.Module | torch.optim.Optimizer | torch.Tensor) -> None:
+        """Track objects created after the meter (e.g. an optimizer built lazily)."""
+        self._tracker.track_external(*objs)
+
+    @contextmanager
+    def region(self) -> Iterator[MemoryMeter]:
+        if self._process_start is None:
+            self._process_start = _process_now(self.device)
+        process.reset_peak(self.device)
+        self._tracker.reset_mod_stats()
+        with self._tracker:
+            yield self
+        snap = self._tracker.get_tracker_snapshot("peak")
+        peak = _breakdown(snap.get(self.device, _first(snap)))
+        if self._peak is None or peak.total > self._peak.total:
+            self._peak = peak
+        proc = process.peak(self.device)
+        if proc is not None:
+            self._process_peak = max(self._process_peak or 0, proc)
+
+    def current(self) -> MemoryBreakdown:
+        """Live tensor bytes by category right now (inside or between regions)."""
+        snap = self._tracker.get_tracker_snapshot("current")
+        return _breakdown(snap.get(self.device, _first(snap)))
+
+    def report(self, **notes: Any) -> MemoryReport:
+        if self._peak is None:
+            raise RuntimeError("MemoryMeter.report() called before any region() was measured")
+        return MemoryReport(
+            peak=self._peak,
+            category_peaks=_breakdown(self._tracker.category_max),
+            process_peak=self._process_peak,
+            process_start=self._process_start,
+            device=str(self.device),
+            notes=notes,
+        )
+
+
+def measure(fn: Callable[[], Any], *tracked: nn.Module | torch.optim.Optimizer | torch.Tensor | None,
+            repeat: int = 1) -> tuple[Any, MemoryReport]:
+    """Run `fn` `repeat` times under a fresh meter; return its last result and the worst region's report."""
+    meter = MemoryMeter(*tracked)
+    result = None
+    for _ in range(repeat):
+        with meter.region():
+            result = fn()
+    return result, meter.report()
+
+
+def _first(snap: dict) -> dict:
+    return next(iter(snap.values()), {})
+
+
+def _device_of(tracked) -> torch.device:
+    for obj in tracked:
+        if isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                return p.device
+        if isinstance(obj, torch.Tensor):
+            return obj.device
+    return torch.device("cpu")
+
+
+def _process_now(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return process.current_rss()
