@@ -64,3 +64,4 @@ class DataBundle:
     tokenizer: Any
     num_labels: int = 0
     label_names: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)  # sizes worth logging (blocks, tokens, examples)

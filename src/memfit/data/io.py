@@ -1,0 +1,108 @@
+"""Shared file helpers for `memfit.data`: path checks, text reading, content hashes, the on-disk cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from memfit.errors import DataError
+
+CACHE_ENV = "MEMFIT_CACHE"
+
+
+def existing_file(path: str | Path, what: str = "data file") -> Path:
+    """Return `path` as a Path, or raise DataError naming it if it is not an existing file."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        where = p.resolve() if not p.is_absolute() else p
+        hint = "it is a directory; name a file inside it" if p.is_dir() else "check the path in the recipe's data section"
+        raise DataError(f"{what} not found: {p} (resolved to {where}); {hint}")
+    return p
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The memfit cache folder: `cache_dir`, else `$MEMFIT_CACHE`, else `~/.cache/memfit`."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "memfit"
+
+
+def fingerprint(*parts: object, files: Iterable[Path] = ()) -> str:
+    """A short sha256 over the given JSON-able parts and the full contents of `files`."""
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for f in files:
+        h.update(b"\0file\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:24]
+
+
+def read_documents(path: Path, text_field: str = "text", max_chars: int | None = None) -> list[str]:
+    """Documents of a corpus file: a plain-text file is one document, a .jsonl file one per record.
+
+    `max_chars` caps the characters read from the file (documents are cut at the cap).
+    """
+    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read(max_chars) if max_chars else fh.read()
+        return [text] if text else []
+    docs: list[str] = []
+    left = max_chars if max_chars else None
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {lineno} is not valid JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(record, dict) or text_field not in record:
+                found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise DataError(
+                    f"{path} line {lineno} has no field '{text_field}' (found: {found}); "
+                    f"set data.text_field to the field that holds the text"
+                )
+            text = str(record[text_field])
+            if left is not None:
+                text = text[:left]
+                left -= len(text)
+            if text:
+                docs.append(text)
+            if left is not None and left <= 0:
+                break
+    return docs
+
+
+def text_chunks(text: str, size: int = 1 << 14) -> Iterator[str]:
+    """Cut `text` into pieces of about `size` characters, each ending at a newline where possible.
+
+    Pieces are encoded in parallel; concatenating them gives back `text` exactly.
+    """
+    i, n = 0, len(text)
+    while i < n:
+        j = text.find("\n", i + size)
+        j = n if j < 0 else j + 1
+        yield text[i:j]
+        i = j
+
+
+def save_npy_atomic(path: Path, array: np.ndarray) -> None:
+    """Write `array` to `path` via a temporary file and a rename (safe against concurrent writers)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, array)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
