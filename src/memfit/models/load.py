@@ -59,7 +59,23 @@ def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
     return name_or_path, False
 
 
-def load_model(name_or_path: str, task: str, num_labels: int | None = None, **kwargs) -> ModelBundle:
+def _offline(local: bool) -> bool:
+    return local or os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer stored with a model (local folder, named model, or hub id)."""
+    import transformers
+
+    source, local = resolve_model_path(name_or_path)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source, local_files_only=_offline(local))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load the tokenizer of '{name_or_path}': {str(exc).splitlines()[0]}") from None
+
+
+def load_model(name_or_path: str, task: str, num_labels: int | None = None, tokenizer=None,
+               **kwargs) -> ModelBundle:
     """Load model and tokenizer for `task` (causal_lm, seq_cls, token_cls)."""
     import transformers
 
@@ -70,10 +86,9 @@ def load_model(name_or_path: str, task: str, num_labels: int | None = None, **kw
     extra: dict[str, Any] = dict(kwargs)
     if num_labels is not None and task != "causal_lm":
         extra["num_labels"] = num_labels
-    offline = local or os.environ.get("HF_HUB_OFFLINE") == "1"
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=offline)
-        model = auto.from_pretrained(source, local_files_only=offline, **extra)
+        model = auto.from_pretrained(source, local_files_only=_offline(local), **extra)
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load model '{name_or_path}' for {task}: {str(exc).splitlines()[0]}") from None
     return ModelBundle(model=model, tokenizer=tokenizer, source=source)

@@ -128,6 +128,7 @@ class StepTechnique(Technique):
     """The `step` slot: replaces the whole train step (backprop is the default)."""
 
     slot = "step"
+    owns_optimizer: ClassVar[bool] = False  # True: builds its own update rule; the optimizer slot must stay default
 
     def make_train_step(self, ctx: Context, forward_backward: ForwardBackward) -> TrainStep:
         raise NotImplementedError

@@ -1,0 +1,136 @@
+"""The bench harness: run a suite, collect rows, write `<out>/<suite>.json` and `<suite>.md`.
+
+A suite is `memfit/bench/suites/<name>.py` with `run(opts: BenchOptions) -> list[dict]`. Rows are flat dicts;
+`train_row` turns one training run into a row with quality, memory by category, tokens/s and MFU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memfit.bench.mfu import measure_matmul_peak, mfu, train_flops_per_token
+from memfit.errors import ConfigError
+from memfit.memory.breakdown import format_bytes
+
+SHARED_DATA = Path("../shared/data")
+
+
+@dataclass
+class BenchOptions:
+    quick: bool = False
+    out_dir: Path = Path("bench-results")
+    data_dir: Path = SHARED_DATA
+    only: list[str] = field(default_factory=list)  # method names to run (empty: all)
+    peak_flops: dict[str, float] = field(default_factory=dict)  # measured once per run, per dtype
+
+    def wants(self, method: str) -> bool:
+        return not self.only or method in self.only
+
+    def peak(self, precision: str = "fp32") -> float:
+        if precision not in self.peak_flops:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            self.peak_flops[precision] = measure_matmul_peak(dtype)
+        return self.peak_flops[precision]
+
+
+def suite_module(name: str):
+    module_name = f"memfit.bench.suites.{name.replace('-', '_')}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        raise ConfigError(f"unknown bench suite '{name}'; available: {', '.join(available_suites())}") from None
+
+
+def available_suites() -> list[str]:
+    folder = Path(__file__).parent / "suites"
+    return sorted(p.stem.replace("_", "-") for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload: str = "", **extra) -> dict:
+    """Train a recipe (dict) and return a flat row: quality, trainable params, memory by category, speed, MFU."""
+    from memfit.recipe import load_recipe
+    from memfit.train import train
+
+    rec = load_recipe(recipe)
+    t0 = time.perf_counter()
+    result = train(rec, quiet=True)
+    wall = time.perf_counter() - t0
+    row: dict[str, Any] = {"workload": workload or rec.name, "method": method, **result.metrics,
+                           "trainable_params": result.trainable_params, "steps": rec.train.steps,
+                           "tokens_per_s": round(result.tokens_per_s, 1), "wall_s": round(wall, 1)}
+    if result.memory is not None:
+        for cat, nbytes in result.memory.peak.to_dict().items():
+            row[f"peak_{cat}"] = nbytes
+        row["optimizer_state"] = result.memory.category_peaks.optimizer
+        row["process_peak"] = result.memory.process_peak
+    row["estimate_total"] = result.estimate.total
+    n_params = result.total_params
+    seq = recipe.get("data", {}).get("block_size") or recipe.get("data", {}).get("max_length", 128)
+    shape = _shape(rec)
+    backprop = rec.step == "backprop" or (isinstance(rec.step, dict) and rec.step.get("name") == "backprop")
+    fpt = train_flops_per_token(n_params, shape[0], shape[1], seq, backward=backprop)
+    row["mfu"] = round(mfu(result.tokens_per_s, fpt, opts.peak(rec.train.precision)), 4)
+    row.update(extra)
+    return row
+
+
+def _shape(rec) -> tuple[int, int]:
+    from memfit.models.presets import PRESETS
+
+    if rec.model.preset:
+        p = PRESETS[rec.model.preset]
+        return p["num_hidden_layers"], p["hidden_size"]
+    return 6, 384  # MiniLM-L6; only used for the small attention term
+
+
+def write_results(suite: str, rows: list[dict], opts: BenchOptions, seconds: float) -> tuple[Path, Path]:
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"suite": suite, "quick": opts.quick, "seconds": round(seconds, 1), "torch": torch.__version__,
+            "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+            "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in opts.peak_flops.items()}}
+    json_path = opts.out_dir / f"{suite}.json"
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    md_path = opts.out_dir / f"{suite}.md"
+    md_path.write_text(markdown_table(rows) + f"\n\n{json.dumps(meta)}\n")
+    return json_path, md_path
+
+
+def _fmt(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)) and (key.startswith("peak_") or key in ("optimizer_state", "process_peak",
+                                                                              "estimate_total")):
+        return format_bytes(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no rows)"
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys and not (k.startswith("peak_") and not any(r.get(k) for r in rows))]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(k, row.get(k)) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def run_suite(name: str, opts: BenchOptions) -> tuple[list[dict], Path, Path]:
+    module = suite_module(name)
+    t0 = time.perf_counter()
+    rows = module.run(opts)
+    json_path, md_path = write_results(name, rows, opts, time.perf_counter() - t0)
+    return rows, json_path, md_path

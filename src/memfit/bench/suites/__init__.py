@@ -1,0 +1,1 @@
+"""One module per suite (`memfit bench <suite>`; '-' in the name maps to '_'), each defining `run(opts)`."""

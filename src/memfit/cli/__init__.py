@@ -1,0 +1,141 @@
+"""The `memfit` command line (typer + rich). User errors print one line and exit 2; no traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.console import Console
+
+from memfit.errors import MemfitError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Train, fine-tune and run language models inside the memory you have.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn a `MemfitError` into one red line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MemfitError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; the last checkpoint is intact (resume with --resume)")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@handles_errors
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides, e.g. train.steps=50"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default runs/<name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
+) -> None:
+    """Train or fine-tune from a recipe; writes metrics, checkpoints and a memory report to the run directory."""
+    from memfit.recipe import load_recipe
+    from memfit.train import train as run_train
+
+    rec = load_recipe(recipe, overrides or [])
+    run_dir = output or Path(rec.output_dir) / rec.name
+    result = run_train(rec, run_dir, resume=resume, console=console)
+    _print_result(result)
+
+
+@app.command()
+@handles_errors
+def estimate(
+    recipe: Path = typer.Argument(..., help="Recipe YAML."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+) -> None:
+    """Predict peak memory by category for a recipe without training (the model is built on the meta device)."""
+    from memfit.plan import estimate_recipe
+
+    breakdown = estimate_recipe(recipe, overrides or [])
+    from memfit.memory.breakdown import CATEGORIES, format_bytes
+    from rich.table import Table
+
+    table = Table(title=f"estimate for {recipe}")
+    table.add_column("category")
+    table.add_column("bytes", justify="right")
+    for c in CATEGORIES:
+        if getattr(breakdown, c):
+            table.add_row(c, format_bytes(getattr(breakdown, c)))
+    table.add_row("[bold]total", format_bytes(breakdown.total))
+    console.print(table)
+
+
+@app.command()
+@handles_errors
+def quickstart(
+    output: Path = typer.Option(Path("runs/quickstart"), "--output", "-o", help="Run directory."),
+    steps: int = typer.Option(300, help="Training steps (about a minute on a laptop CPU)."),
+) -> None:
+    """Train a small Llama from scratch on bundled Shakespeare, show memory by category and a sample."""
+    from memfit.quickstart import run_quickstart
+
+    run_quickstart(output, steps, console)
+
+
+@app.command()
+@handles_errors
+def report(run_dir: Path = typer.Argument(..., help="A run directory written by `memfit train`.")) -> None:
+    """Print a run's memory report and write its plots (loss.png, memory.png, report.html)."""
+    from memfit.memory.breakdown import MemoryBreakdown
+    from memfit.memory.measure import MemoryReport
+    from memfit.report import load_run, write_report
+
+    _, summary = load_run(run_dir)
+    path = write_report(run_dir)
+    console.print({k: round(v, 4) for k, v in summary["metrics"].items()})
+    if summary.get("measured"):
+        measured = MemoryReport.from_dict(summary["measured"])
+        console.print(measured.table(MemoryBreakdown.from_dict(summary["estimate"])))
+    console.print(f"report: {path}")
+
+
+@app.command()
+@handles_errors
+def bench(
+    suite: str = typer.Argument(..., help="Suite name, e.g. baseline, optim, fewer-params, zo, activations, inference."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller settings (a smoke run)."),
+    out: Path = typer.Option(Path("bench-results"), "--out", help="Where JSON and markdown results go."),
+    data_dir: Path = typer.Option(Path("../shared/data"), "--data", help="Folder with the shared data sets."),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these methods (repeatable)."),
+) -> None:
+    """Run a benchmark suite side by side and write JSON + a markdown table."""
+    from memfit.bench.harness import BenchOptions, markdown_table, run_suite
+
+    opts = BenchOptions(quick=quick, out_dir=out, data_dir=data_dir, only=list(only or []))
+    rows, json_path, md_path = run_suite(suite, opts)
+    console.print(markdown_table(rows), markup=False)
+    console.print(f"wrote {json_path} and {md_path}")
+
+
+def _print_result(result) -> None:
+    if result.memory is not None:
+        console.print(result.memory.table(result.estimate))
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())
+    console.print(f"final: {metrics}  |  {result.tokens_per_s:.0f} tokens/s  |  "
+                  f"trainable {result.trainable_params:,} / {result.total_params:,} params")
+    if result.run_dir is not None:
+        console.print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Recipes: one YAML file describes a run; pydantic validates it and names the allowed keys on a typo.
+
+```yaml
+name: pretrain-llama-20m
+task: causal_lm
+model: {preset: llama-20m}
+data: {kind: text, paths: [../shared/data/warpeace/input.txt], block_size: 256}
+train: {steps: 600, batch_size: 16, schedule: cosine, warmup_steps: 60}
+optimizer: {name: adamw, lr: 1.0e-3}
+activations: [{name: checkpointing}]
+```
+Technique slots (`weights`, `adapter`, `activations`, `optimizer`, `step`, `kv`) take a technique name or a mapping
+with `name` and its options; each technique validates its own options (`memfit.techniques.registry`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from memfit.data.config import DataConfig
+from memfit.errors import ConfigError
+from memfit.techniques.base import Technique
+from memfit.techniques.registry import MULTI_SLOTS, SLOTS, build_technique, format_validation_error
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Exactly one of: a Llama `preset` built from config, or a `path` (local HF dir, named model, hub id)."""
+
+    preset: str | None = None
+    path: str | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)  # config fields for presets, e.g. num_hidden_layers
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("set exactly one of 'preset' (e.g. llama-20m) or 'path' (e.g. minilm-l6 or a folder)")
+        return self
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(100, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # warmup-stable-decay: last fraction of steps decays
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    clip_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
+    eval_batches: int | None = Field(None, gt=0)  # cap on eval batches (None: the whole eval set)
+    save_every: int = Field(0, ge=0)  # 0: save only at the end
+    log_every: int = Field(10, gt=0)
+    measure_steps: int = Field(2, ge=0)  # steps measured by category (the first ones; 0 turns it off)
+    device: str = "auto"
+    num_threads: int | None = Field(None, gt=0)
+
+
+class Recipe(_Strict):
+    name: str = "run"
+    seed: int = 0
+    task: Literal["causal_lm", "seq_cls", "token_cls"] = "causal_lm"
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    optimizer: str | dict[str, Any] = "adamw"
+    adapter: str | dict[str, Any] | None = None
+    weights: str | dict[str, Any] | None = None
+    activations: list[str | dict[str, Any]] = Field(default_factory=list)
+    step: str | dict[str, Any] = "backprop"
+    kv: str | dict[str, Any] | None = None
+    output_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _techniques_valid(self) -> Recipe:
+        self.techniques()  # raises ConfigError with the technique's own message
+        return self
+
+    def techniques(self) -> list[Technique]:
+        """Build every configured technique (validated by its own config class), in slot order."""
+        built = []
+        for slot in SLOTS:
+            value = getattr(self, slot)
+            if value is None:
+                continue
+            if slot in MULTI_SLOTS:
+                names = [v if isinstance(v, str) else v.get("name") for v in value]
+                if len(set(names)) != len(names):
+                    raise ConfigError(f"'{slot}' lists a technique twice: {names}")
+                built += [build_technique(slot, v) for v in value]
+            else:
+                built.append(build_technique(slot, value))
+        return built
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.steps=50` -> (['train','steps'], 50); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.path=value (e.g. train.steps=50)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if isinstance(child, str):  # `optimizer: adamw` + `optimizer.lr=...` -> mapping
+                child = {"name": child}
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a mapping")
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; every problem becomes one `ConfigError`."""
+    if isinstance(source, dict):
+        data = dict(source)
+        where = "recipe"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"recipe file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {path} must be a mapping of keys (name, model, data, train, ...)")
+        where = str(path)
+    import copy
+
+    data = apply_overrides(copy.deepcopy(data), list(overrides))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_recipe_errors(where, exc)) from None
+
+
+def _recipe_errors(where: str, exc: ValidationError) -> str:
+    """Readable lines; unknown keys name the allowed keys of the section they appear in."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        if err["type"] == "extra_forbidden":
+            section = _section_model(loc[:-1], err)
+            allowed = ", ".join(section.model_fields) if section else "see the recipe docs"
+            lines.append(f"{where}: unknown key '{'.'.join(loc)}'; allowed keys here: {allowed}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {'.'.join(loc) or '(root)'}: {msg}")
+    return "\n".join(lines)
+
+
+def _section_model(loc: list[str], err: dict) -> type[BaseModel] | None:
+    from memfit.data import config as data_config
+
+    if not loc:
+        return Recipe
+    head = loc[0]
+    if head == "data":
+        for cls in (data_config.TextData, data_config.ClassificationData, data_config.ConllData):
+            if len(loc) > 1 and loc[1] == cls.model_fields["kind"].default:
+                return cls
+        return None
+    return {"model": ModelConfig, "train": TrainConfig}.get(head)

@@ -1,0 +1,136 @@
+"""Build what a recipe describes: data, tokenizer, model, techniques applied, optimizer, train step."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memfit.data import DataBundle, build_data
+from memfit.data.config import TextData
+from memfit.errors import ConfigError
+from memfit.memory.estimate import ESTIMATE_ORDER
+from memfit.memory.spec import RunSpec
+from memfit.models import build_llama, load_model, load_tokenizer
+from memfit.recipe import Recipe
+from memfit.techniques.base import Context, OptimizerTechnique, StepTechnique, Technique, TrainStep
+from memfit.train.step import make_forward_backward, model_loss
+
+
+@dataclass
+class BuiltRun:
+    recipe: Recipe
+    ctx: Context
+    data: DataBundle
+    techniques: list[Technique]
+    train_step: TrainStep
+    spec: RunSpec  # the shapes before techniques transform them (estimate_run applies the transforms)
+    device: torch.device
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.ctx.model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is cuda but no CUDA device is available; use train.device=auto")
+    return device
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit"))
+
+
+def build_model_and_data(recipe: Recipe) -> tuple[nn.Module, DataBundle]:
+    """A preset Llama trains its own BPE tokenizer on the corpus; a loaded model brings its tokenizer."""
+    if recipe.model.preset is not None:
+        if recipe.task != "causal_lm" or not isinstance(recipe.data, TextData):
+            raise ConfigError("model.preset builds a causal LM from scratch: use task: causal_lm with data.kind: text")
+        data = build_data(recipe.data, None, cache_dir=cache_dir() / "tokenizers", seed=recipe.seed)
+        overrides = dict(recipe.model.overrides)
+        overrides.setdefault("max_position_embeddings", max(2048, recipe.data.block_size))
+        model = build_llama(recipe.model.preset, vocab_size=len(data.tokenizer), seed=recipe.seed, **overrides)
+        return model, data
+    tokenizer = load_tokenizer(recipe.model.path)
+    data = build_data(recipe.data, tokenizer, cache_dir=cache_dir() / "tokenizers", seed=recipe.seed)
+    extra = {}
+    if recipe.task == "token_cls" and data.label_names:
+        extra = {"id2label": dict(enumerate(data.label_names)),
+                 "label2id": {n: i for i, n in enumerate(data.label_names)}}
+    num_labels = data.num_labels or None
+    bundle = load_model(recipe.model.path, recipe.task, num_labels=num_labels, tokenizer=tokenizer, **extra)
+    return bundle.model, data
+
+
+def seq_len_of(recipe: Recipe) -> int:
+    return getattr(recipe.data, "block_size", None) or getattr(recipe.data, "max_length", 128)
+
+
+def run_spec(recipe: Recipe, model: nn.Module) -> RunSpec:
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    return RunSpec.from_model(
+        model, batch=recipe.train.batch_size, seq=seq_len_of(recipe), task=recipe.task,
+        compute_dtype="bf16" if recipe.train.precision == "bf16" else "fp32", attn_impl=attn,
+        grad_accum=recipe.train.grad_accum,
+    )
+
+
+def by_slot(techniques: list[Technique], slot: str) -> list[Technique]:
+    return [t for t in techniques if t.slot == slot]
+
+
+def build_run(recipe: Recipe) -> BuiltRun:
+    """Everything the loop needs, with every technique applied through the plug-in protocol."""
+    torch.manual_seed(recipe.seed)
+    device = resolve_device(recipe.train.device)
+    if recipe.train.num_threads:
+        torch.set_num_threads(recipe.train.num_threads)
+    model, data = build_model_and_data(recipe)
+    spec = run_spec(recipe, model)
+    techniques = sorted(recipe.techniques(), key=lambda t: ESTIMATE_ORDER.index(t.slot))
+    step_tech = by_slot(techniques, "step")[0]
+    assert isinstance(step_tech, StepTechnique)
+    ctx = Context(model=model, spec=spec, device=device, loss_fn=model_loss, grad_clip=recipe.train.clip_grad_norm,
+                  seed=recipe.seed, techniques=techniques, data=data)
+    for t in techniques:
+        t.check(ctx)
+    for t in techniques:
+        t.apply(ctx)
+    ctx.model.to(device)
+    ctx.model.train()
+    if not step_tech.owns_optimizer:
+        opt_tech = by_slot(techniques, "optimizer")[0]
+        assert isinstance(opt_tech, OptimizerTechnique)
+        ctx.optimizer = build_optimizer(opt_tech, ctx)
+    loss_fn = model_loss
+    for t in techniques:
+        loss_fn = t.wrap_loss(loss_fn, ctx)
+    ctx.loss_fn = loss_fn
+    fb = make_forward_backward(loss_fn, device, recipe.train.precision)
+    for t in techniques:
+        fb = t.wrap_forward_backward(fb, ctx)
+    train_step = step_tech.make_train_step(ctx, fb)
+    if ctx.optimizer is None:
+        raise ConfigError(f"step '{step_tech.name}' built no optimizer")
+    return BuiltRun(recipe=recipe, ctx=ctx, data=data, techniques=techniques, train_step=train_step, spec=spec,
+                    device=device)
+
+
+def build_optimizer(opt_tech: OptimizerTechnique, ctx: Context):
+    """The optimizer slot's optimizer; with `layerwise: true` its updates run inside backward."""
+    if getattr(opt_tech.config, "layerwise", False):
+        from memfit.optim.layerwise import make_layerwise
+
+        return make_layerwise(lambda c: opt_tech.build_optimizer(c), ctx)
+    return opt_tech.build_optimizer(ctx)
