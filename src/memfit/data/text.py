@@ -52,6 +52,12 @@ def encode_documents(docs: list[str], tokenizer: Any) -> np.ndarray:
     """Token ids of `docs`, each followed by the eos token (when the tokenizer has one), as int32."""
     eos = tokenizer.eos_token_id
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a private copy without the model's truncation / padding settings
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
     parts: list[np.ndarray] = []
     for doc in docs:
         chunks = list(text_chunks(doc))
