@@ -16,7 +16,9 @@ from memfit.techniques.base import Technique
 SLOTS: dict[str, dict[str, str]] = {
     "weights": {},
     "adapter": {},
-    "activations": {},
+    "activations": {
+        "checkpointing": "memfit.activations.checkpointing:Checkpointing",
+    },
     "optimizer": {
         "adamw": "memfit.optim.adamw:AdamWTechnique",
     },

@@ -1,0 +1,252 @@
+"""Shared pieces of the `activations` slot: finding a model's parts, token labels, low-bit packing and the
+per-component activation sizes the techniques' estimates are built from.
+
+The component sizes were read off `saved_tensors_hooks` on transformers' Llama (sdpa attention, fp32/bf16):
+one decoder layer saves, per token, 8·hidden + 2·kv_dim + n_heads + 2 elements plus 4·intermediate (MLP);
+the LM head saves 3·hidden + 1 (final norm) plus the fp32 logits and their log-softmax (2·vocab).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.errors import ConfigError
+from memfit.memory.spec import DTYPE_BYTES, RunSpec
+
+IGNORE_INDEX = -100
+
+# --- the model's parts ----------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (adapter layers stay injected in it)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the longest `ModuleList` whose entries share one class."""
+    best: nn.ModuleList | None = None
+    for module in unwrap(model).modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > len(best)):
+                best = module
+    if best is None:
+        raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}; this technique needs a "
+                          "transformers model with a list of transformer blocks")
+    return best
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(body, head) of a transformers causal LM: `body(input_ids=...)` returns the final hidden states
+    (final norm applied) and `head` maps them to logits."""
+    inner = unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    prefix = getattr(inner, "base_model_prefix", "model")
+    body = getattr(inner, prefix, None)
+    if head is None or body is None or body is inner:
+        raise ConfigError(f"{type(inner).__name__} is not a causal LM with a separate output head; chunked loss "
+                          "needs a transformers *ForCausalLM model")
+    config = getattr(inner, "config", None)
+    if config is not None and getattr(config, "final_logit_softcapping", None):
+        raise ConfigError("the model soft-caps its logits; chunked cross-entropy does not support that")
+    return body, head
+
+
+def shifted_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token targets aligned with positions: target[t] = labels[t+1], last position ignored
+    (the transformers convention; padding positions set to -100 by the attention mask)."""
+    labels = batch.get("labels", batch["input_ids"])
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def check_chunk(chunk: int, what: str = "chunk_size") -> None:
+    if chunk <= 0:
+        raise ConfigError(f"{what} must be a positive number of tokens, got {chunk}")
+
+
+def other_techniques(ctx, name: str) -> list:
+    return [t for t in getattr(ctx, "techniques", []) or [] if getattr(t, "name", None) == name]
+
+
+# --- low-bit packing (compressed saved activations) -------------------------------------------------
+
+
+def quantize(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric uniform quantization with one (scale, min) pair per slice along `dim` (a channel or
+    a head). Returns (codes uint8 — two 4-bit codes per byte when bits == 4, scale, min).
+    Round-to-nearest: |x - dequantize(x)| <= scale / 2 = (max - min) / (2 (2^bits - 1)) per slice."""
+    dim = dim % x.dim()
+    reduce = [d for d in range(x.dim()) if d != dim]
+    xf = x.float()
+    lo = xf.amin(dim=reduce, keepdim=True)
+    hi = xf.amax(dim=reduce, keepdim=True)
+    levels = (1 << bits) - 1
+    scale = ((hi - lo) / levels).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = ((xf - lo) / scale).round_().clamp_(0, levels).to(torch.uint8)
+    if bits == 4:
+        flat = codes.flatten()
+        if flat.numel() % 2:
+            flat = F.pad(flat, (0, 1))
+        codes = flat[0::2] | (flat[1::2] << 4)
+    return codes, scale, lo
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits: int, shape: torch.Size,
+               dtype: torch.dtype) -> torch.Tensor:
+    if bits == 4:
+        n = 1
+        for s in shape:
+            n *= s
+        codes = torch.stack((codes & 0x0F, codes >> 4), dim=1).flatten()[:n].view(shape)
+    return (codes.float() * scale + lo).to(dtype)
+
+
+# --- component sizes (bytes) used by the estimates ------------------------------------------------
+
+
+def _act_bytes(spec: RunSpec) -> int:
+    return DTYPE_BYTES[spec.compute_dtype]
+
+
+def kv_dim(spec: RunSpec) -> int:
+    return spec.model.n_kv_heads * spec.model.head_dim
+
+
+def layer_bytes(spec: RunSpec, tokens: int | None = None, seq: int | None = None) -> int:
+    """Tensors one decoder layer saves for backward (sdpa attention), for `tokens` tokens."""
+    m = spec.model
+    t = spec.tokens if tokens is None else tokens
+    s = spec.seq if seq is None else seq
+    per_token = 8 * m.hidden + 2 * kv_dim(spec) + m.n_heads + 2 + 4 * m.intermediate
+    total = t * per_token * _act_bytes(spec)
+    if spec.attn_impl == "eager":
+        total += 2 * (t // max(s, 1)) * m.n_heads * s * s * _act_bytes(spec)
+    return total
+
+
+def layer_input_bytes(spec: RunSpec, tokens: int | None = None) -> int:
+    """One hidden-state tensor (a layer's input): what a checkpointed layer keeps."""
+    t = spec.tokens if tokens is None else tokens
+    return t * spec.model.hidden * _act_bytes(spec)
+
+
+def rope_bytes(spec: RunSpec, seq: int | None = None) -> int:
+    """The cos/sin tables shared by every layer."""
+    s = spec.seq if seq is None else seq
+    return 2 * s * spec.model.head_dim * _act_bytes(spec)
+
+
+def norm_bytes(spec: RunSpec, tokens: int | None = None) -> int:
+    """The final RMSNorm's saved tensors."""
+    t = spec.tokens if tokens is None else tokens
+    return t * (3 * spec.model.hidden + 1) * _act_bytes(spec)
+
+
+def logits_bytes(spec: RunSpec, tokens: int | None = None) -> int:
+    """LM head + cross-entropy: fp32 logits and their log-softmax, plus int64 targets."""
+    t = spec.tokens if tokens is None else tokens
+    return t * (2 * spec.model.vocab * 4 + 8)
+
+
+def ids_bytes(spec: RunSpec) -> int:
+    return spec.tokens * 8
+
+
+# --- the composed estimate ------------------------------------------------------------------------
+# Each activation technique records what it does in `spec.extra` (its `transform_spec`), and every one of
+# them estimates with `activation_estimate(spec)`, so the result does not depend on the list's order.
+
+EXTRA_KEY = "activations"
+
+
+def with_extra(spec: RunSpec, **facts) -> RunSpec:
+    extra = dict(spec.extra)
+    extra[EXTRA_KEY] = {**extra.get(EXTRA_KEY, {}), **facts}
+    return spec.with_(extra=extra)
+
+
+def facts(spec: RunSpec) -> dict:
+    return dict(spec.extra.get(EXTRA_KEY, {}))
+
+
+def module_saved_bytes(spec: RunSpec, kind: str, tokens: int) -> int:
+    """Bytes a Llama sub-module saves beyond its own input (which a checkpoint of it still keeps)."""
+    m, b = spec.model, _act_bytes(spec)
+    if "mlp" in kind.lower():
+        return tokens * 4 * m.intermediate * b
+    if "attention" in kind.lower():
+        return tokens * (2 * m.hidden + 2 * kv_dim(spec) + m.n_heads) * b
+    return 0
+
+
+def compressed_bytes(spec: RunSpec, nbytes: int, bits: int) -> int:
+    """Saved float tensors re-stored at `bits` per element (scales are negligible)."""
+    return int(nbytes * bits / (8 * _act_bytes(spec)))
+
+
+def activation_estimate(spec: RunSpec) -> int:
+    """Peak bytes of forward-produced tensors for a causal-LM step with the recorded techniques applied.
+
+    Forward ends holding: token ids, RoPE tables, what each layer keeps, the final norm and the loss head's
+    tensors; backward then recomputes at most one checkpointed module (or one StreamBP chunk) at a time.
+    """
+    f = facts(spec)
+    m = spec.model
+    fixed = ids_bytes(spec) + rope_bytes(spec)
+    stream = f.get("streambp_chunk")
+    if stream:
+        return fixed + streambp_bytes(spec, stream)
+    layer = layer_bytes(spec)
+    bits = f.get("saved_bits")
+    ckpt = f.get("checkpoint") or {}
+    chosen = set(range(0, m.n_layers, ckpt["every"])) if ckpt else set()
+    inner = sum(module_saved_bytes(spec, kind, spec.tokens) for kind in ckpt.get("modules") or [])
+    plain = compressed_bytes(spec, layer, bits) if bits else layer
+    kept, working = [], []  # per layer: bytes kept after forward, bytes alive while its backward runs
+    for i in range(m.n_layers):
+        if i not in chosen:
+            kept.append(plain)
+            working.append(layer if bits else plain)  # a compressed layer is unpacked in full for backward
+        elif inner:
+            rest = layer - inner
+            kept.append(compressed_bytes(spec, rest, bits) if bits else rest)
+            working.append(layer)
+        else:
+            kept.append(layer_input_bytes(spec))
+            working.append(layer)
+    if spec.task == "causal_lm":
+        chunk = f.get("logits_chunk")
+        if chunk:
+            head = norm_bytes(spec) + 8 * spec.tokens + logits_bytes(spec, min(chunk, spec.tokens))
+        else:
+            head = norm_bytes(spec) + logits_bytes(spec)
+    else:
+        head = norm_bytes(spec)
+    if f.get("offload_device", False):
+        # on an accelerator, saved tensors live in host memory; the device holds one layer in flight
+        return fixed + head + layer
+    peak = sum(kept) + head
+    for i in range(m.n_layers):  # backward runs from the last layer down, freeing as it goes
+        peak = max(peak, sum(kept[:i]) + working[i])
+    return fixed + peak
+
+
+def streambp_bytes(spec: RunSpec, chunk: int) -> int:
+    """StreamBP: every layer's input kept (L+1 hidden states), plus the working set of one layer's backward:
+    the full-sequence K/V path (norm, k/v projections and RoPE with their graph) and one chunk's layer
+    activations with its attention scores against the prefix (the loss head is also done one chunk at a time)."""
+    m, b = spec.model, _act_bytes(spec)
+    c = min(chunk, spec.seq)
+    batch = spec.batch
+    inputs = (m.n_layers + 1) * layer_input_bytes(spec)
+    kv_path = spec.tokens * (3 * m.hidden + 1 + 5 * kv_dim(spec)) * b
+    chunk_layer = layer_bytes(spec, tokens=batch * c, seq=c)
+    scores = 2 * batch * m.n_heads * c * spec.seq * 4
+    head = norm_bytes(spec, batch * c) + logits_bytes(spec, batch * c)
+    return inputs + max(kv_path + chunk_layer + scores, head)

@@ -1,0 +1,103 @@
+"""Activation checkpointing — Chen, Xu, Zhang & Guestrin 2016, "Training Deep Nets with Sublinear Memory Cost";
+selective variant after Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models".
+
+A checkpointed module keeps only its inputs during forward and recomputes its internals during backward
+(`torch.utils.checkpoint`, non-reentrant, so it nests with saved-tensor hooks and works with frozen inputs).
+Full: every decoder layer. Selective: every k-th layer (`every`), and/or only chosen module types inside the
+layers (`modules: [LlamaMLP]`) — the MLP holds ~half a Llama layer's saved bytes for a fraction of its FLOPs.
+
+    activations: [{name: checkpointing, every: 2}]
+    activations: [{name: checkpointing, modules: [LlamaMLP, LlamaAttention]}]
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from memfit.activations import _common as c
+from memfit.errors import ConfigError
+from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.spec import RunSpec
+from memfit.techniques.base import Context, Technique, TechniqueConfig
+
+
+class CheckpointingConfig(TechniqueConfig):
+    every: int = Field(1, ge=1, description="checkpoint every k-th decoder layer (1 = all)")
+    modules: list[str] | None = Field(None, description="module class names to checkpoint instead of whole layers")
+
+
+def checkpoint_module(module: nn.Module) -> None:
+    """Make `module.forward` recompute in backward (only while training with grad enabled)."""
+    if getattr(module, "_memfit_checkpointed", False):
+        return
+    original = module.forward
+
+    @functools.wraps(original)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        cache = kwargs.get("past_key_values")
+        if not (torch.is_grad_enabled() and module.training) or (cache is not None and kwargs.get("use_cache")):
+            return original(*args, **kwargs)
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+    module.forward = forward
+    module._memfit_checkpointed = True
+    module._memfit_original_forward = original
+
+
+def uncheckpoint_module(module: nn.Module) -> None:
+    if getattr(module, "_memfit_checkpointed", False):
+        module.forward = module._memfit_original_forward
+        del module._memfit_checkpointed, module._memfit_original_forward
+
+
+def select_targets(model: nn.Module, every: int = 1, modules: list[str] | None = None) -> list[nn.Module]:
+    """The modules to checkpoint: every `every`-th decoder layer, or (with `modules`) the sub-modules of those
+    types inside the selected layers. Raises `ConfigError` for a type the model lacks."""
+    layers = list(c.decoder_layers(model))[::every]
+    if not modules:
+        return layers
+    present = {type(m).__name__ for layer in layers for m in layer.modules()}
+    missing = [name for name in modules if name not in present]
+    if missing:
+        raise ConfigError(f"checkpointing: module type(s) {', '.join(missing)} not found in the model's decoder "
+                          f"layers; available types: {', '.join(sorted(present))}")
+    wanted = set(modules)
+    targets: list[nn.Module] = []
+    for layer in layers:
+        for m in layer.modules():
+            # outermost match only: a checkpointed module already recomputes its children
+            if type(m).__name__ in wanted and not any(m is not t and _contains(t, m) for t in targets):
+                targets.append(m)
+    return targets
+
+
+def _contains(parent: nn.Module, child: nn.Module) -> bool:
+    return any(m is child for m in parent.modules())
+
+
+class Checkpointing(Technique):
+    name = "checkpointing"
+    slot = "activations"
+    Config = CheckpointingConfig
+
+    def check(self, ctx: Context) -> None:
+        select_targets(ctx.model, self.config.every, self.config.modules)
+
+    def apply(self, ctx: Context) -> None:
+        inner = c.unwrap(ctx.model)
+        if getattr(inner, "config", None) is not None and hasattr(inner.config, "use_cache"):
+            inner.config.use_cache = False  # a cache filled during recompute would be filled twice
+        for module in select_targets(ctx.model, self.config.every, self.config.modules):
+            checkpoint_module(module)
+
+    def transform_spec(self, spec: RunSpec) -> RunSpec:
+        return c.with_extra(spec, checkpoint={"every": self.config.every, "modules": self.config.modules})
+
+    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
+        return base.with_(activations=c.activation_estimate(spec))
