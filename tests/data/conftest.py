@@ -12,6 +12,11 @@ def minilm_tokenizer():
     return load_model("minilm-l6", "seq_cls", num_labels=2).tokenizer
 
 
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return SHARED
+
+
 @pytest.fixture
 def cache(tmp_path) -> Path:
     return tmp_path / "cache"

@@ -25,8 +25,8 @@ def build_data(config: DataConfig, tokenizer: Any = None, *, cache_dir: Path | N
     """Datasets, collator and tokenizer for a `data:` config.
 
     text: with `tokenizer=None` a byte-level BPE tokenizer is trained on the corpus (cached) and returned as
-    `bundle.tokenizer`; classification / conll need the pretrained model's tokenizer. `cache_dir` overrides the
-    cache root (default `$MEMFIT_CACHE` or `~/.cache/memfit`); `seed` picks the `max_train_examples` subset.
+    `bundle.tokenizer`; classification / conll need the pretrained model's tokenizer. `cache_dir` holds the
+    trained tokenizers and cached token ids (default `$MEMFIT_CACHE/tokenizers` or `~/.cache/memfit/tokenizers`); `seed` picks the `max_train_examples` subset.
     """
     if isinstance(config, TextData):
         if tokenizer is None:

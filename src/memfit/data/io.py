@@ -27,11 +27,15 @@ def existing_file(path: str | Path, what: str = "data file") -> Path:
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The memfit cache folder: `cache_dir`, else `$MEMFIT_CACHE`, else `~/.cache/memfit`."""
+    """Where data caches live: `cache_dir`, else `$MEMFIT_CACHE/tokenizers`, else `~/.cache/memfit/tokenizers`.
+
+    It holds trained tokenizers (`bpe-<key>/`) and token ids of corpus files (`ids-<key>.npy`).
+    """
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "memfit"
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "memfit"
+    return root / "tokenizers"
 
 
 def fingerprint(*parts: object, files: Iterable[Path] = ()) -> str:

@@ -79,7 +79,7 @@ def file_token_ids(
     cached = None
     if tok_key is not None:
         key = fingerprint("ids", 1, tok_key, cfg.max_chars, cfg.text_field, files=[path])
-        cached = cache_root(cache_dir) / "tokens" / f"{key}.npy"
+        cached = cache_root(cache_dir) / f"ids-{key}.npy"
         if cached.is_file():
             return np.load(cached)
     ids = encode_documents(read_documents(path, cfg.text_field, cfg.max_chars), tokenizer)

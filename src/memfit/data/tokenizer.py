@@ -61,14 +61,14 @@ def corpus_tokenizer(
 ):
     """The BPE tokenizer for these corpus files: loaded from the cache, or trained and cached.
 
-    The cache lives in `<cache root>/tokenizers/<key>/` (cache root: `cache_dir`, `$MEMFIT_CACHE`,
-    or `~/.cache/memfit`).
+    The cache is the folder `bpe-<key>/` in `cache_dir` (default `$MEMFIT_CACHE/tokenizers` or
+    `~/.cache/memfit/tokenizers`); it is a `save_pretrained` folder, loadable with `AutoTokenizer`.
     """
     from transformers import PreTrainedTokenizerFast
 
     files = [existing_file(p, "corpus file") for p in paths]
     key = tokenizer_key(files, vocab_size, max_chars, text_field)
-    target = cache_root(cache_dir) / "tokenizers" / key
+    target = cache_root(cache_dir) / f"bpe-{key}"
     if (target / "tokenizer.json").is_file():
         return PreTrainedTokenizerFast.from_pretrained(str(target))
 
@@ -81,7 +81,7 @@ def corpus_tokenizer(
         raise DataError(f"no text to train a tokenizer on in {', '.join(map(str, files))}; the files are empty")
     tokenizer = wrap(train_bpe(texts(), vocab_size))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{key}."))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".bpe-{key}."))
     try:
         tokenizer.save_pretrained(str(tmp))
         tmp.chmod(0o755)
