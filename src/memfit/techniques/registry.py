@@ -25,7 +25,15 @@ SLOTS: dict[str, dict[str, str]] = {
     "step": {
         "backprop": "memfit.train.step:BackpropStep",
     },
-    "kv": {},
+    "kv": {
+        "full": "memfit.kv.full:FullKV",
+        "streaming_llm": "memfit.kv.streaming_llm:StreamingLLM",
+        "h2o": "memfit.kv.h2o:H2O",
+        "snapkv": "memfit.kv.snapkv:SnapKV",
+        "keyformer": "memfit.kv.keyformer:Keyformer",
+        "pyramid": "memfit.kv.pyramid:PyramidKV",
+        "kivi": "memfit.kv.kivi:KIVI",
+    },
 }
 
 MULTI_SLOTS = ("activations",)
