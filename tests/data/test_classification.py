@@ -5,7 +5,7 @@ import torch
 
 from memfit.data import ClassificationData, build_data
 
-ROWS = [("a fine , moving film", 1), ("dull and \"lifeless\"", 0), ("neither good nor bad " * 30, 2), ("great", 1)]
+ROWS = [("a fine , moving film", 1), ('dull and "lifeless"', 0), ("neither good nor bad " * 30, 2), ("great", 1)]
 
 
 def _write(path, rows, kind):
@@ -46,7 +46,7 @@ def test_num_labels_given_and_subset_by_seed(tmp_path, minilm_tokenizer):
     cfg = ClassificationData(train=str(path), num_labels=4, max_train_examples=10)
     a, b, c = (build_data(cfg, minilm_tokenizer, seed=s) for s in (0, 0, 1))
     assert a.num_labels == 4 and a.label_names == ["0", "1", "2", "3"] and len(a.train) == 10
-    ids = lambda d: [d.train[i]["input_ids"].tolist() for i in range(10)]  # noqa: E731
+    ids = lambda d: [d.train[i]["input_ids"].tolist() for i in range(10)]
     assert ids(a) == ids(b) and ids(a) != ids(c)
 
 

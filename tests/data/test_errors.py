@@ -129,7 +129,9 @@ def test_block_size_larger_than_corpus(tmp_path, small_corpus, cache):
         build_data(TextData(paths=[str(small_corpus)], block_size=100_000, vocab_size=300), cache_dir=cache)
     # fits the training part but not the held-out tail
     with pytest.raises(DataError, match=r"validation split .*val_fraction"):
-        build_data(TextData(paths=[str(small_corpus)], block_size=2000, val_fraction=0.01, vocab_size=300), cache_dir=cache)
+        build_data(
+            TextData(paths=[str(small_corpus)], block_size=2000, val_fraction=0.01, vocab_size=300), cache_dir=cache
+        )
 
 
 def test_unknown_tag_in_eval(tmp_path, minilm_tokenizer):

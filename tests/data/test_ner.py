@@ -1,5 +1,3 @@
-import pytest
-
 from memfit.data import ConllData, build_data
 from memfit.data.ner import align_labels
 
@@ -28,7 +26,14 @@ def test_tiny_file_alignment(tmp_path, minilm_tokenizer):
     first = bundle.train[0]
     # [CLS] eu rejects kala ##sh ##nikov . [SEP]
     assert minilm_tokenizer.convert_ids_to_tokens(first["input_ids"]) == [
-        "[CLS]", "eu", "rejects", "kala", "##sh", "##nikov", ".", "[SEP]"
+        "[CLS]",
+        "eu",
+        "rejects",
+        "kala",
+        "##sh",
+        "##nikov",
+        ".",
+        "[SEP]",
     ]
     assert first["labels"].tolist() == [-100, 0, 3, 1, -100, -100, 3, -100]
     assert bundle.train[1]["labels"].tolist() == [-100, 1, 2, -100]
@@ -49,13 +54,13 @@ def test_truncation_keeps_alignment(tmp_path, minilm_tokenizer):
 
 def test_real_conll_subset(minilm_tokenizer, shared_data):
     cfg = ConllData(
-        train=str(shared_data / "conll2003" / "train.txt"), eval=str(shared_data / "conll2003" / "valid.txt"),
-        max_train_examples=200, max_eval_examples=100,
+        train=str(shared_data / "conll2003" / "train.txt"),
+        eval=str(shared_data / "conll2003" / "valid.txt"),
+        max_train_examples=200,
+        max_eval_examples=100,
     )
     bundle = build_data(cfg, minilm_tokenizer, seed=0)
-    assert bundle.label_names == sorted(
-        ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
-    )
+    assert bundle.label_names == sorted(["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"])
     assert len(bundle.train) == 200 and len(bundle.eval) == 100
     # first valid sentence: "CRICKET - LEICESTERSHIRE TAKE OVER AT TOP AFTER INNINGS VICTORY ."
     labels = [x for x in bundle.eval[0]["labels"].tolist() if x != -100]

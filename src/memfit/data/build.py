@@ -21,7 +21,9 @@ def _pad_id(tokenizer: Any) -> int:
     return 0 if pad is None else int(pad)
 
 
-def build_data(config: DataConfig, tokenizer: Any = None, *, cache_dir: Path | None = None, seed: int = 0) -> DataBundle:
+def build_data(
+    config: DataConfig, tokenizer: Any = None, *, cache_dir: Path | None = None, seed: int = 0
+) -> DataBundle:
     """Datasets, collator and tokenizer for a `data:` config.
 
     text: with `tokenizer=None` a byte-level BPE tokenizer is trained on the corpus (cached) and returned as
@@ -31,10 +33,20 @@ def build_data(config: DataConfig, tokenizer: Any = None, *, cache_dir: Path | N
     if isinstance(config, TextData):
         if tokenizer is None:
             tokenizer = corpus_tokenizer(
-                config.paths, config.vocab_size, max_chars=config.max_chars, text_field=config.text_field, cache_dir=cache_dir
+                config.paths,
+                config.vocab_size,
+                max_chars=config.max_chars,
+                text_field=config.text_field,
+                cache_dir=cache_dir,
             )
         train, val = build_text(config, tokenizer, cache_dir)
-        return DataBundle(train=train, eval=val, collate=PadCollator(_pad_id(tokenizer)), tokenizer=tokenizer, stats=describe(train, val))
+        return DataBundle(
+            train=train,
+            eval=val,
+            collate=PadCollator(_pad_id(tokenizer)),
+            tokenizer=tokenizer,
+            stats=describe(train, val),
+        )
     if tokenizer is None:
         raise DataError(f"data kind '{config.kind}' needs the pretrained model's tokenizer; pass tokenizer=")
     if isinstance(config, ClassificationData):
@@ -47,6 +59,11 @@ def build_data(config: DataConfig, tokenizer: Any = None, *, cache_dir: Path | N
         raise DataError(f"unknown data config {type(config).__name__}; use kind text, classification or conll")
     stats = {"train_examples": len(train), "eval_examples": len(evalset) if evalset is not None else 0}
     return DataBundle(
-        train=train, eval=evalset, collate=PadCollator(_pad_id(tokenizer)), tokenizer=tokenizer,
-        num_labels=num_labels, label_names=names, stats=stats,
+        train=train,
+        eval=evalset,
+        collate=PadCollator(_pad_id(tokenizer)),
+        tokenizer=tokenizer,
+        num_labels=num_labels,
+        label_names=names,
+        stats=stats,
     )

@@ -6,8 +6,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -21,7 +21,9 @@ def existing_file(path: str | Path, what: str = "data file") -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
         where = p.resolve() if not p.is_absolute() else p
-        hint = "it is a directory; name a file inside it" if p.is_dir() else "check the path in the recipe's data section"
+        hint = (
+            "it is a directory; name a file inside it" if p.is_dir() else "check the path in the recipe's data section"
+        )
         raise DataError(f"{what} not found: {p} (resolved to {where}); {hint}")
     return p
 
@@ -67,7 +69,9 @@ def read_documents(path: Path, text_field: str = "text", max_chars: int | None =
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {lineno} is not valid JSON ({exc.msg}); fix or remove that line") from None
+                raise DataError(
+                    f"{path} line {lineno} is not valid JSON ({exc.msg}); fix or remove that line"
+                ) from None
             if not isinstance(record, dict) or text_field not in record:
                 found = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise DataError(

@@ -64,12 +64,12 @@ def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int
     return out
 
 
-def encode_conll(
-    sents: list[list[str]], tag_ids: list[list[int]], tokenizer: Any, max_length: int
-) -> EncodedDataset:
+def encode_conll(sents: list[list[str]], tag_ids: list[list[int]], tokenizer: Any, max_length: int) -> EncodedDataset:
     """Tokenize pre-split sentences (truncating to `max_length`) and align the labels."""
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError("token classification needs a fast (Rust) tokenizer for word alignment; use a model with tokenizer.json")
+        raise DataError(
+            "token classification needs a fast (Rust) tokenizer for word alignment; use a model with tokenizer.json"
+        )
     enc = tokenizer(sents, is_split_into_words=True, truncation=True, max_length=max_length)
     labels = [align_labels(enc.word_ids(i), tag_ids[i]) for i in range(len(sents))]
     fields: dict[str, list[Any]] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -85,7 +85,9 @@ def build_conll(cfg, tokenizer: Any, seed: int = 0) -> tuple[EncodedDataset, Enc
     label_names = sorted({t for ts in tags for t in ts})
     index = {t: i for i, t in enumerate(label_names)}
     keep = subsample(len(sents), cfg.max_train_examples, seed)
-    train = encode_conll([sents[i] for i in keep], [[index[t] for t in tags[i]] for i in keep], tokenizer, cfg.max_length)
+    train = encode_conll(
+        [sents[i] for i in keep], [[index[t] for t in tags[i]] for i in keep], tokenizer, cfg.max_length
+    )
     evalset = None
     if cfg.eval:
         sents, tags, starts = read_conll(cfg.eval, cfg.tag_column)
@@ -97,5 +99,7 @@ def build_conll(cfg, tokenizer: Any, seed: int = 0) -> tuple[EncodedDataset, Enc
                         f"(train tags: {label_names}); use matching files or fix the tag"
                     )
         keep = subsample(len(sents), cfg.max_eval_examples, None)
-        evalset = encode_conll([sents[i] for i in keep], [[index[t] for t in tags[i]] for i in keep], tokenizer, cfg.max_length)
+        evalset = encode_conll(
+            [sents[i] for i in keep], [[index[t] for t in tags[i]] for i in keep], tokenizer, cfg.max_length
+        )
     return train, evalset, label_names

@@ -71,9 +71,7 @@ def encode_documents(docs: list[str], tokenizer: Any) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
-def file_token_ids(
-    path: Path, tokenizer: Any, cfg: TextData, cache_dir: str | Path | None = None
-) -> np.ndarray:
+def file_token_ids(path: Path, tokenizer: Any, cfg: TextData, cache_dir: str | Path | None = None) -> np.ndarray:
     """All token ids of one corpus file (cached on disk keyed by file contents, tokenizer and settings)."""
     tok_key = tokenizer_fingerprint(tokenizer)
     cached = None
@@ -90,7 +88,7 @@ def file_token_ids(
 
 def split_ids(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation): validation is the last `val_fraction` of the tokens."""
-    n_val = int(round(len(ids) * val_fraction))
+    n_val = round(len(ids) * val_fraction)
     return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from memfit.data.io import cache_root, existing_file, fingerprint, read_documents, text_chunks
 from memfit.errors import DataError
