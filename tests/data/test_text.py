@@ -132,3 +132,18 @@ def test_real_corpus_slice(shakespeare, cache):
     tokens = bundle.stats["train_tokens"] + bundle.stats["eval_tokens"]
     assert 200_000 / 5 < tokens < 200_000 / 2  # 2-5 characters per token at vocab 1024
     assert abs(bundle.stats["eval_tokens"] / tokens - 0.05) < 0.01
+
+
+def test_chunks_are_lossless_without_newlines():
+    from memfit.data.io import text_chunks
+
+    text = ("word " * 30000) + "x" * 5000 + "\n" + "tail " * 10
+    pieces = list(text_chunks(text, size=1000))
+    assert "".join(pieces) == text and len(pieces) > 100 and max(map(len, pieces)) <= 4000
+
+
+def test_long_single_line_document_roundtrip(tmp_path, small_corpus, cache):
+    tok = corpus_tokenizer([small_corpus], 300, cache_dir=cache)
+    doc = small_corpus.read_text().replace("\n", " ") * 3
+    ids = encode_documents([doc], tok)
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1].tolist()) == doc

@@ -90,14 +90,19 @@ def read_documents(path: Path, text_field: str = "text", max_chars: int | None =
 
 
 def text_chunks(text: str, size: int = 1 << 14) -> Iterator[str]:
-    """Cut `text` into pieces of about `size` characters, each ending at a newline where possible.
+    """Cut `text` into pieces of about `size` characters, ending at a newline (else before a space) when one is near.
 
     Pieces are encoded in parallel; concatenating them gives back `text` exactly.
     """
     i, n = 0, len(text)
     while i < n:
-        j = text.find("\n", i + size)
-        j = n if j < 0 else j + 1
+        j = text.find("\n", i + size, i + 4 * size)
+        if j >= 0:
+            j += 1
+        else:
+            j = text.find(" ", i + size, i + 4 * size)  # a space starts the next pre-token anyway
+            if j < 0:
+                j = min(n, i + 4 * size)
         yield text[i:j]
         i = j
 

@@ -76,7 +76,7 @@ def file_token_ids(path: Path, tokenizer: Any, cfg: TextData, cache_dir: str | P
     tok_key = tokenizer_fingerprint(tokenizer)
     cached = None
     if tok_key is not None:
-        key = fingerprint("ids", 1, tok_key, cfg.max_chars, cfg.text_field, files=[path])
+        key = fingerprint("ids", 2, tok_key, cfg.max_chars, cfg.text_field, files=[path])
         cached = cache_root(cache_dir) / f"ids-{key}.npy"
         if cached.is_file():
             return np.load(cached)

@@ -17,7 +17,7 @@ from memfit.errors import DataError
 
 EOS, PAD, BOS = "<|endoftext|>", "<|pad|>", "<|startoftext|>"
 SPECIAL_TOKENS = (EOS, PAD, BOS)
-_FORMAT = 1  # bump when the training recipe below changes, so old caches are not reused
+_FORMAT = 2  # bump when the training recipe below changes, so old caches are not reused
 
 
 def tokenizer_key(paths: Sequence[Path], vocab_size: int, max_chars: int | None, text_field: str = "text") -> str:
