@@ -129,6 +129,23 @@ class _CategoryPeakTracker(MemTracker):
                 if nbytes > self.category_max.get(reftype, 0):
                     self.category_max[reftype] = nbytes
 
+    def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
+        _skip_frozen(self, module)
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+
+class _NoHook:
+    @staticmethod
+    def remove() -> None:
+        pass
+
+
+def _skip_frozen(tracker: MemTracker, module: nn.Module) -> None:
+    """MemTracker hooks every parameter's gradient, and a frozen parameter cannot take a hook: mark those done."""
+    for p in module.parameters():
+        if not p.requires_grad and tracker._param_to_grad_hook_handles.get(p) is None:
+            tracker._param_to_grad_hook_handles[p] = (_NoHook, _NoHook)
+
 
 class MemoryMeter:
     """Measures one or more regions (steps) of a run and reports the worst one.

@@ -15,7 +15,11 @@ from memfit.techniques.base import Technique
 
 SLOTS: dict[str, dict[str, str]] = {
     "weights": {},
-    "adapter": {},
+    "adapter": {
+        "lora": "memfit.adapters.lora:LoRA",
+        "dora": "memfit.adapters.dora:DoRA",
+        "peft": "memfit.adapters.peft_generic:PeftGeneric",
+    },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
     },

@@ -1,0 +1,1 @@
+"""Layer sampling: train a changing subset of layers (LISA, OwLore, IST, BAdam)."""
