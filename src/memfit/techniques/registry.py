@@ -15,11 +15,7 @@ from memfit.techniques.base import Technique
 
 SLOTS: dict[str, dict[str, str]] = {
     "weights": {},
-    "adapter": {
-        "lora": "memfit.adapters.lora:LoRA",
-        "dora": "memfit.adapters.dora:DoRA",
-        "peft": "memfit.adapters.peft_generic:PeftGeneric",
-    },
+    "adapter": {},
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
     },
@@ -28,6 +24,12 @@ SLOTS: dict[str, dict[str, str]] = {
     },
     "step": {
         "backprop": "memfit.train.step:BackpropStep",
+        "mezo": "memfit.zo.mezo:MeZOStep",
+        "zo-sign": "memfit.zo.zo_sign:ZOSignStep",
+        "zo-momentum": "memfit.zo.zo_momentum:ZOMomentumStep",
+        "zo-adam": "memfit.zo.zo_adam:ZOAdamStep",
+        "forward-grad": "memfit.zo.forward_grad:ForwardGradStep",
+        "zo-block": "memfit.zo.zo_block:ZOBlockStep",
     },
     "kv": {
         "full": "memfit.kv.full:FullKV",
