@@ -1,0 +1,92 @@
+"""The `weights` slot's shared technique: quantize every linear layer to one format, estimate its bytes exactly.
+
+A format file (int8.py, int4.py, nf4.py, awq.py) subclasses `WeightQuantTechnique` and sets `fmt` and its paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pydantic import Field
+
+from memfit.errors import ConfigError
+from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.estimate import parameter_bytes
+from memfit.memory.spec import ParamInfo, RunSpec
+from memfit.techniques.base import Context, Technique, TechniqueConfig
+from memfit.weights.quant import (
+    DEFAULT_SKIP,
+    _matches,
+    _tensor_shapes,
+    effective_group,
+    quantizable_linears,
+    quantize_model,
+)
+
+EMBEDDING_NAMES = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
+
+
+class WeightQuantConfig(TechniqueConfig):
+    group_size: int | None = Field(None, ge=0)  # None = the format's default; 0 = one group per output row
+    skip: tuple[str, ...] = DEFAULT_SKIP  # module names / name parts left in full precision
+    target: tuple[str, ...] | None = None  # only these modules (default: every nn.Linear not skipped)
+
+
+def quantized_param_infos(p: ParamInfo, fmt: str, group_size: int | None, awq: bool = False,
+                          trainable_scale: bool = False) -> list[ParamInfo]:
+    """The ParamInfos a `QuantLinear` stores in place of the dense weight `p` (shape (out, in))."""
+    out, inp = p.shape
+    g = effective_group(fmt, inp, group_size)
+    n_groups = -(-inp // g)
+    prefix = p.name[: -len("weight")]
+    infos = []
+    for name, (shape, dtype) in _tensor_shapes(fmt, out, n_groups * g, n_groups).items():
+        nbytes = {"int8": 1, "uint8": 1, "float16": 2, "float32": 4}[str(dtype).split(".")[-1]]
+        infos.append(ParamInfo(prefix + name, tuple(shape), nbytes, trainable_scale and name == "scale"))
+    if awq:
+        infos.append(ParamInfo(prefix + "in_scale", (inp,), 4, False))
+    return infos
+
+
+def is_linear_weight(p: ParamInfo, skip: tuple[str, ...], target: tuple[str, ...] | None) -> bool:
+    """Shape-level guess of which parameters `quantize_model` replaces (estimates have no module types)."""
+    if len(p.shape) != 2 or not p.name.endswith(".weight"):
+        return False
+    module = p.name[: -len(".weight")]
+    if any(e in module.split(".")[-1] for e in EMBEDDING_NAMES) or _matches(module, skip):
+        return False
+    return target is None or _matches(module, target)
+
+
+def quantize_spec(spec: RunSpec, fmt: str, group_size: int | None, skip: tuple[str, ...],
+                  target: tuple[str, ...] | None, awq: bool = False, trainable_scale: bool = False) -> RunSpec:
+    params: list[ParamInfo] = []
+    for p in spec.model.params:
+        if is_linear_weight(p, skip, target):
+            params.extend(quantized_param_infos(p, fmt, group_size, awq, trainable_scale))
+        else:
+            params.append(p)
+    return spec.with_(model=replace(spec.model, params=tuple(params)))
+
+
+class WeightQuantTechnique(Technique):
+    """Quantize the model's linear layers to `fmt` (frozen); the estimate counts the packed bytes exactly."""
+
+    slot = "weights"
+    fmt: str
+    Config = WeightQuantConfig
+
+    def check(self, ctx: Context) -> None:
+        if not quantizable_linears(ctx.model, self.config.skip, self.config.target):
+            raise ConfigError(f"weights '{self.name}': the model has no nn.Linear layer to quantize "
+                              "(check 'skip' / 'target')")
+        effective_group(self.fmt, 2**30, self.config.group_size)
+
+    def apply(self, ctx: Context) -> None:
+        quantize_model(ctx.model, self.fmt, self.config.group_size, self.config.skip, self.config.target)
+
+    def transform_spec(self, spec: RunSpec) -> RunSpec:
+        return quantize_spec(spec, self.fmt, self.config.group_size, self.config.skip, self.config.target)
+
+    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
+        return base.with_(parameters=parameter_bytes(spec))

@@ -1,0 +1,112 @@
+"""Saving and loading quantized models as safetensors, and building transformers skeletons on the meta device.
+
+A quantized checkpoint is a directory with `config.json` (transformers), `model.safetensors` (the packed tensors
+at their real size) and `quantization.json` (format, group size, which modules are `QuantLinear`s). Loading
+builds the architecture on the meta device, swaps in empty `QuantLinear`s and assigns the stored tensors, so the
+dense weights are never materialised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from memfit.errors import CheckpointError, ModelError
+from memfit.weights.quant import QuantLinear, quantized_modules, set_submodule
+
+QUANT_FILE = "quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    state, seen = {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.device.type != "meta" else None
+        if key is not None and key in seen:
+            continue  # tied weight: stored once, re-tied on load
+        if key is not None:
+            seen[key] = name
+        state[name] = t.detach().contiguous()
+    return state
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write `model` (dense, quantized, or mixed) to `directory` as safetensors + JSON."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    modules = {
+        name: {"fmt": m.fmt, "group_size": m.group_size, "in_features": m.in_features,
+               "out_features": m.out_features, "bias": m.bias is not None, "awq": m.in_scale is not None}
+        for name, m in quantized_modules(model).items()
+    }
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(_unique_state(model), str(tmp), metadata={"format": "pt", "memfit": "quantized"})
+    os.replace(tmp, directory / WEIGHTS_FILE)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.save_pretrained(directory)
+    tmpj = directory / (QUANT_FILE + ".tmp")
+    tmpj.write_text(json.dumps({"modules": modules}, indent=1))
+    os.replace(tmpj, directory / QUANT_FILE)
+    return directory
+
+
+def meta_model(config) -> nn.Module:
+    """The transformers model of `config` (its first `architectures` entry) built on the meta device."""
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+    with torch.device("meta"):
+        model = cls(config)
+    return model
+
+
+def materialize_meta_buffers(model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Rebuild modules whose non-persistent buffers (rotary `inv_freq`) are still on the meta device."""
+    for name, mod in list(model.named_modules()):
+        if not any(b.is_meta for b in mod.buffers(recurse=False)):
+            continue
+        if hasattr(mod, "rope_init_fn") or type(mod).__name__.endswith("RotaryEmbedding"):
+            with torch.device(device):
+                set_submodule(model, name, type(mod)(config=mod.config))
+        else:
+            raise ModelError(f"cannot rebuild buffer of '{name}' ({type(mod).__name__}) on {device}")
+
+
+def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Load a checkpoint written by `save_quantized`. Without `model`, the architecture comes from config.json."""
+    directory = Path(directory)
+    if not (directory / WEIGHTS_FILE).exists():
+        raise CheckpointError(f"no {WEIGHTS_FILE} in {directory}; write one with memfit.weights.save_quantized")
+    modules = json.loads((directory / QUANT_FILE).read_text())["modules"] if (directory / QUANT_FILE).exists() else {}
+    if model is None:
+        from transformers import AutoConfig
+
+        model = meta_model(AutoConfig.from_pretrained(directory))
+    for name, m in modules.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"checkpoint module '{name}' does not exist in the model") from None
+        q = QuantLinear(m["in_features"], m["out_features"], m["fmt"], m["group_size"], bias=m["bias"],
+                        in_scale=m["awq"], device="meta")
+        set_submodule(model, name, q)
+    state = load_file(str(directory / WEIGHTS_FILE))
+    _missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise CheckpointError(f"checkpoint has tensors the model lacks: {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise CheckpointError(f"checkpoint lacks tensors for: {still_meta[:5]}")
+    materialize_meta_buffers(model)
+    return model
