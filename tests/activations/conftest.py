@@ -6,8 +6,8 @@ from memfit.models import build_llama
 VOCAB = 256
 
 
-def make_model(preset: str = "llama-tiny", seed: int = 0, **overrides):
-    model = build_llama(preset, VOCAB, seed=seed, **overrides)
+def make_model(preset: str = "llama-tiny", seed: int = 0, vocab_size: int = VOCAB, **overrides):
+    model = build_llama(preset, vocab_size, seed=seed, **overrides)
     model.train()
     return model
 

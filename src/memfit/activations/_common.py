@@ -223,7 +223,7 @@ def activation_estimate(spec: RunSpec) -> int:
     if spec.task == "causal_lm":
         chunk = f.get("logits_chunk")
         if chunk:
-            head = norm_bytes(spec) + 8 * spec.tokens + logits_bytes(spec, min(chunk, spec.tokens))
+            head = norm_bytes(spec) + 12 * spec.tokens + logits_bytes(spec, min(chunk, spec.tokens))
         else:
             head = norm_bytes(spec) + logits_bytes(spec)
     else:

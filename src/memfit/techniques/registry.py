@@ -18,6 +18,7 @@ SLOTS: dict[str, dict[str, str]] = {
     "adapter": {},
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
+        "chunked_ce": "memfit.activations.chunked_ce:ChunkedCE",
     },
     "optimizer": {
         "adamw": "memfit.optim.adamw:AdamWTechnique",
