@@ -48,21 +48,23 @@ def quantized_param_infos(p: ParamInfo, fmt: str, group_size: int | None, awq: b
     return infos
 
 
-def is_linear_weight(p: ParamInfo, skip: tuple[str, ...], target: tuple[str, ...] | None) -> bool:
+def is_linear_weight(p: ParamInfo, skip: tuple[str, ...], target: tuple[str, ...] | None,
+                     only_suffix: str = ".weight") -> bool:
     """Shape-level guess of which parameters `quantize_model` replaces (estimates have no module types)."""
-    if len(p.shape) != 2 or not p.name.endswith(".weight"):
+    if len(p.shape) != 2 or not p.name.endswith(only_suffix):
         return False
     module = p.name[: -len(".weight")]
     if any(e in module.split(".")[-1] for e in EMBEDDING_NAMES) or _matches(module, skip):
         return False
-    return target is None or _matches(module, target)
+    return target is None or module in target or _matches(module, target)
 
 
 def quantize_spec(spec: RunSpec, fmt: str, group_size: int | None, skip: tuple[str, ...],
-                  target: tuple[str, ...] | None, awq: bool = False, trainable_scale: bool = False) -> RunSpec:
+                  target: tuple[str, ...] | None, awq: bool = False, trainable_scale: bool = False,
+                  only_suffix: str = ".weight") -> RunSpec:
     params: list[ParamInfo] = []
     for p in spec.model.params:
-        if is_linear_weight(p, skip, target):
+        if is_linear_weight(p, skip, target, only_suffix):
             params.extend(quantized_param_infos(p, fmt, group_size, awq, trainable_scale))
         else:
             params.append(p)

@@ -1,0 +1,73 @@
+"""QLoRA — Dettmers, Pagnoni, Holtzman & Zettlemoyer 2023, "QLoRA: Efficient Finetuning of Quantized LLMs".
+
+The frozen base is stored in NF4 with double-quantized constants (`memfit.weights.nf4`, ≈0.516 bytes per
+quantized parameter) and LoRA adapters train on top, on CPU as well as CUDA. The LoRA layers are peft's own
+`lora.Linear`, registered for memfit's `QuantLinear` through peft's custom-module mapping, so everything peft
+does with LoRA (rank, alpha, dropout, rsLoRA, saving adapters) applies unchanged; `QuantLinear`'s autograd
+function saves only the packed base weight for backward. Paged optimizers (the paper's third piece) are a CUDA
+unified-memory feature and are not reproduced.
+
+Recipe: `adapter: {name: qlora, r: 16, alpha: 32, target: all-linear, group_size: 64}`.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from memfit.adapters.peft_tuner import LoraLike, LoraLikeConfig
+from memfit.memory.spec import RunSpec
+from memfit.techniques.base import Context
+from memfit.weights.base import quantize_spec
+from memfit.weights.quant import QuantLinear, quantize_model
+
+
+class QLoRAConfig(LoraLikeConfig):
+    group_size: int = Field(64, gt=0, description="NF4 block size (QLoRA: 64)")
+
+
+def _lora_layer_for_quant():
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    class QuantLoraLinear(LoraLinear):
+        """peft's LoRA linear over a `QuantLinear` base; merging would need re-quantization, so it refuses."""
+
+        def merge(self, *args, **kwargs) -> None:
+            raise NotImplementedError("merging LoRA into an NF4 base would re-quantize it; keep the adapter separate")
+
+    return QuantLoraLinear
+
+
+class QLoRA(LoraLike):
+    name = "qlora"
+    Config = QLoRAConfig
+    fmt = "nf4"
+
+    def peft_config(self, target_modules, task_type, save):
+        config = super().peft_config(target_modules, task_type, save)
+        config._register_custom_module({QuantLinear: _lora_layer_for_quant()})
+        return config
+
+    def apply(self, ctx: Context) -> None:
+        from memfit.memory.spec import model_shape
+
+        targets = self._targets(model_shape(ctx.model).params)
+        quantize_model(ctx.model, self.fmt, self.config.group_size, skip=(), target=targets)
+        for p in ctx.model.parameters():
+            p.requires_grad_(False)
+        super().apply(ctx)
+
+    def _targets(self, params):
+        # after quantization the targets are QuantLinears whose weight is `qweight`: recover the dense names
+        from memfit.memory.spec import ParamInfo
+
+        dense = [ParamInfo(p.name[: -len("qweight")] + "weight", (p.shape[0], 2), p.bytes_per_element, False)
+                 if p.name.endswith(".qweight") else p for p in params]
+        return super()._targets(tuple(dense))
+
+    def transform_spec(self, spec: RunSpec) -> RunSpec:
+        adapted = super().transform_spec(spec)  # peft's names and adapter parameters, on the dense shapes
+        targets = set(adapted.extra.get("adapter_targets", []))
+        prefix = "base_model.model."
+        names = tuple(prefix + t + ".base_layer" for t in targets)
+        return quantize_spec(adapted, self.fmt, self.config.group_size, skip=(), target=names,
+                             only_suffix=".base_layer.weight")

@@ -1,0 +1,87 @@
+"""QLoRA on CPU: NF4 base (memfit QuantLinear) + peft's LoRA layers."""
+
+import copy
+
+import pytest
+import torch
+
+from memfit.memory.estimate import estimate_run
+from memfit.memory.measure import measure
+from memfit.memory.spec import RunSpec
+from memfit.models import build_llama
+from memfit.techniques.base import Context
+from memfit.techniques.registry import build_technique
+from memfit.weights.quant import QuantLinear, error_bound
+
+
+def _qlora(model, **opts):
+    spec = RunSpec.from_model(model, batch=2, seq=16)
+    tech = build_technique("adapter", {"name": "qlora", "r": 4, **opts})
+    ctx = Context(model=model, spec=spec)
+    tech.check(ctx)
+    tech.apply(ctx)
+    return ctx.model, tech, spec
+
+
+def test_forward_matches_dequantized_model_and_dense_within_nf4_error():
+    dense = build_llama("llama-tiny", 256, seed=0, intermediate_size=192).eval()
+    model, _, _ = _qlora(copy.deepcopy(dense))
+    # the dense model with every target weight replaced by its NF4 round trip = what QLoRA computes (B = 0)
+    deq = copy.deepcopy(dense)
+    max_rel = 0.0
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            orig = name.replace("base_model.model.", "").replace(".base_layer", "")
+            w = dense.get_submodule(orig).weight
+            err = (mod.dequantize() - w).abs()
+            assert (err <= error_bound("nf4", mod.tensors(), tuple(w.shape))).all()
+            deq.get_submodule(orig).weight.data = mod.dequantize()
+            max_rel = max(max_rel, (err.norm() / w.norm()).item())
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        out_q = model(input_ids=ids).logits
+        out_deq = deq(input_ids=ids).logits
+        out_dense = dense(input_ids=ids).logits
+    torch.testing.assert_close(out_q, out_deq, rtol=1e-5, atol=1e-5)
+    assert 0 < max_rel < 0.15  # NF4's relative weight error on normal weights is ~0.1
+    assert (out_q - out_dense).abs().max() < 0.2 * out_dense.abs().max()
+
+
+def test_only_adapters_train_and_bytes_match_estimate():
+    model, tech, spec = _qlora(build_llama("llama-tiny", 256, seed=0, intermediate_size=192))
+    est = estimate_run(spec, [tech])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    ids = torch.randint(0, 256, (2, 16))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, report = measure(step, model, opt)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("lora_" in n for n in changed)
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    assert report.peak.parameters == est.parameters
+    assert report.category_peaks.gradients == est.gradients
+    # weight bytes ≈ 0.52 per quantized parameter (all dims are multiples of the block size here)
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    n_params = sum(m.in_features * m.out_features for m in quant)
+    per_param = sum(m.quantized_bytes() for m in quant) / n_params
+    assert 0.51 < per_param < 0.53
+
+
+def test_qlora_errors():
+    from memfit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="matches no module"):
+        _qlora(build_llama("llama-tiny", 256), target=["nope_proj"])
+    with pytest.raises(ConfigError):
+        build_technique("adapter", {"name": "qlora", "r": 0})
+    model, _, _ = _qlora(build_llama("llama-tiny", 256))
+    lora_layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(NotImplementedError):
+        lora_layer.merge()
