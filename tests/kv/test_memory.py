@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from memfit.kv import build_policy, quant
+from memfit.kv.prefill import chunked_prefill
+from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.measure import MemoryMeter
+from memfit.memory.spec import RunSpec
+
+POLICIES = [
+    {"name": "full"},
+    {"name": "streaming_llm", "budget": 20},
+    {"name": "h2o", "budget": 20},
+    {"name": "keyformer", "budget": 20},
+    {"name": "snapkv", "budget": 20, "window": 6},
+    {"name": "pyramid", "budget": 20, "window": 6},
+    {"name": "kivi", "bits": 2, "residual": 8},
+    {"name": "kivi", "bits": 4, "residual": 16, "value_group": 8},
+    {"name": "kivi", "bits": 8, "residual": 16},
+]
+
+
+@pytest.mark.parametrize("spec", POLICIES, ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_measured_kv_bytes_equal_estimate(model, spec):
+    """Sum of the cache's tensors == policy.estimate() after prefills and decode steps of several lengths."""
+    policy = build_policy(**spec)
+    cache = policy.make_cache(model)
+    ids = torch.randint(0, 256, (2, 60), generator=torch.Generator().manual_seed(0))
+    run = RunSpec.from_model(model, batch=2)
+    with torch.no_grad():
+        for start, stop in [(0, 13), (13, 14), (14, 30), (30, 31), (31, 32), (32, 60)]:
+            model(ids[:, start:stop], past_key_values=cache)
+            estimate = policy.estimate(run.with_(seq=stop), MemoryBreakdown())
+            assert cache.get_seq_length() == stop
+            assert cache.nbytes() == estimate.kv_cache > 0
+
+
+def test_budget_bytes_scale_with_budget_not_length(model):
+    run = RunSpec.from_model(model, batch=1)
+    h2o = build_policy("h2o", budget=64)
+    assert h2o.kv_bytes(run.with_(seq=10_000)) == h2o.kv_bytes(run.with_(seq=64))
+    full = build_policy("full").kv_bytes(run.with_(seq=10_000))
+    assert full == 2 * 2 * 2 * 16 * 10_000 * 4  # 2·layers·kv_heads·head_dim·tokens·bytes
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantize_error_within_half_a_step(bits):
+    x = torch.randn(3, 4, 16, 32) * torch.linspace(0.1, 10, 32)  # outlier channels
+    codes, scale, lo = quant.quantize(x, bits, dim=2)
+    assert codes.max() <= 2**bits - 1
+    assert torch.equal(quant.unpack(quant.pack(codes, bits), bits), codes)
+    assert quant.pack(codes, bits).numel() == codes.numel() * bits // 8
+    err = (quant.dequantize(codes, scale, lo) - x).abs()
+    assert torch.all(err <= scale / 2 + 1e-5)
+    assert err.max() > 0 if bits < 8 else True
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kivi_cache_holds_keys_per_channel_values_per_token(model, bits):
+    ids = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(2))
+    full = build_policy("full").make_cache(model)
+    cache = build_policy("kivi", bits=bits, residual=8).make_cache(model)
+    with torch.no_grad():
+        model(ids, past_key_values=full)
+        model(ids, past_key_values=cache)
+    true_k, true_v = full.layers[0].keys, full.layers[0].values
+    layer = cache.layers[0]
+    assert layer.quantized == 16 and layer.keys.shape[2] == 5  # two full groups packed, 5 tokens full precision
+    assert layer.kq.dtype == torch.uint8 and layer.kq.shape[-1] == 16 * bits // 8
+    assert torch.equal(layer.keys, true_k[:, :, 16:]) and torch.equal(layer.values, true_v[:, :, 16:])
+    keys, values = layer.dequantized()
+    k_step = layer.k_scale.expand(-1, -1, -1, 8, -1).reshape(1, 2, 16, 16)  # per channel, per group of 8 tokens
+    v_step = layer.v_scale.expand(-1, -1, -1, -1, 16).reshape(1, 2, 16, 16)  # per token (value_group = head_dim)
+    assert torch.all((keys - true_k[:, :, :16]).abs() <= k_step / 2 + 1e-5)
+    assert torch.all((values - true_v[:, :, :16]).abs() <= v_step / 2 + 1e-5)
+
+
+def test_chunked_prefill_peak_below_full_prefill_peak(model):
+    ids = torch.randint(0, 256, (1, 384), generator=torch.Generator().manual_seed(3))
+
+    def peak(fn):
+        meter = MemoryMeter(model)
+        with meter.region():
+            fn()
+        return meter.report().peak.total
+
+    full = peak(lambda: chunked_prefill(model, ids, build_policy("full").make_cache(model), chunk=384))
+    chunked = peak(lambda: chunked_prefill(model, ids, build_policy("h2o", budget=32).make_cache(model), chunk=32))
+    streamed = peak(lambda: chunked_prefill(model, ids, build_policy("streaming_llm", budget=32).make_cache(model),
+                                            chunk=32))
+    assert chunked < full / 4 and streamed < full / 4, (full, chunked, streamed)
