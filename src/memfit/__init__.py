@@ -4,7 +4,12 @@ memfit predicts the peak memory of each strategy by category (weights, gradients
 activations, KV cache), picks a plan that fits a budget, runs it, and measures where every byte went.
 """
 
+import logging
+
 from memfit.errors import MemfitError
+
+# torchao (pulled in by transformers when installed) logs its missing GPU kernels at import on CPU machines
+logging.getLogger("torchao").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 __all__ = ["MemfitError", "__version__"]

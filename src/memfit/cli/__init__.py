@@ -80,7 +80,7 @@ def estimate(
 @handles_errors
 def quickstart(
     output: Path = typer.Option(Path("runs/quickstart"), "--output", "-o", help="Run directory."),
-    steps: int = typer.Option(300, help="Training steps (about a minute on a laptop CPU)."),
+    steps: int = typer.Option(200, help="Training steps (about a minute on a laptop CPU)."),
 ) -> None:
     """Train a small Llama from scratch on bundled Shakespeare, show memory by category and a sample."""
     from memfit.quickstart import run_quickstart
@@ -134,6 +134,10 @@ def _print_result(result) -> None:
 
 
 def main() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     app()
 
 
