@@ -42,7 +42,8 @@ def quantized_param_infos(p: ParamInfo, fmt: str, group_size: int | None, awq: b
     infos = []
     for name, (shape, dtype) in _tensor_shapes(fmt, out, n_groups * g, n_groups).items():
         nbytes = {"int8": 1, "uint8": 1, "float16": 2, "float32": 4}[str(dtype).split(".")[-1]]
-        infos.append(ParamInfo(prefix + name, tuple(shape), nbytes, trainable_scale and name == "scale"))
+        trainable = trainable_scale and name == "scale"
+        infos.append(ParamInfo(prefix + name, tuple(shape), 4 if trainable else nbytes, trainable))
     if awq:
         infos.append(ParamInfo(prefix + "in_scale", (inp,), 4, False))
     return infos

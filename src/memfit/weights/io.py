@@ -41,7 +41,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     modules = {
         name: {"fmt": m.fmt, "group_size": m.group_size, "in_features": m.in_features,
-               "out_features": m.out_features, "bias": m.bias is not None, "awq": m.in_scale is not None}
+               "out_features": m.out_features, "bias": m.bias is not None, "awq": m.in_scale is not None,
+               "trainable_scale": m.fmt != "nf4" and m.scale_param().requires_grad}
         for name, m in quantized_modules(model).items()
     }
     tmp = directory / (WEIGHTS_FILE + ".tmp")
@@ -98,6 +99,8 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
             raise CheckpointError(f"checkpoint module '{name}' does not exist in the model") from None
         q = QuantLinear(m["in_features"], m["out_features"], m["fmt"], m["group_size"], bias=m["bias"],
                         in_scale=m["awq"], device="meta")
+        if m.get("trainable_scale"):
+            q.make_scale_trainable()
         set_submodule(model, name, q)
     state = load_file(str(directory / WEIGHTS_FILE))
     _missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

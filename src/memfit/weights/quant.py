@@ -316,6 +316,14 @@ class QuantLinear(nn.Module):
         """The dequantized weight (a fresh tensor, for inspection and merging)."""
         return self.dequantize(self.compute_dtype)
 
+    def make_scale_trainable(self) -> nn.Parameter:
+        """PEQA: turn the per-group scale into a trainable fp32 parameter (codes and zero points stay frozen)."""
+        if self.fmt == "nf4":
+            raise ConfigError("NF4 scales are double-quantized int8 constants; PEQA needs int3/int4/int8")
+        scale = nn.Parameter(self._parameters["scale"].detach().float(), requires_grad=True)
+        self._parameters["scale"] = scale
+        return scale
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = dequantize_tensor(self.fmt, self.tensors(), (self.out_features, self.in_features), torch.float32)
         if self.in_scale is not None:

@@ -1,0 +1,70 @@
+"""PEQA — Kim, Lee, Kim, Kwon, Yoo, Kim & Lee 2023, "Memory-Efficient Fine-Tuning of Compressed Large Language
+Models via sub-4-bit Integer Quantization" (NeurIPS 2023).
+
+Every linear weight is quantized (round-to-nearest, asymmetric, 3 or 4 bits, per output channel by default) as
+W ≈ s ⊙ (W̄ − z); the integer codes W̄ and zero points z are frozen and only the scales s (one per output channel,
+or per group) train. Trainable parameters are out_features per layer, so gradients and optimizer state are tiny
+and the fine-tuned model stays quantized. Codes are stored in 4-bit nibbles for both 3 and 4 bits (3-bit codes
+are not bit-packed: 0.5 bytes per parameter either way).
+
+Recipe: `adapter: {name: peqa, bits: 4, group_size: 0}`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from memfit.errors import ConfigError
+from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.estimate import parameter_bytes
+from memfit.memory.spec import RunSpec
+from memfit.techniques.base import Context, Technique, TechniqueConfig
+from memfit.weights.base import quantize_spec
+from memfit.weights.quant import DEFAULT_SKIP, quantizable_linears, quantize_model, quantized_modules
+
+
+class PEQAConfig(TechniqueConfig):
+    bits: Literal[3, 4] = 4
+    group_size: int = Field(0, ge=0, description="0 = one scale per output channel (the paper's default)")
+    skip: tuple[str, ...] = DEFAULT_SKIP
+    target: tuple[str, ...] | None = None
+
+
+class PEQA(Technique):
+    name = "peqa"
+    slot = "adapter"
+    needs_gradients = True
+    Config = PEQAConfig
+
+    @property
+    def fmt(self) -> str:
+        return f"int{self.config.bits}"
+
+    def check(self, ctx: Context) -> None:
+        if any(True for _ in quantized_modules(ctx.model)):
+            raise ConfigError("PEQA quantizes the model itself; remove the 'weights' technique from the recipe")
+        if not quantizable_linears(ctx.model, self.config.skip, self.config.target):
+            raise ConfigError("PEQA found no nn.Linear layer to quantize (check 'skip' / 'target')")
+
+    def apply(self, ctx: Context) -> None:
+        quantize_model(ctx.model, self.fmt, self.config.group_size, self.config.skip, self.config.target)
+        for p in ctx.model.parameters():
+            p.requires_grad_(False)
+        for q in quantized_modules(ctx.model).values():
+            q.make_scale_trainable()
+
+    def transform_spec(self, spec: RunSpec) -> RunSpec:
+        frozen = spec.with_(model=_freeze(spec.model))
+        return quantize_spec(frozen, self.fmt, self.config.group_size, self.config.skip, self.config.target,
+                             trainable_scale=True)
+
+    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
+        return base.with_(parameters=parameter_bytes(spec))
+
+
+def _freeze(model):
+    from dataclasses import replace
+
+    return replace(model, params=tuple(replace(p, trainable=False) for p in model.params))
