@@ -113,17 +113,20 @@ def snap_(x: torch.Tensor, g: float) -> torch.Tensor:
     return x.div_(g).round_().mul_(g)
 
 
-def perturb_(params: Sequence[torch.Tensor], seeds: Sequence[int], scale: float, grids: Sequence[float | None],
-             chunk: int) -> None:
-    """θ_j += scale · z_j in place, z_j regenerated from seeds[j]; rounded to the grid where `grids[j]` is set."""
+def perturb_(params: Sequence[torch.Tensor], seeds: Sequence[int], eps: float, factor: int,
+             grids: Sequence[float | None], chunk: int) -> None:
+    """θ_j += factor · εz_j in place, z_j regenerated from seeds[j].
+
+    Where `grids[j]` is set, εz_j is rounded to the grid *before* the integer factor is applied, so +1, −2, +1 add
+    up to exactly zero."""
     for p, seed, g in zip(params, seeds, grids):
         view = flat(p)
         stream = ZStream(seed, p.device)
         for a, b in chunks(view.numel(), chunk):
-            z = stream.next(b - a).mul_(scale)
+            z = stream.next(b - a).mul_(eps)
             if g is not None:
                 snap_(z, g)
-            view[a:b].add_(z)
+            view[a:b].add_(z, alpha=factor)
             del z
 
 
@@ -178,11 +181,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         step_seed = mix_seed(group["seed"], group["zo_step"], sample)
         return [parameter_seed(step_seed, self._index[id(p)]) for p in group["params"]]
 
+    def perturbation(self, param: torch.Tensor, step: int | None = None, sample: int = 0) -> torch.Tensor:
+        """The z (float32, param's shape) that `step`'s `sample`-th estimate uses for `param` (default: next step).
+
+        Materialises z for inspection and tests; the optimizer itself never holds more than a chunk."""
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        step = group["zo_step"] if step is None else step
+        seed = parameter_seed(mix_seed(group["seed"], step, sample), self._index[id(param)])
+        stream = ZStream(seed, param.device)
+        return torch.cat([stream.next(b - a) for a, b in chunks(param.numel(), self.chunk)]).view(param.shape)
+
     @staticmethod
     def _loss_value(closure: Closure) -> float:
         with torch.no_grad():
             loss = closure()
-        return float(loss.detach().float()) if isinstance(loss, torch.Tensor) else float(loss)
+        return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
     def _estimate(self, groups: Sequence[dict], closure: Closure) -> tuple[list[list[list[int]]], list[float], float]:
         """n-SPSA on `groups`: returns seeds[sample][group][param], projected gradients per sample, mean loss."""
@@ -193,13 +206,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         for i in range(n):
             seeds = [self._seeds(g, i) for g in groups]
             for g, s, gr in zip(groups, seeds, grids):
-                perturb_(g["params"], s, eps, gr, self.chunk)
+                perturb_(g["params"], s, eps, 1, gr, self.chunk)
             plus = self._loss_value(closure)
             for g, s, gr in zip(groups, seeds, grids):
-                perturb_(g["params"], s, -2 * eps, gr, self.chunk)
+                perturb_(g["params"], s, eps, -2, gr, self.chunk)
             minus = self._loss_value(closure)
             for g, s, gr in zip(groups, seeds, grids):
-                perturb_(g["params"], s, eps, gr, self.chunk)
+                perturb_(g["params"], s, eps, 1, gr, self.chunk)
             all_seeds.append(seeds)
             projected.append((plus - minus) / (2 * eps))
             losses += [plus, minus]
