@@ -15,7 +15,12 @@ from memfit.techniques.base import Technique
 
 SLOTS: dict[str, dict[str, str]] = {
     "weights": {},
-    "adapter": {},
+    "adapter": {
+        "lora": "memfit.adapters.lora:LoRA",
+        "dora": "memfit.adapters.dora:DoRA",
+        "peft": "memfit.adapters.peft_generic:PeftGeneric",
+        "lisa": "memfit.sampling.lisa:LISA",
+    },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
         "chunked_ce": "memfit.activations.chunked_ce:ChunkedCE",
