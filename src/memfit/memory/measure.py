@@ -129,6 +129,10 @@ class _CategoryPeakTracker(MemTracker):
                 if nbytes > self.category_max.get(reftype, 0):
                     self.category_max[reftype] = nbytes
 
+    def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
+        _skip_frozen(self, module)
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
     def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
         # A step may run the model more than once (zeroth-order ±εz passes, closures); MemTracker refuses a second
         # root forward, so start the module stats over (the tracker-level peaks the meter reports are kept).
@@ -136,6 +140,19 @@ class _CategoryPeakTracker(MemTracker):
                 and set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)} == {"Global"}:
             self.reset_mod_stats()
         super()._pre_fw_hook(module, inputs)
+
+
+class _NoHook:
+    @staticmethod
+    def remove() -> None:
+        pass
+
+
+def _skip_frozen(tracker: MemTracker, module: nn.Module) -> None:
+    """MemTracker hooks every parameter's gradient, and a frozen parameter cannot take a hook: mark those done."""
+    for p in module.parameters():
+        if not p.requires_grad and tracker._param_to_grad_hook_handles.get(p) is None:
+            tracker._param_to_grad_hook_handles[p] = (_NoHook, _NoHook)
 
 
 class MemoryMeter:
