@@ -14,19 +14,30 @@ from memfit.errors import ConfigError
 from memfit.techniques.base import Technique
 
 SLOTS: dict[str, dict[str, str]] = {
-    "weights": {},
+    "weights": {
+        "int8": "memfit.weights.int8:Int8Weights",
+        "int4": "memfit.weights.int4:Int4Weights",
+        "nf4": "memfit.weights.nf4:NF4Weights",
+    },
     "adapter": {
         "lora": "memfit.adapters.lora:LoRA",
         "dora": "memfit.adapters.dora:DoRA",
         "peft": "memfit.adapters.peft_generic:PeftGeneric",
+        "qlora": "memfit.weights.qlora:QLoRA",
+        "peqa": "memfit.weights.peqa:PEQA",
         "lisa": "memfit.sampling.lisa:LISA",
+        "owlore": "memfit.sampling.owlore:OwLore",
+        "badam": "memfit.sampling.badam:BAdam",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
         "chunked_ce": "memfit.activations.chunked_ce:ChunkedCE",
+        "streambp": "memfit.activations.streambp:StreamBP",
     },
     "optimizer": {
         "adamw": "memfit.optim.adamw:AdamWTechnique",
+        "galore": "memfit.optim.galore:GaLoreTechnique",
+        "galore_8bit": "memfit.optim.galore:GaLore8bitTechnique",
     },
     "step": {
         "backprop": "memfit.train.step:BackpropStep",

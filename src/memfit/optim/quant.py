@@ -1,0 +1,111 @@
+"""Block-wise 8-bit quantization of optimizer moments (Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+Quantization").
+
+Each block of `block_size` consecutive values is scaled by its absolute maximum (one fp32 per block) and every
+scaled value is stored as the uint8 index of the nearest entry of a fixed non-linear code. The code is "dynamic":
+it spends most levels near 1 and fewer on each smaller decade, so values spanning several orders of magnitude inside
+a block (typical of the second moment) keep their relative precision. A quantized moment is two plain tensors in the
+optimizer state — `<key>_q` (uint8, the parameter's shape) and `<key>_absmax` (fp32, one per block) — so memory
+measurement sees them as optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+DEFAULT_BLOCK = 256
+
+
+def _build_code(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted code values in [-1, 1] (signed) or [0, 1] (unsigned), and the midpoints between them."""
+    decades = 7 if signed else 8  # 127 (+ mirrored) or 255 positive levels, plus zero
+    levels = []
+    for k in range(decades):
+        count = 2 ** (decades - 1 - k)
+        hi, lo = 10.0**-k, 10.0 ** -(k + 1)
+        levels.append(torch.linspace(lo, hi, count + 1, dtype=torch.float64)[1:])
+    positive = torch.cat(levels)
+    values = torch.cat([-positive, torch.zeros(1, dtype=torch.float64), positive]) if signed else torch.cat(
+        [torch.zeros(1, dtype=torch.float64), positive])
+    values = values.sort().values.float()
+    return values, (values[1:] + values[:-1]) / 2
+
+
+# Built at import, outside any measured region, so the tables never count as optimizer state.
+_CODES = {signed: _build_code(signed) for signed in (True, False)}
+
+
+@lru_cache(maxsize=None)
+def _code_on(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    values, midpoints = _CODES[signed]
+    return values.to(device), midpoints.to(device)
+
+
+def _code(signed: bool, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    return _code_on(signed, torch.device(device))
+
+
+def num_blocks(numel: int, block_size: int = DEFAULT_BLOCK) -> int:
+    return math.ceil(numel / block_size)
+
+
+def quantized_bytes(numel: int, block_size: int = DEFAULT_BLOCK) -> int:
+    """Bytes of one quantized tensor: one uint8 per value plus one fp32 scale per block."""
+    return numel + 4 * num_blocks(numel, block_size)
+
+
+def quantize(x: torch.Tensor, block_size: int = DEFAULT_BLOCK, signed: bool = True) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """`x` -> (uint8 codes shaped like `x`, fp32 absmax per block)."""
+    flat = x.detach().reshape(-1).float()
+    n = flat.numel()
+    blocks = num_blocks(n, block_size)
+    padded = torch.nn.functional.pad(flat, (0, blocks * block_size - n)).view(blocks, block_size)
+    absmax = padded.abs().amax(dim=1)
+    scaled = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    _, midpoints = _code(signed, x.device)
+    codes = torch.bucketize(scaled, midpoints).to(torch.uint8)
+    return codes.view(-1)[:n].view(x.shape), absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, block_size: int = DEFAULT_BLOCK, signed: bool = True,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize` (up to the code's rounding)."""
+    values, _ = _code(signed, codes.device)
+    flat = values[codes.reshape(-1).long()]
+    n = flat.numel()
+    blocks = absmax.numel()
+    padded = torch.nn.functional.pad(flat, (0, blocks * block_size - n)).view(blocks, block_size)
+    return (padded * absmax.unsqueeze(1)).view(-1)[:n].view(codes.shape).to(dtype)
+
+
+def init_moment(state: dict, key: str, like: torch.Tensor, block_size: int = DEFAULT_BLOCK) -> None:
+    """Zero moment `key` stored quantized in `state` (`<key>_q`, `<key>_absmax`)."""
+    state[f"{key}_q"] = torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
+    # code index of 0.0: the middle of the signed code, the first entry of the unsigned one
+    state[f"{key}_q"].fill_(_zero_index(key_signed(key)))
+    state[f"{key}_absmax"] = torch.zeros(num_blocks(like.numel(), block_size), device=like.device)
+
+
+def key_signed(key: str) -> bool:
+    """Second moments (`exp_avg_sq`) are non-negative and use the unsigned code."""
+    return not key.endswith("_sq")
+
+
+def _zero_index(signed: bool) -> int:
+    values, _ = _code(signed)
+    return int((values == 0).nonzero()[0])
+
+
+def load_moment(state: dict, key: str, block_size: int = DEFAULT_BLOCK,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequantize(state[f"{key}_q"], state[f"{key}_absmax"], block_size, key_signed(key), dtype)
+
+
+def store_moment(state: dict, key: str, value: torch.Tensor, block_size: int = DEFAULT_BLOCK) -> None:
+    codes, absmax = quantize(value, block_size, key_signed(key))
+    state[f"{key}_q"].copy_(codes)
+    state[f"{key}_absmax"].copy_(absmax)
