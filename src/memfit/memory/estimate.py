@@ -256,9 +256,15 @@ def _block_backward_temporaries(spec: RunSpec) -> tuple[int, int]:
 def backward_temporaries(spec: RunSpec) -> int:
     """Largest set of tensors alive at once inside backward besides saved activations and gradients
     (what the meter's `temporaries` category peaks at): the loss head's two B·S·V fp32 gradients for a causal
-    LM, or a block's hidden / attention-score gradients, whichever is larger."""
+    LM, a block's hidden / attention-score gradients, or the embedding table's gradient, whichever is larger."""
     mlp, attn = _block_backward_temporaries(spec)
-    return max(_head_backward_temporaries(spec), mlp, attn)
+    return max(_head_backward_temporaries(spec), mlp, attn, _embedding_gradient_bytes(spec))
+
+
+def _embedding_gradient_bytes(spec: RunSpec) -> int:
+    """The embedding backward builds a dense gradient of the whole table before it lands in `.grad`."""
+    tables = [p.nbytes for p in spec.model.trainable if any(k in p.name for k in _EMBEDDING_NAMES)]
+    return max(tables, default=0)
 
 
 def baseline(spec: RunSpec) -> MemoryBreakdown:
