@@ -6,7 +6,11 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+)
 
 from memfit.memory.measure import MemoryMeter, MemoryReport
 from memfit.memory.spec import RunSpec
