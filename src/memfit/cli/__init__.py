@@ -133,6 +133,9 @@ def _print_result(result) -> None:
         console.print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
 
 
+from memfit.cli import generate as _generate_cli  # noqa: E402,F401  (registers `memfit generate`)
+
+
 def main() -> None:
     import transformers
 

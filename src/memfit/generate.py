@@ -1,0 +1,256 @@
+"""Generate text inside a memory budget: load a causal LM, apply a weight format and a KV policy, measure.
+
+`generate(model, prompt, kv="h2o", kv_budget="20%", weights="int8")` returns the text plus a memory report by
+category: weights (parameters + buffers), KV cache (the most the cache held after any forward, summed over its
+tensors), activations and temporaries (tensor peak minus both), and the process peak.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.errors import ConfigError, ModelError
+from memfit.kv.base import KVPolicy, PolicyCache
+from memfit.kv.prefill import chunked_prefill
+from memfit.memory.breakdown import MemoryBreakdown, format_bytes
+from memfit.memory.measure import MemoryMeter, MemoryReport
+from memfit.memory.spec import RunSpec, dtype_name
+
+BUDGETED = ("streaming_llm", "h2o", "snapkv", "keyformer", "pyramid")
+
+
+@dataclass
+class GenerateResult:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    memory: MemoryBreakdown  # parameters, buffers, kv_cache, activations (= tensor peak − weights − KV)
+    kv_estimate: int
+    report: MemoryReport
+    seconds: float
+    policy: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "memory": self.memory.to_dict(), "kv_estimate": self.kv_estimate,
+                "process_peak": self.report.process_peak, "seconds": self.seconds,
+                "tokens_per_s": self.tokens_per_s, "policy": self.policy, "options": self.options}
+
+    def table(self):
+        from rich.table import Table
+
+        table = Table(title=f"generation memory ({self.policy})")
+        table.add_column("category")
+        table.add_column("measured", justify="right")
+        table.add_column("estimate", justify="right")
+        m = self.memory
+        table.add_row("weights (parameters + buffers)", format_bytes(m.parameters + m.buffers), "")
+        table.add_row("KV cache (max held)", format_bytes(m.kv_cache), format_bytes(self.kv_estimate))
+        table.add_row("activations + temporaries", format_bytes(m.activations), "")
+        table.add_row("[bold]tensor peak", format_bytes(self.report.tensor_peak), "")
+        if self.report.process_peak is not None:
+            table.add_row("process peak (RSS high-water)", format_bytes(self.report.process_peak), "")
+        return table
+
+
+# --- inputs ----------------------------------------------------------------------------------------------
+
+def resolve_model_dir(ref: str | Path) -> str:
+    """A memfit run directory (its exported `model/`), a checkpoint-less run dir error, or the reference as is."""
+    path = Path(ref).expanduser()
+    if path.is_dir() and not (path / "config.json").exists():
+        if (path / "model" / "config.json").exists():
+            return str(path / "model")
+        if (path / "checkpoints").exists():
+            raise ModelError(f"{path} is a memfit run without an exported model/ folder (only checkpoints/); "
+                             "finish the run or point at a folder holding config.json")
+    return str(ref)
+
+
+def load_causal_lm(ref: str | Path, attn: str = "sdpa") -> tuple[nn.Module, Any]:
+    """(model in eval mode, tokenizer) from a local HF folder, a memfit run directory or a named model."""
+    from memfit.models import load_model
+
+    bundle = load_model(resolve_model_dir(ref), "causal_lm", attn_implementation=attn)
+    return bundle.model.eval(), bundle.tokenizer
+
+
+def resolve_budget(budget: int | float | str | None, prompt_tokens: int) -> int | None:
+    """Tokens per layer and head from `256`, `"256"` or `"20%"` (of the prompt); `ConfigError` unless > 0."""
+    if budget is None:
+        return None
+    text = str(budget).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if share <= 0:
+                raise ConfigError(f"--kv-budget must be > 0, got {text}")
+            return max(1, round(prompt_tokens * share / 100))
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--kv-budget must be a token count (e.g. 256) or a share of the prompt (e.g. 20%), "
+                          f"got '{text}'") from None
+    if value <= 0 or value != int(value):
+        raise ConfigError(f"--kv-budget must be a positive whole number of tokens, got {text}")
+    return int(value)
+
+
+def build_kv_policy(kv: str | dict | KVPolicy | None, budget: int | None = None, **options: Any) -> KVPolicy:
+    """A KV policy from a name (+ budget/options), a recipe mapping, or an instance."""
+    from memfit.kv import build_policy
+
+    if isinstance(kv, KVPolicy):
+        return kv
+    if kv is None:
+        kv = "full"
+    spec = dict(kv) if isinstance(kv, dict) else {"name": kv}
+    spec.update({k: v for k, v in options.items() if v is not None})
+    if budget is not None:
+        spec["budget"] = budget
+    name = spec["name"]
+    if name in BUDGETED and "budget" not in spec:
+        raise ConfigError(f"KV policy '{name}' needs a budget: add --kv-budget N (tokens) or --kv-budget 20%")
+    if name not in BUDGETED and "budget" in spec:
+        raise ConfigError(f"KV policy '{name}' takes no budget; budgets apply to: {', '.join(BUDGETED)}")
+    return build_policy(**spec)
+
+
+def _apply_weights(model: nn.Module, weights: str | None, calibration: torch.Tensor) -> None:
+    if not weights:
+        return
+    from memfit.weights import apply_weights
+
+    apply_weights(model, weights, calibration=calibration if weights == "awq" else None)
+
+
+def _streamed_model(ref: str | Path, attn: str) -> tuple[nn.Module, Any]:
+    if importlib.util.find_spec("memfit.weights.streaming") is None:
+        raise ConfigError("--stream (weights streamed from disk) is not available yet in this memfit build")
+    from memfit.models import load_tokenizer
+    from memfit.weights.streaming import StreamedModel
+
+    source = resolve_model_dir(ref)
+    model = StreamedModel.from_pretrained(source, attn_implementation=attn)
+    return model, load_tokenizer(source)
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_tokens: int = 64, *,
+             tokenizer: Any = None, kv: str | dict | KVPolicy | None = None, kv_budget: int | str | None = None,
+             kv_options: dict[str, Any] | None = None, weights: str | None = None, stream: bool = False,
+             attn: str = "auto", prefill_chunk: int | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> GenerateResult:
+    """Generate `max_new_tokens` after `prompt` with a KV policy and weight format, measuring memory by category."""
+    if max_new_tokens <= 0:
+        raise ConfigError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
+    if attn not in ("auto", "eager", "sdpa"):
+        raise ConfigError(f"--attn must be auto, eager or sdpa, got '{attn}'")
+    policy_spec = kv
+    resolve_budget(kv_budget, 1)
+    # Validate the policy and its options before loading the model, so bad input fails fast (the budget itself is
+    # checked by `resolve_budget` once the prompt length is known).
+    probe = build_kv_policy(policy_spec, 10**9 if kv_budget is not None else None, **(kv_options or {}))
+    impl = attn if attn != "auto" else ("eager" if probe.needs_attention else "sdpa")
+    if probe.needs_attention and impl != "eager":
+        raise ConfigError(f"KV policy '{probe.name}' ranks tokens by attention probabilities, which "
+                          f"attn_implementation='{impl}' does not return; use --attn eager (or --attn auto)")
+
+    if isinstance(model, nn.Module):
+        if stream:
+            raise ConfigError("--stream needs a model folder to stream from, not a model already in memory")
+        if tokenizer is None and not isinstance(prompt, torch.Tensor):
+            raise ConfigError("pass `tokenizer=` with an in-memory model and a text prompt")
+        lm = model.eval()
+        if attn != "auto" or probe.needs_attention:
+            lm.set_attn_implementation(impl)
+    elif stream:
+        lm, tokenizer = _streamed_model(model, impl)
+    else:
+        lm, tokenizer = load_causal_lm(model, impl)
+
+    input_ids = _encode(prompt, tokenizer)
+    prompt_tokens = input_ids.shape[1]
+    budget = resolve_budget(kv_budget, prompt_tokens)
+    policy = build_kv_policy(policy_spec, budget, **(kv_options or {}))
+    if weights and not stream:
+        _apply_weights(lm, weights, input_ids)
+
+    device = next(lm.parameters()).device
+    input_ids = input_ids.to(device)
+    torch.manual_seed(seed)
+    meter = MemoryMeter(lm, device=device)
+    kv_peak = 0
+    cache: PolicyCache | None = None
+
+    def track_kv(module, args, kwargs, output):
+        nonlocal kv_peak
+        if cache is not None:
+            kv_peak = max(kv_peak, cache.nbytes())
+
+    handle = lm.register_forward_hook(track_kv, with_kwargs=True)
+    start = time.perf_counter()
+    try:
+        with meter.region(), torch.no_grad():
+            cache = policy.make_cache(lm)
+            if prefill_chunk is not None and prompt_tokens > 1:
+                chunked_prefill(lm, input_ids[:, :-1], cache, prefill_chunk)
+            gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                              past_key_values=cache, attention_mask=torch.ones_like(input_ids))
+            if do_sample:
+                gen_kwargs.update(temperature=temperature, top_k=top_k)
+            pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+            eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+            gen_kwargs["pad_token_id"] = pad if pad is not None else (eos if eos is not None else 0)
+            output = lm.generate(input_ids, **gen_kwargs)
+    finally:
+        handle.remove()
+    seconds = time.perf_counter() - start
+    report = meter.report()
+    new_ids = output[0, prompt_tokens:]
+    text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else str(new_ids.tolist())
+
+    peak = report.peak
+    weights_bytes = peak.parameters + peak.buffers
+    activations = max(0, report.tensor_peak - weights_bytes - kv_peak)
+    memory = MemoryBreakdown(parameters=peak.parameters, buffers=peak.buffers, kv_cache=kv_peak,
+                             activations=activations)
+    seen = cache.get_seq_length()
+    spec = RunSpec.from_model(lm, batch=1, seq=seen, compute_dtype=dtype_name(_dtype_of(lm)))
+    return GenerateResult(text=text, prompt_tokens=prompt_tokens, new_tokens=int(new_ids.numel()), memory=memory,
+                          kv_estimate=policy.kv_bytes(spec), report=report, seconds=seconds, policy=policy.name,
+                          options=dict(policy.config.model_dump(), weights=weights, stream=stream, attn=impl,
+                                       prefill_chunk=prefill_chunk))
+
+
+def _encode(prompt: str | torch.Tensor, tokenizer: Any) -> torch.Tensor:
+    if isinstance(prompt, torch.Tensor):
+        ids = prompt if prompt.dim() == 2 else prompt[None]
+    else:
+        if not prompt:
+            raise ConfigError("the prompt is empty: give --prompt TEXT or --prompt-file PATH")
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[0] != 1:
+        raise ConfigError("memfit generate takes one prompt at a time")
+    if ids.shape[1] == 0:
+        raise ConfigError("the prompt encodes to no tokens")
+    return ids.long()
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

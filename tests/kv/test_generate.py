@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from memfit.cli import app
+from memfit.errors import ConfigError, ModelError
+from memfit.generate import generate, resolve_budget
+from memfit.models import build_llama
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved llama-tiny with a byte-level BPE tokenizer trained on a sentence: a local HF model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+    path = tmp_path_factory.mktemp("tiny-lm")
+    build_llama("llama-tiny", len(fast), seed=0).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def test_generate_reports_kv_bytes_equal_to_estimate(model_dir):
+    full = generate(model_dir, TEXT[:200], 12, kv="full")
+    h2o = generate(model_dir, TEXT[:200], 12, kv="h2o", kv_budget="20%")
+    assert full.kv_estimate == full.memory.kv_cache > 0 and h2o.kv_estimate == h2o.memory.kv_cache
+    assert h2o.memory.kv_cache < full.memory.kv_cache / 3
+    assert h2o.options["attn"] == "eager" and full.options["attn"] == "sdpa"
+    assert full.new_tokens == 12 and full.memory.parameters > 0 and full.report.process_peak
+
+
+def test_streaming_generation_equals_full_while_it_fits(model_dir):
+    a = generate(model_dir, TEXT[:120], 10, kv="full")
+    b = generate(model_dir, TEXT[:120], 10, kv="streaming_llm", kv_budget=a.prompt_tokens + 10, prefill_chunk=7)
+    assert a.text == b.text
+
+
+def test_resolve_budget():
+    assert resolve_budget("20%", 100) == 20 and resolve_budget(64, 100) == 64 and resolve_budget(None, 5) is None
+    for bad in ("0", "-5", "0%", "ten", "2.5"):
+        with pytest.raises(ConfigError):
+            resolve_budget(bad, 100)
+
+
+def test_library_errors(model_dir):
+    with pytest.raises(ConfigError, match="eager"):
+        generate(model_dir, "hi", 2, kv="h2o", kv_budget=8, attn="sdpa")
+    with pytest.raises(ConfigError, match="needs a budget"):
+        generate(model_dir, "hi", 2, kv="h2o")
+    with pytest.raises(ModelError):
+        generate("/no/such/model", "hi", 2)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--kv", "h2o", "--kv-budget", "0"], "kv-budget must be"),
+    (["--kv", "nope"], "unknown kv technique 'nope'"),
+    (["--kv", "snapkv", "--kv-budget", "8", "--attn", "sdpa"], "eager"),
+    (["--kv", "kivi", "--kv-bits", "3"], "bits"),
+    (["--max-new-tokens", "0"], "max-new-tokens"),
+])
+def test_cli_bad_input_is_one_clear_error(model_dir, args, match):
+    result = CliRunner().invoke(app, ["generate", str(model_dir), "--prompt", "the fox", *args])
+    assert result.exit_code == 2, result.output
+    assert match in result.output and "Traceback" not in result.output
+
+
+def test_cli_generates_and_prints_the_report(model_dir, tmp_path):
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(app, ["generate", str(model_dir), "--prompt", "the quick brown fox", "-n", "6",
+                                      "--kv", "kivi", "--kv-bits", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "KV cache" in result.output and "process peak" in result.output
+    data = json.loads(out.read_text())
+    assert data["new_tokens"] == 6 and data["memory"]["kv_cache"] == data["kv_estimate"]
