@@ -1,0 +1,265 @@
+"""Weight streaming — Alizadeh et al. 2024, "LLM in a flash: Efficient Large Language Model Inference with
+Limited Memory" (Apple).
+
+The decoder layers stay on disk (safetensors) and are read just before they run, with a prefetch window so that
+reading layer i+1 overlaps computing layer i, and released right after; embeddings, final norm and head stay
+resident. Peak weight memory is `static + window × largest layer` instead of the whole model, so a model whose
+weights exceed the budget still generates — token for token the same as in memory. (The paper's further tricks,
+sparsity prediction to load only active FFN neurons and row-column bundling, are not reproduced.)
+
+Reads use `pread` into fresh tensors rather than an mmap: pages of a mapped file count toward the process's RSS
+while they stay mapped, which would hide the saving; plain reads leave only the live layers resident. Works for
+dense transformers checkpoints (`save_pretrained`) and for memfit's quantized ones (`save_quantized`).
+
+>>> sm = StreamedModel.from_pretrained("ckpt/", window=2)
+>>> out = sm.generate(input_ids, max_new_tokens=32)
+>>> sm.peak_resident_bytes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.errors import BudgetError, CheckpointError, ConfigError
+from memfit.weights.io import QUANT_FILE, materialize_meta_buffers, meta_model
+from memfit.weights.quant import QuantLinear, set_submodule
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsReader:
+    """Reads single tensors of one or more safetensors files with `pread` (no mmap, no whole-file load)."""
+
+    def __init__(self, directory: Path) -> None:
+        index = directory / "model.safetensors.index.json"
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (directory / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            raise CheckpointError(f"no model.safetensors (or index) in {directory}; save the model with "
+                                  "save_pretrained(safe_serialization=True) or memfit.weights.save_quantized")
+        self.entries: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
+        self._fds: list[int] = []
+        for name in files:
+            fd = os.open(directory / name, os.O_RDONLY)
+            self._fds.append(fd)
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, n, 8))
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                start, end = meta["data_offsets"]
+                self.entries[key] = (len(self._fds) - 1, 8 + n + start, _DTYPES[meta["dtype"]],
+                                     tuple(meta["shape"]), end - start)
+
+    def nbytes(self, key: str) -> int:
+        return self.entries[key][4]
+
+    def get(self, key: str) -> torch.Tensor:
+        fd, offset, dtype, shape, nbytes = self.entries[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < nbytes:
+            chunk = os.preadv(self._fds[fd], [view[done:]], offset + done)
+            if chunk <= 0:
+                raise CheckpointError(f"checkpoint truncated while reading '{key}'")
+            done += chunk
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the `nn.ModuleList` holding the most parameters."""
+    best: tuple[str, nn.ModuleList] | None = None
+    best_n = -1
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            n = sum(p.numel() for p in mod.parameters())
+            if n > best_n:
+                best, best_n = (name, mod), n
+    if best is None:
+        raise ConfigError(f"{type(model).__name__} has no list of layers to stream")
+    return best
+
+
+def _release(module: nn.Module) -> None:
+    """Drop a layer's tensors, keeping meta placeholders with the same shapes."""
+    for m in module.modules():
+        for k, p in m._parameters.items():
+            if p is not None and not p.is_meta:
+                m._parameters[k] = nn.Parameter(p.to("meta"), requires_grad=False)
+        for k, b in m._buffers.items():
+            if b is not None and not b.is_meta and k not in m._non_persistent_buffers_set:
+                m._buffers[k] = b.to("meta")
+
+
+class StreamedModel(nn.Module):
+    """A transformers model whose decoder layers are streamed from a safetensors checkpoint during forward."""
+
+    def __init__(self, model: nn.Module, reader: SafetensorsReader, window: int = 2) -> None:
+        super().__init__()
+        if window < 1:
+            raise ConfigError(f"streaming window must be ≥ 1 layer, got {window}")
+        self.model = model
+        self.reader = reader
+        self.layers_name, self.layers = find_layers(model)
+        self.n_layers = len(self.layers)
+        self.window = min(window, self.n_layers)
+        self.layer_keys = [
+            [f"{self.layers_name}.{i}.{k}" for k in layer.state_dict()] for i, layer in enumerate(self.layers)
+        ]
+        missing = [k for keys in self.layer_keys for k in keys if k not in reader.entries]
+        if missing:
+            raise CheckpointError(f"checkpoint lacks layer tensors: {missing[:3]}")
+        self.layer_bytes = [sum(reader.nbytes(k) for k in keys) for keys in self.layer_keys]
+        self.static_bytes = sum(t.numel() * t.element_size() for t in _unique_tensors(model) if not t.is_meta)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memfit-prefetch")
+        self._pending: dict[int, Future] = {}
+        self._loaded: set[int] = set()
+        self._lock = threading.Lock()
+        self.resident_bytes = self.static_bytes
+        self.peak_resident_bytes = self.static_bytes
+        self.bytes_read = 0
+        for i, layer in enumerate(self.layers):
+            layer.register_forward_pre_hook(self._make_pre_hook(i))
+            layer.register_forward_hook(self._make_post_hook(i))
+
+    # --- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, window: int = 2,
+                        budget_bytes: int | None = None) -> StreamedModel:
+        """Build the model on the meta device, load only the non-layer weights, stream the layers on demand.
+
+        `budget_bytes`: refuse (BudgetError) when resident weights + `window` layers would exceed it.
+        """
+        from transformers import AutoConfig
+
+        directory = Path(directory)
+        if not (directory / "config.json").exists():
+            raise CheckpointError(f"no config.json in {directory}: not a transformers checkpoint directory")
+        model = meta_model(AutoConfig.from_pretrained(directory))
+        qfile = directory / QUANT_FILE
+        if qfile.exists():
+            for name, m in json.loads(qfile.read_text())["modules"].items():
+                set_submodule(model, name, QuantLinear(m["in_features"], m["out_features"], m["fmt"],
+                                                       m["group_size"], bias=m["bias"], in_scale=m["awq"],
+                                                       device="meta"))
+        reader = SafetensorsReader(directory)
+        layers_name, _ = find_layers(model)
+        static = {k: reader.get(k) for k in reader.entries if not k.startswith(layers_name + ".")}
+        model.load_state_dict(static, strict=False, assign=True)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        materialize_meta_buffers(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        streamed = cls(model, reader, window)
+        still_meta = [n for n, p in model.named_parameters()
+                      if p.is_meta and not n.startswith(layers_name + ".")]
+        if still_meta:
+            raise CheckpointError(f"checkpoint lacks tensors for: {still_meta[:3]}")
+        need = streamed.planned_peak_bytes
+        if budget_bytes is not None and need > budget_bytes:
+            streamed.close()
+            raise BudgetError(
+                f"streaming needs {need} bytes of weights (resident {streamed.static_bytes} + {streamed.window} "
+                f"layers × {max(streamed.layer_bytes)}); budget is {budget_bytes}: lower the window or quantize")
+        return streamed
+
+    @property
+    def planned_peak_bytes(self) -> int:
+        """Resident weights + `window` of the largest layers: the most this model ever holds."""
+        return self.static_bytes + sum(sorted(self.layer_bytes, reverse=True)[: self.window])
+
+    @property
+    def total_weight_bytes(self) -> int:
+        return self.static_bytes + sum(self.layer_bytes)
+
+    # --- streaming ---------------------------------------------------------------------------------------------
+    def _read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        prefix = f"{self.layers_name}.{i}."
+        return {k[len(prefix):]: self.reader.get(k) for k in self.layer_keys[i]}
+
+    def _prefetch(self, i: int) -> None:
+        if i in self._loaded or i in self._pending:
+            return
+        self._account(self.layer_bytes[i])
+        self._pending[i] = self._pool.submit(self._read_layer, i)
+
+    def _account(self, nbytes: int) -> None:
+        self.resident_bytes += nbytes
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+        if nbytes > 0:
+            self.bytes_read += nbytes
+
+    def _ensure(self, i: int) -> None:
+        if i in self._loaded:
+            return
+        self._prefetch(i)
+        state = self._pending.pop(i).result()
+        self.layers[i].load_state_dict(state, strict=True, assign=True)
+        self._loaded.add(i)
+
+    def _make_pre_hook(self, i: int):
+        def hook(module: nn.Module, args: Any) -> None:
+            self._ensure(i)
+            for j in range(1, self.window):
+                self._prefetch((i + j) % self.n_layers)
+
+        return hook
+
+    def _make_post_hook(self, i: int):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.window < self.n_layers:
+                _release(self.layers[i])
+                self._loaded.discard(i)
+                self.resident_bytes -= self.layer_bytes[i]
+
+        return hook
+
+    # --- use ---------------------------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    def reset_peak(self) -> None:
+        self.peak_resident_bytes = self.resident_bytes
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        for f in self._pending.values():
+            f.cancel()
+        self._pool.shutdown(wait=True)
+        self.reader.close()
+
+
+def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
