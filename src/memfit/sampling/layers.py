@@ -152,7 +152,8 @@ class LayerSampler(Technique):
         self.seed = ctx.seed
         for name, p in outside:
             p.requires_grad_(self._trains_outside(name))
-        self._layers = ActiveLayers({i: [p for _, p in ps] for i, ps in layers.items()}, self.config.free_state)
+        self._layers = ActiveLayers({i: [p for _, p in ps] for i, ps in layers.items()},
+                                    getattr(self.config, "free_state", True))
         self._layers.all_trainable()  # the optimizer is built over every layer; state appears only when active
         self.prepare(ctx, layers)
         self._dirty = True
