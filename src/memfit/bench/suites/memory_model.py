@@ -1,0 +1,93 @@
+"""How close the analytic memory model (`memfit.memory.estimate`) is to what the meter measures.
+
+For each model family, attention implementation, precision and sequence length: one forward + backward on random
+tokens under `MemoryMeter`; rows give measured/estimated ratios for activations (alive after the forward),
+the temporaries peak, and the step's tensor peak (`step_peak`), next to the naive sum of category peaks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import nullcontext
+
+import torch
+
+from memfit.bench.harness import BenchOptions
+from memfit.memory.estimate import baseline, step_peak
+from memfit.memory.measure import MemoryMeter
+from memfit.memory.spec import RunSpec
+
+MiB = 2**20
+
+
+def _random_batch(model, task: str, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    if task == "causal_lm":
+        return {"input_ids": ids, "labels": ids}
+    n = model.config.num_labels
+    labels = torch.randint(0, n, (batch,) if task == "seq_cls" else (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[0, seq // 2:] = 0
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def measure_row(name: str, model, task: str, attn: str, precision: str, batch: int, seq: int) -> dict:
+    model.set_attn_implementation(attn)
+    model.train()
+    spec = RunSpec.from_model(model, batch=batch, seq=seq, task=task, compute_dtype=precision, attn_impl=attn)
+    est = baseline(spec)
+    data = _random_batch(model, task, batch, seq)
+    meter = MemoryMeter(model)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    with meter.region():
+        with amp:
+            loss = model(**data).loss
+        after_forward = meter.current().activations
+        loss.backward()
+        del loss
+    report = meter.report()
+    model.zero_grad(set_to_none=True)
+    return {
+        "model": name, "task": task, "attn": attn, "precision": precision, "batch": batch, "seq": seq,
+        "act_measured_mib": round(after_forward / MiB, 2), "act_estimate_mib": round(est.activations / MiB, 2),
+        "act_ratio": round(after_forward / est.activations, 4),
+        "temp_ratio": round(report.category_peaks.temporaries / est.temporaries, 3),
+        "step_peak_ratio": round(report.tensor_peak / step_peak(spec, est), 3),
+        "sum_of_categories_ratio": round(report.tensor_peak / est.total, 3),
+    }
+
+
+def _tiny_bert(task: str):
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertForTokenClassification,
+    )
+
+    cfg = BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=512, num_labels=3)
+    torch.manual_seed(0)
+    return (BertForSequenceClassification if task == "seq_cls" else BertForTokenClassification)(cfg)
+
+
+def run(opts: BenchOptions) -> list[dict]:
+    from memfit.models import build_llama, load_model
+
+    rows: list[dict] = []
+    grid = list(itertools.product(["sdpa", "eager"], ["fp32", "bf16"]))
+    seqs = [128] if opts.quick else [128, 256]
+    for (attn, precision), seq in itertools.product(grid, [64, 256]):
+        rows.append(measure_row("llama-tiny", build_llama("llama-tiny", 256), "causal_lm", attn, precision, 2, seq))
+        for task in ("seq_cls", "token_cls"):
+            rows.append(measure_row("bert-tiny", _tiny_bert(task), task, attn, precision, 2, seq))
+    llama = build_llama("llama-20m", 8000)
+    for (attn, precision), seq in itertools.product(grid, seqs):
+        rows.append(measure_row("llama-20m", llama, "causal_lm", attn, precision, 2, seq))
+    for task in ("seq_cls", "token_cls"):
+        minilm = load_model("minilm-l6", task, num_labels=3 if task == "seq_cls" else 9).model
+        for (attn, precision), seq in itertools.product(grid, seqs):
+            if task == "token_cls" and (attn, precision) != ("sdpa", "fp32"):
+                continue
+            rows.append(measure_row("minilm-l6", minilm, task, attn, precision, 4, seq))
+    return rows
