@@ -18,7 +18,7 @@ from .helpers import SPSA_VARIANTS, lm_batch, snapshot, technique_and_step, tiny
 @pytest.mark.parametrize("name", SPSA_VARIANTS)
 def test_parameters_restored_bit_exactly_when_lr_is_zero(name):
     model, batch = tiny_model(), lm_batch()
-    t, ctx, step = technique_and_step(name, model, batch, lr=0.0, eps=1e-3, n_spsa=2)
+    _, ctx, step = technique_and_step(name, model, batch, lr=0.0, eps=1e-3, n_spsa=2)
     before = snapshot(model)  # after the optimizer was built (it rounds parameters onto their grid once)
     step([batch])
     assert any(p != 0 for p in ctx.optimizer.last_projected)  # the model really was perturbed

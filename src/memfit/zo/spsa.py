@@ -321,7 +321,7 @@ def inference_activation_bytes(spec: RunSpec) -> int:
     b = DTYPE_BYTES[spec.compute_dtype]
     tokens = spec.tokens
     attn = 4 * m.hidden + 2 * m.n_heads * m.head_dim
-    mlp = 3 * m.intermediate + m.hidden
+    mlp = (4 if m.family == "llama" else 2) * m.intermediate + m.hidden  # gate, up, act, act·up (GELU: 2)
     layer = tokens * (2 * m.hidden + max(attn, mlp)) * b
     if spec.attn_impl == "eager":
         layer += 2 * spec.batch * m.n_heads * spec.seq * spec.seq * b
@@ -334,6 +334,8 @@ def inference_activation_bytes(spec: RunSpec) -> int:
 
 def chunk_bytes(spec: RunSpec, n_spsa: int = 1) -> int:
     """Temporaries of a step: the estimate chunk plus one z chunk when averaging several samples."""
-    trainable = spec.model.n_trainable
-    chunk = max(MIN_CHUNK, math.ceil(trainable / CHUNK_FRACTION))
-    return chunk * 4 * (2 if n_spsa > 1 else 1)
+    trainable = spec.model.trainable
+    if not trainable:
+        return 0
+    chunk = max(MIN_CHUNK, math.ceil(sum(p.numel for p in trainable) / CHUNK_FRACTION))
+    return min(chunk, max(p.numel for p in trainable)) * 4 * (2 if n_spsa > 1 else 1)
