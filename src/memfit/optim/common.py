@@ -219,7 +219,7 @@ class Timer:
         self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.seconds += time.perf_counter() - self._t0
         self.count += 1
 

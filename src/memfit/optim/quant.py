@@ -12,7 +12,7 @@ measurement sees them as optimizer state.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -38,7 +38,7 @@ def _build_code(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
 _CODES = {signed: _build_code(signed) for signed in (True, False)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _code_on(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     values, midpoints = _CODES[signed]
     return values.to(device), midpoints.to(device)

@@ -38,6 +38,8 @@ SLOTS: dict[str, dict[str, str]] = {
         "adamw": "memfit.optim.adamw:AdamWTechnique",
         "galore": "memfit.optim.galore:GaLoreTechnique",
         "galore_8bit": "memfit.optim.galore:GaLore8bitTechnique",
+        "apollo": "memfit.optim.apollo:APOLLOTechnique",
+        "apollo_mini": "memfit.optim.apollo:APOLLOMiniTechnique",
     },
     "step": {
         "backprop": "memfit.train.step:BackpropStep",
