@@ -7,6 +7,7 @@ Tensor-level attribution is PyTorch's `MemTracker` (a `TorchDispatchMode` with m
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -141,6 +142,16 @@ class _CategoryPeakTracker(MemTracker):
             self.reset_mod_stats()
         super()._pre_fw_hook(module, inputs)
 
+    # A module whose stats were reset above (or that ran only at root level, e.g. a loss head called per chunk)
+    # may still fire its backward hooks; its bytes are tracked at tensor level all the same.
+    def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
+        if module is None or module in self.memory_tracking:
+            super()._pre_bw_hook(module, args)
+
+    def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
+        if module is None or module in self.memory_tracking:
+            super()._post_bw_hook(module, args)
+
 
 class _NoHook:
     @staticmethod
@@ -183,7 +194,8 @@ class MemoryMeter:
             self._process_start = _process_now(self.device)
         process.reset_peak(self.device)
         self._tracker.reset_mod_stats()
-        with self._tracker:
+        with self._tracker, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Module is None")
             yield self
         snap = self._tracker.get_tracker_snapshot("peak")
         peak = _breakdown(snap.get(self.device, _first(snap)))

@@ -16,7 +16,14 @@ from memfit.memory.estimate import ESTIMATE_ORDER
 from memfit.memory.spec import RunSpec
 from memfit.models import build_llama, load_model, load_tokenizer
 from memfit.recipe import Recipe
-from memfit.techniques.base import Context, OptimizerTechnique, StepTechnique, Technique, TrainStep
+from memfit.techniques.base import (
+    Context,
+    ForwardBackward,
+    OptimizerTechnique,
+    StepTechnique,
+    Technique,
+    TrainStep,
+)
 from memfit.train.step import make_forward_backward, model_loss
 
 
@@ -27,6 +34,7 @@ class BuiltRun:
     data: DataBundle
     techniques: list[Technique]
     train_step: TrainStep
+    forward_backward: ForwardBackward
     spec: RunSpec  # the shapes before techniques transform them (estimate_run applies the transforms)
     device: torch.device
     extras: dict = field(default_factory=dict)
@@ -123,7 +131,7 @@ def build_run(recipe: Recipe) -> BuiltRun:
     train_step = step_tech.make_train_step(ctx, fb)
     if ctx.optimizer is None:
         raise ConfigError(f"step '{step_tech.name}' built no optimizer")
-    return BuiltRun(recipe=recipe, ctx=ctx, data=data, techniques=techniques, train_step=train_step, spec=spec,
+    return BuiltRun(recipe=recipe, ctx=ctx, data=data, techniques=techniques, train_step=train_step, forward_backward=fb, spec=spec,
                     device=device)
 
 
