@@ -287,12 +287,8 @@ class MemfitOptimizerTechnique(OptimizerTechnique):
 
     def build_optimizer(self, ctx: Context) -> torch.optim.Optimizer:
         check_has_trainable(ctx.model)
-        groups = self.param_groups(ctx.model)
-        if self.config.layerwise:
-            from memfit.optim.layerwise import make_layerwise
-
-            return make_layerwise(self.make_optimizer, ctx.model, param_groups=groups, max_grad_norm=ctx.grad_clip)
-        return self.make_optimizer(groups)
+        # with `layerwise: true` the run loop wraps this with `memfit.optim.layerwise.make_layerwise`
+        return self.make_optimizer(self.param_groups(ctx.model))
 
     def param_state_bytes(self, p: ParamInfo, target: bool, spec: RunSpec) -> int:
         raise NotImplementedError
