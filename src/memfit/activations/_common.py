@@ -249,4 +249,5 @@ def streambp_bytes(spec: RunSpec, chunk: int) -> int:
     chunk_layer = layer_bytes(spec, tokens=batch * c, seq=c)
     scores = 2 * batch * m.n_heads * c * spec.seq * 4
     head = norm_bytes(spec, batch * c) + logits_bytes(spec, batch * c)
-    return inputs + max(kv_path + chunk_layer + scores, head)
+    grads = 2 * layer_input_bytes(spec)  # the gradient w.r.t. the current layer's output and input
+    return inputs + grads + max(kv_path + chunk_layer + scores, head)

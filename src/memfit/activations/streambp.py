@@ -1,0 +1,212 @@
+"""StreamBP — Luo et al. 2025, "StreamBP: Memory-Efficient Exact Backpropagation for Long Sequence Training
+of LLMs".
+
+Exact backprop decomposed along the sequence, layer by layer. Forward (no graph) keeps only each decoder
+layer's input. Backward walks the layers from the top; for one layer it rebuilds the full-sequence keys and
+values once (with their graph: norm → k/v projections → RoPE; only `kv_dim` wide), then for each sequence chunk
+— last chunk first — recomputes the chunk's queries, attention against the keys/values of positions up to the
+chunk's end (causal), MLP and residuals, and backpropagates the chunk's output gradient. Gradients reaching
+the detached keys/values are accumulated over chunks and pushed through the k/v path once at the end. The LM
+head and cross-entropy run one chunk at a time as well, so activation and logit memory scale with the chunk,
+not the sequence; the result equals plain backprop up to summation order.
+
+For the Llama family (transformers `LlamaForCausalLM` and same-shaped models). Replaces forward+backward
+of a micro-batch (`wrap_forward_backward`), so it subsumes checkpointing and chunked CE.
+
+    activations: [{name: streambp, chunk_size: 512}]
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from memfit.activations import _common as c
+from memfit.errors import ConfigError
+from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.spec import RunSpec
+from memfit.techniques.base import Batch, Context, ForwardBackward, Technique, TechniqueConfig
+
+_INCOMPATIBLE = {
+    "checkpointing": "StreamBP already recomputes every layer",
+    "chunked_ce": "StreamBP already computes the loss one chunk at a time",
+    "offload": "StreamBP keeps no saved tensors across layers to offload",
+    "mesa": "StreamBP keeps no saved tensors across layers to compress",
+    "s2a": "StreamBP keeps no saved tensors across layers to compress",
+}
+
+
+class StreamBPConfig(TechniqueConfig):
+    chunk_size: int = Field(512, gt=0, description="sequence positions per chunk")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+def _keys_values(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    attn = layer.self_attn
+    b, s, _ = x.shape
+    hn = layer.input_layernorm(x)
+    k = attn.k_proj(hn).view(b, s, -1, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(hn).view(b, s, -1, attn.head_dim).transpose(1, 2)
+    return _rope(k, cos, sin), v
+
+
+def _chunk_forward(layer: nn.Module, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                   cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decoder layer's output for positions [start, start + x.shape[1]) given all keys/values."""
+    attn = layer.self_attn
+    b, n, _ = x.shape
+    end = start + n
+    hn = layer.input_layernorm(x)
+    q = _rope(attn.q_proj(hn).view(b, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
+    o = F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], attn_mask=mask, scale=attn.scaling,
+                                       enable_gqa=k.shape[1] != q.shape[1])
+    h = x + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def _chunk_mask(start: int, end: int, keep: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Boolean (batch|1, 1, chunk, end) mask: causal, and padded keys hidden (a query that would see no key
+    keeps its causal row; its output is never used by the loss)."""
+    q_pos = torch.arange(start, end, device=device)[:, None]
+    mask = (torch.arange(end, device=device)[None, :] <= q_pos)[None, None]
+    if keep is not None:
+        padded = mask & keep[:, None, None, :end].bool()
+        mask = torch.where(padded.any(-1, keepdim=True), padded, mask)
+    return mask
+
+
+def llama_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(LlamaModel-like body, lm_head); `ConfigError` for a model StreamBP does not cover."""
+    inner = c.unwrap(model)
+    body = getattr(inner, "model", None)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    layers = getattr(body, "layers", None)
+    ok = head is not None and layers is not None and all(
+        hasattr(layer, "self_attn") and hasattr(layer, "mlp") and hasattr(layer, "input_layernorm")
+        and all(hasattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        for layer in layers) and hasattr(body, "rotary_emb") and hasattr(body, "norm")
+    if not ok:
+        raise ConfigError(f"streambp supports Llama-family causal LMs (LlamaForCausalLM); got {type(inner).__name__}")
+    config = inner.config
+    if getattr(config, "attention_dropout", 0.0):
+        raise ConfigError("streambp needs attention_dropout = 0 (dropout masks would differ between recomputes)")
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "sliding_window", None):
+        raise ConfigError("streambp does not support logit soft-capping or sliding-window attention")
+    return body, head
+
+
+def streambp_forward_backward(model: nn.Module, batch: Batch, loss_scale: float, chunk_size: int,
+                              autocast=nullcontext) -> torch.Tensor:
+    """Mean next-token loss of `batch`; accumulates `loss_scale` × its exact gradient into `.grad`."""
+    c.check_chunk(chunk_size)
+    body, head = llama_parts(model)
+    ids = batch["input_ids"]
+    keep = batch.get("attention_mask")
+    bsz, seq = ids.shape
+    spans = [(s, min(s + chunk_size, seq)) for s in range(0, seq, chunk_size)]
+    masks = {s: _chunk_mask(s, e, keep, ids.device) for s, e in spans}
+    positions = torch.arange(seq, device=ids.device)[None]
+
+    with autocast():
+        emb = body.embed_tokens(ids)
+    x = emb.detach()
+    with torch.no_grad(), autocast():
+        cos, sin = body.rotary_emb(x, positions)
+    inputs: list[torch.Tensor] = []
+    with torch.no_grad(), autocast():
+        for layer in body.layers:
+            inputs.append(x)
+            k, v = _keys_values(layer, x, cos, sin)
+            x = torch.cat([_chunk_forward(layer, x[:, s:e], k, v, s, cos[:, s:e], sin[:, s:e], masks[s])
+                           for s, e in spans], dim=1)
+            del k, v
+
+    targets = c.shifted_labels(batch)
+    n_valid = int((targets != c.IGNORE_INDEX).sum().clamp_min(1))
+    grad = torch.empty_like(x)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for s, e in spans:
+        xc = x[:, s:e].detach().requires_grad_(True)
+        with autocast():
+            logits = head(body.norm(xc)).float()
+            loss = F.cross_entropy(logits.flatten(0, 1), targets[:, s:e].flatten(), ignore_index=c.IGNORE_INDEX,
+                                   reduction="sum")
+        del logits
+        (loss * (loss_scale / n_valid)).backward()
+        grad[:, s:e] = xc.grad
+        total += loss.detach()
+    del x
+
+    for layer in reversed(body.layers):
+        x_in = inputs.pop()
+        x_full = x_in.detach().requires_grad_(True)
+        with autocast():
+            k, v = _keys_values(layer, x_full, cos, sin)
+        k_d, v_d = k.detach().requires_grad_(True), v.detach().requires_grad_(True)
+        grad_in = torch.empty_like(x_in)
+        for s, e in reversed(spans):
+            xc = x_in[:, s:e].detach().requires_grad_(True)
+            with autocast():
+                out = _chunk_forward(layer, xc, k_d, v_d, s, cos[:, s:e], sin[:, s:e], masks[s])
+            out.backward(grad[:, s:e])
+            grad_in[:, s:e] = xc.grad
+            del out, xc
+        torch.autograd.backward([k, v], [k_d.grad, v_d.grad])
+        grad_in += x_full.grad
+        grad = grad_in
+        del x_in, x_full, k, v, k_d, v_d
+    emb.backward(grad)
+    return (total / n_valid).detach()
+
+
+class StreamBP(Technique):
+    name = "streambp"
+    slot = "activations"
+    Config = StreamBPConfig
+    needs_gradients = True
+
+    def check(self, ctx: Context) -> None:
+        if ctx.spec.task != "causal_lm":
+            raise ConfigError(f"streambp applies to causal_lm training, not '{ctx.spec.task}'")
+        llama_parts(ctx.model)
+        for t in ctx.techniques or []:
+            if t is not self and t.name in _INCOMPATIBLE:
+                raise ConfigError(f"streambp cannot be combined with '{t.name}': {_INCOMPATIBLE[t.name]}; "
+                                  f"remove one of them")
+            if t.slot == "optimizer" and getattr(t.config, "layerwise", False):
+                raise ConfigError("streambp runs one backward per chunk, so a layer-wise (in-backward) optimizer "
+                                  "would step once per chunk; set optimizer.layerwise: false")
+            if t.slot == "step" and t.name != "backprop":
+                raise ConfigError(f"streambp is a backprop method; it cannot run under step '{t.name}'")
+
+    def wrap_forward_backward(self, fb: ForwardBackward, ctx: Context) -> ForwardBackward:
+        chunk = self.config.chunk_size
+        device = ctx.device
+        bf16 = ctx.spec.compute_dtype == "bf16"
+
+        def autocast():
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+        def forward_backward(model: nn.Module, batch: Batch, loss_scale: float) -> torch.Tensor:
+            return streambp_forward_backward(model, batch, loss_scale, chunk, autocast)
+
+        return forward_backward
+
+    def transform_spec(self, spec: RunSpec) -> RunSpec:
+        return c.with_extra(spec, streambp_chunk=self.config.chunk_size)
+
+    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
+        return base.with_(activations=c.activation_estimate(spec))
