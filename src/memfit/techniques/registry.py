@@ -40,6 +40,8 @@ SLOTS: dict[str, dict[str, str]] = {
         "galore_8bit": "memfit.optim.galore:GaLore8bitTechnique",
         "apollo": "memfit.optim.apollo:APOLLOTechnique",
         "apollo_mini": "memfit.optim.apollo:APOLLOMiniTechnique",
+        "adam_mini": "memfit.optim.adam_mini:AdamMiniTechnique",
+        "adamw_8bit": "memfit.optim.adamw_8bit:AdamW8bitTechnique",
     },
     "step": {
         "backprop": "memfit.train.step:BackpropStep",
