@@ -28,6 +28,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "lisa": "memfit.sampling.lisa:LISA",
         "owlore": "memfit.sampling.owlore:OwLore",
         "badam": "memfit.sampling.badam:BAdam",
+        "ist": "memfit.sampling.ist:IST",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
