@@ -8,6 +8,8 @@ the LM head saves 3·hidden + 1 (final norm) plus the fp32 logits and their log-
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -234,6 +236,10 @@ def activation_estimate(spec: RunSpec) -> int:
     peak = sum(kept) + head
     for i in range(m.n_layers):  # backward runs from the last layer down, freeing as it goes
         peak = max(peak, sum(kept[:i]) + working[i])
+        if bits and i not in chosen:
+            # while a compressed layer runs forward, its full-precision tensors, their packed copies and the
+            # quantizer's scratch (two of the largest, MLP-wide tensors) are alive together
+            peak = max(peak, sum(kept[:i]) + layer + plain + 2 * spec.tokens * m.intermediate * _act_bytes(spec))
     return fixed + peak
 
 
@@ -251,3 +257,76 @@ def streambp_bytes(spec: RunSpec, chunk: int) -> int:
     head = norm_bytes(spec, batch * c) + logits_bytes(spec, batch * c)
     grads = 2 * layer_input_bytes(spec)  # the gradient w.r.t. the current layer's output and input
     return inputs + grads + max(kv_path + chunk_layer + scores, head)
+
+
+# --- saved-tensor hooks shared by offload and compression ----------------------------------------
+
+
+def param_storages(model: torch.nn.Module) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+def is_weight(t: torch.Tensor, params: set[int]) -> bool:
+    """A parameter, or an autocast copy of one (saved by linear layers; never an activation)."""
+    if isinstance(t, torch.nn.Parameter) or t.untyped_storage().data_ptr() in params:
+        return True
+    fn = t.grad_fn
+    if fn is not None and type(fn).__name__ == "ToCopyBackward0":
+        return any(type(n).__name__ == "AccumulateGrad" for n, _ in fn.next_functions if n is not None)
+    return False
+
+
+def wrap_forward(module: torch.nn.Module, tag: str, make_context) -> None:
+    """Run `module.forward` (training, grad enabled) inside `make_context()`; idempotent per `tag`."""
+    attr = f"_memfit_{tag}"
+    if getattr(module, attr, False):
+        return
+    original = module.forward
+
+    def forward(*args, **kwargs):
+        if not (torch.is_grad_enabled() and module.training):
+            return original(*args, **kwargs)
+        with make_context():
+            return original(*args, **kwargs)
+
+    module.forward = forward
+    setattr(module, attr, True)
+
+
+class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks that keep floating tensors saved for backward at `bits` per element (per-head scales
+    for 4-D attention tensors, per-channel — last dimension — otherwise). Forward is untouched; backward sees
+    the dequantized tensors. A tensor saved by several ops is packed once (the cache holds the originals only
+    while the wrapped module runs, so an address cannot be reused meanwhile)."""
+
+    def __init__(self, bits: int, params: set[int], min_numel: int = 1024) -> None:
+        self.bits, self.params, self.min_numel = bits, params, min_numel
+        self.cache: dict[tuple, tuple[torch.Tensor, Any]] = {}
+        self.packed_bytes = 0
+        self.original_bytes = 0
+        super().__init__(self.pack, self.unpack)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self.cache.clear()
+
+    def pack(self, t: torch.Tensor):
+        if (not t.is_floating_point() or t.dim() < 2 or t.numel() < self.min_numel or is_weight(t, self.params)):
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version)
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit[1]
+        dim = 1 if t.dim() == 4 else -1
+        codes, scale, lo = quantize(t.detach(), self.bits, dim)
+        packed = (codes, scale, lo, t.shape, t.dtype)
+        self.cache[key] = (t, packed)
+        self.original_bytes += t.numel() * t.element_size()
+        self.packed_bytes += codes.numel() + 4 * (scale.numel() + lo.numel())
+        return packed
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        codes, scale, lo, shape, dtype = packed
+        return dequantize(codes, scale, lo, self.bits, shape, dtype)

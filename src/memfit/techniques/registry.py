@@ -34,6 +34,9 @@ SLOTS: dict[str, dict[str, str]] = {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
         "chunked_ce": "memfit.activations.chunked_ce:ChunkedCE",
         "streambp": "memfit.activations.streambp:StreamBP",
+        "offload": "memfit.activations.offload:Offload",
+        "mesa": "memfit.activations.mesa:Mesa",
+        "s2a": "memfit.activations.s2a:S2A",
     },
     "optimizer": {
         "adamw": "memfit.optim.adamw:AdamWTechnique",
