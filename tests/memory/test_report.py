@@ -7,7 +7,7 @@ import json
 import torch
 from rich.console import Console
 
-from memfit.memory.estimate import baseline
+from memfit.memory.estimate import baseline, step_peak
 from memfit.memory.measure import MemoryMeter, MemoryReport, measure
 
 from .conftest import batch_for, forward_backward, spec_for, tiny_llama
@@ -25,10 +25,14 @@ def test_json_round_trip_and_table():
     assert again.to_dict() == report.to_dict()
     assert again.peak == report.peak and again.category_peaks == report.category_peaks
     console = Console(record=True, width=120)
-    console.print(report.table(estimate=baseline(spec_for(model, "causal_lm", 2, 64, "fp32", "sdpa"))))
+    spec = spec_for(model, "causal_lm", 2, 64, "fp32", "sdpa")
+    est = baseline(spec)
+    console.print(report.table(estimate=est, estimate_peak=step_peak(spec, est)))
     text = console.export_text()
-    for word in ("parameters", "gradients", "activations", "tensor total", "process peak", "estimate"):
+    for word in ("parameters", "gradients", "activations", "tensor total", "process peak", "estimate", "max/est"):
         assert word in text
+    gradients_row = next(line for line in text.splitlines() if "gradients" in line)
+    assert "1.00" in gradients_row  # the category max is compared with the category estimate
 
 
 def test_process_peak_covers_tensor_peak_on_cpu():

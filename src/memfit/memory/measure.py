@@ -85,8 +85,11 @@ class MemoryReport:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def table(self, estimate: MemoryBreakdown | None = None, title: str = "memory by category"):
-        """A rich Table: measured at peak (and estimate, with the ratio, when given)."""
+    def table(self, estimate: MemoryBreakdown | None = None, title: str = "memory by category",
+              estimate_peak: int | None = None):
+        """A rich Table: measured at peak and each category's max; with `estimate`, the ratio of each category's
+        max to its estimate (estimates are per-category peaks), and of the tensor peak to `estimate_peak`
+        (`memfit.memory.estimate.step_peak`) or, without it, to the sum of the categories (an upper bound)."""
         from rich.table import Table
 
         table = Table(title=title)
@@ -95,7 +98,7 @@ class MemoryReport:
         table.add_column("category max", justify="right")
         if estimate is not None:
             table.add_column("estimate", justify="right")
-            table.add_column("measured/est", justify="right")
+            table.add_column("max/est", justify="right")
         for c in CATEGORIES:
             measured, cmax = getattr(self.peak, c), getattr(self.category_peaks, c)
             est = getattr(estimate, c) if estimate is not None else 0
@@ -103,12 +106,13 @@ class MemoryReport:
                 continue
             row = [c, format_bytes(measured), format_bytes(cmax)]
             if estimate is not None:
-                row += [format_bytes(est), f"{measured / est:.2f}" if est else "-"]
+                row += [format_bytes(est), f"{cmax / est:.2f}" if est else "-"]
             table.add_row(*row)
         total = [f"[bold]tensor total", format_bytes(self.tensor_peak), ""]
         if estimate is not None:
-            ratio = f"{self.tensor_peak / estimate.total:.2f}" if estimate.total else "-"
-            total += [format_bytes(estimate.total), ratio]
+            predicted = estimate_peak if estimate_peak is not None else estimate.total
+            ratio = f"{self.tensor_peak / predicted:.2f}" if predicted else "-"
+            total += [format_bytes(predicted), ratio]
         table.add_row(*total)
         if self.process_peak is not None:
             table.add_row("process peak", format_bytes(self.process_peak), "", *([""] * (2 if estimate else 0)))
