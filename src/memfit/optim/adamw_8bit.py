@@ -16,7 +16,12 @@ from pydantic import Field
 from memfit.memory.spec import ParamInfo, RunSpec
 from memfit.optim import quant
 from memfit.optim.base import OptimizerConfig
-from memfit.optim.common import MemfitOptimizer, MemfitOptimizerTechnique, adamw_fallback_step, moments_bytes
+from memfit.optim.common import (
+    MemfitOptimizer,
+    MemfitOptimizerTechnique,
+    adamw_fallback_step,
+    moments_bytes,
+)
 
 
 class AdamW8bit(MemfitOptimizer):

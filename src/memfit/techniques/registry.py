@@ -46,6 +46,9 @@ SLOTS: dict[str, dict[str, str]] = {
         "apollo_mini": "memfit.optim.apollo:APOLLOMiniTechnique",
         "adam_mini": "memfit.optim.adam_mini:AdamMiniTechnique",
         "adamw_8bit": "memfit.optim.adamw_8bit:AdamW8bitTechnique",
+        "natural_galore": "memfit.optim.natural_galore:NaturalGaLoreTechnique",
+        "frugal": "memfit.optim.frugal:FRUGALTechnique",
+        "scale": "memfit.optim.scale:SCALETechnique",
     },
     "step": {
         "backprop": "memfit.train.step:BackpropStep",
