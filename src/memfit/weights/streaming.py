@@ -145,8 +145,8 @@ class StreamedModel(nn.Module):
 
     # --- construction ------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, window: int = 2,
-                        budget_bytes: int | None = None) -> StreamedModel:
+    def from_pretrained(cls, directory: str | os.PathLike, window: int = 2, budget_bytes: int | None = None,
+                        attn_implementation: str | None = None) -> StreamedModel:
         """Build the model on the meta device, load only the non-layer weights, stream the layers on demand.
 
         `budget_bytes`: refuse (BudgetError) when resident weights + `window` layers would exceed it.
@@ -156,7 +156,10 @@ class StreamedModel(nn.Module):
         directory = Path(directory)
         if not (directory / "config.json").exists():
             raise CheckpointError(f"no config.json in {directory}: not a transformers checkpoint directory")
-        model = meta_model(AutoConfig.from_pretrained(directory))
+        config = AutoConfig.from_pretrained(directory)
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        model = meta_model(config)
         qfile = directory / QUANT_FILE
         if qfile.exists():
             for name, m in json.loads(qfile.read_text())["modules"].items():
@@ -238,6 +241,13 @@ class StreamedModel(nn.Module):
         return hook
 
     # --- use ---------------------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        """Anything else (config, generation_config, set_attn_implementation, ...) is the wrapped model's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
