@@ -71,8 +71,8 @@ def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload:
     if result.memory is not None:
         for cat, nbytes in result.memory.peak.to_dict().items():
             row[f"peak_{cat}"] = nbytes
-        row["optimizer_state"] = result.memory.category_peaks.optimizer
         row["process_peak"] = result.memory.process_peak
+    row["optimizer_state"] = result.optimizer_state_bytes
     row["estimate_total"] = result.estimate.total
     n_params = result.total_params
     seq = recipe.get("data", {}).get("block_size") or recipe.get("data", {}).get("max_length", 128)

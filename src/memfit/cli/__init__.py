@@ -26,7 +26,7 @@ def handles_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MemfitError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; the last checkpoint is intact (resume with --resume)")
@@ -113,13 +113,18 @@ def bench(
     out: Path = typer.Option(Path("bench-results"), "--out", help="Where JSON and markdown results go."),
     data_dir: Path = typer.Option(Path("../shared/data"), "--data", help="Folder with the shared data sets."),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these methods (repeatable)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
 ) -> None:
     """Run a benchmark suite side by side and write JSON + a markdown table."""
+    import torch
+
     from memfit.bench.harness import BenchOptions, markdown_table, run_suite
 
+    if threads:
+        torch.set_num_threads(threads)
     opts = BenchOptions(quick=quick, out_dir=out, data_dir=data_dir, only=list(only or []))
     rows, json_path, md_path = run_suite(suite, opts)
-    console.print(markdown_table(rows), markup=False)
+    console.print(markdown_table(rows), markup=False, soft_wrap=True)
     console.print(f"wrote {json_path} and {md_path}")
 
 

@@ -18,6 +18,7 @@ from memfit.errors import CheckpointError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import estimate_run
 from memfit.memory.measure import MemoryMeter, MemoryReport
+from memfit.optim.base import state_bytes
 from memfit.recipe import Recipe
 from memfit.train import checkpoint as ckpt
 from memfit.train.build import BuiltRun, build_run
@@ -37,6 +38,7 @@ class RunResult:
     run_dir: Path | None
     trainable_params: int = 0
     total_params: int = 0
+    optimizer_state_bytes: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,7 +125,8 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
     n_total = sum(p.numel() for p in ctx.model.parameters())
     n_train = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
     result = RunResult(metrics=final, history=history, memory=report, estimate=estimate, tokens_per_s=tokens_per_s,
-                       run_dir=run_dir, trainable_params=n_train, total_params=n_total)
+                       run_dir=run_dir, trainable_params=n_train, total_params=n_total,
+                       optimizer_state_bytes=state_bytes(ctx.optimizer))
     if run_dir is not None:
         if metrics_file is not None and final:
             with (run_dir / "metrics.jsonl").open("a") as f:
@@ -180,6 +183,7 @@ def write_summary(run_dir: Path, result: RunResult) -> None:
         "tokens_per_s": result.tokens_per_s,
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
+        "optimizer_state_bytes": result.optimizer_state_bytes,
         "estimate": result.estimate.to_dict(),
         "measured": result.memory.to_dict() if result.memory else None,
     }
