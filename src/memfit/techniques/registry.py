@@ -29,6 +29,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "owlore": "memfit.sampling.owlore:OwLore",
         "badam": "memfit.sampling.badam:BAdam",
         "ist": "memfit.sampling.ist:IST",
+        "lst": "memfit.adapters.lst:LST",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
