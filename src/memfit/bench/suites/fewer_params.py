@@ -1,0 +1,60 @@
+"""`memfit bench fewer-params`: train fewer parameters on finetune-cls (MiniLM-L6, SST-2) and finetune-ner
+(CoNLL-2003), same steps and seed: full fine-tuning (AdamW), LoRA r=8/16, DoRA, LISA (1 and 2 layers), LISA
+without freeing state (LMFlow's behaviour), OwLore, IST, BAdam, LST, plus QLoRA/PEQA where registered.
+Rows carry quality, trainable parameters, peak memory by category and tokens/s; the LISA/LoRA peak ratio is
+added as a row field (`peak_vs_lora_r8`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memfit.bench.harness import BenchOptions, train_row
+from memfit.bench.workloads import workload
+from memfit.techniques.registry import SLOTS
+
+# method -> (adapter spec or None, learning rate). Adapters train few weights and take larger steps.
+METHODS: dict[str, tuple[dict[str, Any] | None, float]] = {
+    "full-ft": (None, 1e-4),
+    "lora-r8": ({"name": "lora", "r": 8, "alpha": 16}, 1e-3),
+    "lora-r16": ({"name": "lora", "r": 16, "alpha": 32}, 1e-3),
+    "dora-r8": ({"name": "dora", "r": 8, "alpha": 16}, 1e-3),
+    "qlora-r8": ({"name": "qlora", "r": 8, "alpha": 16}, 1e-3),
+    "peqa": ({"name": "peqa"}, 1e-3),
+    "lisa-1": ({"name": "lisa", "layers": 1, "interval": 2}, 1e-4),
+    "lisa-2": ({"name": "lisa", "layers": 2, "interval": 2}, 1e-4),
+    "lisa-2-lmflow": ({"name": "lisa", "layers": 2, "interval": 2, "free_state": False}, 1e-4),
+    "owlore-2": ({"name": "owlore", "layers": 2, "interval": 2}, 1e-4),
+    "ist-r8": ({"name": "ist", "r": 8, "alpha": 16, "layers": 3, "interval": 5, "update_every": 5}, 1e-3),
+    "badam": ({"name": "badam", "interval": 2}, 1e-4),
+    "lst": ({"name": "lst", "reduction": 8}, 1e-3),
+}
+
+
+def run(opts: BenchOptions) -> list[dict]:
+    steps = 8 if opts.quick else 40
+    rows: list[dict] = []
+    for wl in ("finetune-cls", "finetune-ner"):
+        lora_peak = None
+        for method, (adapter, lr) in METHODS.items():
+            if not opts.wants(method) or (adapter and adapter["name"] not in SLOTS["adapter"]):
+                continue
+            recipe = workload(wl, opts.data_dir, steps=steps, warmup_steps=max(1, steps // 10), measure_steps=4,
+                              eval_every=0, eval_batches=4 if opts.quick else 16)
+            recipe["optimizer"] = {**recipe["optimizer"], "lr": lr}
+            if method.startswith("owlore") and "galore" in SLOTS["optimizer"]:
+                recipe["optimizer"] = {"name": "galore", "lr": lr, "rank": 64}
+            if adapter:
+                recipe["adapter"] = adapter
+            try:
+                row = train_row(recipe, method, opts, workload=wl)
+            except Exception as exc:  # one failing method should not sink the suite; say why in the table
+                row = {"workload": wl, "method": method, "error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+            peak = sum(v for k, v in row.items() if k.startswith("peak_") and k != "peak_total" and v) or None
+            row["peak_tensor_total"] = peak
+            if method == "lora-r8":
+                lora_peak = peak
+            if lora_peak and peak:
+                row["peak_vs_lora_r8"] = round(peak / lora_peak, 3)
+            rows.append(row)
+    return rows
