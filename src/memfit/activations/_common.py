@@ -1,9 +1,6 @@
-"""Shared pieces of the `activations` slot: finding a model's parts, token labels, low-bit packing and the
-per-component activation sizes the techniques' estimates are built from.
-
-The component sizes were read off `saved_tensors_hooks` on transformers' Llama (sdpa attention, fp32/bf16):
-one decoder layer saves, per token, 8·hidden + 2·kv_dim + n_heads + 2 elements plus 4·intermediate (MLP);
-the LM head saves 3·hidden + 1 (final norm) plus the fp32 logits and their log-softmax (2·vocab).
+"""Shared pieces of the `activations` slot: finding a model's parts, token labels, low-bit packing,
+saved-tensor hooks, and the composed activation estimate (built on `memfit.memory.estimate`'s per-component
+sizes, re-sliced per chunk and per layer for each technique's schedule of what is kept and recomputed).
 """
 
 from __future__ import annotations
@@ -15,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.errors import ConfigError
-from memfit.memory.spec import DTYPE_BYTES, RunSpec
+from memfit.memory import estimate as est
+from memfit.memory.spec import RunSpec
 
 IGNORE_INDEX = -100
 
@@ -110,10 +108,18 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, bits:
 
 
 # --- component sizes (bytes) used by the estimates ------------------------------------------------
+# Per-layer and head sizes come from `memfit.memory.estimate` (one activation model for the whole project);
+# these helpers only re-slice them for a chunk of tokens.
 
 
 def _act_bytes(spec: RunSpec) -> int:
-    return DTYPE_BYTES[spec.compute_dtype]
+    return est.dtypes(spec).compute
+
+
+def _slice(spec: RunSpec, tokens: int | None, seq: int | None) -> RunSpec:
+    s = spec.seq if seq is None else seq
+    t = spec.tokens if tokens is None else tokens
+    return spec.with_(batch=max(t // max(s, 1), 1), seq=s)
 
 
 def kv_dim(spec: RunSpec) -> int:
@@ -121,39 +127,33 @@ def kv_dim(spec: RunSpec) -> int:
 
 
 def layer_bytes(spec: RunSpec, tokens: int | None = None, seq: int | None = None) -> int:
-    """Tensors one decoder layer saves for backward (sdpa attention), for `tokens` tokens."""
-    m = spec.model
-    t = spec.tokens if tokens is None else tokens
-    s = spec.seq if seq is None else seq
-    per_token = 8 * m.hidden + 2 * kv_dim(spec) + m.n_heads + 2 + 4 * m.intermediate
-    total = t * per_token * _act_bytes(spec)
-    if spec.attn_impl == "eager":
-        total += 2 * (t // max(s, 1)) * m.n_heads * s * s * _act_bytes(spec)
-    return total
+    """Tensors one decoder layer saves for backward, for `tokens` tokens in sequences of `seq`."""
+    return sum(est.layer_components(_slice(spec, tokens, seq)).values())
 
 
 def layer_input_bytes(spec: RunSpec, tokens: int | None = None) -> int:
     """One hidden-state tensor (a layer's input): what a checkpointed layer keeps."""
     t = spec.tokens if tokens is None else tokens
-    return t * spec.model.hidden * _act_bytes(spec)
+    return t * spec.model.hidden * est.dtypes(spec).residual
 
 
 def rope_bytes(spec: RunSpec, seq: int | None = None) -> int:
     """The cos/sin tables shared by every layer."""
-    s = spec.seq if seq is None else seq
-    return 2 * s * spec.model.head_dim * _act_bytes(spec)
+    return est.head_components(_slice(spec, None, seq)).get("embeddings", 0)
 
 
 def norm_bytes(spec: RunSpec, tokens: int | None = None) -> int:
-    """The final RMSNorm's saved tensors."""
-    t = spec.tokens if tokens is None else tokens
-    return t * (3 * spec.model.hidden + 1) * _act_bytes(spec)
+    """The final norm's saved tensors and the LM head's input."""
+    h = est.head_components(_slice(spec, tokens, None if tokens is None else min(tokens, spec.seq)))
+    return h.get("final_norm", 0) + h.get("head", 0)
 
 
 def logits_bytes(spec: RunSpec, tokens: int | None = None) -> int:
-    """LM head + cross-entropy: fp32 logits and their log-softmax, plus int64 targets."""
+    """LM head + cross-entropy: the logits (kept by a transformers model's output) and the loss's fp32
+    log-probabilities and targets."""
     t = spec.tokens if tokens is None else tokens
-    return t * (2 * spec.model.vocab * 4 + 8)
+    sub = _slice(spec, t, min(t, spec.seq))
+    return est.head_components(sub).get("loss", 0) + t * spec.model.vocab * max(_act_bytes(spec), 4)
 
 
 def ids_bytes(spec: RunSpec) -> int:
@@ -179,11 +179,12 @@ def facts(spec: RunSpec) -> dict:
 
 def module_saved_bytes(spec: RunSpec, kind: str, tokens: int) -> int:
     """Bytes a Llama sub-module saves beyond its own input (which a checkpoint of it still keeps)."""
-    m, b = spec.model, _act_bytes(spec)
+    parts = est.layer_components(_slice(spec, tokens, None))
+    inp = tokens * spec.model.hidden * _act_bytes(spec)
     if "mlp" in kind.lower():
-        return tokens * 4 * m.intermediate * b
+        return max(parts["mlp"] - inp, 0)
     if "attention" in kind.lower():
-        return tokens * (2 * m.hidden + 2 * kv_dim(spec) + m.n_heads) * b
+        return max(parts["attention"] - inp, 0)
     return 0
 
 
@@ -204,6 +205,7 @@ def activation_estimate(spec: RunSpec) -> int:
     stream = f.get("streambp_chunk")
     if stream:
         return fixed + streambp_bytes(spec, stream)
+    fixed += est.weight_cast_bytes(spec)
     layer = layer_bytes(spec)
     bits = f.get("saved_bits")
     ckpt = f.get("checkpoint") or {}
@@ -253,7 +255,7 @@ def streambp_bytes(spec: RunSpec, chunk: int) -> int:
     inputs = (m.n_layers + 1) * layer_input_bytes(spec)
     kv_path = spec.tokens * (3 * m.hidden + 1 + 5 * kv_dim(spec)) * b
     chunk_layer = layer_bytes(spec, tokens=batch * c, seq=c)
-    scores = 2 * batch * m.n_heads * c * spec.seq * 4
+    scores = batch * m.n_heads * c * spec.seq * 4  # the masked chunk × prefix attention (one fp32 copy)
     head = norm_bytes(spec, batch * c) + logits_bytes(spec, batch * c)
     grads = 2 * layer_input_bytes(spec)  # the gradient w.r.t. the current layer's output and input
     return inputs + grads + max(kv_path + chunk_layer + scores, head)
