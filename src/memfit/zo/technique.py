@@ -67,6 +67,8 @@ class ZOStepTechnique(StepTechnique):
                 if not _is_default_optimizer(t):
                     raise ConfigError(f"step '{self.name}' is its own optimizer: remove `optimizer: {t.name}` from "
                                       f"the recipe and set lr / weight_decay under `step:`")
+            elif t.slot in ("adapter", "weights"):
+                continue  # they choose *what* trains and how the frozen base is stored: ZO works on any subset
             elif t.needs_gradients:
                 raise ConfigError(f"{t.slot} technique '{t.name}' needs backprop, but step '{self.name}' runs "
                                   "forward passes only: remove one of them")
