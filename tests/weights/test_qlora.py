@@ -81,6 +81,12 @@ def test_qlora_errors():
         _qlora(build_llama("llama-tiny", 256), target=["nope_proj"])
     with pytest.raises(ConfigError):
         build_technique("adapter", {"name": "qlora", "r": 0})
+    quantized = build_llama("llama-tiny", 256)
+    from memfit.weights import apply_weights
+
+    apply_weights(quantized, "int8")
+    with pytest.raises(ConfigError, match="remove the 'weights'"):
+        _qlora(quantized)
     model, _, _ = _qlora(build_llama("llama-tiny", 256))
     lora_layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with pytest.raises(NotImplementedError):

@@ -47,6 +47,14 @@ class QLoRA(LoraLike):
         config._register_custom_module({QuantLinear: _lora_layer_for_quant()})
         return config
 
+    def check(self, ctx: Context) -> None:
+        from memfit.errors import ConfigError
+        from memfit.weights.quant import quantized_modules
+
+        if quantized_modules(ctx.model):
+            raise ConfigError("qlora quantizes its base to NF4 itself; remove the 'weights' technique from the recipe")
+        super().check(ctx)
+
     def apply(self, ctx: Context) -> None:
         from memfit.memory.spec import model_shape
 
