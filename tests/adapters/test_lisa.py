@@ -65,7 +65,7 @@ def test_without_freeing_state_grows_like_lmflow():
 
 
 def test_embeddings_and_head_always_train_and_layers_follow_the_schedule():
-    tech, ctx, *_, history = _run({"name": "lisa", "layers": 2, "interval": 3}, 7)
+    _tech, ctx, *_, history = _run({"name": "lisa", "layers": 2, "interval": 3}, 7)
     named = dict(ctx.model.named_parameters())
     assert named["model.embed_tokens.weight"].requires_grad and named["lm_head.weight"].requires_grad
     assert all(len(h) == 2 for h in history)
@@ -73,7 +73,7 @@ def test_embeddings_and_head_always_train_and_layers_follow_the_schedule():
 
 
 def test_resume_reproduces_the_selection():
-    tech, ctx, *_ , history = _run({"name": "lisa", "layers": 2, "interval": 2}, 5)
+    tech, _ctx, *_ , history = _run({"name": "lisa", "layers": 2, "interval": 2}, 5)
     state = tech.state_dict()
     model = tiny_llama(layers=4)
     fresh = build_technique("adapter", {"name": "lisa", "layers": 2, "interval": 2})
@@ -85,7 +85,7 @@ def test_resume_reproduces_the_selection():
     assert fresh.active == history[-1]
     c2.step = 6
     fresh.on_step_start(c2)
-    tech2, *_, h2 = _run({"name": "lisa", "layers": 2, "interval": 2}, 7)
+    _tech2, *_, h2 = _run({"name": "lisa", "layers": 2, "interval": 2}, 7)
     assert fresh.active == h2[6]
     trainable = {layer_index(n) for n, p in model.named_parameters() if p.requires_grad} - {None}
     assert trainable == set(fresh.active)

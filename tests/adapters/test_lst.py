@@ -5,7 +5,6 @@ from memfit.errors import ConfigError
 from memfit.memory.estimate import estimate_run
 from memfit.memory.measure import MemoryMeter
 from memfit.memory.spec import RunSpec
-from memfit.optim.adamw import AdamWTechnique
 from memfit.techniques.base import Context
 from memfit.techniques.registry import build_technique
 

@@ -1,5 +1,9 @@
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+)
 
 from memfit.models import build_llama
 

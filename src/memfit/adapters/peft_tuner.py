@@ -15,7 +15,7 @@ Adding another peft tuner = a small subclass overriding `peft_config` (see `lora
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -139,7 +139,7 @@ def _skeleton(params: tuple[ParamInfo, ...], targets: list[str]) -> nn.Module:
 
 def _original_name(peft_name: str) -> tuple[str, str]:
     """Strip peft's wrapping from a parameter name: (original name, role: base|copy|orig|new)."""
-    name = peft_name[len(PEFT_PREFIX):] if peft_name.startswith(PEFT_PREFIX) else peft_name
+    name = peft_name.removeprefix(PEFT_PREFIX)
     if ".base_layer." in name:
         return name.replace(".base_layer.", "."), "base"
     if ".original_module." in name:
@@ -247,7 +247,7 @@ class _quiet:
         self._ctx.__enter__()
         warnings.simplefilter("ignore")
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._ctx.__exit__(*exc)
 
 

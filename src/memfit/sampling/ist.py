@@ -21,8 +21,14 @@ from memfit.adapters.lora import LoRA
 from memfit.adapters.peft_tuner import LoraLikeConfig
 from memfit.errors import ConfigError
 from memfit.memory.spec import ParamInfo, RunSpec
-from memfit.sampling.layers import ActiveLayers, group_by_layer, largest_layers, layer_index, mark_trainable, \
-    seeded_generator
+from memfit.sampling.layers import (
+    ActiveLayers,
+    group_by_layer,
+    largest_layers,
+    layer_index,
+    mark_trainable,
+    seeded_generator,
+)
 from memfit.techniques.base import Context, ForwardBackward
 
 

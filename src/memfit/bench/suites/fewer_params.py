@@ -7,6 +7,7 @@ added as a row field (`peak_vs_lora_r8`).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from memfit.bench.harness import BenchOptions, train_row
@@ -31,13 +32,18 @@ METHODS: dict[str, tuple[dict[str, Any] | None, float]] = {
 }
 
 
+WORKLOADS = ("finetune-cls", "finetune-ner")
+
+
 def run(opts: BenchOptions) -> list[dict]:
     steps = 8 if opts.quick else 40
     rows: list[dict] = []
-    for wl in ("finetune-cls", "finetune-ner"):
+    workloads = [o for o in opts.only if o in WORKLOADS] or list(WORKLOADS)
+    methods = [o for o in opts.only if o not in WORKLOADS] or list(METHODS)  # --only takes both kinds
+    for wl in workloads:
         lora_peak = None
         for method, (adapter, lr) in METHODS.items():
-            if not opts.wants(method) or (adapter and adapter["name"] not in SLOTS["adapter"]):
+            if method not in methods or (adapter and adapter["name"] not in SLOTS["adapter"]):
                 continue
             recipe = workload(wl, opts.data_dir, steps=steps, warmup_steps=max(1, steps // 10), measure_steps=4,
                               eval_every=0, eval_batches=4 if opts.quick else 16)
@@ -48,7 +54,7 @@ def run(opts: BenchOptions) -> list[dict]:
                 recipe["adapter"] = adapter
             try:
                 row = train_row(recipe, method, opts, workload=wl)
-            except Exception as exc:  # one failing method should not sink the suite; say why in the table
+            except Exception as exc:  # noqa: BLE001 - one failing method should not sink the suite; say why in the table
                 row = {"workload": wl, "method": method, "error": f"{type(exc).__name__}: {str(exc)[:120]}"}
             peak = sum(v for k, v in row.items() if k.startswith("peak_") and k != "peak_total" and v) or None
             row["peak_tensor_total"] = peak
@@ -57,4 +63,7 @@ def run(opts: BenchOptions) -> list[dict]:
             if lora_peak and peak:
                 row["peak_vs_lora_r8"] = round(peak / lora_peak, 3)
             rows.append(row)
+            opts.out_dir.mkdir(parents=True, exist_ok=True)  # rows so far survive an interrupted run
+            with (opts.out_dir / "fewer-params.partial.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
     return rows
