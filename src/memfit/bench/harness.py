@@ -73,7 +73,7 @@ def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload:
             row[f"peak_{cat}"] = nbytes
         row["process_peak"] = result.memory.process_peak
     row["optimizer_state"] = result.optimizer_state_bytes
-    row["estimate_total"] = result.estimate.total
+    row["estimate_peak"] = result.estimate_peak
     n_params = result.total_params
     seq = recipe.get("data", {}).get("block_size") or recipe.get("data", {}).get("max_length", 128)
     shape = _shape(rec)
@@ -109,7 +109,7 @@ def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, (int, float)) and (key.startswith("peak_") or key in ("optimizer_state", "process_peak",
-                                                                              "estimate_total")):
+                                                                              "estimate_peak")):
         return format_bytes(value)
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -14,8 +14,18 @@ from memfit.errors import MemfitError
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Train, fine-tune and run language models inside the memory you have.")
-console = Console()
-err_console = Console(stderr=True)
+_WIDTH = None if sys.stdout.isatty() else 140  # logs and pipes: don't squeeze tables into 80 columns
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH)
+
+
+@app.callback()
+def _setup() -> None:
+    """Quiet third-party progress bars and info logs; memfit prints its own progress."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def handles_errors(fn: Callable) -> Callable:
@@ -62,17 +72,18 @@ def estimate(
     """Predict peak memory by category for a recipe without training (the model is built on the meta device)."""
     from memfit.plan import estimate_recipe
 
-    breakdown = estimate_recipe(recipe, overrides or [])
+    breakdown, peak = estimate_recipe(recipe, overrides or [])
     from memfit.memory.breakdown import CATEGORIES, format_bytes
     from rich.table import Table
 
     table = Table(title=f"estimate for {recipe}")
     table.add_column("category")
-    table.add_column("bytes", justify="right")
+    table.add_column("peak bytes", justify="right")
     for c in CATEGORIES:
         if getattr(breakdown, c):
             table.add_row(c, format_bytes(getattr(breakdown, c)))
-    table.add_row("[bold]total", format_bytes(breakdown.total))
+    table.add_row("sum of category peaks", format_bytes(breakdown.total))
+    table.add_row("[bold]predicted step peak", format_bytes(peak))
     console.print(table)
 
 
@@ -101,7 +112,8 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
     console.print({k: round(v, 4) for k, v in summary["metrics"].items()})
     if summary.get("measured"):
         measured = MemoryReport.from_dict(summary["measured"])
-        console.print(measured.table(MemoryBreakdown.from_dict(summary["estimate"])))
+        console.print(measured.table(MemoryBreakdown.from_dict(summary["estimate"]),
+                                     estimate_peak=summary.get("estimate_peak")))
     console.print(f"report: {path}")
 
 
@@ -130,7 +142,7 @@ def bench(
 
 def _print_result(result) -> None:
     if result.memory is not None:
-        console.print(result.memory.table(result.estimate))
+        console.print(result.memory.table(result.estimate, estimate_peak=result.estimate_peak or None))
     metrics = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())
     console.print(f"final: {metrics}  |  {result.tokens_per_s:.0f} tokens/s  |  "
                   f"trainable {result.trainable_params:,} / {result.total_params:,} params")
@@ -142,10 +154,6 @@ from memfit.cli import generate as _generate_cli  # noqa: E402,F401  (registers 
 
 
 def main() -> None:
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     app()
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.estimate import estimate_run
+from memfit.memory.estimate import estimate_run, step_peak
 from memfit.recipe import Recipe, load_recipe
 
 
@@ -30,8 +30,11 @@ def meta_model(recipe: Recipe) -> nn.Module:
         return getattr(transformers, TASK_AUTO_CLASS[recipe.task]).from_config(config)
 
 
-def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> MemoryBreakdown:
-    from memfit.train.build import run_spec
+def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tuple[MemoryBreakdown, int]:
+    """(per-category peaks, predicted tensor peak of a step) for a recipe."""
+    from memfit.train.build import resolve_device, run_spec
 
     recipe = load_recipe(source, list(overrides))
-    return estimate_run(run_spec(recipe, meta_model(recipe)), recipe.techniques())
+    spec = run_spec(recipe, meta_model(recipe), resolve_device(recipe.train.device))
+    breakdown = estimate_run(spec, recipe.techniques())
+    return breakdown, step_peak(spec, breakdown)

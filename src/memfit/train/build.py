@@ -85,12 +85,19 @@ def seq_len_of(recipe: Recipe) -> int:
     return getattr(recipe.data, "block_size", None) or getattr(recipe.data, "max_length", 128)
 
 
-def run_spec(recipe: Recipe, model: nn.Module) -> RunSpec:
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+def run_spec(recipe: Recipe, model: nn.Module, device: torch.device | None = None) -> RunSpec:
+    """The run's shapes, plus the facts the activation model needs that a `ModelShape` lacks (device, dropout)."""
+    config = getattr(model, "config", None)
+    attn = getattr(config, "_attn_implementation", None) or "sdpa"
+    extra = {"device": (device or torch.device("cpu")).type}
+    for key, name in (("attn_dropout", "attention_probs_dropout_prob"), ("attn_dropout", "attention_dropout"),
+                      ("hidden_dropout", "hidden_dropout_prob")):
+        if config is not None and getattr(config, name, None) is not None:
+            extra[key] = float(getattr(config, name))
     return RunSpec.from_model(
         model, batch=recipe.train.batch_size, seq=seq_len_of(recipe), task=recipe.task,
         compute_dtype="bf16" if recipe.train.precision == "bf16" else "fp32", attn_impl=attn,
-        grad_accum=recipe.train.grad_accum,
+        grad_accum=recipe.train.grad_accum, extra=extra,
     )
 
 
@@ -105,7 +112,7 @@ def build_run(recipe: Recipe) -> BuiltRun:
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     model, data = build_model_and_data(recipe)
-    spec = run_spec(recipe, model)
+    spec = run_spec(recipe, model, device)
     techniques = sorted(recipe.techniques(), key=lambda t: ESTIMATE_ORDER.index(t.slot))
     step_tech = by_slot(techniques, "step")[0]
     assert isinstance(step_tech, StepTechnique)

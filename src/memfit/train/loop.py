@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memfit.errors import CheckpointError
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.estimate import estimate_run
+from memfit.memory.estimate import estimate_run, step_peak
 from memfit.memory.measure import MemoryMeter, MemoryReport
 from memfit.optim.base import state_bytes
 from memfit.recipe import Recipe
@@ -39,6 +39,7 @@ class RunResult:
     trainable_params: int = 0
     total_params: int = 0
     optimizer_state_bytes: int = 0
+    estimate_peak: int = 0  # predicted tensor peak of a step (`step_peak`); `estimate.total` is an upper bound
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -126,7 +127,8 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
     n_train = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
     result = RunResult(metrics=final, history=history, memory=report, estimate=estimate, tokens_per_s=tokens_per_s,
                        run_dir=run_dir, trainable_params=n_train, total_params=n_total,
-                       optimizer_state_bytes=state_bytes(ctx.optimizer))
+                       optimizer_state_bytes=state_bytes(ctx.optimizer),
+                       estimate_peak=step_peak(built.spec, estimate))
     if run_dir is not None:
         if metrics_file is not None and final:
             with (run_dir / "metrics.jsonl").open("a") as f:
@@ -185,6 +187,7 @@ def write_summary(run_dir: Path, result: RunResult) -> None:
         "total_params": result.total_params,
         "optimizer_state_bytes": result.optimizer_state_bytes,
         "estimate": result.estimate.to_dict(),
+        "estimate_peak": result.estimate_peak,
         "measured": result.memory.to_dict() if result.memory else None,
     }
     (run_dir / "memory.json").write_text(json.dumps(summary, indent=2))
