@@ -251,6 +251,13 @@ class StreamedModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def register_forward_hook(self, *args: Any, **kwargs: Any):
+        """Hooks go on the wrapped model: `generate` calls its forward, not this wrapper's."""
+        return self.model.register_forward_hook(*args, **kwargs)
+
+    def register_forward_pre_hook(self, *args: Any, **kwargs: Any):
+        return self.model.register_forward_pre_hook(*args, **kwargs)
+
     @torch.no_grad()
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.generate(*args, **kwargs)

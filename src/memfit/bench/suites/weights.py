@@ -113,7 +113,7 @@ def lm_dir(opts: BenchOptions) -> Path:
         from memfit.recipe import load_recipe
         from memfit.train import train
 
-        train(load_recipe(pretrain_recipe(Path(opts.data_dir), 200)), OWN_CACHE)
+        train(load_recipe(pretrain_recipe(Path(opts.data_dir), 60)), OWN_CACHE)
     return OWN_CACHE / "model"
 
 
