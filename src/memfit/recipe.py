@@ -98,6 +98,8 @@ class Recipe(_Strict):
                 built += [build_technique(slot, v) for v in value]
             else:
                 built.append(build_technique(slot, value))
+        if any(getattr(t, "owns_optimizer", False) for t in built) and self.optimizer == "adamw":
+            built = [t for t in built if t.slot != "optimizer"]  # the step brings its own update rule
         return built
 
 
