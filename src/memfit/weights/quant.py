@@ -182,12 +182,13 @@ def group_scale(fmt: str, t: dict[str, torch.Tensor]) -> torch.Tensor:
 def dequantize_tensor(fmt: str, t: dict[str, torch.Tensor], shape: tuple[int, int],
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     out, inp = shape
-    padded = _padded(inp, t, fmt, out)
+    padded = _padded(t, fmt)
     w = unit_codes(fmt, t, out, padded).mul_(group_scale(fmt, t)[..., None]).view(out, padded)
     return (w if padded == inp else w[:, :inp]).to(dtype)
 
 
-def _padded(inp: int, t: dict[str, torch.Tensor], fmt: str, out: int) -> int:
+def _padded(t: dict[str, torch.Tensor], fmt: str) -> int:
+    """The padded input width the stored codes cover."""
     q = t["qweight"]
     return q.shape[1] if fmt == "int8" else q.shape[1] * 2
 
@@ -199,7 +200,7 @@ def error_bound(fmt: str, t: dict[str, torch.Tensor], shape: tuple[int, int]) ->
     the fp16 scale is rounded up, so qmax steps still cover [min, max]: every value is within s/2 of the grid.
     NF4: |v·a − c(v)·â| ≤ a·(max code gap)/2 + |a − â|, with |a − â| ≤ s₂/2 from the int8 double quantization.
     """
-    out, inp = shape
+    _, inp = shape
     if fmt == "nf4":
         a_hat = group_scale(fmt, t)
         s2 = t["absmax_scale"].repeat_interleave(DQ_BLOCK)[: a_hat.numel()].reshape(a_hat.shape)
@@ -207,7 +208,7 @@ def error_bound(fmt: str, t: dict[str, torch.Tensor], shape: tuple[int, int]) ->
         per_group = a_max * NF4_MAX_HALF_GAP + s2 / 2
     else:
         per_group = group_scale(fmt, t) / 2
-    g = _padded(inp, t, fmt, out) // per_group.shape[1]
+    g = _padded(t, fmt) // per_group.shape[1]
     return per_group.repeat_interleave(g, dim=1)[:, :inp] * (1 + 1e-5) + 1e-7
 
 
@@ -416,10 +417,6 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int | None = None,
     for name, lin in linears:
         scale = in_scales.get(name) if in_scales else None
         set_submodule(model, name, QuantLinear.from_linear(lin, fmt, group_size, in_scale=scale))
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.memfit_quantization = {"fmt": fmt, "group_size": group_size, "skip": list(skip),
-                                      "modules": {n: bool(in_scales and n in in_scales) for n, _ in linears}}
     return model
 
 
