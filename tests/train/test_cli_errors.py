@@ -19,9 +19,11 @@ def _run(tmp_path, recipe: dict, *overrides: str):
 
 
 def _assert_clean_error(result, *fragments: str):
-    text = result.output + (result.stderr if hasattr(result, "stderr") else "")
+    text = result.output
     assert result.exit_code == 2, text
-    assert "Traceback" not in text and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in text
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert text.count("error:") == 1, text
     for fragment in fragments:
         assert fragment in text, (fragment, text)
 

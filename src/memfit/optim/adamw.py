@@ -38,4 +38,8 @@ class AdamWTechnique(OptimizerTechnique):
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         params = trainable_params(spec.model.params)
         state = sum(int(2 * p.numel * state_dtype_bytes(p)) + STEP_COUNTER_BYTES for p in params)
+        if self.config.layerwise:
+            from memfit.optim.common import layerwise_gradient_bytes
+
+            return base.with_(optimizer=state, gradients=layerwise_gradient_bytes(spec))
         return base.with_(optimizer=state)

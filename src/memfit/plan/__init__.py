@@ -38,3 +38,9 @@ def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tup
     spec = run_spec(recipe, meta_model(recipe), resolve_device(recipe.train.device))
     breakdown = estimate_run(spec, recipe.techniques())
     return breakdown, step_peak(spec, breakdown)
+
+
+from memfit.plan.planner import FIDELITY, Candidate, PlanRow, choose, parse_bytes, plan, verify  # noqa: E402
+
+__all__ = ["FIDELITY", "Candidate", "PlanRow", "choose", "estimate_recipe", "meta_model", "parse_bytes", "plan",
+           "verify"]
