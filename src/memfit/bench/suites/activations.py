@@ -1,0 +1,161 @@
+"""`memfit bench activations`: activation-memory techniques on the pretrain workload.
+
+Two parts:
+1. `sweep` rows — the pretrain recipe (tokenizer, data, loop) with a small Llama (`llama-1m`, the workload's 8k
+   vocabulary) at batch 1 and several sequence lengths, for each technique and combination: peak tensor memory by
+   category (first step measured), the estimate, and tokens/s of the unmeasured steps.
+2. `budget` rows — the longest sequence that fits a fixed budget, the tensor peak (parameters + gradients +
+   activations + temporaries; no optimizer) that plain backprop needs at 512 tokens. The estimate proposes the
+   longest length (bisection, multiples of 64); a measured forward+backward at that length decides, stepping
+   down 10 % while the measured peak exceeds the budget (measuring is slow on CPU, so the estimate steers).
+   The StreamBP / checkpointing ratio is printed next to the paper's 2.8–5.5×.
+Long sequences (4096) run only for baseline, ckpt+chunked_ce and streambp, to stay inside the 15-minute budget.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from memfit.bench.harness import BenchOptions, train_row
+from memfit.bench.workloads import workload
+
+PRESET = "llama-1m"
+VOCAB = 8192  # the pretrain workload's BPE vocabulary
+
+METHODS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "checkpointing": {"activations": [{"name": "checkpointing"}]},
+    "ckpt-mlp": {"activations": [{"name": "checkpointing", "modules": ["LlamaMLP"]}]},
+    "chunked_ce": {"activations": [{"name": "chunked_ce", "chunk_size": 512}]},
+    "ckpt+chunked_ce": {"activations": [{"name": "checkpointing"}, {"name": "chunked_ce", "chunk_size": 512}]},
+    "mesa": {"activations": [{"name": "mesa"}]},
+    "s2a+chunked_ce": {"activations": [{"name": "s2a"}, {"name": "chunked_ce", "chunk_size": 512}]},
+    "offload(cpu: no-op)": {"activations": [{"name": "offload"}]},
+    "streambp": {"activations": [{"name": "streambp", "chunk_size": 256}]},
+    "ckpt+chunked_ce+layerwise": {"activations": [{"name": "checkpointing"}, {"name": "chunked_ce", "chunk_size": 512}],
+                                  "optimizer": {"name": "adamw", "lr": 2.0e-3, "layerwise": True}},
+}
+BUDGET_METHODS = ["baseline", "checkpointing", "ckpt+chunked_ce", "s2a+chunked_ce", "streambp"]
+BUDGET_SPECS = {"streambp": {"activations": [{"name": "streambp", "chunk_size": 64}]}}
+"""On CPU, SDPA with a chunk mask keeps (chunk × sequence) fp32 scores, so long sequences want small chunks."""
+LONG_METHODS = ["baseline", "ckpt+chunked_ce", "streambp"]
+PAPER_RATIO = "2.8–5.5×"
+
+
+def _recipe(opts: BenchOptions, method: str, seq: int, steps: int) -> dict[str, Any]:
+    recipe = workload("pretrain", opts.data_dir, steps=steps, batch_size=1, measure_steps=1, eval_every=0,
+                      eval_batches=1, warmup_steps=0, log_every=steps)
+    recipe["name"] = f"activations-{method}-{seq}"
+    recipe["model"] = {"preset": PRESET}
+    recipe["data"]["block_size"] = seq
+    recipe.update(METHODS[method])
+    return recipe
+
+
+def sweep(opts: BenchOptions, seqs: list[int], steps: int) -> list[dict]:
+    rows = []
+    for seq in seqs:
+        for method in METHODS:
+            if not opts.wants(method):
+                continue
+            if method.startswith("offload") and seq != seqs[0]:
+                continue  # a no-op on CPU: one row shows it
+            if seq > 1024 and method not in LONG_METHODS:
+                continue
+            row = train_row(_recipe(opts, method, seq, steps), method, opts, workload=f"pretrain/{PRESET}")
+            row["seq"] = seq
+            rows.append(row)
+    return rows
+
+
+# --- the budget search ------------------------------------------------------------------------------------
+
+
+def _peak(method: str, seq: int) -> int:
+    """Measured tensor peak of one forward+backward (no optimizer) of `method` at `seq` tokens, batch 1."""
+    from memfit.memory.measure import MemoryMeter
+    from memfit.memory.spec import RunSpec
+    from memfit.models import build_llama
+    from memfit.techniques.base import Context
+    from memfit.techniques.registry import build_technique
+    from memfit.train.step import make_forward_backward, model_loss
+
+    model = build_llama(PRESET, VOCAB, max_position_embeddings=max(seq, 2048))
+    model.train()
+    techs = [build_technique("activations", s) for s in _spec_of(method)]
+    ctx = Context(model=model, spec=RunSpec.from_model(model, batch=1, seq=seq), techniques=techs)
+    for t in techs:
+        t.check(ctx)
+        t.apply(ctx)
+    loss_fn = model_loss
+    for t in techs:
+        loss_fn = t.wrap_loss(loss_fn, ctx)
+    fb = make_forward_backward(loss_fn, torch.device("cpu"), "fp32")
+    for t in techs:
+        fb = t.wrap_forward_backward(fb, ctx)
+    ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(seq))
+    meter = MemoryMeter(model)
+    with meter.region():
+        fb(model, {"input_ids": ids, "labels": ids}, 1.0)
+    return meter.report().peak.total
+
+
+def _spec_of(method: str) -> list[dict]:
+    return BUDGET_SPECS.get(method, METHODS[method]).get("activations", [])
+
+
+def _estimated_peak(method: str, seq: int) -> int:
+    from memfit.memory.estimate import estimate_run
+    from memfit.memory.spec import RunSpec
+    from memfit.models import build_llama
+    from memfit.techniques.registry import build_technique
+
+    model = build_llama(PRESET, VOCAB)
+    techs = [build_technique("activations", s) for s in _spec_of(method)]
+    e = estimate_run(RunSpec.from_model(model, batch=1, seq=seq), techs)
+    # temporaries are left out: the baseline's backward temporaries assume full-sequence logits gradients
+    return e.parameters + e.buffers + e.gradients + e.activations
+
+
+def longest_fitting(method: str, budget: int, cap: int, tries: int = 3) -> dict:
+    """The estimate picks the candidate (largest multiple of 64 whose estimated peak fits); the measured peak
+    decides: step down 10 % while it exceeds the budget."""
+    lo, hi = 64, cap + 64
+    while hi - lo > 64:
+        mid = (lo + hi) // 2 // 64 * 64
+        lo, hi = (mid, hi) if _estimated_peak(method, mid) <= budget else (lo, mid)
+    seq = lo
+    peak = _peak(method, seq)
+    for _ in range(tries):
+        if peak <= budget or seq <= 64:
+            break
+        seq = max(64, int(seq * 0.9) // 64 * 64)
+        peak = _peak(method, seq)
+    return {"method": method, "longest_seq": seq, "measured_peak": peak, "estimated_peak":
+            _estimated_peak(method, seq), "budget": budget, "fits": peak <= budget, "capped": seq >= cap}
+
+
+def budget_rows(opts: BenchOptions, cap: int) -> list[dict]:
+    budget = _peak("baseline", 512)
+    rows = []
+    for method in BUDGET_METHODS:
+        if opts.wants(method):
+            rows.append(longest_fitting(method, budget, cap))
+    by = {r["method"]: r["longest_seq"] for r in rows}
+    for ref in ("checkpointing", "ckpt+chunked_ce"):
+        if "streambp" in by and ref in by:
+            rows.append({"method": f"streambp / {ref}", "longest_seq_ratio": round(by["streambp"] / by[ref], 2),
+                         "paper": PAPER_RATIO})
+    return rows
+
+
+def run(opts: BenchOptions) -> list[dict]:
+    t0 = time.perf_counter()
+    seqs = [256, 1024] if opts.quick else [256, 1024, 4096]
+    rows = [{"part": "budget", **r} for r in budget_rows(opts, cap=4096 if opts.quick else 8192)]
+    rows += [{"part": "sweep", **r} for r in sweep(opts, seqs, steps=2)]
+    rows.append({"part": "meta", "seconds": round(time.perf_counter() - t0, 1), "model": PRESET, "batch": 1})
+    return rows
