@@ -57,6 +57,8 @@ class GenerateResult:
         table.add_column("estimate", justify="right")
         m = self.memory
         table.add_row("weights (parameters + buffers)", format_bytes(m.parameters + m.buffers), "")
+        if self.options.get("streamed_weights_peak"):
+            table.add_row("streamed weights resident (peak)", format_bytes(self.options["streamed_weights_peak"]), "")
         table.add_row("KV cache (max held)", format_bytes(m.kv_cache), format_bytes(self.kv_estimate))
         table.add_row("activations + temporaries", format_bytes(m.activations), "")
         table.add_row("[bold]tensor peak", format_bytes(self.report.tensor_peak), "")
@@ -168,6 +170,9 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
         raise ConfigError(f"KV policy '{probe.name}' ranks tokens by attention probabilities, which "
                           f"attn_implementation='{impl}' does not return; use --attn eager (or --attn auto)")
 
+    if stream and weights:
+        raise ConfigError("--weights and --stream together: save a quantized folder first "
+                          "(memfit.weights.save_quantized) and stream that folder without --weights")
     if isinstance(model, nn.Module):
         if stream:
             raise ConfigError("--stream needs a model folder to stream from, not a model already in memory")
@@ -185,7 +190,7 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
     prompt_tokens = input_ids.shape[1]
     budget = resolve_budget(kv_budget, prompt_tokens)
     policy = build_kv_policy(policy_spec, budget, **(kv_options or {}))
-    if weights and not stream:
+    if weights:
         _apply_weights(lm, weights, input_ids)
 
     device = next(lm.parameters()).device
@@ -232,7 +237,8 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
     return GenerateResult(text=text, prompt_tokens=prompt_tokens, new_tokens=int(new_ids.numel()), memory=memory,
                           kv_estimate=policy.kv_bytes(spec), report=report, seconds=seconds, policy=policy.name,
                           options=dict(policy.config.model_dump(), weights=weights, stream=stream, attn=impl,
-                                       prefill_chunk=prefill_chunk))
+                                       prefill_chunk=prefill_chunk,
+                                       streamed_weights_peak=getattr(lm, "peak_resident_bytes", None)))
 
 
 def _encode(prompt: str | torch.Tensor, tokenizer: Any) -> torch.Tensor:
