@@ -32,7 +32,7 @@ def grads_of(model, loss_fn, batch) -> tuple[float, dict[str, torch.Tensor]]:
 def assert_grads_close(got: dict, want: dict, atol: float = 1e-5, rtol: float = 1e-5) -> None:
     assert got.keys() == want.keys()
     for name in want:
-        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[name], want[name], atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.fixture

@@ -8,7 +8,14 @@ from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context
 from memfit.techniques.registry import build_technique
 
-from .conftest import assert_grads_close, grads_of, hf_loss, make_batch, make_model, measured_activations
+from .conftest import (
+    assert_grads_close,
+    grads_of,
+    hf_loss,
+    make_batch,
+    make_model,
+    measured_activations,
+)
 
 
 def _streambp_grads(model, batch, chunk, scale=1.0):

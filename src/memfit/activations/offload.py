@@ -21,7 +21,13 @@ from torch import nn
 from memfit.activations import _common as c
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import Batch, Context, ForwardBackward, Technique, TechniqueConfig
+from memfit.techniques.base import (
+    Batch,
+    Context,
+    ForwardBackward,
+    Technique,
+    TechniqueConfig,
+)
 
 
 class OffloadConfig(TechniqueConfig):

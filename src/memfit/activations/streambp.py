@@ -29,7 +29,13 @@ from memfit.activations import _common as c
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import Batch, Context, ForwardBackward, Technique, TechniqueConfig
+from memfit.techniques.base import (
+    Batch,
+    Context,
+    ForwardBackward,
+    Technique,
+    TechniqueConfig,
+)
 
 _INCOMPATIBLE = {
     "checkpointing": "StreamBP already recomputes every layer",
@@ -115,7 +121,7 @@ def streambp_forward_backward(model: nn.Module, batch: Batch, loss_scale: float,
     body, head = llama_parts(model)
     ids = batch["input_ids"]
     keep = batch.get("attention_mask")
-    bsz, seq = ids.shape
+    seq = ids.shape[1]
     spans = [(s, min(s + chunk_size, seq)) for s in range(0, seq, chunk_size)]
     masks = {s: _chunk_mask(s, e, keep, ids.device) for s, e in spans}
     positions = torch.arange(seq, device=ids.device)[None]
