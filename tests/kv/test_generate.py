@@ -82,3 +82,13 @@ def test_cli_generates_and_prints_the_report(model_dir, tmp_path):
     assert "KV cache" in result.output and "process peak" in result.output
     data = json.loads(out.read_text())
     assert data["new_tokens"] == 6 and data["memory"]["kv_cache"] == data["kv_estimate"]
+
+
+def test_stream_and_weights_are_wired(model_dir):
+    plain = generate(model_dir, TEXT[:80], 6, kv="streaming_llm", kv_budget=16)
+    streamed = generate(model_dir, TEXT[:80], 6, kv="streaming_llm", kv_budget=16, stream=True)
+    assert streamed.text == plain.text and streamed.memory.kv_cache == plain.memory.kv_cache
+    int8 = generate(model_dir, TEXT[:80], 6, weights="int8")
+    assert int8.memory.parameters + int8.memory.buffers < plain.memory.parameters + plain.memory.buffers
+    with pytest.raises(ConfigError, match="--stream"):
+        generate(model_dir, "hi", 2, weights="int8", stream=True)
