@@ -16,6 +16,9 @@ its context, which is what memfit's tests check.)
 Policies that rank tokens by attention (H2O, SnapKV, Keyformer, pyramid budgets) read the attention probabilities the
 model computes anyway: a forward hook on every attention module hands them to the layer, which then evicts. Only
 `eager` attention returns them; with `sdpa` / flash the policy raises a `ConfigError` saying to use eager.
+
+Limits: batches must be unpadded (a 2-D padding mask is indexed by absolute position, which no longer matches the
+kept keys after eviction); beam search and `crop` (assisted decoding) are refused, since evicted keys are gone.
 """
 
 from __future__ import annotations
