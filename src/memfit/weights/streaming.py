@@ -70,8 +70,11 @@ class SafetensorsReader:
         return self.entries[key][4]
 
     def get(self, key: str) -> torch.Tensor:
+        return self.read_into(key, torch.empty(self.nbytes(key), dtype=torch.uint8))
+
+    def read_into(self, key: str, buf: torch.Tensor) -> torch.Tensor:
+        """Fill a uint8 buffer of `nbytes(key)` with the tensor's bytes; return it viewed as the tensor."""
         fd, offset, dtype, shape, nbytes = self.entries[key]
-        buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         done = 0
         while done < nbytes:
@@ -112,6 +115,23 @@ def _release(module: nn.Module) -> None:
                 m._buffers[k] = b.to("meta")
 
 
+def return_freed_memory_to_os(threshold: int = 128 * 1024) -> bool:
+    """Fix glibc's mmap threshold so freed layers go back to the OS (Linux/glibc only; process-wide).
+
+    glibc raises the threshold to the size of any mmapped block that is freed (up to 32 MiB), after which
+    layer-sized tensors come from the heap, where interleaved lifetimes (layer i freed while i+1 is live) keep the
+    pages resident: measured on llama-20m, window 2, a process peak of 70 MiB with the default vs 42 MiB fixed
+    (37.5 MiB of weights resident). Returns False where mallopt is unavailable.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD; also disables the dynamic adjustment
+    except (OSError, AttributeError):
+        return False
+
+
 class StreamedModel(nn.Module):
     """A transformers model whose decoder layers are streamed from a safetensors checkpoint during forward."""
 
@@ -146,12 +166,16 @@ class StreamedModel(nn.Module):
     # --- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, window: int = 2, budget_bytes: int | None = None,
-                        attn_implementation: str | None = None) -> StreamedModel:
+                        attn_implementation: str | None = None, release_to_os: bool = True) -> StreamedModel:
         """Build the model on the meta device, load only the non-layer weights, stream the layers on demand.
 
         `budget_bytes`: refuse (BudgetError) when resident weights + `window` layers would exceed it.
+        `release_to_os`: see `return_freed_memory_to_os` (without it glibc may keep freed layers resident).
         """
         from transformers import AutoConfig
+
+        if release_to_os:
+            return_freed_memory_to_os()
 
         directory = Path(directory)
         if not (directory / "config.json").exists():
@@ -199,15 +223,17 @@ class StreamedModel(nn.Module):
         return self.static_bytes + sum(self.layer_bytes)
 
     # --- streaming ---------------------------------------------------------------------------------------------
-    def _read_layer(self, i: int) -> dict[str, torch.Tensor]:
+    def _read_layer(self, i: int, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         prefix = f"{self.layers_name}.{i}."
-        return {k[len(prefix):]: self.reader.get(k) for k in self.layer_keys[i]}
+        return {k[len(prefix):]: self.reader.read_into(k, buffers[k]) for k in self.layer_keys[i]}
 
     def _prefetch(self, i: int) -> None:
         if i in self._loaded or i in self._pending:
             return
         self._account(self.layer_bytes[i])
-        self._pending[i] = self._pool.submit(self._read_layer, i)
+        # allocate on the calling thread (one malloc arena for all layer buffers); the thread only does the reads
+        buffers = {k: torch.empty(self.reader.nbytes(k), dtype=torch.uint8) for k in self.layer_keys[i]}
+        self._pending[i] = self._pool.submit(self._read_layer, i, buffers)
 
     def _account(self, nbytes: int) -> None:
         self.resident_bytes += nbytes
