@@ -36,7 +36,8 @@ WORKLOADS = ("finetune-cls", "finetune-ner")
 
 
 def run(opts: BenchOptions) -> list[dict]:
-    steps = 8 if opts.quick else 40
+    # quick: a smoke run small enough for a shared 2-core machine (batch 8, 32 tokens, 6 steps)
+    steps, batch, seq = (6, 8, 32) if opts.quick else (40, None, None)
     rows: list[dict] = []
     workloads = [o for o in opts.only if o in WORKLOADS] or list(WORKLOADS)
     methods = [o for o in opts.only if o not in WORKLOADS] or list(METHODS)  # --only takes both kinds
@@ -45,8 +46,11 @@ def run(opts: BenchOptions) -> list[dict]:
         for method, (adapter, lr) in METHODS.items():
             if method not in methods or (adapter and adapter["name"] not in SLOTS["adapter"]):
                 continue
-            recipe = workload(wl, opts.data_dir, steps=steps, warmup_steps=max(1, steps // 10), measure_steps=4,
-                              eval_every=0, eval_batches=4 if opts.quick else 16)
+            train = {"batch_size": batch} if batch else {}
+            recipe = workload(wl, opts.data_dir, steps=steps, warmup_steps=max(1, steps // 10), measure_steps=3,
+                              eval_every=0, eval_batches=2 if opts.quick else 16, **train)
+            if seq:
+                recipe["data"]["max_length"] = seq
             recipe["optimizer"] = {**recipe["optimizer"], "lr": lr}
             if method.startswith("owlore") and "galore" in SLOTS["optimizer"]:
                 recipe["optimizer"] = {"name": "galore", "lr": lr, "rank": 64}
