@@ -98,3 +98,12 @@ def test_gamma_larger_than_layer_count_is_a_config_error():
         tech.check(Context(model=model, spec=RunSpec.from_model(model)))
     with pytest.raises(ConfigError):
         build_technique("adapter", {"name": "lisa", "layers": 0})
+
+
+def test_layerwise_optimizer_is_refused():
+    model = tiny_llama(layers=2)
+    lisa = build_technique("adapter", {"name": "lisa", "layers": 1})
+    layerwise = build_technique("optimizer", {"name": "adamw", "layerwise": True})
+    ctx = Context(model=model, spec=RunSpec.from_model(model), techniques=[lisa, layerwise])
+    with pytest.raises(ConfigError, match="layerwise: false"):
+        lisa.check(ctx)

@@ -143,6 +143,10 @@ class LayerSampler(Technique):
         if n > len(layers):
             raise ConfigError(f"adapter '{self.name}': layers={n} but the model has only {len(layers)} layers; "
                               f"choose layers between 1 and {len(layers)}")
+        for t in ctx.techniques:
+            if t.slot == "optimizer" and getattr(t.config, "layerwise", False):
+                raise ConfigError(f"adapter '{self.name}' frees deactivated layers' optimizer state between steps, "
+                                  f"which layer-wise updates bypass; set optimizer.layerwise: false")
 
     def _trains_outside(self, name: str) -> bool:
         return self.outside == "all" or is_cls_head(name)
