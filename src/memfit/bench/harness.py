@@ -30,6 +30,7 @@ class BenchOptions:
     data_dir: Path = SHARED_DATA
     only: list[str] = field(default_factory=list)  # method names to run (empty: all)
     peak_flops: dict[str, float] = field(default_factory=dict)  # measured once per run, per dtype
+    suite: str = ""  # set by `run_suite`; names the partial-results file
 
     def wants(self, method: str) -> bool:
         return not self.only or method in self.only
@@ -81,7 +82,20 @@ def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload:
     fpt = train_flops_per_token(n_params, shape[0], shape[1], seq, backward=backprop)
     row["mfu"] = round(mfu(result.tokens_per_s, fpt, opts.peak(rec.train.precision)), 4)
     row.update(extra)
+    record_partial(opts, row)
     return row
+
+
+def record_partial(opts: BenchOptions, row: dict) -> None:
+    """Append a finished row to `<out>/<suite>.partial.jsonl` and say so on stderr, so a long suite that is
+    stopped keeps what it measured."""
+    import sys
+
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    with (opts.out_dir / f"{opts.suite or 'bench'}.partial.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"[{opts.suite}] {row.get('workload', '')} / {row.get('method', '')} done "
+          f"({row.get('wall_s', '?')} s)", file=sys.stderr, flush=True)
 
 
 def _shape(rec) -> tuple[int, int]:
@@ -130,6 +144,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 def run_suite(name: str, opts: BenchOptions) -> tuple[list[dict], Path, Path]:
     module = suite_module(name)
+    opts.suite = name
+    (opts.out_dir / f"{name}.partial.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
     rows = module.run(opts)
     json_path, md_path = write_results(name, rows, opts, time.perf_counter() - t0)
