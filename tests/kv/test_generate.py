@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from memfit.cli import app
@@ -15,7 +14,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 40
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A saved llama-tiny with a byte-level BPE tokenizer trained on a sentence: a local HF model folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())

@@ -4,8 +4,8 @@ import torch
 from memfit.errors import ConfigError
 from memfit.kv import build_policy
 from memfit.kv.base import AccumulatedScoreLayer, ObservationWindowLayer
-from memfit.kv.pyramid import pyramid_budgets
 from memfit.kv.prefill import chunked_prefill
+from memfit.kv.pyramid import pyramid_budgets
 
 EVICTING = {
     "streaming_llm": {"sinks": 2},
@@ -76,7 +76,6 @@ def test_positions_stay_true_after_eviction(model, chunk):
 def _synthetic(layer, n, steps, h=2):
     """Feed `layer` tokens whose key channel 0 is their index, with attention we choose; return kept indices."""
     torch.manual_seed(0)
-    total = torch.zeros(1, h, n + steps)
     for t in range(n + steps):
         q = n if t == 0 else 1
         if t > 0 and t < n:

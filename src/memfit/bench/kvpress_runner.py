@@ -84,35 +84,31 @@ def main(job_path: str) -> None:
     print(json.dumps(rows))
 
 
-def _status_kib(field: str) -> int:
-    import re
-
-    text = open("/proc/self/status").read()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
-
-
 def prefill_peaks(model, length: int, ratio: float) -> list[dict]:
-    """Process high-water mark above the pre-prefill RSS, for a plain prefill and a SnapKV-compressed one."""
+    """Tensor peak of one prefill (PyTorch's MemTracker, as memfit's MemoryMeter), plain and with SnapKV."""
     import torch
+    import transformers
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
     from transformers import DynamicCache
 
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     rows = []
     for name in ("none", "snapkv"):
         cache = DynamicCache()
-        with torch.no_grad():
-            model(ids[:, :8], past_key_values=DynamicCache())  # warm up allocator and kernels
-            before = _status_kib("VmRSS")
-            open("/proc/self/clear_refs", "w").write("5")
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with torch.no_grad(), tracker:
+            # the base model only (no LM head), as kvpress's pipeline prefills the context
             if name == "none":
-                model(ids, past_key_values=cache)
+                model.model(ids, past_key_values=cache)
             else:
                 with _press("snapkv", 1.0 - ratio)(model):
-                    model(ids, past_key_values=cache)
-            peak = _status_kib("VmHWM")
+                    model.model(ids, past_key_values=cache)
+        snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+        peak = sum(v for k, v in snap.items() if isinstance(k, _MemRefType))
         rows.append({"press": f"prefill-peak:{name}", "ratio": ratio if name != "none" else 1.0,
-                     "prefill_len": length, "process_peak_above_start": (peak - before) * 1024,
-                     "kept_tokens": cache.get_seq_length()})
+                     "prefill_len": length, "tensor_peak": peak,
+                     "kept_tokens": cache.get_seq_length(), "transformers": transformers.__version__})
     return rows
 
 

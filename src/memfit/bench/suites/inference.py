@@ -12,8 +12,8 @@ Rows:
   perplexity over the same continuation tokens.
 - `kvpress`: the same `context` protocol with NVIDIA kvpress's presses, run in kvpress's own venv
   (`MEMFIT_KVPRESS_PYTHON`, default /work/kvpress-venv/bin/python) as a subprocess.
-- `prefill`: tensor peak (MemoryMeter) of a long prefill, full vs chunked with eviction; kvpress's process peak
-  with and without a press.
+- `prefill`: tensor peak (PyTorch MemTracker, under memfit's MemoryMeter) of a long prefill, full vs chunked with
+  eviction, and kvpress's prefill with and without a press (same tracker inside kvpress's venv).
 """
 
 from __future__ import annotations
@@ -181,9 +181,9 @@ def kvpress_rows(path: Path, windows, context: int, ratios, base_ppl: float, bas
     for r in json.loads(proc.stdout.strip().splitlines()[-1]):
         if r["press"].startswith("prefill-peak"):
             out.append({"section": "prefill", "method": r["press"].replace("prefill-peak:", "kvpress "),
-                        "source": f"kvpress (transformers {r.get('transformers', '?')})",
+                        "source": f"kvpress {r['transformers']}",
                         "budget_pct": round(100 * r["ratio"]), "prefill_len": r["prefill_len"],
-                        "process_peak": r["process_peak_above_start"], "kept_tokens": r["kept_tokens"]})
+                        "peak_tensors": r["tensor_peak"], "kept_tokens": r["kept_tokens"]})
             continue
         out.append({"section": "context", "method": r["press"], "source": f"kvpress {r['transformers']}",
                     "budget_pct": round(100 * r["ratio"]), "budget_tokens": round(r["kept_tokens"]),
