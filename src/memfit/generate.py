@@ -89,7 +89,7 @@ def load_causal_lm(ref: str | Path, attn: str = "sdpa") -> tuple[nn.Module, Any]
     return bundle.model.eval(), bundle.tokenizer
 
 
-def resolve_budget(budget: int | float | str | None, prompt_tokens: int) -> int | None:
+def resolve_budget(budget: float | str | None, prompt_tokens: int) -> int | None:
     """Tokens per layer and head from `256`, `"256"` or `"20%"` (of the prompt); `ConfigError` unless > 0."""
     if budget is None:
         return None

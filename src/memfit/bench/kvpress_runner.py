@@ -39,7 +39,8 @@ def main(job_path: str) -> None:
     from transformers import AutoModelForCausalLM, DynamicCache
 
     torch.set_num_threads(1)
-    job = json.loads(open(job_path).read())
+    with open(job_path) as f:
+        job = json.load(f)
     rows = []
     models = {}
     for name in job["presses"]:
@@ -63,7 +64,7 @@ def main(job_path: str) -> None:
                     kept.append(cache.get_seq_length())
                     # both sides score continuation[1:] given the (compressed) context and continuation[:-1]
                     positions = torch.arange(ctx.shape[1], ctx.shape[1] + cont.shape[1])[None]  # true positions
-                    if len(set(layer.keys.shape[-2] for layer in cache.layers)) == 1:
+                    if len({layer.keys.shape[-2] for layer in cache.layers}) == 1:
                         logits = model(cont, past_key_values=cache, position_ids=positions).logits[0, :-1]
                     else:
                         # per-layer lengths (PyramidKV): transformers builds one mask for all layers, which only
