@@ -78,6 +78,14 @@ class MemfitOptimizer(torch.optim.Optimizer):
             if state[key].dtype != dtype:
                 state[key] = state[key].to(dtype)
 
+    @staticmethod
+    def closure_loss(closure) -> Any:
+        """The usual `step(closure)` contract: re-evaluate the loss with grad enabled when a closure is given."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
 
 # --- Adam math ------------------------------------------------------------------------------------------------
 def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor, betas: tuple[float, float],

@@ -100,10 +100,7 @@ class GaLoreAdamW(MemfitOptimizer):
     # --- the step ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self.closure_loss(closure)
         for group in self.param_groups:
             for index, (p, name) in enumerate(zip(group["params"], group_names(group))):
                 if p.grad is None:
