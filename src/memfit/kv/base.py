@@ -74,12 +74,16 @@ class PolicyLayer(DynamicLayer):
         self.seen = 0
 
     # --- transformers' layer API -----------------------------------------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store new (post-rotary) keys and values; `seen` counts every token ever appended."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.seen += key_states.shape[-2]
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        self.append(key_states, value_states)
         self.on_append(key_states.shape[-2])
         keys, values = self.keys, self.values
         if not self.needs_attention:

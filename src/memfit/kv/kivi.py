@@ -57,11 +57,7 @@ class KIVILayer(PolicyLayer):
         return keys, values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.seen += key_states.shape[-2]
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.append(key_states, value_states)
         if self.kq is not None:
             past_k, past_v = self.dequantized()
             out_k, out_v = torch.cat([past_k, self.keys], dim=-2), torch.cat([past_v, self.values], dim=-2)
