@@ -7,7 +7,7 @@ from memfit.bench.workloads import workload
 
 
 def run(opts: BenchOptions) -> list[dict]:
-    steps = {"pretrain": 300, "finetune-cls": 400, "finetune-ner": 400}
+    steps = {"pretrain": 300, "finetune-cls": 300, "finetune-ner": 300}
     if opts.quick:
         steps = {k: 10 for k in steps}
     rows = []
