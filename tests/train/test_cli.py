@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -12,15 +13,17 @@ from memfit.cli import app
 from .recipes import toy_recipe
 
 
-def test_train_report_estimate(tmp_path, data_dir):
-    recipe = tmp_path / "ner.yaml"
-    recipe.write_text(yaml.safe_dump(toy_recipe("finetune-ner", data_dir)))
+@pytest.mark.parametrize("name,metric", [("pretrain", "perplexity"), ("finetune-cls", "accuracy"),
+                                         ("finetune-ner", "entity_f1")])
+def test_train_report_estimate(tmp_path, data_dir, name, metric):
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(yaml.safe_dump(toy_recipe(name, data_dir)))
     run = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", str(recipe), "train.steps=2", "-o", str(run)])
     assert result.exit_code == 0, result.output
     assert "memory by category" in result.output and "estimate" in result.output
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["final"] and "entity_f1" in lines[-1]
+    assert lines[-1]["final"] and metric in lines[-1]
 
     result = CliRunner().invoke(app, ["report", str(run)])
     assert result.exit_code == 0, result.output
