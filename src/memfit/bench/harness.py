@@ -122,7 +122,7 @@ def write_results(suite: str, rows: list[dict], opts: BenchOptions, seconds: flo
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, (int, float)) and (key.startswith("peak_") or key in ("optimizer_state", "process_peak",
+    if isinstance(value, (int, float)) and "_vs_" not in key and (key.startswith("peak_") or key in ("optimizer_state", "process_peak",
                                                                               "estimate_peak")):
         return format_bytes(value)
     if isinstance(value, float):
