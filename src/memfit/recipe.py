@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from memfit.data.config import DataConfig
 from memfit.errors import ConfigError
 from memfit.techniques.base import Technique
-from memfit.techniques.registry import MULTI_SLOTS, SLOTS, build_technique, format_validation_error
+from memfit.techniques.registry import MULTI_SLOTS, SLOTS, build_technique
 
 
 class _Strict(BaseModel):

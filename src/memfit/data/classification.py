@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import random
 import sys
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from memfit.data.io import existing_file
+from memfit.data.io import existing_file, iter_jsonl
 from memfit.errors import DataError
 
 
@@ -37,17 +36,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each row of a .tsv/.csv (header line first) or .jsonl file."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path} line {lineno} is not valid JSON ({exc.msg}); fix or remove it") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path} line {lineno} is not a JSON object; write one object per line")
-                yield lineno, record
+        yield from iter_jsonl(path)
         return
     if suffix not in (".tsv", ".csv", ".txt"):
         raise DataError(f"cannot tell the format of {path}: use a .tsv, .csv or .jsonl file")

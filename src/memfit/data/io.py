@@ -62,6 +62,25 @@ def read_documents(path: Path, text_field: str = "text", max_chars: int | None =
         return [text] if text else []
     docs: list[str] = []
     left = max_chars if max_chars else None
+    for lineno, record in iter_jsonl(path):
+        if text_field not in record:
+            raise DataError(
+                f"{path} line {lineno} has no field '{text_field}' (found: {sorted(record)}); "
+                f"set data.text_field to the field that holds the text"
+            )
+        text = str(record[text_field])
+        if left is not None:
+            text = text[:left]
+            left -= len(text)
+        if text:
+            docs.append(text)
+        if left is not None and left <= 0:
+            break
+    return docs
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a bad line is a `DataError` naming it."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -69,24 +88,10 @@ def read_documents(path: Path, text_field: str = "text", max_chars: int | None =
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path} line {lineno} is not valid JSON ({exc.msg}); fix or remove that line"
-                ) from None
-            if not isinstance(record, dict) or text_field not in record:
-                found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise DataError(
-                    f"{path} line {lineno} has no field '{text_field}' (found: {found}); "
-                    f"set data.text_field to the field that holds the text"
-                )
-            text = str(record[text_field])
-            if left is not None:
-                text = text[:left]
-                left -= len(text)
-            if text:
-                docs.append(text)
-            if left is not None and left <= 0:
-                break
-    return docs
+                raise DataError(f"{path} line {lineno} is not valid JSON ({exc.msg}); fix or remove that line") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {lineno} is not a JSON object; write one object per line")
+            yield lineno, record
 
 
 def text_chunks(text: str, size: int = 1 << 14) -> Iterator[str]:

@@ -108,7 +108,7 @@ class MemoryReport:
             if estimate is not None:
                 row += [format_bytes(est), f"{cmax / est:.2f}" if est else "-"]
             table.add_row(*row)
-        total = [f"[bold]tensor total", format_bytes(self.tensor_peak), ""]
+        total = ["[bold]tensor total", format_bytes(self.tensor_peak), ""]
         if estimate is not None:
             predicted = estimate_peak if estimate_peak is not None else estimate.total
             ratio = f"{self.tensor_peak / predicted:.2f}" if predicted else "-"
