@@ -8,6 +8,7 @@ from memfit.memory.estimate import estimate_run
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context
 from memfit.techniques.registry import build_technique
+from memfit.train.build import apply_techniques, wrap_forward_backward
 
 from .conftest import (
     assert_grads_close,
@@ -22,21 +23,8 @@ from .conftest import (
 def _build(model, *specs):
     techs = [build_technique("activations", s) for s in specs]
     ctx = Context(model=model, spec=RunSpec.from_model(model), techniques=techs)
-    for t in techs:
-        t.check(ctx)
-        t.apply(ctx)
-    loss_fn = hf_loss
-    for t in techs:
-        loss_fn = t.wrap_loss(loss_fn, ctx)
-
-    def fb(m, batch, scale):
-        loss = loss_fn(m, batch)
-        (loss * scale).backward()
-        return loss.detach()
-
-    for t in techs:
-        fb = t.wrap_forward_backward(fb, ctx)
-    return techs, fb
+    apply_techniques(ctx)
+    return techs, wrap_forward_backward(ctx, loss_fn=hf_loss)
 
 
 def test_offload_is_exact_and_passes_cpu_tensors_through():

@@ -19,6 +19,7 @@ from memfit.recipe import Recipe
 from memfit.techniques.base import (
     Context,
     ForwardBackward,
+    LossFn,
     OptimizerTechnique,
     StepTechnique,
     Technique,
@@ -118,28 +119,39 @@ def build_run(recipe: Recipe) -> BuiltRun:
     assert isinstance(step_tech, StepTechnique)
     ctx = Context(model=model, spec=spec, device=device, loss_fn=model_loss, grad_clip=recipe.train.clip_grad_norm,
                   seed=recipe.seed, techniques=techniques, data=data)
-    for t in techniques:
-        t.check(ctx)
-    for t in techniques:
-        t.apply(ctx)
+    apply_techniques(ctx)
     ctx.model.to(device)
     ctx.model.train()
     if not step_tech.owns_optimizer:
         opt_tech = by_slot(techniques, "optimizer")[0]
         assert isinstance(opt_tech, OptimizerTechnique)
         ctx.optimizer = build_optimizer(opt_tech, ctx)
-    loss_fn = model_loss
-    for t in techniques:
-        loss_fn = t.wrap_loss(loss_fn, ctx)
-    ctx.loss_fn = loss_fn
-    fb = make_forward_backward(loss_fn, device, recipe.train.precision)
-    for t in techniques:
-        fb = t.wrap_forward_backward(fb, ctx)
+    fb = wrap_forward_backward(ctx, recipe.train.precision)
     train_step = step_tech.make_train_step(ctx, fb)
     if ctx.optimizer is None:
         raise ConfigError(f"step '{step_tech.name}' built no optimizer")
     return BuiltRun(recipe=recipe, ctx=ctx, data=data, techniques=techniques, train_step=train_step, forward_backward=fb, spec=spec,
                     device=device)
+
+
+def apply_techniques(ctx: Context) -> None:
+    """Every technique in `ctx.techniques` checks, then applies itself (they may replace `ctx.model`)."""
+    for t in ctx.techniques:
+        t.check(ctx)
+    for t in ctx.techniques:
+        t.apply(ctx)
+
+
+def wrap_forward_backward(ctx: Context, precision: str = "fp32", loss_fn: LossFn = model_loss) -> ForwardBackward:
+    """The micro-batch forward+backward with every technique's loss and forward-backward wrappers applied;
+    sets `ctx.loss_fn` to the wrapped loss."""
+    for t in ctx.techniques:
+        loss_fn = t.wrap_loss(loss_fn, ctx)
+    ctx.loss_fn = loss_fn
+    fb = make_forward_backward(loss_fn, ctx.device, precision)
+    for t in ctx.techniques:
+        fb = t.wrap_forward_backward(fb, ctx)
+    return fb
 
 
 def build_optimizer(opt_tech: OptimizerTechnique, ctx: Context):

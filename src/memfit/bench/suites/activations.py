@@ -81,21 +81,14 @@ def _peak(method: str, seq: int) -> int:
     from memfit.models import build_llama
     from memfit.techniques.base import Context
     from memfit.techniques.registry import build_technique
-    from memfit.train.step import make_forward_backward, model_loss
+    from memfit.train.build import apply_techniques, wrap_forward_backward
 
     model = build_llama(PRESET, VOCAB, max_position_embeddings=max(seq, 2048))
     model.train()
     techs = [build_technique("activations", s) for s in _spec_of(method)]
     ctx = Context(model=model, spec=RunSpec.from_model(model, batch=1, seq=seq), techniques=techs)
-    for t in techs:
-        t.check(ctx)
-        t.apply(ctx)
-    loss_fn = model_loss
-    for t in techs:
-        loss_fn = t.wrap_loss(loss_fn, ctx)
-    fb = make_forward_backward(loss_fn, torch.device("cpu"), "fp32")
-    for t in techs:
-        fb = t.wrap_forward_backward(fb, ctx)
+    apply_techniques(ctx)
+    fb = wrap_forward_backward(ctx)
     ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(seq))
     meter = MemoryMeter(model)
     with meter.region():
