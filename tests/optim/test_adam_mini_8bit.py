@@ -69,3 +69,36 @@ def test_adam_mini_needs_names():
         AdamMini(model.parameters(), hidden_size=64, num_heads=4)
     with pytest.raises(ConfigError, match="heads"):
         AdamMini(split_groups(model, 0.0), hidden_size=64, num_heads=3)
+
+
+def test_adamw_8bit_chunked_step_equals_whole_tensor_step(monkeypatch):
+    """The chunked 8-bit step (many spans of whole blocks) gives bit-identical weights and codes."""
+    from memfit.optim import quant
+
+    a, b = tiny(), tiny()
+    data = batches(4)
+    train(a, AdamW8bit(a.parameters(), lr=3e-3, min_8bit_size=0, block_size=64), data)
+    monkeypatch.setattr(quant, "CHUNK_BLOCKS", 3)  # spans of 192 values: every matrix is cut many times
+    monkeypatch.setattr(quant.chunked_spans, "__defaults__", (64, 3))
+    q = AdamW8bit(b.parameters(), lr=3e-3, min_8bit_size=0, block_size=64)
+    train(b, q, data)
+    assert max_param_diff(a, b) == 0.0
+    assert len(quant.chunked_spans(b.lm_head.weight.numel(), 64)) > 10
+
+
+def test_adamw_8bit_step_temporaries_stay_chunk_sized():
+    """The step never dequantizes a whole parameter: optimizer memory peaks at the state plus a chunk's worth."""
+    from memfit.memory.measure import MemoryMeter
+    from memfit.optim import quant
+
+    layer = torch.nn.Linear(1024, 1024, bias=False)  # 4 MiB of fp32 weights, 16 chunks
+    opt = AdamW8bit(layer.parameters(), lr=1e-3, min_8bit_size=0)
+    for _ in range(2):
+        layer(torch.randn(4, 1024)).sum().backward()
+        meter = MemoryMeter(layer, opt)
+        with meter.region():
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    state = state_bytes(opt)
+    chunk = quant.DEFAULT_BLOCK * quant.CHUNK_BLOCKS * 4  # one chunk of fp32 values
+    assert meter.report().category_peaks.optimizer - state <= 8 * chunk < layer.weight.numel() * 4

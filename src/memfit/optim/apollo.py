@@ -2,7 +2,7 @@
 AdamW-level Performance").
 
 Adam moments are kept for a random projection of each 2-D gradient (a seeded Gaussian matrix with N(0, 1/r)
-entries, refreshed every T steps — no SVD). They are only used to estimate how much Adam would rescale the
+entries, refreshed every T steps — no SVD — and regenerated from its seed each step instead of stored). They are only used to estimate how much Adam would rescale the
 gradient: channel-wise (APOLLO: one factor per row or column, the ratio of norms of the projected Adam direction and
 the projected gradient) or tensor-wise (APOLLO-Mini: rank 1, one factor per matrix). The raw full-rank gradient is
 multiplied by that factor and by sqrt(alpha), then clipped by Fira's norm-growth limiter (the update norm may grow
@@ -50,6 +50,18 @@ class APOLLOAdamW(GaLoreAdamW):
 
     def _new_basis(self, grad: torch.Tensor, group: dict, side: str, seed: int) -> torch.Tensor:
         return gaussian_basis(tuple(grad.shape), group["rank"], side, seed, grad.device, grad.dtype)
+
+    def _basis(self, grad: torch.Tensor, group: dict, state: dict, side: str, seed: int,
+               step: int) -> torch.Tensor:
+        """The random projector is never stored: the state keeps its seed (a Python int) and every step redraws
+        the same matrix, trading an r-by-n Gaussian draw per step for r*n fewer state values per matrix than
+        GaLore (and than apollo-torch, which stores it)."""
+        if "projection_seed" not in state or step % group["update_proj_gap"] == 0:
+            state["projection_seed"] = seed + step
+            with self.refresh_timer:
+                return self._new_basis(grad, group, side, seed + step)
+        return gaussian_basis(tuple(grad.shape), group["rank"], side, state["projection_seed"], grad.device,
+                              grad.dtype)
 
     def _full_update(self, grad, low, direction, basis, side, state, group) -> torch.Tensor:
         beta1, beta2 = group["betas"]
@@ -106,7 +118,7 @@ class APOLLOTechnique(MemfitOptimizerTechnique):
 
     def param_state_bytes(self, p: ParamInfo, target: bool, spec: RunSpec) -> int:
         c = self.config
-        state = galore_param_state_bytes(p, target, c.rank, c.proj_type)
+        state = galore_param_state_bytes(p, target, c.rank, c.proj_type, stores_basis=False)
         if target and c.norm_growth_limit is not None:
             state += int(p.bytes_per_element)  # the 0-d norm of the last update (limiter)
         return state

@@ -137,7 +137,28 @@ def adamw_fallback_step(p: torch.Tensor, grad: torch.Tensor, group: dict, state:
                         block_size: int = quant.DEFAULT_BLOCK) -> None:
     """Full AdamW for the parameters a method leaves alone (norms, biases, embeddings, heads)."""
     state["step"] = state.get("step", 0) + 1
-    apply_update(p, moments_direction(state, grad, group, state["step"], quantized, block_size), group)
+    if quantized and p.is_contiguous():
+        _quantized_adamw_step(p, grad, group, state, block_size)
+    else:
+        apply_update(p, moments_direction(state, grad, group, state["step"], quantized, block_size), group)
+
+
+def _quantized_adamw_step(p: torch.Tensor, grad: torch.Tensor, group: dict, state: dict, block_size: int) -> None:
+    """AdamW with 8-bit moments, one range of whole blocks at a time: dequantize, update, requantize and apply per
+    chunk, so the fp32 temporaries are a chunk's and never the parameter's (Dettmers et al. do the same per
+    block inside one fused kernel). Elementwise, so the result equals the whole-tensor step."""
+    if "exp_avg_q" not in state:
+        quant.init_moment(state, "exp_avg", grad, block_size)
+        quant.init_moment(state, "exp_avg_sq", grad, block_size)
+    flat_p, flat_g = p.view(-1), grad.reshape(-1)
+    for span in quant.chunked_spans(p.numel(), block_size):
+        exp_avg = quant.load_moment(state, "exp_avg", block_size, span=span)
+        exp_avg_sq = quant.load_moment(state, "exp_avg_sq", block_size, span=span)
+        g = flat_g[span[0]:span[1]].float()
+        direction = adam_direction(exp_avg, exp_avg_sq, g, group["betas"], group["eps"], state["step"])
+        quant.store_moment(state, "exp_avg", exp_avg, block_size, span=span)
+        quant.store_moment(state, "exp_avg_sq", exp_avg_sq, block_size, span=span)
+        apply_update(flat_p[span[0]:span[1]], direction.to(p.dtype), group)
 
 
 def adamw_state_bytes(p: ParamInfo) -> int:

@@ -87,6 +87,18 @@ class GaLoreAdamW(MemfitOptimizer):
     def _new_basis(self, grad: torch.Tensor, group: dict, side: str, seed: int) -> torch.Tensor:
         return svd_basis(grad, group["rank"], side, group["svd"], seed=seed)
 
+    def _basis(self, grad: torch.Tensor, group: dict, state: dict, side: str, seed: int,
+               step: int) -> torch.Tensor:
+        """This step's projector: a new one every T steps (from step 0), kept in the state in between."""
+        if "projection" not in state or step % group["update_proj_gap"] == 0:
+            with self.refresh_timer:
+                basis = self._new_basis(grad, group, side, seed + step)
+                if group["align_signs"]:
+                    basis = align_signs(basis, state.get("projection"), side)
+                state["projection"] = basis
+            self._on_refresh(state, group)
+        return state["projection"]
+
     def _on_refresh(self, state: dict, group: dict) -> None:
         """Called after a new projector is chosen (moments are kept, as in GaLore)."""
 
@@ -117,14 +129,7 @@ class GaLoreAdamW(MemfitOptimizer):
         grad = p.grad
         step = state.get("step", 0)
         side = projection_side(tuple(p.shape), group["proj_type"])
-        if "projection" not in state or step % group["update_proj_gap"] == 0:
-            with self.refresh_timer:
-                basis = self._new_basis(grad, group, side, seed + step)
-                if group["align_signs"]:
-                    basis = align_signs(basis, state.get("projection"), side)
-                state["projection"] = basis
-            self._on_refresh(state, group)
-        basis = state["projection"]
+        basis = self._basis(grad, group, state, side, seed, step)
         low = project(grad, basis, side)
         state["step"] = step + 1
         direction = self._low_rank_direction(low, state, group, step + 1)
@@ -148,13 +153,14 @@ class GaLore8bitConfig(GaLoreConfig):
 
 
 def galore_param_state_bytes(p: ParamInfo, target: bool, rank: int, proj_type: str, quantized: bool = False,
-                             block_size: int = quant.DEFAULT_BLOCK, min_8bit_size: int = 4096) -> int:
+                             block_size: int = quant.DEFAULT_BLOCK, min_8bit_size: int = 4096,
+                             stores_basis: bool = True) -> int:
     """State bytes GaLoreAdamW keeps for one parameter (projector + moments, or AdamW moments)."""
     if target:
         side = projection_side(p.shape, proj_type)
         b = basis_shape(p.shape, rank, side)
         low = projected_shape(p.shape, rank, side)
-        return int(b[0] * b[1] * p.bytes_per_element) + moments_bytes(
+        return int(b[0] * b[1] * p.bytes_per_element * stores_basis) + moments_bytes(
             low[0] * low[1], p.bytes_per_element, quantized, block_size)
     return moments_bytes(p.numel, p.bytes_per_element, quantized and p.numel >= min_8bit_size, block_size)
 

@@ -17,6 +17,9 @@ from functools import cache
 import torch
 
 DEFAULT_BLOCK = 256
+CHUNK_BLOCKS = 256
+"""Blocks (de)quantized at once by `chunked_spans`: 65,536 values, so an 8-bit step's fp32 temporaries are a few
+hundred KiB however large the parameter is."""
 
 
 def _build_code(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,12 +103,32 @@ def _zero_index(signed: bool) -> int:
     return int((values == 0).nonzero()[0])
 
 
-def load_moment(state: dict, key: str, block_size: int = DEFAULT_BLOCK,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return dequantize(state[f"{key}_q"], state[f"{key}_absmax"], block_size, key_signed(key), dtype)
+def chunked_spans(numel: int, block_size: int = DEFAULT_BLOCK,
+                  chunk_blocks: int = CHUNK_BLOCKS) -> list[tuple[int, int]]:
+    """`(start, end)` value ranges covering `numel`, each starting on a block boundary."""
+    step = block_size * chunk_blocks
+    return [(start, min(start + step, numel)) for start in range(0, numel, step)]
 
 
-def store_moment(state: dict, key: str, value: torch.Tensor, block_size: int = DEFAULT_BLOCK) -> None:
+def _moment_parts(state: dict, key: str, block_size: int,
+                  span: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    codes, absmax = state[f"{key}_q"], state[f"{key}_absmax"]
+    if span is None:
+        return codes, absmax
+    start, end = span
+    return codes.view(-1)[start:end], absmax[start // block_size:num_blocks(end, block_size)]
+
+
+def load_moment(state: dict, key: str, block_size: int = DEFAULT_BLOCK, dtype: torch.dtype = torch.float32,
+                span: tuple[int, int] | None = None) -> torch.Tensor:
+    """Moment `key` dequantized: whole (shaped like the parameter) or the flat values `span` of `chunked_spans`."""
+    codes, absmax = _moment_parts(state, key, block_size, span)
+    return dequantize(codes, absmax, block_size, key_signed(key), dtype)
+
+
+def store_moment(state: dict, key: str, value: torch.Tensor, block_size: int = DEFAULT_BLOCK,
+                 span: tuple[int, int] | None = None) -> None:
     codes, absmax = quantize(value, block_size, key_signed(key))
-    state[f"{key}_q"].copy_(codes)
-    state[f"{key}_absmax"].copy_(absmax)
+    stored_codes, stored_absmax = _moment_parts(state, key, block_size, span)
+    stored_codes.copy_(codes)
+    stored_absmax.copy_(absmax)

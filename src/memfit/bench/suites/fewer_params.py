@@ -7,10 +7,9 @@ added as a row field (`peak_vs_lora_r8`).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from memfit.bench.harness import BenchOptions, train_row
+from memfit.bench.harness import BenchOptions, record_partial, train_row
 from memfit.bench.workloads import workload
 from memfit.techniques.registry import SLOTS
 
@@ -62,6 +61,7 @@ def run(opts: BenchOptions) -> list[dict]:
                 row = train_row(recipe, method, opts, workload=wl)
             except Exception as exc:  # noqa: BLE001 - one failing method should not sink the suite; say why in the table
                 row = {"workload": wl, "method": method, "error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+                record_partial(opts, row)
             peak = sum(v for k, v in row.items() if k.startswith("peak_") and k != "peak_total" and v) or None
             row["peak_tensor_total"] = peak
             if method == "lora-r8":
@@ -69,7 +69,4 @@ def run(opts: BenchOptions) -> list[dict]:
             if lora_peak and peak:
                 row["peak_vs_lora_r8"] = round(peak / lora_peak, 3)
             rows.append(row)
-            opts.out_dir.mkdir(parents=True, exist_ok=True)  # rows so far survive an interrupted run
-            with (opts.out_dir / "fewer-params.partial.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
     return rows
