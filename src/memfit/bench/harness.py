@@ -73,7 +73,10 @@ def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload:
         for cat, nbytes in result.memory.peak.to_dict().items():
             row[f"peak_{cat}"] = nbytes
         row["process_peak"] = result.memory.process_peak
+        row["max_gradients"] = result.memory.category_peaks.gradients  # each category's own maximum
+        row["max_optimizer"] = result.memory.category_peaks.optimizer
     row["optimizer_state"] = result.optimizer_state_bytes
+    row["estimate_optimizer"] = result.estimate.optimizer
     row["estimate_peak"] = result.estimate_peak
     n_params = result.total_params
     seq = recipe.get("data", {}).get("block_size") or recipe.get("data", {}).get("max_length", 128)
@@ -119,11 +122,14 @@ def write_results(suite: str, rows: list[dict], opts: BenchOptions, seconds: flo
     return json_path, md_path
 
 
+_BYTE_KEYS = ("optimizer_state", "process_peak", "estimate_peak", "estimate_optimizer", "max_gradients",
+              "max_optimizer")
+
+
 def _fmt(key: str, value: Any) -> str:
     if value is None:
         return "-"
-    if isinstance(value, (int, float)) and "_vs_" not in key and (key.startswith("peak_") or key in ("optimizer_state", "process_peak",
-                                                                              "estimate_peak")):
+    if isinstance(value, (int, float)) and "_vs_" not in key and (key.startswith("peak_") or key in _BYTE_KEYS):
         return format_bytes(value)
     if isinstance(value, float):
         return f"{value:.4g}"
