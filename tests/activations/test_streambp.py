@@ -71,3 +71,22 @@ def test_bad_config():
     bert_like = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="Llama"):
         techs[0].check(Context(model=bert_like, spec=RunSpec.from_model(model), techniques=techs[:1]))
+
+
+@pytest.mark.parametrize("seq, chunk, vocab", [(512, 64, 256), (384, 128, 4096)])
+def test_step_peak_estimate_matches_measured(seq, chunk, vocab):
+    """The StreamBP phase model (top layer's backward at long sequence, the chunked loss head at large vocab)
+    predicts the measured tensor peak of forward+backward within 5 %."""
+    from memfit.memory.estimate import estimate_step
+    from memfit.memory.measure import MemoryMeter
+
+    model = make_model("llama-1m", vocab_size=vocab, num_hidden_layers=2, max_position_embeddings=seq)
+    tech = build_technique("activations", {"name": "streambp", "chunk_size": chunk})
+    spec = RunSpec.from_model(model, batch=1, seq=seq)
+    ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
+    meter = MemoryMeter(model)
+    with meter.region():
+        streambp_forward_backward(model, {"input_ids": ids, "labels": ids}, 1.0, chunk)
+    measured = meter.report().peak.total
+    predicted = estimate_step(spec, [tech])[1]
+    assert abs(measured / predicted - 1) < 0.05, (measured, predicted)

@@ -82,3 +82,26 @@ def test_cuda_rules_drop_the_math_fallback():
     cuda = cpu.with_(extra={"device": "cuda"})
     # on CUDA fused SDPA keeps no (B, H, S, S) tensors and dropout masks are 1-byte
     assert activation_bytes(cuda) < activation_bytes(cpu) / 2
+
+
+def test_meter_does_not_keep_leaf_inputs_alive():
+    """MemTracker's module hooks used to hold every leaf tensor a module was called on (and its gradient)
+    until the process ended; under the meter, a detached leaf fed to a layer is freed once dropped."""
+    import gc
+    import weakref
+
+    import torch
+
+    from memfit.memory.measure import MemoryMeter
+
+    layer = torch.nn.Linear(64, 64)
+    meter = MemoryMeter(layer)
+    with meter.region():
+        x = torch.randn(256, 64).requires_grad_(True)
+        layer(x).sum().backward()
+        alive = weakref.ref(x)
+        grad_bytes = meter.current().temporaries
+        del x
+        gc.collect()
+        assert alive() is None
+        assert meter.current().temporaries < grad_bytes  # x.grad went with it

@@ -248,17 +248,17 @@ def activation_estimate(spec: RunSpec) -> int:
 def streambp_bytes(spec: RunSpec, chunk: int) -> int:
     """StreamBP: every layer's input kept (L+1 hidden states), plus the working set of one layer's backward:
     the full-sequence K/V path (norm, k/v projections and RoPE with their graph) and one chunk's layer
-    activations with its attention scores against the prefix (the loss head is also done one chunk at a time)."""
-    m, b = spec.model, _act_bytes(spec)
+    activations, or one chunk's loss head (final norm, logits and log-probabilities, alive together as the
+    chunk's loss is computed)."""
+    m = spec.model
     c = min(chunk, spec.seq)
     batch = spec.batch
     inputs = (m.n_layers + 1) * layer_input_bytes(spec)
-    kv_path = spec.tokens * (3 * m.hidden + 1 + 5 * kv_dim(spec)) * b
+    kv_path = spec.tokens * (3 * m.hidden + 1 + 5 * kv_dim(spec)) * _act_bytes(spec)
     chunk_layer = layer_bytes(spec, tokens=batch * c, seq=c)
-    scores = batch * m.n_heads * c * spec.seq * 4  # the masked chunk × prefix attention (one fp32 copy)
     head = norm_bytes(spec, batch * c) + logits_bytes(spec, batch * c)
     grads = 2 * layer_input_bytes(spec)  # the gradient w.r.t. the current layer's output and input
-    return inputs + grads + max(kv_path + chunk_layer + scores, head)
+    return inputs + grads + max(kv_path + chunk_layer, head)
 
 
 # --- saved-tensor hooks shared by offload and compression ----------------------------------------

@@ -27,6 +27,7 @@ from torch import nn
 
 from memfit.activations import _common as c
 from memfit.errors import ConfigError
+from memfit.memory import estimate as est
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import (
@@ -83,6 +84,10 @@ def _chunk_forward(layer: nn.Module, x: torch.Tensor, k: torch.Tensor, v: torch.
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def _spans(seq: int, chunk: int) -> list[tuple[int, int]]:
+    return [(s, min(s + chunk, seq)) for s in range(0, seq, chunk)]
+
+
 def _chunk_mask(start: int, end: int, keep: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """Boolean (batch|1, 1, chunk, end) mask: causal, and padded keys hidden (a query that would see no key
     keeps its causal row; its output is never used by the loss)."""
@@ -122,7 +127,7 @@ def streambp_forward_backward(model: nn.Module, batch: Batch, loss_scale: float,
     ids = batch["input_ids"]
     keep = batch.get("attention_mask")
     seq = ids.shape[1]
-    spans = [(s, min(s + chunk_size, seq)) for s in range(0, seq, chunk_size)]
+    spans = _spans(seq, chunk_size)
     masks = {s: _chunk_mask(s, e, keep, ids.device) for s, e in spans}
     positions = torch.arange(seq, device=ids.device)[None]
 
@@ -212,7 +217,46 @@ class StreamBP(Technique):
         return forward_backward
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
-        return c.with_extra(spec, streambp_chunk=self.config.chunk_size)
+        spec = c.with_extra(spec, streambp_chunk=self.config.chunk_size)
+        return spec.with_(extra={**spec.extra, est.STEP_PHASES_KEY: f"{__name__}:streambp_phases"})
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         return base.with_(activations=c.activation_estimate(spec))
+
+
+def streambp_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+    """Predicted tensor total where a StreamBP step can peak (`memfit.memory.estimate.step_phases` defers here):
+
+    - `head`: every layer's input and the top output kept, the output-gradient buffer, and one chunk's final
+      norm, logits, log-probabilities and their two backward gradients;
+    - `top_layer`: the first layer backward — the other inputs, incoming and outgoing gradient, the full-sequence
+      K/V path with its graph and the K/V gradient accumulators, one chunk's layer activations, its attention
+      against the prefix and its backward transients; the LM head's and this layer's gradients exist;
+    - `embedding`: all gradients, one hidden-state gradient and the embedding's dense gradient.
+    Within 2 % of the measured peak on llama-1m shapes at 1k–3k tokens (`tests/activations`), once the meter
+    stopped keeping leaf tensors alive (`memfit.memory.measure`).
+    """
+    m, d = spec.model, est.dtypes(spec)
+    chunk = min(c.facts(spec)["streambp_chunk"], spec.seq)
+    chunk_tokens = spec.batch * chunk
+    chunk_spec = spec.with_(seq=chunk)
+    fixed = est.fixed_bytes(breakdown) + c.ids_bytes(spec) + c.rope_bytes(spec)
+    held = breakdown.gradients if spec.grad_accum > 1 else 0
+    g_head, g_layer = est.gradient_split(spec) if breakdown.gradients else (0, 0)
+    hidden = c.layer_input_bytes(spec)
+    # the logits are freed before the chunk's backward; its log-probabilities (saved) and their gradients remain
+    head = (c.norm_bytes(spec, chunk_tokens) + est.head_components(chunk_spec.with_(batch=spec.batch))["loss"]
+            + est.head_backward_temporaries(spec, chunk_tokens))
+    kv = c.kv_dim(spec)
+    kv_path = spec.tokens * (3 * m.hidden + 1 + 5 * kv) * d.compute
+    kv_grads = 2 * spec.tokens * kv * d.compute
+    mlp_tmp, attn_tmp = est.block_backward_temporaries(chunk_spec)
+    layer = kv_path + kv_grads + c.layer_bytes(spec, tokens=chunk_tokens, seq=chunk) + max(mlp_tmp, attn_tmp)
+    # the boolean causal masks of every chunk against its prefix, built once per step (one per sequence when
+    # the batch carries an attention mask)
+    fixed += spec.batch * sum((end - start) * end for start, end in _spans(spec.seq, chunk))
+    return {
+        "head": fixed + max(held, g_head) + (m.n_layers + 2) * hidden + head,
+        "top_layer": fixed + max(held, g_head + g_layer) + (m.n_layers + 2) * hidden + layer,
+        "embedding": fixed + max(held, breakdown.gradients) + hidden + est.embedding_gradient_bytes(spec),
+    }

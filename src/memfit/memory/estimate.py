@@ -216,7 +216,7 @@ def activation_bytes(spec: RunSpec) -> int:
 _LAYER_RE = re.compile(r"\.layers?\.\d+\.")
 
 
-def _gradient_split(spec: RunSpec) -> tuple[int, int]:
+def gradient_split(spec: RunSpec) -> tuple[int, int]:
     """(gradient bytes of the parts after the last block — LM head, final norm, pooler, classifier —,
     mean gradient bytes of one block)."""
     head = layers = 0
@@ -228,16 +228,17 @@ def _gradient_split(spec: RunSpec) -> tuple[int, int]:
     return head, layers // max(spec.model.n_layers, 1)
 
 
-def _head_backward_temporaries(spec: RunSpec) -> int:
-    """Gradients of the fp32 log-probabilities and of the logits, alive together as backward starts."""
+def head_backward_temporaries(spec: RunSpec, tokens: int | None = None) -> int:
+    """Gradients of the fp32 log-probabilities and of the logits, alive together as backward starts (for
+    `tokens` of a causal LM's tokens, when a technique runs the head on a slice)."""
     m = spec.model
     if spec.task == "causal_lm":
-        return 2 * spec.tokens * m.vocab * F32
+        return 2 * (spec.tokens if tokens is None else tokens) * m.vocab * F32
     n = spec.batch if spec.task == "seq_cls" else spec.tokens
     return 2 * n * max(m.num_labels, 1) * F32
 
 
-def _block_backward_temporaries(spec: RunSpec) -> tuple[int, int]:
+def block_backward_temporaries(spec: RunSpec) -> tuple[int, int]:
     """(MLP, attention) transients inside one block's backward: gradients of the hidden activations, and of
     the (B, H, S, S) scores where the probabilities are stored (eager, or SDPA's math fallback)."""
     m, d, t = spec.model, dtypes(spec), spec.tokens
@@ -257,11 +258,11 @@ def backward_temporaries(spec: RunSpec) -> int:
     """Largest set of tensors alive at once inside backward besides saved activations and gradients
     (what the meter's `temporaries` category peaks at): the loss head's two B·S·V fp32 gradients for a causal
     LM, a block's hidden / attention-score gradients, or the embedding table's gradient, whichever is larger."""
-    mlp, attn = _block_backward_temporaries(spec)
-    return max(_head_backward_temporaries(spec), mlp, attn, _embedding_gradient_bytes(spec))
+    mlp, attn = block_backward_temporaries(spec)
+    return max(head_backward_temporaries(spec), mlp, attn, embedding_gradient_bytes(spec))
 
 
-def _embedding_gradient_bytes(spec: RunSpec) -> int:
+def embedding_gradient_bytes(spec: RunSpec) -> int:
     """The embedding backward builds a dense gradient of the whole table before it lands in `.grad`."""
     tables = [p.nbytes for p in spec.model.trainable if any(k in p.name for k in _EMBEDDING_NAMES)]
     return max(tables, default=0)
@@ -278,6 +279,23 @@ def baseline(spec: RunSpec) -> MemoryBreakdown:
     )
 
 
+STEP_PHASES_KEY = "step_phases"
+"""`spec.extra` key naming ("module:function") the phase model of a technique that restructures the whole step
+(StreamBP runs forward and backward chunk by chunk, so plain backprop's phases do not apply)."""
+
+
+def _resolve(path: str):
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def fixed_bytes(breakdown: MemoryBreakdown) -> int:
+    """Bytes alive throughout a step: weights, buffers, optimizer state, KV cache, other."""
+    return breakdown.parameters + breakdown.buffers + breakdown.optimizer + breakdown.kv_cache + breakdown.other
+
+
 def step_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
     """Predicted tensor total at the moments a training step can peak, from the per-category estimates.
 
@@ -289,19 +307,22 @@ def step_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
     (weights, state and all gradients; the optimizer's own transients are in its `optimizer` estimate).
     With `grad_accum > 1` the gradients of earlier micro-batches are alive throughout.
     """
-    fixed = breakdown.parameters + breakdown.buffers + breakdown.optimizer + breakdown.kv_cache + breakdown.other
+    custom = spec.extra.get(STEP_PHASES_KEY)
+    if custom:
+        return _resolve(custom)(spec, breakdown)
+    fixed = fixed_bytes(breakdown)
     acts, grads = breakdown.activations, breakdown.gradients
     held = grads if spec.grad_accum > 1 else 0
     comp = activation_components(spec)
     m, d = spec.model, dtypes(spec)
     head_acts = comp.get("loss", 0) + comp.get("logits", 0) + comp.get("head", 0) + comp.get("final_norm", 0)
     layer = layer_components(spec)
-    g_head, g_layer = _gradient_split(spec)
+    g_head, g_layer = gradient_split(spec)
     if breakdown.gradients == 0:  # a technique removed gradients (zeroth order, frozen model)
         g_head = g_layer = 0
-    mlp_tmp, attn_tmp = _block_backward_temporaries(spec)
+    mlp_tmp, attn_tmp = block_backward_temporaries(spec)
     phases = {
-        "backward_start": fixed + held + acts + _head_backward_temporaries(spec),
+        "backward_start": fixed + held + acts + head_backward_temporaries(spec),
         "top_block_mlp": fixed + max(held, g_head) + acts - head_acts - layer["norms"] // 2 + mlp_tmp,
         "top_block_attention": (fixed + max(held, g_head + g_layer) + acts - head_acts - layer["mlp"]
                                 - layer["norms"] + attn_tmp),
@@ -321,10 +342,16 @@ def step_peak(spec: RunSpec, breakdown: MemoryBreakdown) -> int:
 
 def estimate_run(spec: RunSpec, techniques: Sequence) -> MemoryBreakdown:
     """Predicted peak by category for a run of `spec` with `techniques` applied."""
+    return estimate_step(spec, techniques)[0]
+
+
+def estimate_step(spec: RunSpec, techniques: Sequence) -> tuple[MemoryBreakdown, int]:
+    """(Predicted peak by category, predicted tensor peak of one step) for `spec` with `techniques` applied.
+    The step peak is taken on the spec as the techniques transformed it (a technique may name its own phases)."""
     ordered = sorted(techniques, key=lambda t: ESTIMATE_ORDER.index(t.slot))
     for t in ordered:
         spec = t.transform_spec(spec)
     breakdown = baseline(spec)
     for t in ordered:
         breakdown = t.estimate(spec, breakdown)
-    return breakdown
+    return breakdown, step_peak(spec, breakdown)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import register_multi_grad_hook
+from torch.distributed._tools import mod_tracker
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
 from memfit.memory import process
@@ -157,6 +159,29 @@ class _CategoryPeakTracker(MemTracker):
             super()._post_bw_hook(module, args)
 
 
+def _first_gradient_hook(tensors, fn, *, mode: str = "all"):
+    """`register_multi_grad_hook` for ModTracker that always fires on the first gradient ("any" mode).
+
+    ModTracker registers an "all"-mode hook on every module's inputs to know when the module's backward ended.
+    That mode's closure holds each input's autograd node, and the hook is stored on that node, so the pair forms
+    a cycle through C++ that the garbage collector cannot see: every leaf tensor a module was called on — and
+    its `.grad` — then outlives the step (StreamBP, which calls each layer on detached leaf chunks, appeared to
+    grow by five hidden-state tensors per layer under the meter and not without it). The meter only needs the
+    engine's backward flag for its categories, not exact module exits, so "any" mode (no node in its closure)
+    is enough."""
+    return register_multi_grad_hook(tensors, fn, mode="any")
+
+
+@contextmanager
+def _leak_free_module_hooks() -> Iterator[None]:
+    original = mod_tracker.register_multi_grad_hook
+    mod_tracker.register_multi_grad_hook = _first_gradient_hook
+    try:
+        yield
+    finally:
+        mod_tracker.register_multi_grad_hook = original
+
+
 class _NoHook:
     @staticmethod
     def remove() -> None:
@@ -198,7 +223,7 @@ class MemoryMeter:
             self._process_start = _process_now(self.device)
         process.reset_peak(self.device)
         self._tracker.reset_mod_stats()
-        with self._tracker, warnings.catch_warnings():
+        with _leak_free_module_hooks(), self._tracker, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Module is None")
             yield self
         snap = self._tracker.get_tracker_snapshot("peak")

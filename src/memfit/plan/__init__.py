@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.estimate import estimate_run, step_peak
+from memfit.memory.estimate import estimate_step
 from memfit.recipe import Recipe, load_recipe
 
 
@@ -36,8 +36,7 @@ def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tup
 
     recipe = load_recipe(source, list(overrides))
     spec = run_spec(recipe, meta_model(recipe), resolve_device(recipe.train.device))
-    breakdown = estimate_run(spec, recipe.techniques())
-    return breakdown, step_peak(spec, breakdown)
+    return estimate_step(spec, recipe.techniques())
 
 
 from memfit.plan.planner import FIDELITY, Candidate, PlanRow, choose, parse_bytes, plan, verify  # noqa: E402

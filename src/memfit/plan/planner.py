@@ -102,7 +102,7 @@ def _with_slots(recipe: dict[str, Any], slots: dict[str, Any]) -> dict[str, Any]
 
 def plan(recipe: dict[str, Any], budget: int) -> list[PlanRow]:
     """Every candidate's predicted step peak, fitting ones first in rank order."""
-    from memfit.memory.estimate import estimate_run, step_peak
+    from memfit.memory.estimate import estimate_step
     from memfit.plan import meta_model
     from memfit.recipe import load_recipe
     from memfit.train.build import resolve_device, run_spec
@@ -114,8 +114,7 @@ def plan(recipe: dict[str, Any], budget: int) -> list[PlanRow]:
         candidate_recipe = _with_slots(recipe, cand.slots)
         try:
             rec = load_recipe(candidate_recipe)
-            breakdown = estimate_run(spec, rec.techniques())
-            peak = step_peak(spec, breakdown)
+            breakdown, peak = estimate_step(spec, rec.techniques())
         except MemfitError as exc:
             rows.append(PlanRow(cand, None, None, False, str(exc).splitlines()[0], candidate_recipe))
             continue

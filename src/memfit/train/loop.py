@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from memfit.errors import CheckpointError
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.estimate import estimate_run, step_peak
+from memfit.memory.estimate import estimate_step
 from memfit.memory.measure import MemoryMeter, MemoryReport
 from memfit.optim.base import state_bytes
 from memfit.recipe import Recipe
@@ -59,7 +59,7 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
     eval_stream = (BatchStream(built.data.eval, cfg.batch_size, built.data.collate, drop_last=False)
                    if built.data.eval is not None and len(built.data.eval) else None)
     multiplier = lr_multiplier(cfg.schedule, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction)
-    estimate = estimate_run(built.spec, built.techniques)
+    estimate, estimate_peak = estimate_step(built.spec, built.techniques)
 
     start_step, history = 0, []
     if run_dir is not None:
@@ -128,7 +128,7 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
     result = RunResult(metrics=final, history=history, memory=report, estimate=estimate, tokens_per_s=tokens_per_s,
                        run_dir=run_dir, trainable_params=n_train, total_params=n_total,
                        optimizer_state_bytes=state_bytes(ctx.optimizer),
-                       estimate_peak=step_peak(built.spec, estimate))
+                       estimate_peak=estimate_peak)
     if run_dir is not None:
         if metrics_file is not None and final:
             with (run_dir / "metrics.jsonl").open("a") as f:

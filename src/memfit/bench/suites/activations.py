@@ -101,16 +101,15 @@ def _spec_of(method: str) -> list[dict]:
 
 
 def _estimated_peak(method: str, seq: int) -> int:
-    from memfit.memory.estimate import estimate_run
+    """`step_peak` of forward+backward (no optimizer) under the method's techniques."""
+    from memfit.memory.estimate import estimate_step
     from memfit.memory.spec import RunSpec
     from memfit.models import build_llama
     from memfit.techniques.registry import build_technique
 
     model = build_llama(PRESET, VOCAB)
     techs = [build_technique("activations", s) for s in _spec_of(method)]
-    e = estimate_run(RunSpec.from_model(model, batch=1, seq=seq), techs)
-    # temporaries are left out: the baseline's backward temporaries assume full-sequence logits gradients
-    return e.parameters + e.buffers + e.gradients + e.activations
+    return estimate_step(RunSpec.from_model(model, batch=1, seq=seq), techs)[1]
 
 
 def longest_fitting(method: str, budget: int, cap: int, tries: int = 3) -> dict:
