@@ -26,7 +26,7 @@ METHODS: dict[str, tuple[dict[str, Any] | None, float]] = {
     "lisa-2-lmflow": ({"name": "lisa", "layers": 2, "interval": 2, "free_state": False}, 1e-4),
     "owlore-2": ({"name": "owlore", "layers": 2, "interval": 2}, 1e-4),
     "ist-r8": ({"name": "ist", "r": 8, "alpha": 16, "layers": 3, "interval": 5, "update_every": 5}, 1e-3),
-    "badam": ({"name": "badam", "interval": 2}, 1e-4),
+    "badam": ({"name": "badam", "interval": 25}, 1e-4),  # one descending sweep over MiniLM's 6 blocks in 150 steps
     "lst": ({"name": "lst", "reduction": 8}, 1e-3),
 }
 
@@ -54,7 +54,7 @@ def run(opts: BenchOptions) -> list[dict]:
                 recipe["data"]["max_length"] = seq
             recipe["optimizer"] = {**recipe["optimizer"], "lr": lr}
             if method.startswith("owlore") and "galore" in SLOTS["optimizer"]:
-                recipe["optimizer"] = {"name": "galore", "lr": lr, "rank": 64}
+                recipe["optimizer"] = {"name": "galore", "lr": lr, "rank": 64, "scale": 1.0}
             if adapter:
                 recipe["adapter"] = adapter
             try:
