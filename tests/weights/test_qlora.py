@@ -47,8 +47,9 @@ def test_forward_matches_dequantized_model_and_dense_within_nf4_error():
     assert (out_q - out_dense).abs().max() < 0.2 * out_dense.abs().max()
 
 
-def test_only_adapters_train_and_bytes_match_estimate():
-    model, tech, spec = _qlora(build_llama("llama-tiny", 256, seed=0, intermediate_size=192))
+@pytest.mark.parametrize("fmt", ["nf4", "int8", "int4"])
+def test_only_adapters_train_and_bytes_match_estimate(fmt):
+    model, tech, spec = _qlora(build_llama("llama-tiny", 256, seed=0, intermediate_size=192), format=fmt)
     est = estimate_run(spec, [tech])
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
@@ -67,8 +68,11 @@ def test_only_adapters_train_and_bytes_match_estimate():
     assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
     assert report.peak.parameters == est.parameters
     assert report.category_peaks.gradients == est.gradients
-    # weight bytes ≈ 0.52 per quantized parameter (all dims are multiples of the block size here)
     quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert {m.fmt for m in quant} == {fmt}
+    if fmt != "nf4":
+        return
+    # weight bytes ≈ 0.52 per quantized parameter (all dims are multiples of the block size here)
     n_params = sum(m.in_features * m.out_features for m in quant)
     per_param = sum(m.quantized_bytes() for m in quant) / n_params
     assert 0.51 < per_param < 0.53
@@ -87,6 +91,10 @@ def test_qlora_errors():
     apply_weights(quantized, "int8")
     with pytest.raises(ConfigError, match="remove the 'weights'"):
         _qlora(quantized)
+    for name in ("lora", "dora"):  # LoRA over a `weights:` base points to qlora's formats
+        with pytest.raises(ConfigError, match="qlora"):
+            build_technique("adapter", {"name": name}).check(Context(model=quantized, spec=RunSpec.from_model(
+                quantized)))
     model, _, _ = _qlora(build_llama("llama-tiny", 256))
     lora_layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with pytest.raises(NotImplementedError):

@@ -279,3 +279,12 @@ class LoraLike(PeftTuner):
     def extra_activation_bytes(self, spec: RunSpec, targets: list[str]) -> int:
         # per wrapped linear, backward of lora_B needs lora_A's output: tokens x r, in the adapter dtype (fp32)
         return spec.tokens * self.config.r * 4 * len(targets)
+
+    def check(self, ctx: Context) -> None:
+        from memfit.weights.quant import quantized_modules
+
+        if quantized_modules(ctx.model) and self.name in ("lora", "dora"):
+            raise ConfigError(f"adapter '{self.name}' cannot wrap the quantized layers of the 'weights' technique; "
+                              "for LoRA over a quantized base remove 'weights' and use adapter: {name: qlora} "
+                              "(format: nf4 | int4 | int8)")
+        super().check(ctx)

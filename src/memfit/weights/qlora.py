@@ -7,10 +7,13 @@ does with LoRA (rank, alpha, dropout, rsLoRA, saving adapters) applies unchanged
 function saves only the packed base weight for backward. Paged optimizers (the paper's third piece) are a CUDA
 unified-memory feature and are not reproduced.
 
-Recipe: `adapter: {name: qlora, r: 16, alpha: 32, target: all-linear, group_size: 64}`.
+Recipe: `adapter: {name: qlora, r: 16, alpha: 32, target: all-linear, group_size: 64}`; `format: int8 | int4`
+puts the same LoRA over memfit's other weight formats (the paper's NF4 is the default).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import Field
 
@@ -22,7 +25,8 @@ from memfit.weights.quant import QuantLinear, quantize_model
 
 
 class QLoRAConfig(LoraLikeConfig):
-    group_size: int = Field(64, gt=0, description="NF4 block size (QLoRA: 64)")
+    format: Literal["nf4", "int4", "int8"] = Field("nf4", description="base weight format (QLoRA: nf4)")
+    group_size: int | None = Field(None, gt=0, description="block size (default: 64; int8 is per channel)")
 
 
 def _lora_layer_for_quant():
@@ -40,7 +44,10 @@ def _lora_layer_for_quant():
 class QLoRA(LoraLike):
     name = "qlora"
     Config = QLoRAConfig
-    fmt = "nf4"
+
+    @property
+    def fmt(self) -> str:
+        return self.config.format
 
     def peft_config(self, target_modules, task_type, save):
         config = super().peft_config(target_modules, task_type, save)
