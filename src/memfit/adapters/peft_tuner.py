@@ -283,7 +283,8 @@ class LoraLike(PeftTuner):
     def check(self, ctx: Context) -> None:
         from memfit.weights.quant import quantized_modules
 
-        if quantized_modules(ctx.model) and self.name in ("lora", "dora"):
+        weights = quantized_modules(ctx.model) or any(t.slot == "weights" for t in ctx.techniques or [])
+        if weights and self.name in ("lora", "dora"):
             raise ConfigError(f"adapter '{self.name}' cannot wrap the quantized layers of the 'weights' technique; "
                               "for LoRA over a quantized base remove 'weights' and use adapter: {name: qlora} "
                               "(format: nf4 | int4 | int8)")

@@ -58,7 +58,7 @@ class QLoRA(LoraLike):
         from memfit.errors import ConfigError
         from memfit.weights.quant import quantized_modules
 
-        if quantized_modules(ctx.model):
+        if quantized_modules(ctx.model) or any(t.slot == "weights" for t in ctx.techniques or []):
             raise ConfigError("qlora quantizes its base to NF4 itself; remove the 'weights' technique from the recipe")
         super().check(ctx)
 
