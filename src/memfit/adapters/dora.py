@@ -15,8 +15,9 @@ class DoRA(LoRA):
     use_dora = True
 
     def extra_activation_bytes(self, spec: RunSpec, targets: list[str]) -> int:
-        # on top of LoRA, peft's DoRA forward keeps the adapted weight's column norm graph (out-features, fp32)
-        # and the base output x·W for the magnitude rescale (tokens x out-features)
+        # on top of LoRA, peft's DoRA forward saves two (tokens x out-features) tensors per wrapped layer for the
+        # magnitude rescale `(m/|W'| - 1)·xW + m/|W'|·lora(x)`: the base output x·W and the LoRA branch's output
+        # (measured on MiniLM-L6, batch 16 x 64 tokens: 1.00x the LoRA estimate plus these two)
         lora = super().extra_activation_bytes(spec, targets)
         weights = {p.name: p for p in spec.model.params}
         out_features = 0
@@ -25,4 +26,4 @@ class DoRA(LoRA):
                 if key in weights:
                     out_features += weights[key].shape[0]
                     break
-        return lora + spec.tokens * out_features * 4
+        return lora + 2 * spec.tokens * out_features * 4
