@@ -45,6 +45,14 @@ def test_plan_orders_by_fidelity_then_memory(data_dir):
         choose(plan(recipe, budget=1000), 1000)
 
 
+def test_adapter_plans_scale_the_users_learning_rate(data_dir):
+    recipe = _toy(data_dir)
+    user_lr = recipe["optimizer"]["lr"]
+    rows = {r.candidate.label: r for r in plan(recipe, budget=2**40)}
+    assert rows["LoRA r=16"].recipe["optimizer"]["lr"] == pytest.approx(10 * user_lr)
+    assert rows["GaLore r=16"].recipe["optimizer"]["lr"] == user_lr
+
+
 def test_chosen_plan_measures_within_prediction(data_dir):
     recipe = _toy(data_dir)
     rows = plan(recipe, budget=2**40)
