@@ -5,6 +5,7 @@ sizes, re-sliced per chunk and per layer for each technique's schedule of what i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 from memfit.errors import ConfigError
 from memfit.memory import estimate as est
+from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
 
 IGNORE_INDEX = -100
@@ -168,8 +170,11 @@ EXTRA_KEY = "activations"
 
 
 def with_extra(spec: RunSpec, **facts) -> RunSpec:
+    """Record an activation technique's facts; the step peak then follows `activation_phases` (StreamBP
+    replaces that with its own)."""
     extra = dict(spec.extra)
     extra[EXTRA_KEY] = {**extra.get(EXTRA_KEY, {}), **facts}
+    extra.setdefault(est.STEP_PHASES_KEY, f"{__name__}:activation_phases")
     return spec.with_(extra=extra)
 
 
@@ -193,26 +198,28 @@ def compressed_bytes(spec: RunSpec, nbytes: int, bits: int) -> int:
     return int(nbytes * bits / (8 * _act_bytes(spec)))
 
 
-def activation_estimate(spec: RunSpec) -> int:
-    """Peak bytes of forward-produced tensors for a causal-LM step with the recorded techniques applied.
+@dataclass(frozen=True)
+class _Layout:
+    """Where forward-produced bytes sit under the recorded techniques (all but StreamBP)."""
 
-    Forward ends holding: token ids, RoPE tables, what each layer keeps, the final norm and the loss head's
-    tensors; backward then recomputes at most one checkpointed module (or one StreamBP chunk) at a time.
-    """
+    fixed: int  # token ids, RoPE tables, autocast weight copies
+    kept: list[int]  # per layer: bytes kept after forward
+    working: list[int]  # per layer: bytes alive while its backward runs (recomputed / unpacked in full)
+    head_saved: int  # final norm and loss head, kept for backward
+    head_transient: int  # loss-head tensors alive only while forward computes the loss
+    compressing: list[int]  # per layer: extra bytes while it runs forward compressed (0: not compressed)
+
+
+def _layout(spec: RunSpec) -> _Layout:
     f = facts(spec)
     m = spec.model
-    fixed = ids_bytes(spec) + rope_bytes(spec)
-    stream = f.get("streambp_chunk")
-    if stream:
-        return fixed + streambp_bytes(spec, stream)
-    fixed += est.weight_cast_bytes(spec)
     layer = layer_bytes(spec)
     bits = f.get("saved_bits")
     ckpt = f.get("checkpoint") or {}
     chosen = set(range(0, m.n_layers, ckpt["every"])) if ckpt else set()
     inner = sum(module_saved_bytes(spec, kind, spec.tokens) for kind in ckpt.get("modules") or [])
     plain = compressed_bytes(spec, layer, bits) if bits else layer
-    kept, working = [], []  # per layer: bytes kept after forward, bytes alive while its backward runs
+    kept, working = [], []
     for i in range(m.n_layers):
         if i not in chosen:
             kept.append(plain)
@@ -224,25 +231,74 @@ def activation_estimate(spec: RunSpec) -> int:
         else:
             kept.append(layer_input_bytes(spec))
             working.append(layer)
+    head_saved, head_transient = norm_bytes(spec), 0
     if spec.task == "causal_lm":
         chunk = f.get("logits_chunk")
-        if chunk:
-            head = norm_bytes(spec) + 12 * spec.tokens + logits_bytes(spec, min(chunk, spec.tokens))
-        else:
-            head = norm_bytes(spec) + logits_bytes(spec)
-    else:
-        head = norm_bytes(spec)
+        if chunk:  # a log-sum-exp and target per token saved; one chunk's fp32 logits in flight (measured:
+            # CPU's log-sum-exp makes no second chunk-sized copy)
+            head_saved += 12 * spec.tokens
+            head_transient = min(chunk, spec.tokens) * spec.model.vocab * 4
+        else:  # log-probabilities saved; the logits alive while the loss is computed
+            loss = est.head_components(spec)["loss"]
+            head_saved += loss
+            head_transient = logits_bytes(spec) - loss
+    # while a compressed layer runs forward, its full-precision tensors, their packed copies and the quantizer's
+    # scratch (two of the largest, MLP-wide tensors) are alive together
+    scratch = layer + 2 * spec.tokens * m.intermediate * _act_bytes(spec)
+    compressing = [scratch if bits and i not in chosen else 0 for i in range(m.n_layers)]
+    fixed = ids_bytes(spec) + rope_bytes(spec) + est.weight_cast_bytes(spec)
+    return _Layout(fixed, kept, working, head_saved, head_transient, compressing)
+
+
+def activation_estimate(spec: RunSpec) -> int:
+    """Peak bytes of forward-produced tensors for a causal-LM step with the recorded techniques applied.
+
+    Forward ends holding: token ids, RoPE tables, what each layer keeps, the final norm and the loss head's
+    tensors; backward then recomputes at most one checkpointed module (or one StreamBP chunk) at a time.
+    """
+    f = facts(spec)
+    stream = f.get("streambp_chunk")
+    if stream:
+        return ids_bytes(spec) + rope_bytes(spec) + streambp_bytes(spec, stream)
+    lay = _layout(spec)
+    head = lay.head_saved + lay.head_transient
     if f.get("offload_device", False):
         # on an accelerator, saved tensors live in host memory; the device holds one layer in flight
-        return fixed + head + layer
-    peak = sum(kept) + head
-    for i in range(m.n_layers):  # backward runs from the last layer down, freeing as it goes
-        peak = max(peak, sum(kept[:i]) + working[i])
-        if bits and i not in chosen:
-            # while a compressed layer runs forward, its full-precision tensors, their packed copies and the
-            # quantizer's scratch (two of the largest, MLP-wide tensors) are alive together
-            peak = max(peak, sum(kept[:i]) + layer + plain + 2 * spec.tokens * m.intermediate * _act_bytes(spec))
-    return fixed + peak
+        return lay.fixed + head + layer_bytes(spec)
+    peak = sum(lay.kept) + head
+    for i in range(spec.model.n_layers):  # backward runs from the last layer down, freeing as it goes
+        peak = max(peak, sum(lay.kept[:i]) + lay.working[i])
+        if lay.compressing[i]:
+            peak = max(peak, sum(lay.kept[:i]) + lay.kept[i] + lay.compressing[i])
+    return lay.fixed + peak
+
+
+def activation_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+    """Step phases under checkpointing / chunked CE / compressed saved tensors (the `step_phases` hook these
+    techniques register): forward's loss head, the start of backward (everything kept + the loss head's
+    backward transients), each layer's backward from the top (layers below still kept, this one recomputed or
+    unpacked, gradients of the head and the layers above made, the block's transients), the optimizer step."""
+    m = spec.model
+    lay = _layout(spec)
+    fixed = est.fixed_bytes(breakdown) + lay.fixed
+    grads = breakdown.gradients
+    held = grads if spec.grad_accum > 1 else 0
+    g_head, g_layer = est.gradient_split(spec) if grads else (0, 0)
+    mlp_tmp, attn_tmp = est.block_backward_temporaries(spec)
+    parts = est.layer_components(spec)
+    # inside one layer's backward (as in plain backprop's phases): the MLP's transients while the layer is whole,
+    # then the attention's once the MLP's saved tensors and the norms' are freed
+    in_layer = max(mlp_tmp - parts["norms"] // 2, attn_tmp - parts["mlp"] - parts["norms"])
+    kept = sum(lay.kept)
+    phases = {
+        "forward_head": fixed + held + kept + lay.head_saved + lay.head_transient,
+        "backward_start": fixed + held + kept + lay.head_saved + est.head_backward_temporaries(spec),
+        "optimizer_step": fixed + grads,
+    }
+    for i in reversed(range(m.n_layers)):
+        done = g_head + (m.n_layers - i) * g_layer
+        phases[f"layer_{i}"] = fixed + max(held, done) + sum(lay.kept[:i]) + lay.working[i] + in_layer
+    return phases
 
 
 def streambp_bytes(spec: RunSpec, chunk: int) -> int:

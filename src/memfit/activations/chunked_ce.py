@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memfit.activations import _common as c
 from memfit.errors import ConfigError
+from memfit.memory import estimate as est
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Batch, Context, LossFn, Technique, TechniqueConfig
@@ -137,7 +138,8 @@ class ChunkedCE(Technique):
         return loss
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
-        return c.with_extra(spec, logits_chunk=self.config.chunk_size)
+        spec = c.with_extra(spec, logits_chunk=self.config.chunk_size)
+        return spec.with_(extra={**spec.extra, est.LOSS_CHUNK_KEY: self.config.chunk_size})
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         return base.with_(activations=c.activation_estimate(spec))

@@ -228,10 +228,25 @@ def gradient_split(spec: RunSpec) -> tuple[int, int]:
     return head, layers // max(spec.model.n_layers, 1)
 
 
+LOSS_CHUNK_KEY = "loss_chunk"
+"""`spec.extra` key: the causal-LM head and loss run fused, this many tokens at a time (chunked CE): forward keeps
+one fp32 log-sum-exp per token, backward recomputes one chunk's logits at a time."""
+
+
+def loss_chunk(spec: RunSpec) -> int | None:
+    chunk = spec.extra.get(LOSS_CHUNK_KEY)
+    return min(int(chunk), spec.tokens) if chunk and spec.task == "causal_lm" else None
+
+
 def head_backward_temporaries(spec: RunSpec, tokens: int | None = None) -> int:
     """Gradients of the fp32 log-probabilities and of the logits, alive together as backward starts (for
-    `tokens` of a causal LM's tokens, when a technique runs the head on a slice)."""
+    `tokens` of a causal LM's tokens, when a technique runs the head on a slice). Under a fused chunked loss:
+    one chunk's fp32 probabilities, the hidden-state gradient, and the fp32 head-weight gradient with the
+    chunk's contribution to it."""
     m = spec.model
+    chunk = loss_chunk(spec) if tokens is None else None
+    if chunk:
+        return chunk * m.vocab * F32 + spec.tokens * m.hidden * dtypes(spec).compute + 2 * m.vocab * m.hidden * F32
     if spec.task == "causal_lm":
         return 2 * (spec.tokens if tokens is None else tokens) * m.vocab * F32
     n = spec.batch if spec.task == "seq_cls" else spec.tokens
@@ -315,7 +330,10 @@ def step_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
     held = grads if spec.grad_accum > 1 else 0
     comp = activation_components(spec)
     m, d = spec.model, dtypes(spec)
-    head_acts = comp.get("loss", 0) + comp.get("logits", 0) + comp.get("head", 0) + comp.get("final_norm", 0)
+    chunk = loss_chunk(spec)
+    head_acts = comp.get("head", 0) + comp.get("final_norm", 0)
+    if not chunk:  # a fused chunked loss saves no logits or log-probabilities
+        head_acts += comp.get("loss", 0) + comp.get("logits", 0)
     layer = layer_components(spec)
     g_head, g_layer = gradient_split(spec)
     if breakdown.gradients == 0:  # a technique removed gradients (zeroth order, frozen model)
@@ -328,7 +346,9 @@ def step_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
                                 - layer["norms"] + attn_tmp),
         "optimizer_step": fixed + grads,
     }
-    if spec.task == "causal_lm":
+    if chunk:  # one chunk's fp32 logits and the exp of its log-sum-exp
+        phases["forward_head"] = fixed + held + acts + 2 * chunk * m.vocab * F32
+    elif spec.task == "causal_lm":
         logits = spec.tokens * m.vocab * (d.compute + (F32 if d.compute != F32 else 0))
         phases["forward_head"] = fixed + held + acts - comp.get("logits", 0) + logits
     return phases
