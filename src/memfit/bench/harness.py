@@ -82,7 +82,8 @@ def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload:
     seq = recipe.get("data", {}).get("block_size") or recipe.get("data", {}).get("max_length", 128)
     shape = _shape(rec)
     backprop = rec.step == "backprop" or (isinstance(rec.step, dict) and rec.step.get("name") == "backprop")
-    fpt = train_flops_per_token(n_params, shape[0], shape[1], seq, backward=backprop)
+    fpt = train_flops_per_token(n_params, shape[0], shape[1], seq, backward=backprop,
+                                trainable_fraction=result.trainable_params / max(n_params, 1))
     row["mfu"] = round(mfu(result.tokens_per_s, fpt, opts.peak(rec.train.precision)), 4)
     row.update(extra)
     record_partial(opts, row)

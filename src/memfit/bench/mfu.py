@@ -27,11 +27,14 @@ def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, secon
     return best
 
 
-def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq: int, backward: bool = True) -> float:
-    """6N (forward + backward) or 2N (forward only) plus causal attention's QKᵀ and AV (Kaplan et al. 2020)."""
+def train_flops_per_token(n_params: int, n_layers: int, hidden: int, seq: int, backward: bool = True,
+                          trainable_fraction: float = 1.0) -> float:
+    """6N (forward + backward) or 2N (forward only) plus causal attention's QKᵀ and AV (Kaplan et al. 2020).
+    Backward costs one forward for the input gradients plus one per trained weight for the weight gradients,
+    so a frozen base (adapters) does about 4N, not 6N."""
     attn = 2 * n_layers * hidden * seq  # per token, forward (QK^T + AV over ~seq/2 keys on average, x2 FLOPs)
     forward = 2 * n_params + attn
-    return 3 * forward if backward else forward
+    return (2 + trainable_fraction) * forward if backward else forward
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
