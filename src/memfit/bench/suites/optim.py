@@ -37,6 +37,9 @@ def _pretrain_methods(rank: int, gap: int) -> dict[str, dict[str, Any]]:
     galore = {"lr": 1e-2, "scale": 0.25, **lowrank}
     return {
         "adamw": {"name": "adamw", "lr": 2e-3},
+        # control: the low-rank methods' papers run at 1e-2, and their AdamW fallback (embedding, head, norms)
+        # then trains at 1e-2 too; this row separates the learning rate from the method
+        "adamw_lr1e-2": {"name": "adamw", "lr": 1e-2},
         "adamw_8bit": {"name": "adamw_8bit", "lr": 2e-3},
         "adam_mini": {"name": "adam_mini", "lr": 2e-3},
         "galore": {"name": "galore", **galore},
