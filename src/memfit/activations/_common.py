@@ -283,7 +283,6 @@ def activation_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, in
     fixed = est.fixed_bytes(breakdown) + lay.fixed
     grads = breakdown.gradients
     held = grads if spec.grad_accum > 1 else 0
-    g_head, g_layer = est.gradient_split(spec) if grads else (0, 0)
     mlp_tmp, attn_tmp = est.block_backward_temporaries(spec)
     parts = est.layer_components(spec)
     # inside one layer's backward (as in plain backprop's phases): the MLP's transients while the layer is whole,
@@ -296,7 +295,7 @@ def activation_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, in
         "optimizer_step": fixed + grads,
     }
     for i in reversed(range(m.n_layers)):
-        done = g_head + (m.n_layers - i) * g_layer
+        done = est.gradients_made(spec, breakdown, m.n_layers - i)
         phases[f"layer_{i}"] = fixed + max(held, done) + sum(lay.kept[:i]) + lay.working[i] + in_layer
     return phases
 

@@ -242,7 +242,6 @@ def streambp_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]
     chunk_spec = spec.with_(seq=chunk)
     fixed = est.fixed_bytes(breakdown) + c.ids_bytes(spec) + c.rope_bytes(spec)
     held = breakdown.gradients if spec.grad_accum > 1 else 0
-    g_head, g_layer = est.gradient_split(spec) if breakdown.gradients else (0, 0)
     hidden = c.layer_input_bytes(spec)
     # the logits are freed before the chunk's backward; its log-probabilities (saved) and their gradients remain
     head = (c.norm_bytes(spec, chunk_tokens) + est.head_components(chunk_spec.with_(batch=spec.batch))["loss"]
@@ -256,7 +255,7 @@ def streambp_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]
     # the batch carries an attention mask)
     fixed += spec.batch * sum((end - start) * end for start, end in _spans(spec.seq, chunk))
     return {
-        "head": fixed + max(held, g_head) + (m.n_layers + 2) * hidden + head,
-        "top_layer": fixed + max(held, g_head + g_layer) + (m.n_layers + 2) * hidden + layer,
+        "head": fixed + max(held, est.gradients_made(spec, breakdown, 0)) + (m.n_layers + 2) * hidden + head,
+        "top_layer": fixed + max(held, est.gradients_made(spec, breakdown, 1)) + (m.n_layers + 2) * hidden + layer,
         "embedding": fixed + max(held, breakdown.gradients) + hidden + est.embedding_gradient_bytes(spec),
     }

@@ -253,6 +253,13 @@ def head_backward_temporaries(spec: RunSpec, tokens: int | None = None) -> int:
     return 2 * n * max(m.num_labels, 1) * F32
 
 
+def gradients_made(spec: RunSpec, breakdown: MemoryBreakdown, layers_done: int) -> int:
+    """Gradient bytes alive once backward has passed the head and `layers_done` blocks, capped by the breakdown's
+    gradients (0 when a technique removed them; one parameter's under a layer-wise optimizer)."""
+    g_head, g_layer = gradient_split(spec)
+    return min(breakdown.gradients, g_head + layers_done * g_layer)
+
+
 def block_backward_temporaries(spec: RunSpec) -> tuple[int, int]:
     """(MLP, attention) transients inside one block's backward: gradients of the hidden activations, and of
     the (B, H, S, S) scores where the probabilities are stored (eager, or SDPA's math fallback)."""
@@ -335,14 +342,11 @@ def step_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
     if not chunk:  # a fused chunked loss saves no logits or log-probabilities
         head_acts += comp.get("loss", 0) + comp.get("logits", 0)
     layer = layer_components(spec)
-    g_head, g_layer = gradient_split(spec)
-    if breakdown.gradients == 0:  # a technique removed gradients (zeroth order, frozen model)
-        g_head = g_layer = 0
     mlp_tmp, attn_tmp = block_backward_temporaries(spec)
     phases = {
         "backward_start": fixed + held + acts + head_backward_temporaries(spec),
-        "top_block_mlp": fixed + max(held, g_head) + acts - head_acts - layer["norms"] // 2 + mlp_tmp,
-        "top_block_attention": (fixed + max(held, g_head + g_layer) + acts - head_acts - layer["mlp"]
+        "top_block_mlp": fixed + max(held, gradients_made(spec, breakdown, 0)) + acts - head_acts - layer["norms"] // 2 + mlp_tmp,
+        "top_block_attention": (fixed + max(held, gradients_made(spec, breakdown, 1)) + acts - head_acts - layer["mlp"]
                                 - layer["norms"] + attn_tmp),
         "optimizer_step": fixed + grads,
     }

@@ -32,7 +32,7 @@ class Candidate:
     label: str
     fidelity: int
     slots: dict[str, Any]
-    recompute: int = 0  # rough extra forward work (checkpointing, StreamBP): ranks slower plans later
+    recompute: int = 0  # rough extra forward work (1: checkpointing, 2: StreamBP's per-chunk recompute)
     lr_scale: float = 1.0  # multiplies the user's learning rate (adapters train few weights with larger steps)
 
 
@@ -70,6 +70,8 @@ def candidates(task: str, shape: ModelShape) -> list[Candidate]:
         Candidate("AdamW + checkpointing", 0, {"activations": [ckpt]}, recompute=1),
         Candidate("AdamW layer-wise + checkpointing" + (" + chunked CE" if lm else ""), 0,
                   {"optimizer": {"name": "adamw", "layerwise": True}, "activations": act_exact}, recompute=1),
+        *([Candidate("AdamW + StreamBP", 0, {"activations": [{"name": "streambp", "chunk_size": 256}]},
+                     recompute=2)] if lm else []),
         Candidate("8-bit AdamW", 1, {"optimizer": "adamw_8bit"}),
         Candidate("Adam-mini", 1, {"optimizer": "adam_mini"}),
         Candidate("8-bit AdamW layer-wise + checkpointing", 1,
