@@ -3,7 +3,8 @@
 Two parts:
 1. `sweep` rows — the pretrain recipe (tokenizer, data, loop) with a small Llama (`llama-1m`, the workload's 8k
    vocabulary) at batch 1 and several sequence lengths, for each technique and combination: peak tensor memory by
-   category (first step measured), the estimate, and tokens/s of the unmeasured steps.
+   category over the first two steps (the second has optimizer state, as the estimate assumes), the predicted
+   step peak, and tokens/s of the unmeasured third step.
 2. `budget` rows — the longest sequence that fits a fixed budget, the tensor peak (parameters + gradients +
    activations + temporaries; no optimizer) that plain backprop needs at 512 tokens. The estimate proposes the
    longest length (bisection, multiples of 64); a measured forward+backward at that length decides, stepping
@@ -46,7 +47,7 @@ PAPER_RATIO = "2.8–5.5×"
 
 
 def _recipe(opts: BenchOptions, method: str, seq: int, steps: int) -> dict[str, Any]:
-    recipe = workload("pretrain", opts.data_dir, steps=steps, batch_size=1, measure_steps=1, eval_every=0,
+    recipe = workload("pretrain", opts.data_dir, steps=steps, batch_size=1, measure_steps=2, eval_every=0,
                       eval_batches=1, warmup_steps=0, log_every=steps)
     recipe["name"] = f"activations-{method}-{seq}"
     recipe["model"] = {"preset": PRESET}
@@ -148,6 +149,6 @@ def run(opts: BenchOptions) -> list[dict]:
     t0 = time.perf_counter()
     seqs = [256, 1024] if opts.quick else [256, 1024, 4096]
     rows = [{"part": "budget", **r} for r in budget_rows(opts, cap=4096 if opts.quick else 8192)]
-    rows += [{"part": "sweep", **r} for r in sweep(opts, seqs, steps=2)]
+    rows += [{"part": "sweep", **r} for r in sweep(opts, seqs, steps=3)]
     rows.append({"part": "meta", "seconds": round(time.perf_counter() - t0, 1), "model": PRESET, "batch": 1})
     return rows
