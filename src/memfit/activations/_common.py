@@ -292,7 +292,7 @@ def activation_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, in
     phases = {
         "forward_head": fixed + held + kept + lay.head_saved + lay.head_transient,
         "backward_start": fixed + held + kept + lay.head_saved + est.head_backward_temporaries(spec),
-        "optimizer_step": fixed + grads,
+        "optimizer_step": fixed + grads + est.optimizer_step_transients(spec, breakdown),
     }
     for i in reversed(range(m.n_layers)):
         done = est.gradients_made(spec, breakdown, m.n_layers - i)

@@ -232,7 +232,8 @@ def streambp_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]
     - `top_layer`: the first layer backward — the other inputs, incoming and outgoing gradient, the full-sequence
       K/V path with its graph and the K/V gradient accumulators, one chunk's layer activations, its attention
       against the prefix and its backward transients; the LM head's and this layer's gradients exist;
-    - `embedding`: all gradients, one hidden-state gradient and the embedding's dense gradient.
+    - `embedding`: all gradients, one hidden-state gradient and the embedding's dense gradient;
+    - `optimizer_step`: weights, state, gradients and the step's per-parameter transients.
     Within 2 % of the measured peak on llama-1m shapes at 1k–3k tokens (`tests/activations`), once the meter
     stopped keeping leaf tensors alive (`memfit.memory.measure`).
     """
@@ -258,4 +259,6 @@ def streambp_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]
         "head": fixed + max(held, est.gradients_made(spec, breakdown, 0)) + (m.n_layers + 2) * hidden + head,
         "top_layer": fixed + max(held, est.gradients_made(spec, breakdown, 1)) + (m.n_layers + 2) * hidden + layer,
         "embedding": fixed + max(held, breakdown.gradients) + hidden + est.embedding_gradient_bytes(spec),
+        "optimizer_step": (est.fixed_bytes(breakdown) + breakdown.gradients
+                           + est.optimizer_step_transients(spec, breakdown)),
     }

@@ -253,6 +253,14 @@ def head_backward_temporaries(spec: RunSpec, tokens: int | None = None) -> int:
     return 2 * n * max(m.num_labels, 1) * F32
 
 
+def optimizer_step_transients(spec: RunSpec, breakdown: MemoryBreakdown) -> int:
+    """Tensors an optimizer step makes for one parameter at a time (Adam's denominator and update): two of the
+    largest trainable parameter's size, when there is optimizer state (measured for torch's AdamW on CPU)."""
+    if not breakdown.optimizer:
+        return 0
+    return 2 * max((p.nbytes for p in spec.model.trainable), default=0)
+
+
 def gradients_made(spec: RunSpec, breakdown: MemoryBreakdown, layers_done: int) -> int:
     """Gradient bytes alive once backward has passed the head and `layers_done` blocks, capped by the breakdown's
     gradients (0 when a technique removed them; one parameter's under a layer-wise optimizer)."""
@@ -348,7 +356,7 @@ def step_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
         "top_block_mlp": fixed + max(held, gradients_made(spec, breakdown, 0)) + acts - head_acts - layer["norms"] // 2 + mlp_tmp,
         "top_block_attention": (fixed + max(held, gradients_made(spec, breakdown, 1)) + acts - head_acts - layer["mlp"]
                                 - layer["norms"] + attn_tmp),
-        "optimizer_step": fixed + grads,
+        "optimizer_step": fixed + grads + optimizer_step_transients(spec, breakdown),
     }
     if chunk:  # one chunk's fp32 logits and the exp of its log-sum-exp
         phases["forward_head"] = fixed + held + acts + 2 * chunk * m.vocab * F32
