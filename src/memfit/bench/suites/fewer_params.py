@@ -54,7 +54,7 @@ def run(opts: BenchOptions) -> list[dict]:
                 recipe["data"]["max_length"] = seq
             recipe["optimizer"] = {**recipe["optimizer"], "lr": lr}
             if method.startswith("owlore") and "galore" in SLOTS["optimizer"]:
-                recipe["optimizer"] = {"name": "galore", "lr": lr, "rank": 64, "scale": 1.0}
+                recipe["optimizer"] = {"name": "galore", "lr": lr, "rank": 64, "scale": 4.0}  # GaLore fine-tuning scale
             if adapter:
                 recipe["adapter"] = adapter
             try:
