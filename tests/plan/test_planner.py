@@ -51,6 +51,17 @@ def test_adapter_plans_scale_the_users_learning_rate(data_dir):
     rows = {r.candidate.label: r for r in plan(recipe, budget=2**40)}
     assert rows["LoRA r=16"].recipe["optimizer"]["lr"] == pytest.approx(10 * user_lr)
     assert rows["GaLore r=16"].recipe["optimizer"]["lr"] == user_lr
+    assert "scale" not in rows["GaLore r=16"].recipe["optimizer"]  # pre-training from a preset: GaLore's default
+
+
+def test_fine_tune_plans_use_galores_fine_tuning_scale():
+    from memfit.memory.spec import ModelShape, ParamInfo
+    from memfit.plan.planner import GALORE_FINE_TUNE_SCALE, candidates
+
+    shape = ModelShape(params=(ParamInfo("w", (64, 64), 4.0, True),), hidden=64, n_layers=1, n_heads=1,
+                       n_kv_heads=1, head_dim=64, intermediate=128, vocab=100, family="bert")
+    galore = [c for c in candidates("seq_cls", shape, fine_tune=True) if c.label.startswith("GaLore")]
+    assert galore and all(c.slots["optimizer"]["scale"] == GALORE_FINE_TUNE_SCALE for c in galore)
 
 
 def test_chosen_plan_measures_within_prediction(data_dir):
