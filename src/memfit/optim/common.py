@@ -114,14 +114,25 @@ def moments_direction(state: dict, grad: torch.Tensor, group: dict, step: int, q
             state["exp_avg"] = torch.zeros_like(grad)
             state["exp_avg_sq"] = torch.zeros_like(grad)
         return adam_direction(state["exp_avg"], state["exp_avg_sq"], grad, group["betas"], group["eps"], step)
+    _init_quantized_moments(state, grad, block_size)
+    return _quantized_direction(state, grad, group, step, block_size)
+
+
+def _init_quantized_moments(state: dict, like: torch.Tensor, block_size: int) -> None:
     if "exp_avg_q" not in state:
-        quant.init_moment(state, "exp_avg", grad, block_size)
-        quant.init_moment(state, "exp_avg_sq", grad, block_size)
-    exp_avg = quant.load_moment(state, "exp_avg", block_size)
-    exp_avg_sq = quant.load_moment(state, "exp_avg_sq", block_size)
+        quant.init_moment(state, "exp_avg", like, block_size)
+        quant.init_moment(state, "exp_avg_sq", like, block_size)
+
+
+def _quantized_direction(state: dict, grad: torch.Tensor, group: dict, step: int, block_size: int,
+                         span: tuple[int, int] | None = None) -> torch.Tensor:
+    """Adam direction with 8-bit moments: dequantize, update, requantize — the whole moments, or the flat values
+    `span` (of `quant.chunked_spans`) for a `grad` slice of that range."""
+    exp_avg = quant.load_moment(state, "exp_avg", block_size, span=span)
+    exp_avg_sq = quant.load_moment(state, "exp_avg_sq", block_size, span=span)
     direction = adam_direction(exp_avg, exp_avg_sq, grad.float(), group["betas"], group["eps"], step)
-    quant.store_moment(state, "exp_avg", exp_avg, block_size)
-    quant.store_moment(state, "exp_avg_sq", exp_avg_sq, block_size)
+    quant.store_moment(state, "exp_avg", exp_avg, block_size, span=span)
+    quant.store_moment(state, "exp_avg_sq", exp_avg_sq, block_size, span=span)
     return direction.to(grad.dtype)
 
 
@@ -147,18 +158,11 @@ def _quantized_adamw_step(p: torch.Tensor, grad: torch.Tensor, group: dict, stat
     """AdamW with 8-bit moments, one range of whole blocks at a time: dequantize, update, requantize and apply per
     chunk, so the fp32 temporaries are a chunk's and never the parameter's (Dettmers et al. do the same per
     block inside one fused kernel). Elementwise, so the result equals the whole-tensor step."""
-    if "exp_avg_q" not in state:
-        quant.init_moment(state, "exp_avg", grad, block_size)
-        quant.init_moment(state, "exp_avg_sq", grad, block_size)
+    _init_quantized_moments(state, grad, block_size)
     flat_p, flat_g = p.view(-1), grad.reshape(-1)
-    for span in quant.chunked_spans(p.numel(), block_size):
-        exp_avg = quant.load_moment(state, "exp_avg", block_size, span=span)
-        exp_avg_sq = quant.load_moment(state, "exp_avg_sq", block_size, span=span)
-        g = flat_g[span[0]:span[1]].float()
-        direction = adam_direction(exp_avg, exp_avg_sq, g, group["betas"], group["eps"], state["step"])
-        quant.store_moment(state, "exp_avg", exp_avg, block_size, span=span)
-        quant.store_moment(state, "exp_avg_sq", exp_avg_sq, block_size, span=span)
-        apply_update(flat_p[span[0]:span[1]], direction.to(p.dtype), group)
+    for start, end in quant.chunked_spans(p.numel(), block_size):
+        direction = _quantized_direction(state, flat_g[start:end], group, state["step"], block_size, (start, end))
+        apply_update(flat_p[start:end], direction, group)
 
 
 def adamw_state_bytes(p: ParamInfo) -> int:
