@@ -3,10 +3,11 @@ AdamW-level Performance").
 
 Adam moments are kept for a random projection of each 2-D gradient (a seeded Gaussian matrix with N(0, 1/r)
 entries, refreshed every T steps — no SVD — and regenerated from its seed each step instead of stored). They are
-only used to estimate how much Adam would rescale the gradient: channel-wise (APOLLO: one factor per row or column, the ratio of norms of the projected Adam direction and
-the projected gradient) or tensor-wise (APOLLO-Mini: rank 1, one factor per matrix). The raw full-rank gradient is
-multiplied by that factor and by sqrt(alpha), then clipped by Fira's norm-growth limiter (the update norm may grow
-by at most `norm_growth_limit` per step). Conventions follow the authors' reference package `apollo-torch`.
+only used to estimate how much Adam would rescale the gradient: channel-wise (APOLLO: one factor per row or
+column, the ratio of norms of the projected Adam direction and the projected gradient) or tensor-wise
+(APOLLO-Mini: rank 1, one factor per matrix). The raw full-rank gradient is multiplied by that factor and by
+sqrt(alpha), then clipped by Fira's norm-growth limiter (the update norm may grow by at most `norm_growth_limit`
+per step). Conventions follow the authors' reference package `apollo-torch`.
 """
 
 from __future__ import annotations
