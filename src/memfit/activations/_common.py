@@ -169,12 +169,15 @@ def ids_bytes(spec: RunSpec) -> int:
 EXTRA_KEY = "activations"
 
 
-def with_extra(spec: RunSpec, **facts) -> RunSpec:
-    """Record an activation technique's facts; the step peak then follows `activation_phases` (StreamBP
-    replaces that with its own)."""
+def with_extra(spec: RunSpec, phases: str | None = None, **facts) -> RunSpec:
+    """Record an activation technique's facts; the step peak then follows `phases` ("module:function"), by
+    default the shared `activation_phases`."""
     extra = dict(spec.extra)
     extra[EXTRA_KEY] = {**extra.get(EXTRA_KEY, {}), **facts}
-    extra.setdefault(est.STEP_PHASES_KEY, f"{__name__}:activation_phases")
+    if phases:
+        extra[est.STEP_PHASES_KEY] = phases
+    else:
+        extra.setdefault(est.STEP_PHASES_KEY, f"{__name__}:activation_phases")
     return spec.with_(extra=extra)
 
 
@@ -233,11 +236,11 @@ def _layout(spec: RunSpec) -> _Layout:
             working.append(layer)
     head_saved, head_transient = norm_bytes(spec), 0
     if spec.task == "causal_lm":
-        chunk = f.get("logits_chunk")
+        chunk = est.loss_chunk(spec)
         if chunk:  # a log-sum-exp and target per token saved; one chunk's fp32 logits in flight (measured:
             # CPU's log-sum-exp makes no second chunk-sized copy)
             head_saved += 12 * spec.tokens
-            head_transient = min(chunk, spec.tokens) * spec.model.vocab * 4
+            head_transient = chunk * spec.model.vocab * 4
         else:  # log-probabilities saved; the logits alive while the loss is computed
             loss = est.head_components(spec)["loss"]
             head_saved += loss

@@ -138,7 +138,7 @@ class ChunkedCE(Technique):
         return loss
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
-        spec = c.with_extra(spec, logits_chunk=self.config.chunk_size)
+        spec = c.with_extra(spec)
         return spec.with_(extra={**spec.extra, est.LOSS_CHUNK_KEY: self.config.chunk_size})
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:

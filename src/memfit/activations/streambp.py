@@ -217,8 +217,7 @@ class StreamBP(Technique):
         return forward_backward
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
-        spec = c.with_extra(spec, streambp_chunk=self.config.chunk_size)
-        return spec.with_(extra={**spec.extra, est.STEP_PHASES_KEY: f"{__name__}:streambp_phases"})
+        return c.with_extra(spec, phases=f"{__name__}:streambp_phases", streambp_chunk=self.config.chunk_size)
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         return base.with_(activations=c.activation_estimate(spec))

@@ -334,7 +334,8 @@ def step_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
     `forward_head` (logits, their fp32 copy and the log-probabilities alive at once), `backward_start`
     (all activations + the loss head's gradients), `top_block_mlp` / `top_block_attention` (the last block's
     backward: head activations freed, head gradients made, the block's transients), `optimizer_step`
-    (weights, state and all gradients; the optimizer's own transients are in its `optimizer` estimate).
+    (weights, state, all gradients and the update's per-parameter transients). A technique that reshapes the step
+    names its own phase model in `spec.extra[STEP_PHASES_KEY]` and this defers to it.
     With `grad_accum > 1` the gradients of earlier micro-batches are alive throughout.
     """
     custom = spec.extra.get(STEP_PHASES_KEY)
@@ -345,22 +346,19 @@ def step_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
     held = grads if spec.grad_accum > 1 else 0
     comp = activation_components(spec)
     m, d = spec.model, dtypes(spec)
-    chunk = loss_chunk(spec)
-    head_acts = comp.get("head", 0) + comp.get("final_norm", 0)
-    if not chunk:  # a fused chunked loss saves no logits or log-probabilities
-        head_acts += comp.get("loss", 0) + comp.get("logits", 0)
+    head_acts = comp.get("loss", 0) + comp.get("logits", 0) + comp.get("head", 0) + comp.get("final_norm", 0)
     layer = layer_components(spec)
     mlp_tmp, attn_tmp = block_backward_temporaries(spec)
+    after_head = fixed + acts - head_acts
     phases = {
         "backward_start": fixed + held + acts + head_backward_temporaries(spec),
-        "top_block_mlp": fixed + max(held, gradients_made(spec, breakdown, 0)) + acts - head_acts - layer["norms"] // 2 + mlp_tmp,
-        "top_block_attention": (fixed + max(held, gradients_made(spec, breakdown, 1)) + acts - head_acts - layer["mlp"]
+        "top_block_mlp": (after_head + max(held, gradients_made(spec, breakdown, 0)) - layer["norms"] // 2
+                          + mlp_tmp),
+        "top_block_attention": (after_head + max(held, gradients_made(spec, breakdown, 1)) - layer["mlp"]
                                 - layer["norms"] + attn_tmp),
         "optimizer_step": fixed + grads + optimizer_step_transients(spec, breakdown),
     }
-    if chunk:  # one chunk's fp32 logits and the exp of its log-sum-exp
-        phases["forward_head"] = fixed + held + acts + 2 * chunk * m.vocab * F32
-    elif spec.task == "causal_lm":
+    if spec.task == "causal_lm":
         logits = spec.tokens * m.vocab * (d.compute + (F32 if d.compute != F32 else 0))
         phases["forward_head"] = fixed + held + acts - comp.get("logits", 0) + logits
     return phases
