@@ -281,10 +281,9 @@ class LoraLike(PeftTuner):
         return spec.tokens * self.config.r * 4 * len(targets)
 
     def check(self, ctx: Context) -> None:
-        from memfit.weights.quant import quantized_modules
+        from memfit.weights.quant import has_quantized_base
 
-        weights = quantized_modules(ctx.model) or any(t.slot == "weights" for t in ctx.techniques or [])
-        if weights and self.name in ("lora", "dora"):
+        if has_quantized_base(ctx):
             raise ConfigError(f"adapter '{self.name}' cannot wrap the quantized layers of the 'weights' technique; "
                               "for LoRA over a quantized base remove 'weights' and use adapter: {name: qlora} "
                               "(format: nf4 | int4 | int8)")

@@ -33,7 +33,7 @@ class Candidate:
     fidelity: int
     slots: dict[str, Any]
     recompute: int = 0  # rough extra forward work (1: checkpointing, 2: StreamBP's per-chunk recompute)
-    lr_scale: float = 1.0  # multiplies the user's learning rate (adapters train few weights with larger steps)
+    lr_scale: float = 1.0  # multiplies the user's learning rate
 
 
 @dataclass
@@ -56,6 +56,8 @@ def parse_bytes(text: str) -> int:
 
 
 ADAPTER_LR_SCALE = 10.0
+"""Adapters train few weights with larger steps: on SST-2 (bench fewer-params) LoRA at 1e-3 matched full
+fine-tuning at 1e-4."""
 
 
 GALORE_FINE_TUNE_SCALE = 4.0
@@ -83,12 +85,11 @@ def candidates(task: str, shape: ModelShape, fine_tune: bool = False) -> list[Ca
         Candidate("Adam-mini", 1, {"optimizer": "adam_mini"}),
         Candidate("8-bit AdamW layer-wise + checkpointing", 1,
                   {"optimizer": {"name": "adamw_8bit", "layerwise": True}, "activations": act_exact}, recompute=1),
-        Candidate(f"GaLore r={rank}", 2, {"optimizer": dict(galore)}),
+        Candidate(f"GaLore r={rank}", 2, {"optimizer": galore}),
         Candidate("APOLLO-Mini", 2, {"optimizer": "apollo_mini"}),
         Candidate(f"GaLore r={rank} layer-wise + checkpointing", 2,
                   {"optimizer": {**galore, "layerwise": True}, "activations": act_exact},
                   recompute=1),
-        # adapters at 10x the full-model LR: on SST-2 (bench fewer-params) LoRA at 1e-3 matches full FT at 1e-4
         Candidate("LoRA r=16", 3, {"adapter": {"name": "lora", "r": 16}}, lr_scale=ADAPTER_LR_SCALE),
         Candidate("LoRA r=16 + checkpointing", 3, {"adapter": {"name": "lora", "r": 16}, "activations": act_exact},
                   recompute=1, lr_scale=ADAPTER_LR_SCALE),

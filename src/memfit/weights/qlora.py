@@ -56,10 +56,11 @@ class QLoRA(LoraLike):
 
     def check(self, ctx: Context) -> None:
         from memfit.errors import ConfigError
-        from memfit.weights.quant import quantized_modules
+        from memfit.weights.quant import has_quantized_base
 
-        if quantized_modules(ctx.model) or any(t.slot == "weights" for t in ctx.techniques or []):
-            raise ConfigError("qlora quantizes its base to NF4 itself; remove the 'weights' technique from the recipe")
+        if has_quantized_base(ctx):
+            raise ConfigError(f"qlora quantizes its base itself (format: {self.fmt}); remove the 'weights' technique "
+                              "from the recipe")
         super().check(ctx)
 
     def apply(self, ctx: Context) -> None:

@@ -424,6 +424,12 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def has_quantized_base(ctx) -> bool:
+    """The run's linear layers are (or, once techniques apply, will be) memfit `QuantLinear`s: already
+    quantized, or a `weights` technique is in the recipe (checks run before any technique applies)."""
+    return bool(quantized_modules(ctx.model)) or any(t.slot == "weights" for t in ctx.techniques or [])
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer of the model (packed tensors at their real size)."""
     seen, total = set(), 0
