@@ -56,9 +56,8 @@ class QLoRA(LoraLike):
 
     def check(self, ctx: Context) -> None:
         from memfit.errors import ConfigError
-        from memfit.weights.quant import has_quantized_base
 
-        if has_quantized_base(ctx):
+        if ctx.has_quantized_base():
             raise ConfigError(f"qlora quantizes its base itself (format: {self.fmt}); remove the 'weights' technique "
                               "from the recipe")
         super().check(ctx)

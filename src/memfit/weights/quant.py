@@ -264,6 +264,8 @@ class QuantLinear(nn.Module):
     is divided by s, which is the same product with the salient channels quantized more finely.
     """
 
+    memfit_quantized_weight = True  # techniques.base.QUANTIZED_WEIGHT_MARK: adapters refuse to wrap it
+
     def __init__(self, in_features: int, out_features: int, fmt: str, group_size: int | None = None,
                  bias: bool = False, in_scale: bool = False, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -422,12 +424,6 @@ def quantize_model(model: nn.Module, fmt: str, group_size: int | None = None,
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-
-
-def has_quantized_base(ctx) -> bool:
-    """The run's linear layers are (or, once techniques apply, will be) memfit `QuantLinear`s: already
-    quantized, or a `weights` technique is in the recipe (checks run before any technique applies)."""
-    return bool(quantized_modules(ctx.model)) or any(t.slot == "weights" for t in ctx.techniques or [])
 
 
 def weight_bytes(model: nn.Module) -> int:
