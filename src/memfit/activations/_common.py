@@ -62,6 +62,12 @@ def shifted_labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def check_causal_lm(ctx, name: str) -> None:
+    """A technique that restructures the next-token loss refuses other tasks."""
+    if ctx.spec.task != "causal_lm":
+        raise ConfigError(f"{name} applies to causal_lm training, not '{ctx.spec.task}'")
+
+
 def check_chunk(chunk: int, what: str = "chunk_size") -> None:
     if chunk <= 0:
         raise ConfigError(f"{what} must be a positive number of tokens, got {chunk}")

@@ -22,7 +22,6 @@ from torch.utils.checkpoint import checkpoint
 
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
-from memfit.errors import ConfigError
 from memfit.memory import estimate as est
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Batch, Context, LossFn, TechniqueConfig
@@ -126,8 +125,7 @@ class ChunkedCE(lay.LayoutTechnique):
     Config = ChunkedCEConfig
 
     def check(self, ctx: Context) -> None:
-        if ctx.spec.task != "causal_lm":
-            raise ConfigError(f"chunked_ce applies to causal_lm training, not '{ctx.spec.task}'")
+        c.check_causal_lm(ctx, self.name)
         c.causal_lm_parts(ctx.model)
 
     def wrap_loss(self, loss_fn: LossFn, ctx: Context) -> LossFn:

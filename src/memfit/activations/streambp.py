@@ -185,14 +185,16 @@ def streambp_forward_backward(model: nn.Module, batch: Batch, loss_scale: float,
 
 
 class StreamBP(Technique):
+    """Replaces each micro-batch's forward+backward (`wrap_forward_backward`); estimates its own activations
+    and step phases, which plain backprop's would overstate (the full sequence's logits never exist)."""
+
     name = "streambp"
     slot = "activations"
     Config = StreamBPConfig
     needs_gradients = True
 
     def check(self, ctx: Context) -> None:
-        if ctx.spec.task != "causal_lm":
-            raise ConfigError(f"streambp applies to causal_lm training, not '{ctx.spec.task}'")
+        c.check_causal_lm(ctx, self.name)
         llama_parts(ctx.model)
         for t in ctx.techniques or []:
             if t is not self and t.name in _INCOMPATIBLE:
