@@ -64,7 +64,7 @@ def reference_groups(groups: list[dict], **projected) -> list[dict]:
     return out
 
 
-def parity_with_shared_projection(ours: type, make_ours, make_reference, projector: type, steps: int = 6) -> float:
+def shared_projection_parity(ours: type, make_ours, make_reference, projector: type, steps: int = 6) -> float:
     """Train memfit's optimizer class `ours` (built by `make_ours(cls, model)`) and a reference optimizer
     (`make_reference(model)`) side by side on two identical models for `steps` steps; returns the largest
     parameter difference. Projection matrices are random (APOLLO) or sign-ambiguous (GaLore's SVD), so the

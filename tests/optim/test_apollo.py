@@ -12,15 +12,7 @@ from memfit.optim.common import split_groups, state_bytes
 from memfit.techniques.base import Context
 from memfit.techniques.registry import build_technique
 
-from .helpers import (
-    batches,
-    max_param_diff,
-    measured_state,
-    parity_with_shared_projection,
-    reference_groups,
-    tiny,
-    train,
-)
+from .helpers import batches, max_param_diff, measured_state, reference_groups, shared_projection_parity, tiny, train
 
 apollo_torch = pytest.importorskip("apollo_torch")
 
@@ -31,7 +23,7 @@ def test_parity_with_apollo_torch_same_projection(rank, scale, scale_type, lr):
     the reference is handed memfit's Gaussian matrices in call order; scaling, limiter, moments are its own."""
     from apollo_torch import random_projector
 
-    diff = parity_with_shared_projection(
+    diff = shared_projection_parity(
         APOLLOAdamW,
         lambda cls, m: cls(split_groups(m, 0.1), lr=lr, rank=rank, update_proj_gap=2, scale=scale,
                            scale_type=scale_type, weight_decay=0.1),

@@ -16,15 +16,7 @@ from memfit.optim.galore import GaLoreAdamW
 from memfit.techniques.base import Context
 from memfit.techniques.registry import build_technique
 
-from .helpers import (
-    batches,
-    max_param_diff,
-    measured_state,
-    parity_with_shared_projection,
-    reference_groups,
-    tiny,
-    train,
-)
+from .helpers import batches, max_param_diff, measured_state, reference_groups, shared_projection_parity, tiny, train
 
 galore_torch = pytest.importorskip("galore_torch")
 
@@ -37,7 +29,7 @@ def test_parity_with_galore_torch_same_projection():
     """
     from galore_torch import galore_projector
 
-    diff = parity_with_shared_projection(
+    diff = shared_projection_parity(
         GaLoreAdamW,
         lambda cls, m: cls(split_groups(m, 0.1), lr=1e-2, rank=8, update_proj_gap=2, scale=0.25, eps=1e-6,
                            weight_decay=0.1, align_signs=False),
