@@ -48,7 +48,8 @@ def dequantize_tensor(fmt: str | WeightFormat, t: dict[str, torch.Tensor], shape
 
 
 def unit_codes(fmt: str | WeightFormat, t: dict[str, torch.Tensor], out: int, padded_in: int) -> torch.Tensor:
-    """The weight divided by its per-group scale, as (out, n_groups, g) float32 (the part PEQA keeps frozen)."""
+    """The weight divided by its per-group scale, as (out, n_groups, g) float32 (the part PEQA keeps frozen);
+    the groups are read off the stored tensors (`padded_in` is accepted for callers that pass it)."""
     return get_format(fmt).unit_codes(t, out)
 
 
