@@ -1,4 +1,5 @@
-"""Shared fixtures of the optimizer tests: a tiny Llama, fixed batches, a train loop, state measurement."""
+"""Shared fixtures of the optimizer tests: a tiny Llama, fixed batches, a train loop, state measurement, and the
+side-by-side parity run against a reference package (galore-torch, apollo-torch)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,43 @@ def measured_state(model: torch.nn.Module, opt, steps: int = 2) -> int:
             opt.step()
             opt.zero_grad(set_to_none=True)
     return meter.current().optimizer
+
+
+def reference_groups(groups: list[dict], **projected) -> list[dict]:
+    """memfit's parameter groups (`split_groups`) as a reference package's dicts: `projected` options on the
+    groups memfit projects."""
+    out = []
+    for g in groups:
+        d = {"params": g["params"], "weight_decay": g["weight_decay"]}
+        if g["project"]:
+            d.update(projected)
+        out.append(d)
+    return out
+
+
+def shared_projection_parity(ours: type, make_ours, make_reference, projector: type, steps: int = 6) -> float:
+    """Train memfit's optimizer class `ours` (built by `make_ours(cls, model)`) and a reference optimizer
+    (`make_reference(model)`) side by side on two identical models for `steps` steps; returns the largest
+    parameter difference. Projection matrices are random (APOLLO) or sign-ambiguous (GaLore's SVD), so the
+    reference is handed memfit's, in call order, through its `projector.get_orthogonal_matrix`; everything
+    else (projection side, refresh schedule, moments, scaling, decay) is its own."""
+    a, b = tiny(), tiny()
+    bases: list[torch.Tensor] = []
+
+    class Recording(ours):
+        def _new_basis(self, grad, group, side, seed):
+            basis = super()._new_basis(grad, group, side, seed)
+            bases.append(basis.clone())
+            return basis
+
+    mine, ref = make_ours(Recording, a), make_reference(b)
+    original = projector.get_orthogonal_matrix
+    projector.get_orthogonal_matrix = lambda self, *args, **kwargs: bases.pop(0)
+    try:
+        for ids in batches(steps):
+            train(a, mine, [ids])
+            train(b, ref, [ids])
+            assert not bases, "the reference did not use every projection memfit made"
+    finally:
+        projector.get_orthogonal_matrix = original
+    return max_param_diff(a, b)

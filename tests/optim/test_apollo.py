@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from memfit.errors import ConfigError
 from memfit.memory.estimate import baseline
@@ -13,7 +12,7 @@ from memfit.optim.common import split_groups, state_bytes
 from memfit.techniques.base import Context
 from memfit.techniques.registry import build_technique
 
-from .helpers import batches, max_param_diff, measured_state, tiny, train
+from .helpers import batches, max_param_diff, measured_state, reference_groups, shared_projection_parity, tiny, train
 
 apollo_torch = pytest.importorskip("apollo_torch")
 
@@ -22,37 +21,17 @@ apollo_torch = pytest.importorskip("apollo_torch")
 def test_parity_with_apollo_torch_same_projection(rank, scale, scale_type, lr):
     """Same updates as apollo-torch's APOLLOAdamW over 6 steps (3 refreshes), given the same random projection:
     the reference is handed memfit's Gaussian matrices in call order; scaling, limiter, moments are its own."""
-    a, b = tiny(), tiny()
-    bases: list[torch.Tensor] = []
-
-    class Recording(APOLLOAdamW):
-        def _new_basis(self, grad, group, side, seed):
-            basis = super()._new_basis(grad, group, side, seed)
-            bases.append(basis.clone())
-            return basis
-
-    mine = Recording(split_groups(a, 0.1), lr=lr, rank=rank, update_proj_gap=2, scale=scale,
-                     scale_type=scale_type, weight_decay=0.1)
-    ref_groups = []
-    for g in split_groups(b, 0.1):
-        d = {"params": g["params"], "weight_decay": g["weight_decay"]}
-        if g["project"]:
-            d.update(rank=rank, update_proj_gap=2, scale=scale, proj_type="std", proj="random",
-                     scale_type=scale_type)
-        ref_groups.append(d)
-    ref = apollo_torch.APOLLOAdamW(ref_groups, lr=lr)
     from apollo_torch import random_projector
 
-    original = random_projector.GradientProjector.get_orthogonal_matrix
-    random_projector.GradientProjector.get_orthogonal_matrix = lambda self, w, rank, type, seed: bases.pop(0)
-    try:
-        for ids in batches(6):
-            train(a, mine, [ids])
-            train(b, ref, [ids])
-            assert not bases
-    finally:
-        random_projector.GradientProjector.get_orthogonal_matrix = original
-    assert max_param_diff(a, b) < 1e-5
+    diff = shared_projection_parity(
+        APOLLOAdamW,
+        lambda cls, m: cls(split_groups(m, 0.1), lr=lr, rank=rank, update_proj_gap=2, scale=scale,
+                           scale_type=scale_type, weight_decay=0.1),
+        lambda m: apollo_torch.APOLLOAdamW(reference_groups(split_groups(m, 0.1), rank=rank, update_proj_gap=2,
+                                                            scale=scale, proj_type="std", proj="random",
+                                                            scale_type=scale_type), lr=lr),
+        random_projector.GradientProjector)
+    assert diff < 1e-5
 
 
 def test_projection_is_seeded_and_refreshed():

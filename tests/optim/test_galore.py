@@ -16,19 +16,9 @@ from memfit.optim.galore import GaLoreAdamW
 from memfit.techniques.base import Context
 from memfit.techniques.registry import build_technique
 
-from .helpers import batches, max_param_diff, measured_state, tiny, train
+from .helpers import batches, max_param_diff, measured_state, reference_groups, shared_projection_parity, tiny, train
 
 galore_torch = pytest.importorskip("galore_torch")
-
-
-def _ref_groups(model, rank, gap, scale, wd):
-    groups = []
-    for g in split_groups(model, wd):
-        d = {"params": g["params"], "weight_decay": g["weight_decay"]}
-        if g["project"]:
-            d.update(rank=rank, update_proj_gap=gap, scale=scale, proj_type="std")
-        groups.append(d)
-    return groups
 
 
 def test_parity_with_galore_torch_same_projection():
@@ -37,32 +27,17 @@ def test_parity_with_galore_torch_same_projection():
     SVD signs flip under 1e-7 perturbations, so the reference is handed the projector memfit computed (in
     call order); everything else — projection side, refresh schedule, moments, scale, decay — is its own.
     """
-    a, b = tiny(), tiny()
-    bases: list[torch.Tensor] = []
-
-    class Recording(GaLoreAdamW):
-        def _new_basis(self, grad, group, side, seed):
-            basis = super()._new_basis(grad, group, side, seed)
-            bases.append(basis.clone())
-            return basis
-
-    mine = Recording(split_groups(a, 0.1), lr=1e-2, rank=8, update_proj_gap=2, scale=0.25, eps=1e-6,
-                     weight_decay=0.1, align_signs=False)
-    ref = galore_torch.GaLoreAdamW(_ref_groups(b, 8, 2, 0.25, 0.1), lr=1e-2, eps=1e-6, no_deprecation_warning=True)
-    projector_cls = type(ref)  # patch the reference's projector to return memfit's basis
     from galore_torch import galore_projector
 
-    original = galore_projector.GaLoreProjector.get_orthogonal_matrix
-    galore_projector.GaLoreProjector.get_orthogonal_matrix = lambda self, w, rank, type: bases.pop(0)
-    try:
-        for ids in batches(6):
-            train(a, mine, [ids])
-            train(b, ref, [ids])
-            assert not bases
-    finally:
-        galore_projector.GaLoreProjector.get_orthogonal_matrix = original
-    assert projector_cls is not None
-    assert max_param_diff(a, b) < 1e-5
+    diff = shared_projection_parity(
+        GaLoreAdamW,
+        lambda cls, m: cls(split_groups(m, 0.1), lr=1e-2, rank=8, update_proj_gap=2, scale=0.25, eps=1e-6,
+                           weight_decay=0.1, align_signs=False),
+        lambda m: galore_torch.GaLoreAdamW(reference_groups(split_groups(m, 0.1), rank=8, update_proj_gap=2,
+                                                            scale=0.25, proj_type="std"),
+                                           lr=1e-2, eps=1e-6, no_deprecation_warning=True),
+        galore_projector.GaLoreProjector)
+    assert diff < 1e-5
 
 
 def test_parity_without_sharing_first_refresh_window():
@@ -70,7 +45,8 @@ def test_parity_without_sharing_first_refresh_window():
     a, b = tiny(), tiny()
     mine = GaLoreAdamW(split_groups(a, 0.0), lr=1e-2, rank=8, update_proj_gap=2, scale=0.25, eps=1e-6,
                        align_signs=False)
-    ref = galore_torch.GaLoreAdamW(_ref_groups(b, 8, 2, 0.25, 0.0), lr=1e-2, eps=1e-6, no_deprecation_warning=True)
+    ref = galore_torch.GaLoreAdamW(reference_groups(split_groups(b, 0.0), rank=8, update_proj_gap=2, scale=0.25,
+                                                    proj_type="std"), lr=1e-2, eps=1e-6, no_deprecation_warning=True)
     data = batches(2)
     train(a, mine, data)
     train(b, ref, data)

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar
 
 from pydantic import Field
 
 from memfit.activations import _common as c
-from memfit.memory.breakdown import MemoryBreakdown
+from memfit.activations import layout as lay
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import Context, Technique, TechniqueConfig
+from memfit.techniques.base import Context, TechniqueConfig
 
 
 class CompressedConfig(TechniqueConfig):
     min_numel: int = Field(1024, ge=1, description="smaller saved tensors are kept as they are")
 
 
-class CompressedActivations(Technique):
+class CompressedActivations(lay.LayoutTechnique):
     """Wraps every decoder layer's forward in `CompressHooks` (the loss head keeps exact saved tensors)."""
 
-    slot = "activations"
     Config = CompressedConfig
     bits: ClassVar[int]
 
@@ -29,11 +29,12 @@ class CompressedActivations(Technique):
             c.wrap_forward(layer, f"compressed{self.bits}",
                            lambda params=params: c.CompressHooks(self.bits, params, self.config.min_numel))
 
-    def transform_spec(self, spec: RunSpec) -> RunSpec:
-        return c.with_extra(spec, saved_bits=self.bits)
-
-    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
-        return base.with_(activations=c.activation_estimate(spec))
+    def shape_layout(self, spec: RunSpec, layout: lay.ActivationLayout) -> lay.ActivationLayout:
+        """Every layer's saved tensors are kept at `bits` and unpacked in full for its backward. While a layer
+        runs forward (outside a checkpoint), its full-precision tensors, their packed copies and the quantizer's
+        scratch (two of the largest, MLP-wide tensors) are alive together."""
+        scratch = layout.layer + 2 * spec.tokens * spec.model.intermediate * lay.act_bytes(spec)
+        return layout.with_layers(lambda i, plan: replace(plan, bits=self.bits, pack_scratch=scratch))
 
 
 def error_bound(x_range: float, bits: int) -> float:

@@ -13,6 +13,7 @@ layers (`modules: [LlamaMLP]`) — the MLP holds ~half a Llama layer's saved byt
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,10 +22,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memfit.activations import _common as c
+from memfit.activations import layout as lay
 from memfit.errors import ConfigError
-from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory import estimate as est
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import Context, Technique, TechniqueConfig
+from memfit.techniques.base import Context, TechniqueConfig
 
 
 class CheckpointingConfig(TechniqueConfig):
@@ -81,9 +83,19 @@ def _contains(parent: nn.Module, child: nn.Module) -> bool:
     return any(m is child for m in parent.modules())
 
 
-class Checkpointing(Technique):
+def module_saved_bytes(spec: RunSpec, kind: str, tokens: int) -> int:
+    """Bytes a Llama sub-module saves beyond its own input (which a checkpoint of it still keeps)."""
+    parts = est.layer_components(lay.sliced(spec, tokens, None))
+    inp = tokens * spec.model.hidden * lay.act_bytes(spec)
+    if "mlp" in kind.lower():
+        return max(parts["mlp"] - inp, 0)
+    if "attention" in kind.lower():
+        return max(parts["attention"] - inp, 0)
+    return 0
+
+
+class Checkpointing(lay.LayoutTechnique):
     name = "checkpointing"
-    slot = "activations"
     Config = CheckpointingConfig
 
     def check(self, ctx: Context) -> None:
@@ -96,8 +108,13 @@ class Checkpointing(Technique):
         for module in select_targets(ctx.model, self.config.every, self.config.modules):
             checkpoint_module(module)
 
-    def transform_spec(self, spec: RunSpec) -> RunSpec:
-        return c.with_extra(spec, checkpoint={"every": self.config.every, "modules": self.config.modules})
-
-    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
-        return base.with_(activations=c.activation_estimate(spec))
+    def shape_layout(self, spec: RunSpec, layout: lay.ActivationLayout) -> lay.ActivationLayout:
+        """A checkpointed layer keeps its input (whole layers) or what its checkpointed modules do not save;
+        its backward recomputes the rest, so the layer is whole again while it runs."""
+        chosen = set(range(0, spec.model.n_layers, self.config.every))
+        inner = sum(module_saved_bytes(spec, kind, spec.tokens) for kind in self.config.modules or [])
+        if inner:
+            kept = {"saved": layout.layer - inner}
+        else:
+            kept = {"saved": 0, "exact": lay.layer_input_bytes(spec)}
+        return layout.with_layers(lambda i, plan: replace(plan, recomputed=True, **kept) if i in chosen else plan)

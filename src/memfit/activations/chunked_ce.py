@@ -12,6 +12,8 @@ The gradient is exact (the same sums, in chunks); the price is one extra LM-head
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -19,11 +21,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memfit.activations import _common as c
-from memfit.errors import ConfigError
+from memfit.activations import layout as lay
 from memfit.memory import estimate as est
-from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import Batch, Context, LossFn, Technique, TechniqueConfig
+from memfit.techniques.base import Batch, Context, LossFn, TechniqueConfig
 
 
 class ChunkedCEConfig(TechniqueConfig):
@@ -119,14 +120,12 @@ def chunked_causal_lm_loss(model: nn.Module, batch: Batch, chunk_size: int) -> t
     return chunked_lm_loss(hidden, head, c.shifted_labels(batch), chunk_size)
 
 
-class ChunkedCE(Technique):
+class ChunkedCE(lay.LayoutTechnique):
     name = "chunked_ce"
-    slot = "activations"
     Config = ChunkedCEConfig
 
     def check(self, ctx: Context) -> None:
-        if ctx.spec.task != "causal_lm":
-            raise ConfigError(f"chunked_ce applies to causal_lm training, not '{ctx.spec.task}'")
+        c.check_causal_lm(ctx, self.name)
         c.causal_lm_parts(ctx.model)
 
     def wrap_loss(self, loss_fn: LossFn, ctx: Context) -> LossFn:
@@ -137,9 +136,13 @@ class ChunkedCE(Technique):
 
         return loss
 
-    def transform_spec(self, spec: RunSpec) -> RunSpec:
-        spec = c.with_extra(spec)
-        return spec.with_(extra={**spec.extra, est.LOSS_CHUNK_KEY: self.config.chunk_size})
-
-    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
-        return base.with_(activations=c.activation_estimate(spec))
+    def shape_layout(self, spec: RunSpec, layout: lay.ActivationLayout) -> lay.ActivationLayout:
+        """Forward keeps one fp32 log-sum-exp and one target per token, with one chunk's fp32 logits in flight
+        (measured: CPU's log-sum-exp makes no second chunk-sized copy). Backward starts with one chunk's fp32
+        probabilities, the hidden-state gradient, and the fp32 head-weight gradient with the chunk's part."""
+        if spec.task != "causal_lm":
+            return layout
+        m, chunk = spec.model, min(self.config.chunk_size, spec.tokens)
+        backward = chunk * m.vocab * 4 + spec.tokens * m.hidden * est.dtypes(spec).compute + 2 * m.vocab * m.hidden * 4
+        return replace(layout, head_saved=lay.norm_bytes(spec) + 12 * spec.tokens, head_transient=chunk * m.vocab * 4,
+                       head_backward=backward)

@@ -12,6 +12,7 @@ On a CPU device the tensors already live in host memory: the hooks pass them thr
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -19,15 +20,9 @@ from pydantic import Field
 from torch import nn
 
 from memfit.activations import _common as c
-from memfit.memory.breakdown import MemoryBreakdown
+from memfit.activations import layout as lay
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import (
-    Batch,
-    Context,
-    ForwardBackward,
-    Technique,
-    TechniqueConfig,
-)
+from memfit.techniques.base import Batch, Context, ForwardBackward, TechniqueConfig
 
 
 class OffloadConfig(TechniqueConfig):
@@ -76,9 +71,8 @@ class OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
         return host.to(device, non_blocking=host.is_pinned())
 
 
-class Offload(Technique):
+class Offload(lay.LayoutTechnique):
     name = "offload"
-    slot = "activations"
     Config = OffloadConfig
 
     def __init__(self, config=None) -> None:
@@ -97,10 +91,7 @@ class Offload(Technique):
 
         return forward_backward
 
-    def transform_spec(self, spec: RunSpec) -> RunSpec:
+    def shape_layout(self, spec: RunSpec, layout: lay.ActivationLayout) -> lay.ActivationLayout:
         # the saving happens on an accelerator only; `spec.extra["device"]` names the run's device
         on_device = spec.extra.get("device", "cpu") not in ("cpu", None)
-        return c.with_extra(spec, offload_device=on_device)
-
-    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
-        return base.with_(activations=c.activation_estimate(spec))
+        return replace(layout, on_host=True) if on_device else layout

@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from memfit.activations import _common as c
+from memfit.activations import layout as lay
 from memfit.errors import ConfigError
 from memfit.memory import estimate as est
 from memfit.memory.breakdown import MemoryBreakdown
@@ -184,14 +185,16 @@ def streambp_forward_backward(model: nn.Module, batch: Batch, loss_scale: float,
 
 
 class StreamBP(Technique):
+    """Replaces each micro-batch's forward+backward (`wrap_forward_backward`); estimates its own activations
+    and step phases, which plain backprop's would overstate (the full sequence's logits never exist)."""
+
     name = "streambp"
     slot = "activations"
     Config = StreamBPConfig
     needs_gradients = True
 
     def check(self, ctx: Context) -> None:
-        if ctx.spec.task != "causal_lm":
-            raise ConfigError(f"streambp applies to causal_lm training, not '{ctx.spec.task}'")
+        c.check_causal_lm(ctx, self.name)
         llama_parts(ctx.model)
         for t in ctx.techniques or []:
             if t is not self and t.name in _INCOMPATIBLE:
@@ -216,48 +219,62 @@ class StreamBP(Technique):
 
         return forward_backward
 
-    def transform_spec(self, spec: RunSpec) -> RunSpec:
-        return c.with_extra(spec, phases=f"{__name__}:streambp_phases", streambp_chunk=self.config.chunk_size)
-
+    # --- estimating ------------------------------------------------------------------------------------
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
-        return base.with_(activations=c.activation_estimate(spec))
+        return base.with_(activations=lay.ids_bytes(spec) + lay.rope_bytes(spec) + self.working_bytes(spec))
 
+    def working_bytes(self, spec: RunSpec) -> int:
+        """Every layer's input kept (L+1 hidden states), plus the working set of one layer's backward: the
+        full-sequence K/V path (norm, k/v projections and RoPE with their graph) and one chunk's layer
+        activations, or one chunk's loss head (final norm, logits and log-probabilities, alive together as the
+        chunk's loss is computed)."""
+        m = spec.model
+        chunk, batch = min(self.config.chunk_size, spec.seq), spec.batch
+        inputs = (m.n_layers + 1) * lay.layer_input_bytes(spec)
+        kv_path = spec.tokens * (3 * m.hidden + 1 + 5 * lay.kv_dim(spec)) * lay.act_bytes(spec)
+        chunk_layer = lay.layer_bytes(spec, tokens=batch * chunk, seq=chunk)
+        head = lay.norm_bytes(spec, batch * chunk) + lay.logits_bytes(spec, batch * chunk)
+        grads = 2 * lay.layer_input_bytes(spec)  # the gradient w.r.t. the current layer's output and input
+        return inputs + grads + max(kv_path + chunk_layer, head)
 
-def streambp_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
-    """Predicted tensor total where a StreamBP step can peak (`memfit.memory.estimate.step_phases` defers here):
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+        """Predicted tensor total where a StreamBP step can peak (plain backprop's phases would put its peak at
+        the full sequence's logits gradients, which StreamBP never materializes):
 
-    - `head`: every layer's input and the top output kept, the output-gradient buffer, and one chunk's final
-      norm, logits, log-probabilities and their two backward gradients;
-    - `top_layer`: the first layer backward — the other inputs, incoming and outgoing gradient, the full-sequence
-      K/V path with its graph and the K/V gradient accumulators, one chunk's layer activations, its attention
-      against the prefix and its backward transients; the LM head's and this layer's gradients exist;
-    - `embedding`: all gradients, one hidden-state gradient and the embedding's dense gradient;
-    - `optimizer_step`: weights, state, gradients and the step's per-parameter transients.
-    Within 2 % of the measured peak on llama-1m shapes at 1k–3k tokens (`tests/activations`), once the meter
-    stopped keeping leaf tensors alive (`memfit.memory.measure`).
-    """
-    m, d = spec.model, est.dtypes(spec)
-    chunk = min(c.facts(spec)["streambp_chunk"], spec.seq)
-    chunk_tokens = spec.batch * chunk
-    chunk_spec = spec.with_(seq=chunk)
-    fixed = est.fixed_bytes(breakdown) + c.ids_bytes(spec) + c.rope_bytes(spec)
-    held = breakdown.gradients if spec.grad_accum > 1 else 0
-    hidden = c.layer_input_bytes(spec)
-    # the logits are freed before the chunk's backward; its log-probabilities (saved) and their gradients remain
-    head = (c.norm_bytes(spec, chunk_tokens) + est.head_components(chunk_spec.with_(batch=spec.batch))["loss"]
-            + est.head_backward_temporaries(spec, chunk_tokens))
-    kv = c.kv_dim(spec)
-    kv_path = spec.tokens * (3 * m.hidden + 1 + 5 * kv) * d.compute
-    kv_grads = 2 * spec.tokens * kv * d.compute
-    mlp_tmp, attn_tmp = est.block_backward_temporaries(chunk_spec)
-    layer = kv_path + kv_grads + c.layer_bytes(spec, tokens=chunk_tokens, seq=chunk) + max(mlp_tmp, attn_tmp)
-    # the boolean causal masks of every chunk against its prefix, built once per step (one per sequence when
-    # the batch carries an attention mask)
-    fixed += spec.batch * sum((end - start) * end for start, end in _spans(spec.seq, chunk))
-    return {
-        "head": fixed + max(held, est.gradients_made(spec, breakdown, 0)) + (m.n_layers + 2) * hidden + head,
-        "top_layer": fixed + max(held, est.gradients_made(spec, breakdown, 1)) + (m.n_layers + 2) * hidden + layer,
-        "embedding": fixed + max(held, breakdown.gradients) + hidden + est.embedding_gradient_bytes(spec),
-        "optimizer_step": (est.fixed_bytes(breakdown) + breakdown.gradients
-                           + est.optimizer_step_transients(spec, breakdown)),
-    }
+        - `head`: every layer's input and the top output kept, the output-gradient buffer, and one chunk's final
+          norm, logits, log-probabilities and their two backward gradients;
+        - `top_layer`: the first layer backward — the other inputs, incoming and outgoing gradient, the
+          full-sequence K/V path with its graph and the K/V gradient accumulators, one chunk's layer
+          activations, its attention against the prefix and its backward transients; the LM head's and this
+          layer's gradients exist;
+        - `embedding`: all gradients, one hidden-state gradient and the embedding's dense gradient;
+        - `optimizer_step`: weights, state, gradients and the step's per-parameter transients.
+        Within 2 % of the measured peak on llama-1m shapes at 1k–3k tokens (`tests/activations`), once the meter
+        stopped keeping leaf tensors alive (`memfit.memory.measure`).
+        """
+        m, d = spec.model, est.dtypes(spec)
+        chunk = min(self.config.chunk_size, spec.seq)
+        chunk_tokens = spec.batch * chunk
+        chunk_spec = spec.with_(seq=chunk)
+        fixed = est.fixed_bytes(breakdown) + lay.ids_bytes(spec) + lay.rope_bytes(spec)
+        held = breakdown.gradients if spec.grad_accum > 1 else 0
+        hidden = lay.layer_input_bytes(spec)
+        # the logits are freed before the chunk's backward; its log-probabilities (saved) and their gradients remain
+        head = (lay.norm_bytes(spec, chunk_tokens) + est.head_components(chunk_spec.with_(batch=spec.batch))["loss"]
+                + est.head_backward_temporaries(spec, chunk_tokens))
+        kv = lay.kv_dim(spec)
+        kv_path = spec.tokens * (3 * m.hidden + 1 + 5 * kv) * d.compute
+        kv_grads = 2 * spec.tokens * kv * d.compute
+        mlp_tmp, attn_tmp = est.block_backward_temporaries(chunk_spec)
+        layer = kv_path + kv_grads + lay.layer_bytes(spec, tokens=chunk_tokens, seq=chunk) + max(mlp_tmp, attn_tmp)
+        # the boolean causal masks of every chunk against its prefix, built once per step (one per sequence when
+        # the batch carries an attention mask)
+        fixed += spec.batch * sum((end - start) * end for start, end in _spans(spec.seq, chunk))
+        grads_made = est.gradients_made
+        return {
+            "head": fixed + max(held, grads_made(spec, breakdown, 0)) + (m.n_layers + 2) * hidden + head,
+            "top_layer": fixed + max(held, grads_made(spec, breakdown, 1)) + (m.n_layers + 2) * hidden + layer,
+            "embedding": fixed + max(held, breakdown.gradients) + hidden + est.embedding_gradient_bytes(spec),
+            "optimizer_step": (est.fixed_bytes(breakdown) + breakdown.gradients
+                               + est.optimizer_step_transients(spec, breakdown)),
+        }

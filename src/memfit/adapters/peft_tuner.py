@@ -281,9 +281,7 @@ class LoraLike(PeftTuner):
         return spec.tokens * self.config.r * 4 * len(targets)
 
     def check(self, ctx: Context) -> None:
-        from memfit.weights.quant import has_quantized_base
-
-        if has_quantized_base(ctx):
+        if ctx.has_quantized_base():
             raise ConfigError(f"adapter '{self.name}' cannot wrap the quantized layers of the 'weights' technique; "
                               "for LoRA over a quantized base remove 'weights' and use adapter: {name: qlora} "
                               "(format: nf4 | int4 | int8)")

@@ -1,12 +1,14 @@
 """The standard workloads of DESIGN §5, read from the shipped recipes so benchmarks and users run the same thing.
 
 `workload(name, opts, **train)` returns a recipe dict with data paths rebased onto `opts.data_dir` and the
-`train` section updated; suites then set the technique slots they compare.
+`train` section updated; suites then set the technique slots they compare. Suites that need a trained causal LM
+(inference, weights) train a shrunk pretrain workload once (`small_lm_recipe`, `pretrained_lm`).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +40,29 @@ def workload(name: str, data_dir: Path, **train: Any) -> dict[str, Any]:
             data[key] = _rebase(data[key], data_dir)
     recipe["train"].update(train)
     return recipe
+
+
+def small_lm_recipe(name: str, data_dir: Path, *, block_size: int, vocab_size: int, steps: int, batch_size: int,
+                    warmup_steps: int, eval_every: int, eval_batches: int) -> dict[str, Any]:
+    """The pretrain workload shrunk to a llama-1m (War and Peace + Shakespeare, 5 % held out, cosine AdamW)."""
+    return {
+        "name": name, "seed": 0, "task": "causal_lm", "model": {"preset": "llama-1m"},
+        "data": {"kind": "text", "block_size": block_size, "vocab_size": vocab_size, "val_fraction": 0.05,
+                 "paths": [str(data_dir / "warpeace/input.txt"), str(data_dir / "tinyshakespeare/input.txt")]},
+        "train": {"steps": steps, "batch_size": batch_size, "schedule": "cosine", "warmup_steps": warmup_steps,
+                  "precision": "fp32", "eval_every": eval_every, "eval_batches": eval_batches},
+        "optimizer": {"name": "adamw", "lr": 3.0e-3, "weight_decay": 0.01},
+    }
+
+
+def pretrained_lm(recipe: dict[str, Any], cache: Path) -> Path:
+    """The model folder of a causal LM to benchmark: `MEMFIT_INFERENCE_MODEL` if set, else `recipe` trained once
+    and cached in `cache`."""
+    if os.environ.get("MEMFIT_INFERENCE_MODEL"):
+        return Path(os.environ["MEMFIT_INFERENCE_MODEL"])
+    if not (cache / "model" / "config.json").exists():
+        from memfit.recipe import load_recipe
+        from memfit.train import train
+
+        train(load_recipe(recipe), cache)
+    return cache / "model"

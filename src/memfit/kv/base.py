@@ -344,6 +344,20 @@ def scored_bytes(tokens: int, budget: int, batch: int, kv_heads: int, head_dim: 
     return dense_bytes(kept, batch, kv_heads, head_dim, elem) + batch * kv_heads * kept * SCORE_BYTES
 
 
+class AccumulatedScorePolicy(KVPolicy):
+    """A recent window plus the best-scored other tokens (`AccumulatedScoreLayer`; H2O, Keyformer): `budget`
+    tokens per layer and head, `config.recent_ratio` of them the most recent (at least one if the ratio is > 0)."""
+
+    needs_attention = True
+
+    def recent(self) -> int:
+        budget, ratio = self.config.budget, self.config.recent_ratio
+        return min(budget, max(1, round(budget * ratio))) if ratio > 0 else 0
+
+    def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
+        return scored_bytes(tokens, self.config.budget, batch, kv_heads, head_dim, elem)
+
+
 class ObservationWindowLayer(PolicyLayer):
     """Ranks tokens by the attention the last `window` queries paid them, smoothed by 1-D pooling (SnapKV).
 

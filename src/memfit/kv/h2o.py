@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from memfit.kv.base import AccumulatedScoreLayer, BudgetConfig, KVPolicy, PolicyLayer, scored_bytes
+from memfit.kv.base import AccumulatedScoreLayer, AccumulatedScorePolicy, BudgetConfig, PolicyLayer
 
 
 class H2OConfig(BudgetConfig):
@@ -22,20 +22,11 @@ class H2OConfig(BudgetConfig):
     recent_ratio: float = Field(0.5, ge=0, le=1, description="share of the budget kept for the most recent tokens")
 
 
-def recent_share(budget: int, ratio: float) -> int:
-    return min(budget, max(1, round(budget * ratio))) if ratio > 0 else 0
-
-
-class H2O(KVPolicy):
+class H2O(AccumulatedScorePolicy):
     """Heavy hitters (accumulated attention) + recent window; `budget` tokens per layer and head."""
 
     name = "h2o"
     Config = H2OConfig
-    needs_attention = True
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
-        c = self.config
-        return AccumulatedScoreLayer(c.budget, recent_share(c.budget, c.recent_ratio))
-
-    def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
-        return scored_bytes(tokens, self.config.budget, batch, kv_heads, head_dim, elem)
+        return AccumulatedScoreLayer(self.config.budget, self.recent())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from memfit.kv.base import AccumulatedScoreLayer, BudgetConfig, KVPolicy, PolicyLayer, scored_bytes
+from memfit.kv.base import AccumulatedScoreLayer, AccumulatedScorePolicy, BudgetConfig, PolicyLayer
 
 
 class KeyformerConfig(BudgetConfig):
@@ -52,17 +52,12 @@ class KeyformerLayer(AccumulatedScoreLayer):
         self.generator = None
 
 
-class Keyformer(KVPolicy):
+class Keyformer(AccumulatedScorePolicy):
     """Recent window + key tokens by accumulated Gumbel-softmax score; `budget` tokens per layer and head."""
 
     name = "keyformer"
     Config = KeyformerConfig
-    needs_attention = True
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
         c = self.config
-        recent = min(c.budget, max(1, round(c.budget * c.recent_ratio))) if c.recent_ratio > 0 else 0
-        return KeyformerLayer(c.budget, recent, c.tau_init, c.tau_end, c.tau_steps, c.seed + layer_idx)
-
-    def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
-        return scored_bytes(tokens, self.config.budget, batch, kv_heads, head_dim, elem)
+        return KeyformerLayer(c.budget, self.recent(), c.tau_init, c.tau_end, c.tau_steps, c.seed + layer_idx)

@@ -1,7 +1,8 @@
 """Analytic memory estimates for the baseline run (dense weights, full backprop, no optimizer).
 
-`estimate_run(spec, techniques)` composes: each technique may change the shapes (`transform_spec`), then the
-baseline breakdown is computed, then each technique replaces its own categories (`estimate`).
+`estimate_step(spec, techniques)` composes: each technique may change the shapes (`transform_spec`), then the
+baseline breakdown is computed, then each technique replaces its own categories (`estimate`) and may model the
+step's phases its own way (`step_phases`). This module knows no technique: it composes any `EstimatePart`.
 
 Activations are modelled tensor by tensor from what autograd saves for backward in the `transformers`
 implementations of the two shipped families (read off `torch.autograd.graph.saved_tensors_hooks`; see
@@ -23,12 +24,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import DTYPE_BYTES, RunSpec
-
-ESTIMATE_ORDER = ("weights", "adapter", "activations", "step", "optimizer", "kv")
-"""Slots are applied in this order, so e.g. the optimizer sees the adapter's trainable parameters."""
 
 F32 = 4
 I64 = 8
@@ -228,25 +227,10 @@ def gradient_split(spec: RunSpec) -> tuple[int, int]:
     return head, layers // max(spec.model.n_layers, 1)
 
 
-LOSS_CHUNK_KEY = "loss_chunk"
-"""`spec.extra` key: the causal-LM head and loss run fused, this many tokens at a time (chunked CE): forward keeps
-one fp32 log-sum-exp per token, backward recomputes one chunk's logits at a time."""
-
-
-def loss_chunk(spec: RunSpec) -> int | None:
-    chunk = spec.extra.get(LOSS_CHUNK_KEY)
-    return min(int(chunk), spec.tokens) if chunk and spec.task == "causal_lm" else None
-
-
 def head_backward_temporaries(spec: RunSpec, tokens: int | None = None) -> int:
     """Gradients of the fp32 log-probabilities and of the logits, alive together as backward starts (for
-    `tokens` of a causal LM's tokens, when a technique runs the head on a slice). Under a fused chunked loss:
-    one chunk's fp32 probabilities, the hidden-state gradient, and the fp32 head-weight gradient with the
-    chunk's contribution to it."""
+    `tokens` of a causal LM's tokens, when a technique runs the head on a slice)."""
     m = spec.model
-    chunk = loss_chunk(spec) if tokens is None else None
-    if chunk:
-        return chunk * m.vocab * F32 + spec.tokens * m.hidden * dtypes(spec).compute + 2 * m.vocab * m.hidden * F32
     if spec.task == "causal_lm":
         return 2 * (spec.tokens if tokens is None else tokens) * m.vocab * F32
     n = spec.batch if spec.task == "seq_cls" else spec.tokens
@@ -284,12 +268,14 @@ def block_backward_temporaries(spec: RunSpec) -> tuple[int, int]:
     return mlp, attn
 
 
-def backward_temporaries(spec: RunSpec) -> int:
+def backward_temporaries(spec: RunSpec, head: int | None = None) -> int:
     """Largest set of tensors alive at once inside backward besides saved activations and gradients
     (what the meter's `temporaries` category peaks at): the loss head's two B·S·V fp32 gradients for a causal
-    LM, a block's hidden / attention-score gradients, or the embedding table's gradient, whichever is larger."""
+    LM, a block's hidden / attention-score gradients, or the embedding table's gradient, whichever is larger.
+    `head`: the loss head's backward transients when a technique computes the loss its own way (chunked CE)."""
     mlp, attn = block_backward_temporaries(spec)
-    return max(head_backward_temporaries(spec), mlp, attn, embedding_gradient_bytes(spec))
+    head = head_backward_temporaries(spec) if head is None else head
+    return max(head, mlp, attn, embedding_gradient_bytes(spec))
 
 
 def embedding_gradient_bytes(spec: RunSpec) -> int:
@@ -309,38 +295,22 @@ def baseline(spec: RunSpec) -> MemoryBreakdown:
     )
 
 
-STEP_PHASES_KEY = "step_phases"
-"""`spec.extra` key naming ("module:function") the phase model of a technique that restructures the whole step
-(StreamBP runs forward and backward chunk by chunk, so plain backprop's phases do not apply)."""
-
-
-def _resolve(path: str):
-    import importlib
-
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def fixed_bytes(breakdown: MemoryBreakdown) -> int:
     """Bytes alive throughout a step: weights, buffers, optimizer state, KV cache, other."""
     return breakdown.parameters + breakdown.buffers + breakdown.optimizer + breakdown.kv_cache + breakdown.other
 
 
-def step_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
-    """Predicted tensor total at the moments a training step can peak, from the per-category estimates.
+def backprop_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+    """Predicted tensor total at the moments a plain backprop step can peak, from the per-category estimates.
 
     Categories do not peak together: activations are largest as backward starts (no gradients yet, since
     the loop frees them with `set_to_none`), gradients when it ends (activations freed). Phases:
     `forward_head` (logits, their fp32 copy and the log-probabilities alive at once), `backward_start`
     (all activations + the loss head's gradients), `top_block_mlp` / `top_block_attention` (the last block's
     backward: head activations freed, head gradients made, the block's transients), `optimizer_step`
-    (weights, state, all gradients and the update's per-parameter transients). A technique that reshapes the step
-    names its own phase model in `spec.extra[STEP_PHASES_KEY]` and this defers to it.
+    (weights, state, all gradients and the update's per-parameter transients).
     With `grad_accum > 1` the gradients of earlier micro-batches are alive throughout.
     """
-    custom = spec.extra.get(STEP_PHASES_KEY)
-    if custom:
-        return _resolve(custom)(spec, breakdown)
     fixed = fixed_bytes(breakdown)
     acts, grads = breakdown.activations, breakdown.gradients
     held = grads if spec.grad_accum > 1 else 0
@@ -364,24 +334,57 @@ def step_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
     return phases
 
 
-def step_peak(spec: RunSpec, breakdown: MemoryBreakdown) -> int:
+# --- composing the parts of a run ---------------------------------------------------------------------------
+
+
+class EstimatePart(Protocol):
+    """What `estimate_step` composes; every `memfit.techniques.Technique` is one (memory imports no technique).
+
+    `order`: its place in the composition (a technique's slot rank: weights, adapter, activations, step,
+    optimizer, kv), so e.g. the optimizer sees the adapter's trainable parameters. `transform_spec` changes the
+    shapes the others see; `estimate` returns the breakdown with the part's own categories replaced;
+    `step_phases` returns the step's phases where the part changes how a step runs (else None).
+    """
+
+    @property
+    def order(self) -> int: ...
+
+    def transform_spec(self, spec: RunSpec) -> RunSpec: ...
+
+    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown: ...
+
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int] | None: ...
+
+
+def step_phases(spec: RunSpec, breakdown: MemoryBreakdown, parts: Sequence[EstimatePart] = ()) -> dict[str, int]:
+    """Predicted tensor total at the moments a step can peak: the phases of the last part (in composition order)
+    that models the step its own way (checkpointing, StreamBP, ...), else plain backprop's."""
+    for part in reversed(parts):
+        phases = part.step_phases(spec, breakdown)
+        if phases is not None:
+            return phases
+    return backprop_phases(spec, breakdown)
+
+
+def step_peak(spec: RunSpec, breakdown: MemoryBreakdown, parts: Sequence[EstimatePart] = ()) -> int:
     """Predicted tensor peak of one training step (the largest of `step_phases`); `breakdown.total`, the sum
     of every category's own peak, is an upper bound."""
-    return max(step_phases(spec, breakdown).values())
+    return max(step_phases(spec, breakdown, parts).values())
 
 
-def estimate_run(spec: RunSpec, techniques: Sequence) -> MemoryBreakdown:
-    """Predicted peak by category for a run of `spec` with `techniques` applied."""
-    return estimate_step(spec, techniques)[0]
+def estimate_run(spec: RunSpec, parts: Sequence[EstimatePart]) -> MemoryBreakdown:
+    """Predicted peak by category for a run of `spec` with `parts` (techniques) applied."""
+    return estimate_step(spec, parts)[0]
 
 
-def estimate_step(spec: RunSpec, techniques: Sequence) -> tuple[MemoryBreakdown, int]:
-    """(Predicted peak by category, predicted tensor peak of one step) for `spec` with `techniques` applied.
-    The step peak is taken on the spec as the techniques transformed it (a technique may name its own phases)."""
-    ordered = sorted(techniques, key=lambda t: ESTIMATE_ORDER.index(t.slot))
-    for t in ordered:
-        spec = t.transform_spec(spec)
+def estimate_step(spec: RunSpec, parts: Sequence[EstimatePart]) -> tuple[MemoryBreakdown, int]:
+    """(Predicted peak by category, predicted tensor peak of one step) for `spec` with `parts` applied: each part
+    transforms the spec in order, the baseline is computed on the result, then each part replaces its own
+    categories; the step peak is taken on the transformed spec."""
+    ordered = sorted(parts, key=lambda p: p.order)
+    for part in ordered:
+        spec = part.transform_spec(spec)
     breakdown = baseline(spec)
-    for t in ordered:
-        breakdown = t.estimate(spec, breakdown)
-    return breakdown, step_peak(spec, breakdown)
+    for part in ordered:
+        breakdown = part.estimate(spec, breakdown)
+    return breakdown, step_peak(spec, breakdown, ordered)

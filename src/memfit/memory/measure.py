@@ -281,3 +281,30 @@ def _process_now(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
     return process.current_rss()
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in an optimizer's per-parameter state (what the optimizer slot's `estimate()` predicts).
+
+    Walks nested containers and counts every distinct tensor storage once, so views and shared tensors are not
+    double counted."""
+    seen: set[tuple[int, torch.device]] = set()
+    total = 0
+
+    def visit(value: Any) -> None:
+        nonlocal total
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            key = (storage.data_ptr(), value.device)
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    visit(dict(optimizer.state) if hasattr(optimizer, "state") else {})
+    return total

@@ -11,21 +11,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from memfit.errors import ModelError
 
-PRESETS: dict[str, dict[str, int]] = {
-    # name: hidden, intermediate, layers, heads, kv_heads
-    "llama-tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2),
-    "llama-1m": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=4),
-    "llama-20m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-                      num_key_value_heads=6),
-    "llama-60m": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-                      num_key_value_heads=8),
-    "llama-130m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                       num_key_value_heads=12),
-    "llama-350m": dict(hidden_size=1024, intermediate_size=2736, num_hidden_layers=24, num_attention_heads=16,
-                       num_key_value_heads=16),
-}
+_SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+PRESETS: dict[str, dict[str, int]] = {name: dict(zip(_SHAPE, shape)) for name, shape in {
+    # name:       hidden, intermediate, layers, heads, kv_heads
+    "llama-tiny": (64, 176, 2, 4, 2),
+    "llama-1m": (128, 352, 4, 4, 4),
+    "llama-20m": (384, 1024, 6, 6, 6),
+    "llama-60m": (512, 1376, 8, 8, 8),
+    "llama-130m": (768, 2048, 12, 12, 12),
+    "llama-350m": (1024, 2736, 24, 16, 16),
+}.items()}
 
 
 def llama_config(preset: str, vocab_size: int, max_position_embeddings: int = 2048, **overrides) -> LlamaConfig:

@@ -62,28 +62,3 @@ def check_has_trainable(model: nn.Module) -> None:
 
 def named_trainable(model: nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def state_bytes(optimizer) -> int:
-    """Bytes held in an optimizer's per-parameter state (what `estimate()` of the optimizer slot predicts).
-
-    Counts every distinct tensor storage once, so views and shared tensors are not double counted."""
-    seen: set[int] = set()
-    total = 0
-
-    def visit(value) -> None:
-        nonlocal total
-        if isinstance(value, torch.Tensor):
-            key = value.untyped_storage().data_ptr()
-            if key not in seen or value.untyped_storage().nbytes() == 0:
-                seen.add(key)
-                total += value.untyped_storage().nbytes()
-        elif isinstance(value, dict):
-            for v in value.values():
-                visit(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-
-    visit(dict(optimizer.state) if hasattr(optimizer, "state") else {})
-    return total

@@ -25,6 +25,7 @@ from torch import nn
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import gradient_bytes
+from memfit.memory.measure import state_bytes  # noqa: F401  (re-exported: what the optimizer tests measure)
 from memfit.memory.spec import ParamInfo, RunSpec
 from memfit.optim import quant
 from memfit.optim.base import check_has_trainable, is_no_decay
@@ -283,21 +284,6 @@ def split_groups(model: nn.Module, weight_decay: float, exclude: Iterable[str] =
 def group_names(group: dict) -> list[str | None]:
     names = group.get("names")
     return list(names) if names is not None else [None] * len(group["params"])
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the tensors held directly in `optimizer.state` (each storage counted once)."""
-    seen: set[tuple[int, torch.device]] = set()
-    total = 0
-    for state in optimizer.state.values():
-        for value in state.values():
-            if isinstance(value, torch.Tensor):
-                storage = value.untyped_storage()
-                key = (storage.data_ptr(), value.device)
-                if key not in seen:
-                    seen.add(key)
-                    total += storage.nbytes()
-    return total
 
 
 # --- technique base -------------------------------------------------------------------------------------------

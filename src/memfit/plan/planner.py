@@ -119,7 +119,7 @@ def _with_slots(recipe: dict[str, Any], slots: dict[str, Any], lr_scale: float =
 def plan(recipe: dict[str, Any], budget: int) -> list[PlanRow]:
     """Every candidate's predicted step peak, fitting ones first in rank order."""
     from memfit.memory.estimate import estimate_step
-    from memfit.plan import meta_model
+    from memfit.plan.meta import meta_model
     from memfit.recipe import load_recipe
     from memfit.train.build import resolve_device, run_spec
 

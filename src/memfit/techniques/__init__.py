@@ -1,28 +1,5 @@
-"""The technique plug-in point: one method from one paper, applied to a run and able to estimate itself."""
+"""The technique plug-in point: one method from one paper, applied to a run and able to estimate itself.
 
-from memfit.techniques.base import (
-    Context,
-    ForwardBackward,
-    LossFn,
-    OptimizerTechnique,
-    StepTechnique,
-    Technique,
-    TechniqueConfig,
-    TrainStep,
-)
-from memfit.techniques.registry import SLOTS, available, build_technique, technique_class
-
-__all__ = [
-    "SLOTS",
-    "Context",
-    "ForwardBackward",
-    "LossFn",
-    "OptimizerTechnique",
-    "StepTechnique",
-    "Technique",
-    "TechniqueConfig",
-    "TrainStep",
-    "available",
-    "build_technique",
-    "technique_class",
-]
+`base.py` is the protocol (`Technique`, its slots and hooks, `Context`, `ESTIMATE_ORDER`); `registry.py` the table
+of every technique by slot and name. Import from those modules (this package re-exports nothing).
+"""

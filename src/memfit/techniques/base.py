@@ -15,9 +15,12 @@ The run loop calls, in order: `check` → `apply` (model edits) → optimizer sl
 `wrap_loss` / `wrap_forward_backward` → step slot `make_train_step`; then `on_step_start` / `on_step_end`
 around every optimizer step. Every hook has a do-nothing default, so a technique writes only what it changes.
 
-Estimates compose the same way: `transform_spec` lets a technique change the shapes others see (LoRA adds
-adapter parameters and freezes the base; quantization shrinks bytes per element); then `estimate(spec, base)`
-returns `base` with the technique's own categories replaced.
+Estimates compose the same way (`memfit.memory.estimate.estimate_step`, in `ESTIMATE_ORDER`): `transform_spec`
+lets a technique change the shapes others see (LoRA adds adapter parameters and freezes the base; quantization
+shrinks bytes per element); then `estimate(spec, base)` returns `base` with the technique's own categories
+replaced; `step_phases(spec, breakdown)` returns the step's phases where the technique changes how a step runs
+(checkpointing recomputes, StreamBP walks chunks), else None. Everything a technique knows about its memory
+lives in these three methods of its own class; precision, placement and sharding will reach them through `spec`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ from torch import nn
 
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
+
+ESTIMATE_ORDER = ("weights", "adapter", "activations", "step", "optimizer", "kv")
+"""Slots are applied and estimated in this order, so e.g. the optimizer sees the adapter's trainable parameters."""
+
+QUANTIZED_WEIGHT_MARK = "memfit_quantized_weight"
+"""Class attribute (True) of modules that store their weight in a quantized format (`weights.quant.QuantLinear`):
+adapters that wrap `nn.Linear` read it to refuse such layers without importing the weights package."""
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -62,6 +72,12 @@ class Context:
     seed: int = 0
     techniques: list[Technique] = field(default_factory=list)
     data: Any = None  # the run's train data (calibration, importance scores); may be None in tests
+
+    def has_quantized_base(self) -> bool:
+        """The run's linear layers are (or, once techniques apply, will be) stored quantized: a module carries
+        `QUANTIZED_WEIGHT_MARK`, or a `weights` technique is in the recipe (checks run before any applies)."""
+        return (any(getattr(m, QUANTIZED_WEIGHT_MARK, False) for m in self.model.modules())
+                or any(t.slot == "weights" for t in self.techniques or []))
 
 
 class Technique:
@@ -103,12 +119,23 @@ class Technique:
         pass
 
     # --- estimating ------------------------------------------------------------------------------
+    @property
+    def order(self) -> int:
+        """Place in the estimate's composition: the slot's rank in `ESTIMATE_ORDER`."""
+        return ESTIMATE_ORDER.index(self.slot)
+
     def transform_spec(self, spec: RunSpec) -> RunSpec:
+        """The shapes the techniques after this one see (parameters added, frozen, re-stored; facts recorded)."""
         return spec
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         """`base` with this technique's own categories replaced by what it should take."""
         return base
+
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int] | None:
+        """Tensor totals at the moments a step can peak, where this technique changes how a step runs; None
+        leaves the phases to another technique or to plain backprop (`memfit.memory.estimate.backprop_phases`)."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"

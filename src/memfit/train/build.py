@@ -12,11 +12,11 @@ from torch import nn
 from memfit.data import DataBundle, build_data
 from memfit.data.config import TextData
 from memfit.errors import ConfigError
-from memfit.memory.estimate import ESTIMATE_ORDER
 from memfit.memory.spec import RunSpec
 from memfit.models import build_llama, load_model, load_tokenizer
 from memfit.recipe import Recipe
 from memfit.techniques.base import (
+    ESTIMATE_ORDER,
     Context,
     ForwardBackward,
     LossFn,

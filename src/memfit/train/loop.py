@@ -17,8 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from memfit.errors import CheckpointError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import estimate_step
-from memfit.memory.measure import MemoryMeter, MemoryReport
-from memfit.optim.base import state_bytes
+from memfit.memory.measure import MemoryMeter, MemoryReport, state_bytes
 from memfit.recipe import Recipe
 from memfit.train import checkpoint as ckpt
 from memfit.train.build import BuiltRun, build_run

@@ -1,5 +1,10 @@
 """Quantized and streamed weights: int8 / int4 / NF4 / AWQ `QuantLinear`s, QLoRA and PEQA bases, streaming.
 
+Layout: `format.py` (a storage format as a type) ← `int8.py`, `int4.py`, `nf4.py` (one format each, with its
+`weights` technique) ; `linear.py` (`QuantLinear` and quantizing models, written once for every format);
+`quant.py` (the formats by name); `awq.py`, `qlora.py`, `peqa.py` (methods over a format); `io.py`,
+`streaming.py` (checkpoints).
+
 API for the rest of memfit (e.g. `memfit generate`):
 
 - `apply_weights(model, fmt, group_size=None, calibration=None)` quantizes a model in place (fmt: int8, int4,
@@ -16,6 +21,7 @@ import torch
 from torch import nn
 
 from memfit.errors import ConfigError
+from memfit.weights.awq import awq_quantize
 from memfit.weights.io import load_quantized, save_quantized
 from memfit.weights.quant import (
     DEFAULT_SKIP,
@@ -27,19 +33,21 @@ from memfit.weights.quant import (
     weight_bytes,
 )
 
-WEIGHT_FORMATS = (*FORMATS, "awq")
+CALIBRATED = {"awq": awq_quantize}
+"""Quantizers that search per-layer constants on calibration token ids, over a format (AWQ: int4)."""
+WEIGHT_FORMATS = (*FORMATS, *CALIBRATED)
 
 
 def apply_weights(model: nn.Module, fmt: str, group_size: int | None = None,
                   calibration: torch.Tensor | Iterable | None = None,
                   skip: Iterable[str] = DEFAULT_SKIP) -> nn.Module:
-    """Quantize `model`'s linear layers in place to `fmt`; `awq` searches scales on `calibration` token ids."""
-    if fmt == "awq":
+    """Quantize `model`'s linear layers in place to the format `fmt`, or with a calibrated quantizer (`awq`)
+    that searches its constants on `calibration` token ids."""
+    calibrated = CALIBRATED.get(fmt)
+    if calibrated is not None:
         if calibration is None:
-            raise ConfigError("weights 'awq' needs calibration text (token ids); pass calibration=...")
-        from memfit.weights.awq import awq_quantize
-
-        return awq_quantize(model, calibration, group_size=group_size, skip=tuple(skip))
+            raise ConfigError(f"weights '{fmt}' needs calibration text (token ids); pass calibration=...")
+        return calibrated(model, calibration, group_size=group_size, skip=tuple(skip))
     if fmt not in FORMATS:
         raise ConfigError(f"unknown weight format '{fmt}'; choose one of: {', '.join(WEIGHT_FORMATS)}")
     return quantize_model(model, fmt, group_size, skip=tuple(skip))

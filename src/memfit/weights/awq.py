@@ -28,14 +28,8 @@ from memfit.errors import ConfigError, DataError
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context
 from memfit.weights.base import WeightQuantConfig, WeightQuantTechnique, quantize_spec
-from memfit.weights.quant import (
-    DEFAULT_SKIP,
-    dequantize_tensor,
-    effective_group,
-    quantizable_linears,
-    quantize_model,
-    quantize_tensor,
-)
+from memfit.weights.format import WeightFormat, get_format
+from memfit.weights.linear import DEFAULT_SKIP, quantizable_linears, quantize_model
 
 
 def calibration_batches(data: Any, max_tokens: int = 4096, seq: int = 256) -> list[torch.Tensor]:
@@ -110,9 +104,10 @@ def collect_activation_stats(model: nn.Module, names: list[str], batches: list[t
 
 
 @torch.no_grad()
-def search_scale(weight: torch.Tensor, mean_abs: torch.Tensor, x: torch.Tensor, fmt: str, group_size: int,
-                 n_grid: int = 20) -> tuple[torch.Tensor, float, float]:
+def search_scale(weight: torch.Tensor, mean_abs: torch.Tensor, x: torch.Tensor, fmt: str | WeightFormat,
+                 group_size: int, n_grid: int = 20) -> tuple[torch.Tensor, float, float]:
     """Best per-input-channel scale s = mean|x|^α (α on a grid in [0, 1)); returns (s, its loss, α=0 loss)."""
+    fmt = get_format(fmt)
     w = weight.detach().float()
     y = x @ w.t()
     mean_abs = mean_abs.clamp_min(1e-8)
@@ -121,7 +116,7 @@ def search_scale(weight: torch.Tensor, mean_abs: torch.Tensor, x: torch.Tensor, 
         alpha = i / n_grid
         s = mean_abs.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        wq = dequantize_tensor(fmt, quantize_tensor(w * s, fmt, group_size), tuple(w.shape)) / s
+        wq = fmt.decode(fmt.encode(w * s, group_size), *w.shape) / s
         err = (x @ wq.t() - y).pow(2).mean().item()
         if i == 0:
             plain_err = err
@@ -134,7 +129,7 @@ def awq_quantize(model: nn.Module, calibration: Any, group_size: int | None = No
                  skip: tuple[str, ...] = DEFAULT_SKIP, target: tuple[str, ...] | None = None, n_grid: int = 20,
                  max_tokens: int = 4096, seq: int = 256, max_rows: int = 512) -> nn.Module:
     """Search AWQ scales on `calibration` and quantize `model`'s linear layers to int`bits` in place."""
-    fmt = f"int{bits}"
+    fmt = get_format(f"int{bits}")
     linears = quantizable_linears(model, skip, target)
     if not linears:
         raise ConfigError("no nn.Linear layer to quantize: check 'skip' / 'target'")
@@ -143,7 +138,7 @@ def awq_quantize(model: nn.Module, calibration: Any, group_size: int | None = No
     scales, report = {}, {}
     for name, lin in linears:
         st = stats[name]
-        g = effective_group(fmt, lin.in_features, group_size)
+        g = fmt.effective_group(lin.in_features, group_size)
         s, err, plain = search_scale(lin.weight, st.abs_sum / st.count, torch.cat(st.rows), fmt, g, n_grid)
         scales[name] = s
         report[name] = {"awq_mse": err, "plain_mse": plain}
@@ -164,8 +159,8 @@ class AWQWeights(WeightQuantTechnique):
     Config = AWQConfig
 
     @property
-    def fmt(self) -> str:  # type: ignore[override]
-        return f"int{self.config.bits}"
+    def format(self) -> WeightFormat:  # type: ignore[override]
+        return get_format(f"int{self.config.bits}")
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
@@ -179,4 +174,4 @@ class AWQWeights(WeightQuantTechnique):
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
         c = self.config
-        return quantize_spec(spec, self.fmt, c.group_size, c.skip, c.target, awq=True)
+        return quantize_spec(spec, self.format, c.group_size, c.skip, c.target, awq=True)

@@ -1,6 +1,8 @@
 """The `weights` slot's shared technique: quantize every linear layer to one format, estimate its bytes exactly.
 
-A format file (int8.py, int4.py, nf4.py, awq.py) subclasses `WeightQuantTechnique` and sets `fmt` and its paper.
+A format file (int8.py, int4.py, nf4.py) defines its `WeightFormat` and a `WeightQuantTechnique` subclass that
+names it; AWQ (awq.py) chooses an input scale per layer over the int3/int4 formats. The estimate asks the format
+which tensors it stores, so it is exact for any format.
 """
 
 from __future__ import annotations
@@ -14,14 +16,8 @@ from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import parameter_bytes
 from memfit.memory.spec import ParamInfo, RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
-from memfit.weights.quant import (
-    DEFAULT_SKIP,
-    _matches,
-    _tensor_shapes,
-    effective_group,
-    quantizable_linears,
-    quantize_model,
-)
+from memfit.weights.format import WeightFormat
+from memfit.weights.linear import DEFAULT_SKIP, matches, quantizable_linears, quantize_model
 
 EMBEDDING_NAMES = ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings")
 
@@ -32,18 +28,15 @@ class WeightQuantConfig(TechniqueConfig):
     target: tuple[str, ...] | None = None  # only these modules (default: every nn.Linear not skipped)
 
 
-def quantized_param_infos(p: ParamInfo, fmt: str, group_size: int | None, awq: bool = False,
+def quantized_param_infos(p: ParamInfo, fmt: WeightFormat, group_size: int | None, awq: bool = False,
                           trainable_scale: bool = False) -> list[ParamInfo]:
     """The ParamInfos a `QuantLinear` stores in place of the dense weight `p` (shape (out, in))."""
     out, inp = p.shape
-    g = effective_group(fmt, inp, group_size)
-    n_groups = -(-inp // g)
     prefix = p.name[: -len("weight")]
     infos = []
-    for name, (shape, dtype) in _tensor_shapes(fmt, out, n_groups * g, n_groups).items():
-        nbytes = {"int8": 1, "uint8": 1, "float16": 2, "float32": 4}[str(dtype).split(".")[-1]]
-        trainable = trainable_scale and name == "scale"
-        infos.append(ParamInfo(prefix + name, tuple(shape), 4 if trainable else nbytes, trainable))
+    for name, (shape, dtype) in fmt.layout(out, inp, group_size).tensors.items():
+        trainable = trainable_scale and name == fmt.scale_name
+        infos.append(ParamInfo(prefix + name, tuple(shape), 4 if trainable else dtype.itemsize, trainable))
     if awq:
         infos.append(ParamInfo(prefix + "in_scale", (inp,), 4, False))
     return infos
@@ -55,12 +48,12 @@ def is_linear_weight(p: ParamInfo, skip: tuple[str, ...], target: tuple[str, ...
     if len(p.shape) != 2 or not p.name.endswith(only_suffix):
         return False
     module = p.name[: -len(".weight")]
-    if any(e in module.split(".")[-1] for e in EMBEDDING_NAMES) or _matches(module, skip):
+    if any(e in module.split(".")[-1] for e in EMBEDDING_NAMES) or matches(module, skip):
         return False
-    return target is None or module in target or _matches(module, target)
+    return target is None or module in target or matches(module, target)
 
 
-def quantize_spec(spec: RunSpec, fmt: str, group_size: int | None, skip: tuple[str, ...],
+def quantize_spec(spec: RunSpec, fmt: WeightFormat, group_size: int | None, skip: tuple[str, ...],
                   target: tuple[str, ...] | None, awq: bool = False, trainable_scale: bool = False,
                   only_suffix: str = ".weight") -> RunSpec:
     params: list[ParamInfo] = []
@@ -73,23 +66,23 @@ def quantize_spec(spec: RunSpec, fmt: str, group_size: int | None, skip: tuple[s
 
 
 class WeightQuantTechnique(Technique):
-    """Quantize the model's linear layers to `fmt` (frozen); the estimate counts the packed bytes exactly."""
+    """Quantize the model's linear layers to `format` (frozen); the estimate counts the stored bytes exactly."""
 
     slot = "weights"
-    fmt: str
+    format: WeightFormat
     Config = WeightQuantConfig
 
     def check(self, ctx: Context) -> None:
         if not quantizable_linears(ctx.model, self.config.skip, self.config.target):
             raise ConfigError(f"weights '{self.name}': the model has no nn.Linear layer to quantize "
                               "(check 'skip' / 'target')")
-        effective_group(self.fmt, 2**30, self.config.group_size)
+        self.format.effective_group(2**30, self.config.group_size)
 
     def apply(self, ctx: Context) -> None:
-        quantize_model(ctx.model, self.fmt, self.config.group_size, self.config.skip, self.config.target)
+        quantize_model(ctx.model, self.format, self.config.group_size, self.config.skip, self.config.target)
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
-        return quantize_spec(spec, self.fmt, self.config.group_size, self.config.skip, self.config.target)
+        return quantize_spec(spec, self.format, self.config.group_size, self.config.skip, self.config.target)
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         return base.with_(parameters=parameter_bytes(spec))

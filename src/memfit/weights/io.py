@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memfit.errors import CheckpointError, ModelError
-from memfit.weights.quant import QuantLinear, quantized_modules, set_submodule
+from memfit.weights.linear import QuantLinear, quantized_modules, set_submodule
 
 QUANT_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -42,7 +42,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     modules = {
         name: {"fmt": m.fmt, "group_size": m.group_size, "in_features": m.in_features,
                "out_features": m.out_features, "bias": m.bias is not None, "awq": m.in_scale is not None,
-               "trainable_scale": m.fmt != "nf4" and m.scale_param().requires_grad}
+               "trainable_scale": m.scale_param() is not None and m.scale_param().requires_grad}
         for name, m in quantized_modules(model).items()
     }
     tmp = directory / (WEIGHTS_FILE + ".tmp")

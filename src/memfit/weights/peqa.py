@@ -22,7 +22,8 @@ from memfit.memory.estimate import parameter_bytes
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
 from memfit.weights.base import quantize_spec
-from memfit.weights.quant import DEFAULT_SKIP, quantizable_linears, quantize_model, quantized_modules
+from memfit.weights.format import WeightFormat, get_format
+from memfit.weights.linear import DEFAULT_SKIP, quantizable_linears, quantize_model, quantized_modules
 
 
 class PEQAConfig(TechniqueConfig):
@@ -39,8 +40,8 @@ class PEQA(Technique):
     Config = PEQAConfig
 
     @property
-    def fmt(self) -> str:
-        return f"int{self.config.bits}"
+    def format(self) -> WeightFormat:
+        return get_format(f"int{self.config.bits}")
 
     def check(self, ctx: Context) -> None:
         if any(True for _ in quantized_modules(ctx.model)):
@@ -49,7 +50,7 @@ class PEQA(Technique):
             raise ConfigError("PEQA found no nn.Linear layer to quantize (check 'skip' / 'target')")
 
     def apply(self, ctx: Context) -> None:
-        quantize_model(ctx.model, self.fmt, self.config.group_size, self.config.skip, self.config.target)
+        quantize_model(ctx.model, self.format, self.config.group_size, self.config.skip, self.config.target)
         for p in ctx.model.parameters():
             p.requires_grad_(False)
         for q in quantized_modules(ctx.model).values():
@@ -57,7 +58,7 @@ class PEQA(Technique):
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
         frozen = spec.with_(model=_freeze(spec.model))
-        return quantize_spec(frozen, self.fmt, self.config.group_size, self.config.skip, self.config.target,
+        return quantize_spec(frozen, self.format, self.config.group_size, self.config.skip, self.config.target,
                              trainable_scale=True)
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:

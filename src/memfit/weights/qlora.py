@@ -21,7 +21,8 @@ from memfit.adapters.peft_tuner import LoraLike, LoraLikeConfig
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context
 from memfit.weights.base import quantize_spec
-from memfit.weights.quant import QuantLinear, quantize_model
+from memfit.weights.format import WeightFormat, get_format
+from memfit.weights.linear import QuantLinear, quantize_model
 
 
 class QLoRAConfig(LoraLikeConfig):
@@ -46,8 +47,8 @@ class QLoRA(LoraLike):
     Config = QLoRAConfig
 
     @property
-    def fmt(self) -> str:
-        return self.config.format
+    def format(self) -> WeightFormat:
+        return get_format(self.config.format)
 
     def peft_config(self, target_modules, task_type, save):
         config = super().peft_config(target_modules, task_type, save)
@@ -56,10 +57,9 @@ class QLoRA(LoraLike):
 
     def check(self, ctx: Context) -> None:
         from memfit.errors import ConfigError
-        from memfit.weights.quant import has_quantized_base
 
-        if has_quantized_base(ctx):
-            raise ConfigError(f"qlora quantizes its base itself (format: {self.fmt}); remove the 'weights' technique "
+        if ctx.has_quantized_base():
+            raise ConfigError(f"qlora quantizes its base itself (format: {self.format.name}); remove the 'weights' technique "
                               "from the recipe")
         super().check(ctx)
 
@@ -67,7 +67,7 @@ class QLoRA(LoraLike):
         from memfit.memory.spec import model_shape
 
         targets = self._targets(model_shape(ctx.model).params)
-        quantize_model(ctx.model, self.fmt, self.config.group_size, skip=(), target=targets)
+        quantize_model(ctx.model, self.format, self.config.group_size, skip=(), target=targets)
         for p in ctx.model.parameters():
             p.requires_grad_(False)
         super().apply(ctx)
@@ -85,5 +85,5 @@ class QLoRA(LoraLike):
         targets = set(adapted.extra.get("adapter_targets", []))
         prefix = "base_model.model."
         names = tuple(prefix + t + ".base_layer" for t in targets)
-        return quantize_spec(adapted, self.fmt, self.config.group_size, skip=(), target=names,
+        return quantize_spec(adapted, self.format, self.config.group_size, skip=(), target=names,
                              only_suffix=".base_layer.weight")

@@ -31,7 +31,7 @@ from torch import nn
 
 from memfit.errors import BudgetError, CheckpointError, ConfigError
 from memfit.weights.io import QUANT_FILE, materialize_meta_buffers, meta_model
-from memfit.weights.quant import QuantLinear, set_submodule
+from memfit.weights.linear import QuantLinear, set_submodule
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

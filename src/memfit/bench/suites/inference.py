@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from memfit.bench.harness import BenchOptions
+from memfit.bench.workloads import pretrained_lm, small_lm_recipe
 from memfit.kv import build_policy
 from memfit.kv.prefill import chunked_prefill
 from memfit.memory.measure import MemoryMeter
@@ -47,25 +48,12 @@ KVPRESS_OF = {"streaming_llm": "streaming_llm", "snapkv": "snapkv", "pyramid": "
 
 
 def pretrain_recipe(data_dir: Path) -> dict[str, Any]:
-    return {
-        "name": "kvbench-lm", "seed": 0, "task": "causal_lm", "model": {"preset": "llama-1m"},
-        "data": {"kind": "text", "block_size": 512, "vocab_size": 8192, "val_fraction": 0.05,
-                 "paths": [str(data_dir / "warpeace/input.txt"), str(data_dir / "tinyshakespeare/input.txt")]},
-        "train": {"steps": 120, "batch_size": 2, "schedule": "cosine", "warmup_steps": 12, "precision": "fp32",
-                  "eval_every": 60, "eval_batches": 4},
-        "optimizer": {"name": "adamw", "lr": 3.0e-3, "weight_decay": 0.01},
-    }
+    return small_lm_recipe("kvbench-lm", data_dir, block_size=512, vocab_size=8192, steps=120, batch_size=2,
+                           warmup_steps=12, eval_every=60, eval_batches=4)
 
 
 def model_dir(opts: BenchOptions) -> Path:
-    if os.environ.get("MEMFIT_INFERENCE_MODEL"):
-        return Path(os.environ["MEMFIT_INFERENCE_MODEL"])
-    if not (CACHED / "model" / "config.json").exists():
-        from memfit.recipe import load_recipe
-        from memfit.train import train
-
-        train(load_recipe(pretrain_recipe(Path(opts.data_dir))), CACHED)
-    return CACHED / "model"
+    return pretrained_lm(pretrain_recipe(Path(opts.data_dir)), CACHED)
 
 
 def heldout_windows(tokenizer, data_dir: Path, n: int, length: int) -> list[list[int]]:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from memfit.bench.harness import BenchOptions
+from memfit.bench.workloads import pretrained_lm, small_lm_recipe
 
 MIB = 2**20
 
@@ -94,26 +95,13 @@ PRETRAIN_STEPS = 300
 def pretrain_recipe(data_dir: Path, steps: int = PRETRAIN_STEPS) -> dict[str, Any]:
     """The pretrain workload shrunk to train in minutes on 2 cores (llama-1m, BPE 512, block 128): small enough
     to reach a perplexity where quantization noise shows, which a barely-trained larger model does not."""
-    return {
-        "name": "weights-bench-lm", "seed": 0, "task": "causal_lm", "model": {"preset": "llama-1m"},
-        "data": {"kind": "text", "block_size": 128, "vocab_size": 512, "val_fraction": 0.05,
-                 "paths": [str(data_dir / "warpeace/input.txt"), str(data_dir / "tinyshakespeare/input.txt")]},
-        "train": {"steps": steps, "batch_size": 16, "schedule": "cosine", "warmup_steps": 20, "precision": "fp32",
-                  "eval_every": steps, "eval_batches": 5},
-        "optimizer": {"name": "adamw", "lr": 3.0e-3, "weight_decay": 0.01},
-    }
+    return small_lm_recipe("weights-bench-lm", data_dir, block_size=128, vocab_size=512, steps=steps, batch_size=16,
+                           warmup_steps=20, eval_every=steps, eval_batches=5)
 
 
 def lm_dir(opts: BenchOptions) -> Path:
     """MEMFIT_INFERENCE_MODEL if set, else our own pretrained LM (trained once, cached)."""
-    if os.environ.get("MEMFIT_INFERENCE_MODEL"):
-        return Path(os.environ["MEMFIT_INFERENCE_MODEL"])
-    if not (OWN_CACHE / "model" / "config.json").exists():
-        from memfit.recipe import load_recipe
-        from memfit.train import train
-
-        train(load_recipe(pretrain_recipe(Path(opts.data_dir))), OWN_CACHE)
-    return OWN_CACHE / "model"
+    return pretrained_lm(pretrain_recipe(Path(opts.data_dir)), OWN_CACHE)
 
 
 def format_rows(opts: BenchOptions) -> list[dict]:

@@ -1,0 +1,204 @@
+"""The activation slot's memory model: where forward-produced bytes sit between forward and backward.
+
+Sizes come from `memfit.memory.estimate` (one activation model for the whole project); this module re-slices
+them per layer and per chunk of tokens and composes the techniques that change them. A plain backprop step
+keeps every layer's saved tensors and the loss head's; each technique that changes this (checkpointing, chunked
+CE, Mesa / S2A, offload) records itself in the spec (`record`) and reshapes the layout in its own
+`shape_layout`; the estimate and the step phases are then read off the composed layout, the same for all of
+them, so the result does not depend on the order of the recipe's list:
+
+- a layer's plan (`LayerPlan`) says what forward keeps of it: its saved tensors, an exact part (a checkpoint's
+  input), whether it is recomputed in backward, the bits its saved tensors are stored at;
+- the head keeps its saved tensors, has transients while forward computes the loss, and gradients as backward
+  starts; `on_host` places saved tensors in host memory (offload on an accelerator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import reduce
+
+from memfit.memory import estimate as est
+from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.spec import RunSpec
+from memfit.techniques.base import Technique
+
+# --- component sizes, re-sliced for a chunk of tokens ------------------------------------------------------
+
+
+def act_bytes(spec: RunSpec) -> int:
+    """Bytes per element of the tensors a forward saves (the compute dtype)."""
+    return est.dtypes(spec).compute
+
+
+def sliced(spec: RunSpec, tokens: int | None, seq: int | None) -> RunSpec:
+    s = spec.seq if seq is None else seq
+    t = spec.tokens if tokens is None else tokens
+    return spec.with_(batch=max(t // max(s, 1), 1), seq=s)
+
+
+def kv_dim(spec: RunSpec) -> int:
+    return spec.model.n_kv_heads * spec.model.head_dim
+
+
+def layer_bytes(spec: RunSpec, tokens: int | None = None, seq: int | None = None) -> int:
+    """Tensors one decoder layer saves for backward, for `tokens` tokens in sequences of `seq`."""
+    return sum(est.layer_components(sliced(spec, tokens, seq)).values())
+
+
+def layer_input_bytes(spec: RunSpec, tokens: int | None = None) -> int:
+    """One hidden-state tensor (a layer's input): what a checkpointed layer keeps."""
+    t = spec.tokens if tokens is None else tokens
+    return t * spec.model.hidden * est.dtypes(spec).residual
+
+
+def rope_bytes(spec: RunSpec, seq: int | None = None) -> int:
+    """The cos/sin tables shared by every layer."""
+    return est.head_components(sliced(spec, None, seq)).get("embeddings", 0)
+
+
+def norm_bytes(spec: RunSpec, tokens: int | None = None) -> int:
+    """The final norm's saved tensors and the LM head's input."""
+    h = est.head_components(sliced(spec, tokens, None if tokens is None else min(tokens, spec.seq)))
+    return h.get("final_norm", 0) + h.get("head", 0)
+
+
+def logits_bytes(spec: RunSpec, tokens: int | None = None) -> int:
+    """LM head + cross-entropy: the logits (kept by a transformers model's output) and the loss's fp32
+    log-probabilities and targets."""
+    t = spec.tokens if tokens is None else tokens
+    sub = sliced(spec, t, min(t, spec.seq))
+    return est.head_components(sub).get("loss", 0) + t * spec.model.vocab * max(act_bytes(spec), 4)
+
+
+def ids_bytes(spec: RunSpec) -> int:
+    return spec.tokens * 8
+
+
+def compressed_bytes(spec: RunSpec, nbytes: int, bits: int) -> int:
+    """Saved float tensors re-stored at `bits` per element (scales are negligible)."""
+    return int(nbytes * bits / (8 * act_bytes(spec)))
+
+
+# --- the layout ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What forward keeps of one decoder layer for its backward."""
+
+    saved: int  # saved tensors kept (re-stored at `bits` if set)
+    exact: int = 0  # bytes kept as they are (a checkpointed layer's input)
+    recomputed: bool = False  # forward ran inside a checkpoint; backward recomputes what it dropped
+    bits: int | None = None  # saved tensors stored at this many bits per element
+    pack_scratch: int = 0  # bytes alive while a forward outside a checkpoint packs its saved tensors
+
+    def kept(self, spec: RunSpec) -> int:
+        return self.exact + (compressed_bytes(spec, self.saved, self.bits) if self.bits else self.saved)
+
+    def packing(self) -> int:
+        return self.pack_scratch if self.bits and not self.recomputed else 0
+
+
+@dataclass(frozen=True)
+class ActivationLayout:
+    """Forward-produced bytes of one step under the recorded techniques (all of the slot but StreamBP)."""
+
+    fixed: int  # token ids, RoPE tables, autocast weight copies
+    layer: int  # one layer's saved tensors in full: alive while its backward runs (recomputed or unpacked)
+    layers: tuple[LayerPlan, ...]
+    head_saved: int  # final norm and loss head, kept for backward
+    head_transient: int  # loss-head tensors alive only while forward computes the loss
+    head_backward: int  # the loss head's gradients as backward starts
+    on_host: bool = False  # saved tensors live in host memory between forward and backward
+
+    def with_layers(self, change) -> ActivationLayout:
+        """A copy with `change(i, plan)` applied to every layer's plan."""
+        return replace(self, layers=tuple(change(i, p) for i, p in enumerate(self.layers)))
+
+    def activation_peak(self, spec: RunSpec) -> int:
+        """Peak bytes of forward-produced tensors: forward ends holding the fixed tensors, what each layer keeps
+        and the head's; backward then works on one layer at a time from the top, freeing as it goes."""
+        head = self.head_saved + self.head_transient
+        if self.on_host:  # the device holds the head and one layer in flight
+            return self.fixed + head + self.layer
+        kept = [p.kept(spec) for p in self.layers]
+        peak = sum(kept) + head
+        for i, plan in enumerate(self.layers):
+            peak = max(peak, sum(kept[:i]) + self.layer)
+            if plan.packing():
+                peak = max(peak, sum(kept[:i]) + kept[i] + plan.packing())
+        return self.fixed + peak
+
+    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
+        return base.with_(activations=self.activation_peak(spec),
+                          temporaries=est.backward_temporaries(spec, head=self.head_backward))
+
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+        """Forward's loss head, the start of backward (everything kept + the loss head's gradients), each layer's
+        backward from the top (layers below still kept, this one recomputed or unpacked, gradients of the head
+        and the layers above made, the block's transients), the optimizer step."""
+        n = spec.model.n_layers
+        fixed = est.fixed_bytes(breakdown) + self.fixed
+        grads = breakdown.gradients
+        held = grads if spec.grad_accum > 1 else 0
+        mlp_tmp, attn_tmp = est.block_backward_temporaries(spec)
+        parts = est.layer_components(spec)
+        # inside one layer's backward (as in plain backprop's phases): the MLP's transients while the layer is
+        # whole, then the attention's once the MLP's saved tensors and the norms' are freed
+        in_layer = max(mlp_tmp - parts["norms"] // 2, attn_tmp - parts["mlp"] - parts["norms"])
+        kept = [p.kept(spec) for p in self.layers]
+        phases = {
+            "forward_head": fixed + held + sum(kept) + self.head_saved + self.head_transient,
+            "backward_start": fixed + held + sum(kept) + self.head_saved + self.head_backward,
+            "optimizer_step": fixed + grads + est.optimizer_step_transients(spec, breakdown),
+        }
+        for i in reversed(range(n)):
+            done = est.gradients_made(spec, breakdown, n - i)
+            phases[f"layer_{i}"] = fixed + max(held, done) + sum(kept[:i]) + self.layer + in_layer
+        return phases
+
+
+def plain_layout(spec: RunSpec) -> ActivationLayout:
+    """Plain backprop: every layer keeps its saved tensors; the loss head keeps its log-probabilities, with the
+    logits alive while the loss is computed."""
+    layer = layer_bytes(spec)
+    head_saved, head_transient = norm_bytes(spec), 0
+    if spec.task == "causal_lm":
+        loss = est.head_components(spec)["loss"]
+        head_saved += loss
+        head_transient = logits_bytes(spec) - loss
+    fixed = ids_bytes(spec) + rope_bytes(spec) + est.weight_cast_bytes(spec)
+    return ActivationLayout(fixed, layer, (LayerPlan(saved=layer),) * spec.model.n_layers, head_saved,
+                            head_transient, est.head_backward_temporaries(spec))
+
+
+# --- the techniques that shape it --------------------------------------------------------------------------
+
+RECORD_KEY = "activation_layout"
+"""`spec.extra` key: the activation techniques that shape the layout, in the recipe's order."""
+
+
+class LayoutTechnique(Technique):
+    """An activation technique that changes what forward keeps: it records itself in the spec, reshapes the
+    layout in `shape_layout`, and estimates (activations, the loss head's temporaries) and models the step's
+    phases from the composed layout."""
+
+    slot = "activations"
+
+    def shape_layout(self, spec: RunSpec, layout: ActivationLayout) -> ActivationLayout:
+        return layout
+
+    def transform_spec(self, spec: RunSpec) -> RunSpec:
+        return spec.with_(extra={**spec.extra, RECORD_KEY: (*spec.extra.get(RECORD_KEY, ()), self)})
+
+    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
+        return layout_of(spec).estimate(spec, base)
+
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+        return layout_of(spec).step_phases(spec, breakdown)
+
+
+def layout_of(spec: RunSpec) -> ActivationLayout:
+    """The plain layout reshaped by every recorded technique."""
+    return reduce(lambda lay, t: t.shape_layout(spec, lay), spec.extra.get(RECORD_KEY, ()), plain_layout(spec))
