@@ -20,9 +20,11 @@ import torch
 from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache
 
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
+from memfit.compat import find_instance
 from memfit.errors import ConfigError
 from memfit.memory import estimate as est
 from memfit.memory.spec import RunSpec
@@ -42,7 +44,7 @@ def checkpoint_module(module: nn.Module) -> None:
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        cache = kwargs.get("past_key_values")
+        cache = find_instance(args, kwargs, Cache)  # `past_key_values=` up to transformers 5.23, `cache=` after
         if not (torch.is_grad_enabled() and module.training) or (cache is not None and kwargs.get("use_cache")):
             return original(*args, **kwargs)
         return checkpoint(original, *args, use_reentrant=False, **kwargs)

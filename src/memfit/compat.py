@@ -1,0 +1,94 @@
+"""Where memfit meets the libraries it hooks into: installed versions, tested ranges, and one loud failure.
+
+memfit edits third-party objects at run time (forward hooks on `transformers` attention modules, `peft` module
+injection, torch's private `MemTracker`, saved-tensor hooks, ...). When such a hook finds nothing to act on, the
+technique silently does nothing — the worst bug memfit can have. Every such place calls `require` (or `fail`)
+after applying itself, so that a library update that moves an API raises a `CompatError` naming what memfit
+expected and the versions installed next to the ones it was tested with (the ranges in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import re
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from memfit.errors import CompatError
+
+LIBRARIES = ("torch", "transformers", "peft")
+T = TypeVar("T")
+
+
+def version(dist: str) -> str | None:
+    """The installed version of distribution `dist`, or None."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def tested_range(dist: str) -> str | None:
+    """memfit's declared requirement for `dist` (e.g. 'transformers<5.40,>=5.0'), read from its metadata."""
+    try:
+        requires = importlib.metadata.requires("memfit") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for req in requires:
+        if ";" in req:  # extras only
+            continue
+        match = re.match(r"\s*([A-Za-z0-9_.-]+)\s*(.*)", req)
+        if match and match.group(1).lower().replace("_", "-") == dist.lower():
+            return match.group(2).strip() or None
+    return None
+
+
+def describe(libraries: Iterable[str] = LIBRARIES) -> str:
+    """'transformers 5.24.0 (tested >=5.0,<5.40), torch 2.13.0 (tested ...)' for the named libraries."""
+    parts = []
+    for dist in libraries:
+        installed = version(dist) or "not installed"
+        tested = tested_range(dist)
+        parts.append(f"{dist} {installed}" + (f" (memfit is tested with {dist}{tested})" if tested else ""))
+    return ", ".join(parts)
+
+
+def fail(what: str, expected: str, libraries: Iterable[str] = ("transformers",)) -> CompatError:
+    """The error to raise when a hook into a library found nothing to act on: what failed, what memfit expected."""
+    return CompatError(f"{what}: memfit expected {expected}, under {describe(libraries)}; install a tested "
+                       "version (memfit's constraints.txt pins them)")
+
+
+def require(count: int, what: str, expected: str, libraries: Iterable[str] = ("transformers",)) -> int:
+    """`count` (modules replaced, hooks fired, parameters frozen, ...) must be > 0; return it, else raise."""
+    if count <= 0:
+        raise fail(what, expected, libraries)
+    return count
+
+
+def find_instance(args: tuple, kwargs: dict[str, Any], cls: type[T]) -> T | None:
+    """The first argument of a module call that is a `cls`, whatever its keyword: transformers renames arguments
+    between releases (the KV cache is `past_key_values` up to 5.23 and `cache` from 5.24), so hooks match by type."""
+    for value in (*kwargs.values(), *args):
+        if isinstance(value, cls):
+            return value
+    return None
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword under which a transformers model (its `forward` and `generate`) takes a KV cache: `cache` where
+    the forward's signature names it (transformers 5.24 renamed it, deprecating `past_key_values`), else
+    `past_key_values`. A pass-through wrapper (`forward(*args, **kwargs)`) is looked through via its `.model`."""
+    seen = 0
+    while model is not None and seen < 4:
+        try:
+            params = inspect.signature(type(model).forward).parameters
+        except (TypeError, ValueError, AttributeError):
+            params = {}
+        if "cache" in params:
+            return "cache"
+        if "past_key_values" in params:
+            return "past_key_values"
+        model, seen = getattr(model, "model", None), seen + 1
+    return "past_key_values"
