@@ -57,3 +57,18 @@ def test_checkpointing_skips_a_decoder_cache_whatever_its_keyword():
     assert layer._memfit_checkpoint_calls == 0
     layer(x)
     assert layer._memfit_checkpoint_calls == 1
+
+
+def test_streambp_refuses_a_layer_it_does_not_reproduce():
+    """StreamBP rebuilds each Llama layer from its parts; a layer that computes something else (a transformers
+    change) must be refused at apply, not trained with wrong gradients."""
+    import torch
+
+    from memfit.activations.streambp import check_matches_model
+
+    model = make_model()
+    check_matches_model(model)  # the shipped Llama layer: equal
+    model.model.layers[1].register_forward_hook(
+        lambda m, a, out: out + 1 if isinstance(out, torch.Tensor) else (out[0] + 1, *out[1:]))
+    with pytest.raises(CompatError, match=r"streambp.*differs.*transformers \d"):
+        check_matches_model(model)
