@@ -198,3 +198,11 @@ def test_attention_that_never_reaches_the_layer_fails_loudly(prompt, name):
         handle.remove()
     with pytest.raises(CompatError, match=r"attention probabilities never reached the cache.*transformers \d"):
         greedy(model, prompt, cache, n=4)
+
+
+def test_chunked_prefill_into_a_cache_the_model_ignores_fails_loudly(model, prompt):
+    """KIVI's cache has no hooks; if the model stored its keys elsewhere, prefill must say so."""
+    cache = build_policy("kivi", bits=8).make_cache(model)
+    with pytest.raises(CompatError, match=r"took 0 of 23 prompt tokens.*transformers \d"):
+        chunked_prefill(lambda **kw: model(**{k: v for k, v in kw.items() if k not in ("cache", "past_key_values")}),
+                        prompt[:, :-1], cache, chunk=5)
