@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import logging
 import re
 from collections.abc import Iterable
 from typing import Any, TypeVar
@@ -92,3 +93,31 @@ def cache_keyword(model: Any) -> str:
             return "past_key_values"
         model, seen = getattr(model, "model", None), seen + 1
     return "past_key_values"
+
+
+# Messages optional libraries log while *being imported* (transformers pulls torchao in with any model class, peft
+# pulls bitsandbytes): on a CPU machine each is expected and says nothing to a memfit user. Dropped one by one, by
+# logger and text, so anything else these libraries log still reaches the user.
+IMPORT_NOISE = {
+    "torchao": ("Failed to load ",),  # its CUDA-only kernels (_C_mxfp8, _C_cutlass_90a) on CPU
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),  # torchao's enum registration
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),  # optional `kernels` package
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(p in message for p in self.prefixes)
+
+
+def quiet_import_noise() -> None:
+    """Install (once) the filters that drop `IMPORT_NOISE`; costs no import of the libraries themselves."""
+    for name, prefixes in IMPORT_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
