@@ -72,3 +72,23 @@ def test_streambp_refuses_a_layer_it_does_not_reproduce():
         lambda m, a, out: out + 1 if isinstance(out, torch.Tensor) else (out[0] + 1, *out[1:]))
     with pytest.raises(CompatError, match=r"streambp.*differs.*transformers \d"):
         check_matches_model(model)
+
+
+@pytest.mark.parametrize("spec", [{"name": "checkpointing"}, {"name": "mesa"}])
+def test_layers_run_without_gradients_are_not_a_compat_error(spec):
+    """A backbone run under no_grad (as LST runs it) gives these techniques nothing to do; that is not a library
+    change, so the checks stay quiet."""
+    import torch
+
+    model = make_model()
+    tech = build_technique("activations", spec)
+    ctx = Context(model=model, spec=RunSpec.from_model(model), techniques=[tech])
+    apply_techniques(ctx)
+
+    def frozen_backbone_loss(m, batch):
+        with torch.no_grad():
+            hidden = m.model(input_ids=batch["input_ids"]).last_hidden_state
+        return m.lm_head(hidden).float().logsumexp(-1).mean()
+
+    fb = wrap_forward_backward(ctx, loss_fn=frozen_backbone_loss)
+    assert torch.isfinite(fb(model, make_batch(), 1.0))

@@ -11,7 +11,7 @@ from torch import nn
 
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
-from memfit.compat import fail
+from memfit.compat import count_training_calls, fail
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Batch, Context, ForwardBackward, TechniqueConfig
 
@@ -36,16 +36,22 @@ class CompressedActivations(lay.LayoutTechnique):
             self._made.append(hooks)
             return hooks
 
-        for layer in c.decoder_layers(ctx.model):
+        self._layers = list(c.decoder_layers(ctx.model))
+        for layer in self._layers:
             c.wrap_forward(layer, f"compressed{self.bits}", lambda params=c.param_storages(layer): make(params))
+            count_training_calls(layer)
 
     def wrap_forward_backward(self, fb: ForwardBackward, ctx: Context) -> ForwardBackward:
         def forward_backward(model: nn.Module, batch: Batch, loss_scale: float) -> torch.Tensor:
             self._made.clear()
+            layers = getattr(self, "_layers", [])
+            for layer in layers:
+                layer._memfit_training_calls = 0
             loss = fb(model, batch, loss_scale)
-            if model.training and not any(h.original_bytes for h in self._made):
-                raise fail(f"{self.name}: no saved activation was compressed in a training forward-backward "
-                           f"({len(self._made)} decoder-layer forwards ran under the saved-tensor hooks)",
+            ran = sum(layer._memfit_training_calls for layer in layers)
+            if ran and not any(h.original_bytes for h in self._made):
+                raise fail(f"{self.name}: {ran} training calls of decoder layers compressed no saved activation "
+                           f"({len(self._made)} ran under the saved-tensor hooks)",
                            "decoder layers called through their `forward` attribute to save tensors for backward "
                            "through torch.autograd.graph.saved_tensors_hooks", ("torch", "transformers"))
             self._made.clear()

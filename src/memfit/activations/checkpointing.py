@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
-from memfit.compat import fail, find_instance
+from memfit.compat import count_training_calls, fail, find_instance
 from memfit.errors import ConfigError
 from memfit.memory import estimate as est
 from memfit.memory.spec import RunSpec
@@ -54,6 +54,7 @@ def checkpoint_module(module: nn.Module) -> None:
     module._memfit_checkpointed = True
     module._memfit_original_forward = original
     module._memfit_checkpoint_calls = 0
+    count_training_calls(module)
 
 
 def uncheckpoint_module(module: nn.Module) -> None:
@@ -117,11 +118,12 @@ class Checkpointing(lay.LayoutTechnique):
         def forward_backward(model: nn.Module, batch: Batch, loss_scale: float) -> torch.Tensor:
             targets = getattr(self, "_targets", [])
             for m in targets:
-                m._memfit_checkpoint_calls = 0
+                m._memfit_checkpoint_calls = m._memfit_training_calls = 0
             loss = fb(model, batch, loss_scale)
-            if model.training and not any(getattr(m, "_memfit_checkpoint_calls", 0) for m in targets):
-                raise fail("checkpointing: no checkpointed module ran through torch.utils.checkpoint in a training "
-                           "forward-backward", "the model to call each decoder layer's `forward` attribute",
+            ran = sum(getattr(m, "_memfit_training_calls", 0) for m in targets)
+            if ran and not any(getattr(m, "_memfit_checkpoint_calls", 0) for m in targets):
+                raise fail(f"checkpointing: {ran} training calls of checkpointed modules, none through "
+                           "torch.utils.checkpoint", "the model to call each decoder layer's `forward` attribute",
                            ("transformers", "torch"))
             return loss
 
