@@ -4,14 +4,12 @@ memfit predicts the peak memory of each strategy by category (weights, gradients
 activations, KV cache), picks a plan that fits a budget, runs it, and measures where every byte went.
 """
 
-import logging
-
+from memfit.compat import quiet_import_noise
 from memfit.errors import MemfitError
 
-# torchao (pulled in by transformers when installed) logs its missing GPU kernels at import on CPU machines
-logging.getLogger("torchao").setLevel(logging.ERROR)
-# ... and registers its enums with torch's pytree, which warns that this is deprecated (not the user's concern)
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# torchao and bitsandbytes, pulled in by transformers / peft when installed, log expected CPU-machine messages at
+# import; drop exactly those (memfit.compat.IMPORT_NOISE), nothing else they log
+quiet_import_noise()
 
 __version__ = "0.1.0"
 __all__ = ["MemfitError", "__version__"]

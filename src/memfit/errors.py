@@ -23,3 +23,8 @@ class BudgetError(MemfitError):
 
 class CheckpointError(MemfitError):
     """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class CompatError(MemfitError):
+    """An installed library (torch, transformers, peft, ...) does not behave as memfit expects: a hook found nothing
+    to act on. The message names the versions installed and the range memfit is tested with."""

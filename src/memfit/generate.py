@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit.compat import cache_keyword, fail
 from memfit.errors import ConfigError, ModelError
 from memfit.kv.base import KVPolicy, PolicyCache
 from memfit.kv.prefill import chunked_prefill
@@ -212,14 +213,16 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
             cache = policy.make_cache(lm)
             if prefill_chunk is not None and prompt_tokens > 1:
                 chunked_prefill(lm, input_ids[:, :-1], cache, prefill_chunk)
-            gen_kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                              past_key_values=cache, attention_mask=torch.ones_like(input_ids))
+            gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                          cache_keyword(lm): cache,
+                                          "attention_mask": torch.ones_like(input_ids)}
             if do_sample:
                 gen_kwargs.update(temperature=temperature, top_k=top_k)
             pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
             eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
             gen_kwargs["pad_token_id"] = pad if pad is not None else (eos if eos is not None else 0)
             output = lm.generate(input_ids, **gen_kwargs)
+            _check_cache_used(cache, prompt_tokens)
     finally:
         handle.remove()
     seconds = time.perf_counter() - start
@@ -239,6 +242,14 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
                           options=dict(policy.config.model_dump(), weights=weights, stream=stream, attn=impl,
                                        prefill_chunk=prefill_chunk,
                                        streamed_weights_peak=getattr(lm, "peak_resident_bytes", None)))
+
+
+def _check_cache_used(cache: PolicyCache, prompt_tokens: int) -> None:
+    """`model.generate` must have run every prompt token through memfit's cache (not a cache of its own)."""
+    if cache.get_seq_length() < prompt_tokens:
+        raise fail(f"the KV policy's cache saw {cache.get_seq_length()} of the {prompt_tokens} prompt tokens",
+                   "model.generate(past_key_values=cache) (or cache=) to store every key and value in the given cache")
+    cache.verify()
 
 
 def _encode(prompt: str | torch.Tensor, tokenizer: Any) -> torch.Tensor:

@@ -63,3 +63,20 @@ def test_ist_layers_beyond_model_is_config_error():
     tech = build_technique("adapter", {"name": "ist", "layers": 5})
     with pytest.raises(ConfigError, match="only 2 layers"):
         tech.check(Context(model=model, spec=RunSpec.from_model(model)))
+
+
+def test_lora_layers_it_cannot_silence_are_a_compat_error(monkeypatch):
+    """IST scores layers by zeroing peft's per-adapter `scaling`; a peft without it would leave every score 0."""
+    from memfit.adapters.lora import LoRA
+    from memfit.errors import CompatError
+
+    original = LoRA.apply
+
+    def apply_without_scaling(self, ctx):
+        original(self, ctx)
+        for m in ctx.model.modules():
+            if hasattr(m, "lora_A"):
+                m.scaling = 1.0  # not a per-adapter dict any more
+    monkeypatch.setattr(LoRA, "apply", apply_without_scaling)
+    with pytest.raises(CompatError, match=r"cannot silence.*peft \d"):
+        _setup()

@@ -36,6 +36,7 @@ def _run(adapter, steps, layers=4, ctx_seed=0, meter_from=None):
             ctx.model(**batch).loss.backward()
             ctx.optimizer.step()
         ctx.optimizer.zero_grad(set_to_none=True)
+        tech.on_step_end(ctx, {})  # checks that inactive layers got no gradient and no optimizer state
         history.append(tech.active)
     return tech, ctx, spec, opt_tech, meter, history
 
@@ -107,3 +108,16 @@ def test_layerwise_optimizer_is_refused():
     ctx = Context(model=model, spec=RunSpec.from_model(model), techniques=[lisa, layerwise])
     with pytest.raises(ConfigError, match="layerwise: false"):
         lisa.check(ctx)
+
+
+def test_state_made_for_an_inactive_layer_is_a_compat_error():
+    """An optimizer that made state for switched-off layers (not lazily from .grad, as torch's do) would hold
+    full fine-tuning's memory: the sampler must refuse."""
+    from memfit.errors import CompatError
+
+    tech, ctx, *_ = _run({"name": "lisa", "layers": 1, "interval": 2}, 1)
+    off = next(p for n, p in ctx.model.named_parameters()
+               if layer_index(n) is not None and layer_index(n) not in tech.active)
+    ctx.optimizer.state[off] = {"exp_avg": torch.zeros_like(off)}
+    with pytest.raises(CompatError, match=r"optimizer state.*inactive layers.*torch \d"):
+        tech.on_step_end(ctx, {})

@@ -80,3 +80,17 @@ def test_bad_reduction_is_a_config_error():
     tech = build_technique("adapter", {"name": "lst", "reduction": 4, "heads": 3})
     with pytest.raises(ConfigError, match="divisible"):
         tech.check(Context(model=model, spec=RunSpec.from_model(model)))
+
+
+def test_backbone_without_hidden_states_is_a_compat_error(monkeypatch):
+    """The side network reads every layer's hidden state; a transformers that stops returning them must fail."""
+    from types import SimpleNamespace
+
+    from memfit.adapters.lst import LadderSideModel
+    from memfit.errors import CompatError
+
+    _, ctx, _ = _lst(tiny_llama(), "causal_lm")
+    monkeypatch.setattr(LadderSideModel, "_core",
+                        lambda self: lambda **kw: SimpleNamespace(hidden_states=None, last_hidden_state=None))
+    with pytest.raises(CompatError, match=r"0 hidden states.*transformers \d"):
+        ctx.model(**lm_batch())

@@ -128,3 +128,25 @@ def test_activation_estimate_matches_measured(name):
         loss.backward()
     est = estimate_run(spec, [tech]).activations
     assert abs(saved / est - 1) < 0.05, (saved, est)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora", "qlora"])
+def test_a_peft_that_wraps_nothing_is_a_compat_error(monkeypatch, name):
+    """If peft stops injecting (an API change), applying the adapter must fail, not train the full model."""
+    import peft
+
+    from memfit.errors import CompatError
+
+    monkeypatch.setattr(peft, "get_peft_model", lambda model, config, **kw: model)
+    with pytest.raises(CompatError, match=r"were not wrapped.*peft \d"):
+        _apply(tiny_llama(), "causal_lm", {"name": name, "r": 2})
+
+
+def test_qlora_without_peft_custom_modules_is_a_compat_error(monkeypatch):
+    import peft
+
+    from memfit.errors import CompatError
+
+    monkeypatch.delattr(peft.LoraConfig, "_register_custom_module")
+    with pytest.raises(CompatError, match="_register_custom_module"):
+        _apply(tiny_llama(), "causal_lm", {"name": "qlora", "r": 2})

@@ -38,6 +38,21 @@ def test_generate_reports_kv_bytes_equal_to_estimate(model_dir):
     assert full.new_tokens == 12 and full.memory.parameters > 0 and full.report.process_peak
 
 
+@pytest.mark.parametrize("kv, budget, options", [
+    ("streaming_llm", 10, {}), ("h2o", 10, {}), ("keyformer", 10, {}), ("snapkv", 10, {"window": 4}),
+    # kivi: 45 prompt tokens flush one 32-token group at prefill and none while decoding, so the most the cache
+    # held is what it holds at the end, which is what the estimate describes
+    ("pyramid", 10, {"window": 4}), ("kivi", None, {"bits": 2, "residual": 32}),
+])
+def test_every_policy_shrinks_the_cache_to_its_estimate(model_dir, kv, budget, options):
+    """memfit generate's measured KV bytes == the policy's estimate, well below the full cache's: fails if the
+    policy had no effect (e.g. hooks that never saw the cache keep all 45 prompt tokens)."""
+    full = generate(model_dir, TEXT[:200], 6, kv="full")
+    got = generate(model_dir, TEXT[:200], 6, kv=kv, kv_budget=budget, kv_options=options)
+    assert got.memory.kv_cache == got.kv_estimate > 0
+    assert got.memory.kv_cache < full.memory.kv_cache / 2
+
+
 def test_streaming_generation_equals_full_while_it_fits(model_dir):
     a = generate(model_dir, TEXT[:120], 10, kv="full")
     b = generate(model_dir, TEXT[:120], 10, kv="streaming_llm", kv_budget=a.prompt_tokens + 10, prefill_chunk=7)

@@ -1,11 +1,13 @@
 import pytest
 import torch
 
-from memfit.errors import ConfigError
+from memfit.errors import CompatError, ConfigError
 from memfit.kv import build_policy
+from memfit.kv import base
 from memfit.kv.base import AccumulatedScoreLayer, ObservationWindowLayer
 from memfit.kv.prefill import chunked_prefill
 from memfit.kv.pyramid import pyramid_budgets
+from memfit.models import build_llama
 
 EVICTING = {
     "streaming_llm": {"sinks": 2},
@@ -173,3 +175,34 @@ def test_attention_policies_refuse_sdpa(sdpa_model, name):
 def test_kivi_rejects_head_dim_it_cannot_pack(model):
     with pytest.raises(ConfigError, match="value_group"):
         build_policy("kivi", value_group=12).make_cache(model)
+
+
+@pytest.mark.parametrize("name", [*EVICTING, "pyramid", "full"])
+def test_hooks_that_never_see_the_cache_fail_loudly(model, prompt, name, monkeypatch):
+    """A transformers release that hands attention modules the cache in a way memfit cannot find must raise, not
+    silently keep the whole cache (transformers 5.24 renamed `past_key_values` to `cache`)."""
+    opts = {"window": 4} if name == "pyramid" else EVICTING.get(name, {})
+    cache = build_policy(name, **({} if name == "full" else {"budget": 10}), **opts).make_cache(model)
+    monkeypatch.setattr(base, "find_cache", lambda args, kwargs: None)
+    with pytest.raises(CompatError, match=r"layer 0 .*pre-hook did not run.*transformers \d"):
+        greedy(model, prompt, cache, n=4)
+
+
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "keyformer", "pyramid"])
+def test_attention_that_never_reaches_the_layer_fails_loudly(prompt, name):
+    """The pre-hooks see the cache but no attention probabilities arrive: refuse at once, naming the versions."""
+    model = build_llama("llama-tiny", 256, seed=0).eval()
+    model.set_attn_implementation("eager")
+    cache = build_policy(name, budget=10, **({"window": 4} if name in ("snapkv", "pyramid") else {})).make_cache(model)
+    for handle in model._memfit_kv_hooks["post"]:
+        handle.remove()
+    with pytest.raises(CompatError, match=r"attention probabilities never reached the cache.*transformers \d"):
+        greedy(model, prompt, cache, n=4)
+
+
+def test_chunked_prefill_into_a_cache_the_model_ignores_fails_loudly(model, prompt):
+    """KIVI's cache has no hooks; if the model stored its keys elsewhere, prefill must say so."""
+    cache = build_policy("kivi", bits=8).make_cache(model)
+    with pytest.raises(CompatError, match=r"took 0 of 23 prompt tokens.*transformers \d"):
+        chunked_prefill(lambda **kw: model(**{k: v for k, v in kw.items() if k not in ("cache", "past_key_values")}),
+                        prompt[:, :-1], cache, chunk=5)

@@ -125,3 +125,16 @@ def test_loop_surface_with_context_factory():
     before = [p.detach().clone() for p in model.parameters()]
     _train_layerwise(model, opt, batches(2))
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_hooks_that_never_fire_are_a_compat_error():
+    """If torch stopped calling post-accumulate-grad hooks, step() must refuse instead of skipping the update."""
+    from memfit.errors import CompatError
+
+    model = tiny()
+    opt = make_layerwise(lambda groups: torch.optim.AdamW(groups, lr=1e-2), model)
+    for handle in opt._handles:
+        handle.remove()  # registered, but no longer called
+    loss_of(model, batches(1)[0]).backward()
+    with pytest.raises(CompatError, match=r"still hold their gradient.*torch \d"):
+        opt.step()

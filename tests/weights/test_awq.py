@@ -89,3 +89,16 @@ def test_awq_errors():
         calibration_batches([])
     with pytest.raises(ConfigError):
         build_technique("weights", {"name": "awq", "bits": 8})
+
+
+def test_calibration_hooks_that_never_fire_are_a_compat_error():
+    """AWQ scales each layer from the inputs its forward pre-hook saw; a layer never seen must not pass silently."""
+    from memfit.errors import CompatError
+    from memfit.weights.awq import collect_activation_stats
+
+    model = build_llama("llama-tiny", 64, seed=0)
+    model.unused = torch.nn.Linear(4, 4)  # registered, never called: its pre-hook cannot fire
+    ids = torch.randint(0, 64, (1, 8))
+    assert collect_activation_stats(model, ["model.layers.0.mlp.up_proj"], [ids])["model.layers.0.mlp.up_proj"].n_rows
+    with pytest.raises(CompatError, match=r"no input of 1 linear layers \(e.g. unused\).*torch \d"):
+        collect_activation_stats(model, ["model.layers.0.mlp.up_proj", "unused"], [ids])

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import ClassVar
 
+import torch
 from pydantic import Field
+from torch import nn
 
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
+from memfit.compat import count_training_calls, fail
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import Context, TechniqueConfig
+from memfit.techniques.base import Batch, Context, ForwardBackward, TechniqueConfig
 
 
 class CompressedConfig(TechniqueConfig):
@@ -23,11 +26,38 @@ class CompressedActivations(lay.LayoutTechnique):
     Config = CompressedConfig
     bits: ClassVar[int]
 
+    def __init__(self, config: TechniqueConfig | None = None) -> None:
+        super().__init__(config)
+        self._made: list[c.CompressHooks] = []  # the hooks of the current forward-backward's layer forwards
+
     def apply(self, ctx: Context) -> None:
-        for layer in c.decoder_layers(ctx.model):
-            params = c.param_storages(layer)
-            c.wrap_forward(layer, f"compressed{self.bits}",
-                           lambda params=params: c.CompressHooks(self.bits, params, self.config.min_numel))
+        def make(params: set[int]) -> c.CompressHooks:
+            hooks = c.CompressHooks(self.bits, params, self.config.min_numel)
+            self._made.append(hooks)
+            return hooks
+
+        self._layers = list(c.decoder_layers(ctx.model))
+        for layer in self._layers:
+            c.wrap_forward(layer, f"compressed{self.bits}", lambda params=c.param_storages(layer): make(params))
+            count_training_calls(layer)
+
+    def wrap_forward_backward(self, fb: ForwardBackward, ctx: Context) -> ForwardBackward:
+        def forward_backward(model: nn.Module, batch: Batch, loss_scale: float) -> torch.Tensor:
+            self._made.clear()
+            layers = getattr(self, "_layers", [])
+            for layer in layers:
+                layer._memfit_training_calls = 0
+            loss = fb(model, batch, loss_scale)
+            ran = sum(layer._memfit_training_calls for layer in layers)
+            if ran and not any(h.original_bytes for h in self._made):
+                raise fail(f"{self.name}: {ran} training calls of decoder layers compressed no saved activation "
+                           f"({len(self._made)} ran under the saved-tensor hooks)",
+                           "decoder layers called through their `forward` attribute to save tensors for backward "
+                           "through torch.autograd.graph.saved_tensors_hooks", ("torch", "transformers"))
+            self._made.clear()
+            return loss
+
+        return forward_backward
 
     def shape_layout(self, spec: RunSpec, layout: lay.ActivationLayout) -> lay.ActivationLayout:
         """Every layer's saved tensors are kept at `bits` and unpacked in full for its backward. While a layer

@@ -20,13 +20,15 @@ import torch
 from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache
 
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
+from memfit.compat import count_training_calls, fail, find_instance
 from memfit.errors import ConfigError
 from memfit.memory import estimate as est
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import Context, TechniqueConfig
+from memfit.techniques.base import Batch, Context, ForwardBackward, TechniqueConfig
 
 
 class CheckpointingConfig(TechniqueConfig):
@@ -42,20 +44,23 @@ def checkpoint_module(module: nn.Module) -> None:
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
-        cache = kwargs.get("past_key_values")
+        cache = find_instance(args, kwargs, Cache)  # `past_key_values=` up to transformers 5.23, `cache=` after
         if not (torch.is_grad_enabled() and module.training) or (cache is not None and kwargs.get("use_cache")):
             return original(*args, **kwargs)
+        module._memfit_checkpoint_calls += 1
         return checkpoint(original, *args, use_reentrant=False, **kwargs)
 
     module.forward = forward
     module._memfit_checkpointed = True
     module._memfit_original_forward = original
+    module._memfit_checkpoint_calls = 0
+    count_training_calls(module)
 
 
 def uncheckpoint_module(module: nn.Module) -> None:
     if getattr(module, "_memfit_checkpointed", False):
         module.forward = module._memfit_original_forward
-        del module._memfit_checkpointed, module._memfit_original_forward
+        del module._memfit_checkpointed, module._memfit_original_forward, module._memfit_checkpoint_calls
 
 
 def select_targets(model: nn.Module, every: int = 1, modules: list[str] | None = None) -> list[nn.Module]:
@@ -105,8 +110,24 @@ class Checkpointing(lay.LayoutTechnique):
         inner = c.unwrap(ctx.model)
         if getattr(inner, "config", None) is not None and hasattr(inner.config, "use_cache"):
             inner.config.use_cache = False  # a cache filled during recompute would be filled twice
-        for module in select_targets(ctx.model, self.config.every, self.config.modules):
+        self._targets = select_targets(ctx.model, self.config.every, self.config.modules)
+        for module in self._targets:
             checkpoint_module(module)
+
+    def wrap_forward_backward(self, fb: ForwardBackward, ctx: Context) -> ForwardBackward:
+        def forward_backward(model: nn.Module, batch: Batch, loss_scale: float) -> torch.Tensor:
+            targets = getattr(self, "_targets", [])
+            for m in targets:
+                m._memfit_checkpoint_calls = m._memfit_training_calls = 0
+            loss = fb(model, batch, loss_scale)
+            ran = sum(getattr(m, "_memfit_training_calls", 0) for m in targets)
+            if ran and not any(getattr(m, "_memfit_checkpoint_calls", 0) for m in targets):
+                raise fail(f"checkpointing: {ran} training calls of checkpointed modules, none through "
+                           "torch.utils.checkpoint", "the model to call each decoder layer's `forward` attribute",
+                           ("transformers", "torch"))
+            return loss
+
+        return forward_backward
 
     def shape_layout(self, spec: RunSpec, layout: lay.ActivationLayout) -> lay.ActivationLayout:
         """A checkpointed layer keeps its input (whole layers) or what its checkpointed modules do not save;

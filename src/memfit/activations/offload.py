@@ -21,6 +21,7 @@ from torch import nn
 
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
+from memfit.compat import fail
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Batch, Context, ForwardBackward, TechniqueConfig
 
@@ -36,10 +37,12 @@ class OffloadHooks(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, params: set[int], min_bytes: int = 1 << 20, pin_memory: bool = True) -> None:
         self.params, self.min_bytes, self.pin_memory = params, min_bytes, pin_memory
         self.offloaded_bytes = 0
+        self.packed = 0  # tensors autograd handed to `pack` (on CPU they pass through unchanged)
         self._streams: dict[torch.device, Any] = {}
         super().__init__(self.pack, self.unpack)
 
     def pack(self, t: torch.Tensor) -> Any:
+        self.packed += 1
         nbytes = t.numel() * t.element_size()
         if (t.device.type == "cpu" or nbytes < self.min_bytes or c.is_weight(t, self.params)
                 or not t.is_non_overlapping_and_dense()):
@@ -86,6 +89,10 @@ class Offload(lay.LayoutTechnique):
             hooks = OffloadHooks(params, self.config.min_bytes, self.config.pin_memory)
             with hooks:
                 loss = fb(model, batch, loss_scale)
+            if model.training and hooks.packed == 0:
+                raise fail("offload: autograd saved no tensor through the saved-tensor hooks in a training "
+                           "forward-backward", "torch.autograd.graph.saved_tensors_hooks to see every tensor "
+                           "saved for backward", ("torch",))
             self.last_offloaded_bytes = hooks.offloaded_bytes
             return loss
 

@@ -120,6 +120,51 @@ def llama_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return body, head
 
 
+@torch.no_grad()
+def _stream_layers(body: nn.Module, x: torch.Tensor, spans: list[tuple[int, int]], masks: dict, positions,
+                   autocast=nullcontext):
+    """The no-grad forward through every layer, chunk by chunk: (last hidden state before the final norm, each
+    layer's input, cos, sin)."""
+    with autocast():
+        cos, sin = body.rotary_emb(x, positions)
+    inputs: list[torch.Tensor] = []
+    with autocast():
+        for layer in body.layers:
+            inputs.append(x)
+            k, v = _keys_values(layer, x, cos, sin)
+            x = torch.cat([_chunk_forward(layer, x[:, s:e], k, v, s, cos[:, s:e], sin[:, s:e], masks[s])
+                           for s, e in spans], dim=1)
+            del k, v
+    return x, inputs, cos, sin
+
+
+@torch.no_grad()
+def check_matches_model(model: nn.Module, chunk: int = 4, seq: int = 11) -> None:
+    """StreamBP re-implements the Llama layer from its parts (projections, rotary, norms); its chunked forward must
+    equal the model's own on a short random sequence, or a transformers release changed the layer under it."""
+    body, _ = llama_parts(model)
+    device = body.embed_tokens.weight.device
+    ids = torch.randint(0, body.embed_tokens.num_embeddings, (1, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    spans = _spans(seq, chunk)
+    masks = {s: _chunk_mask(s, e, None, device) for s, e in spans}
+    was_training = model.training
+    model.eval()
+    try:
+        x, _, _, _ = _stream_layers(body, body.embed_tokens(ids), spans, masks, torch.arange(seq, device=device)[None])
+        got = body.norm(x).float()
+        want = body(input_ids=ids, use_cache=False).last_hidden_state.float()
+    finally:
+        model.train(was_training)
+    error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
+    if not error < 1e-3:
+        from memfit.compat import fail
+
+        raise fail(f"streambp's chunked layer differs from the model's own forward (relative error {error:.2g})",
+                   "a Llama decoder layer computing norm → q/k/v projections → rotary → attention → o_proj → "
+                   "residual → norm → MLP → residual", ("transformers",))
+
+
 def streambp_forward_backward(model: nn.Module, batch: Batch, loss_scale: float, chunk_size: int,
                               autocast=nullcontext) -> torch.Tensor:
     """Mean next-token loss of `batch`; accumulates `loss_scale` × its exact gradient into `.grad`."""
@@ -134,17 +179,7 @@ def streambp_forward_backward(model: nn.Module, batch: Batch, loss_scale: float,
 
     with autocast():
         emb = body.embed_tokens(ids)
-    x = emb.detach()
-    with torch.no_grad(), autocast():
-        cos, sin = body.rotary_emb(x, positions)
-    inputs: list[torch.Tensor] = []
-    with torch.no_grad(), autocast():
-        for layer in body.layers:
-            inputs.append(x)
-            k, v = _keys_values(layer, x, cos, sin)
-            x = torch.cat([_chunk_forward(layer, x[:, s:e], k, v, s, cos[:, s:e], sin[:, s:e], masks[s])
-                           for s, e in spans], dim=1)
-            del k, v
+    x, inputs, cos, sin = _stream_layers(body, emb.detach(), spans, masks, positions, autocast)
 
     targets = c.shifted_labels(batch)
     n_valid = int((targets != c.IGNORE_INDEX).sum().clamp_min(1))
@@ -205,6 +240,9 @@ class StreamBP(Technique):
                                   "would step once per chunk; set optimizer.layerwise: false")
             if t.slot == "step" and t.name != "backprop":
                 raise ConfigError(f"streambp is a backprop method; it cannot run under step '{t.name}'")
+
+    def apply(self, ctx: Context) -> None:
+        check_matches_model(ctx.model)
 
     def wrap_forward_backward(self, fb: ForwardBackward, ctx: Context) -> ForwardBackward:
         chunk = self.config.chunk_size

@@ -90,6 +90,12 @@ class LadderSideModel(nn.Module):
         with torch.no_grad():
             out = self._core()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **kwargs)
         hs = out.hidden_states
+        if hs is None or len(hs) != len(self.side.downs):
+            from memfit.compat import fail
+
+            raise fail(f"adapter 'lst' received {0 if hs is None else len(hs)} hidden states from the backbone",
+                       f"output_hidden_states=True to return {len(self.side.downs)} (embeddings + every layer)",
+                       ("transformers",))
         final = out.last_hidden_state + self.side(hs, attention_mask, causal=self.task == "causal_lm")
         m = self.backbone
         if self.task == "causal_lm":

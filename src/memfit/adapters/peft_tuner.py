@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from memfit.compat import fail
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import ModelShape, ParamInfo, RunSpec, model_shape
@@ -196,6 +197,22 @@ class PeftTuner(Technique):
             ctx.model = peft.get_peft_model(ctx.model, config)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"adapter '{self.name}': peft refused the config: {str(exc).splitlines()[0]}") from None
+        self.check_wrapped(ctx.model, targets)
+
+    def check_wrapped(self, model: nn.Module, targets: list[str]) -> None:
+        """Every target is now a peft tuner layer and only part of the model trains; else a `CompatError`."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        wrapped = {n.removeprefix(PEFT_PREFIX) for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+        missing = [t for t in targets if t not in wrapped]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        if missing or not 0 < trainable < total:
+            what = (f"{len(missing)} of {len(targets)} target modules (e.g. {missing[0]}) were not wrapped"
+                    if missing else f"{trainable:,} of {total:,} parameters train")
+            raise fail(f"adapter '{self.name}': after peft.get_peft_model {what}",
+                       "peft to replace every target module with a tuner layer and to freeze the base model",
+                       ("peft", "transformers"))
 
     # --- estimating ---------------------------------------------------------------------------------
     def adapted_params(self, model: ModelShape, task: str) -> tuple[ParamInfo, ...]:

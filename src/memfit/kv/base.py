@@ -1,7 +1,8 @@
 """Shared machinery of memfit's KV-cache policies: a `transformers` `Cache` whose layers evict or compress.
 
 Every policy is a `PolicyCache` (a `transformers.Cache`) made of one `PolicyLayer` per decoder layer, so it plugs
-into `model(..., past_key_values=cache)` and `model.generate(past_key_values=cache)` unchanged.
+into `model(..., past_key_values=cache)` and `model.generate(past_key_values=cache)` unchanged (`cache=` from
+transformers 5.24; `memfit.compat.cache_keyword` names the one a model takes).
 
 How positions stay correct after eviction. Llama-family models apply rotary embeddings *before* keys reach the
 cache, so each cached key already carries the rotation of its original absolute position. A layer remembers how many
@@ -15,7 +16,10 @@ its context, which is what memfit's tests check.)
 
 Policies that rank tokens by attention (H2O, SnapKV, Keyformer, pyramid budgets) read the attention probabilities the
 model computes anyway: a forward hook on every attention module hands them to the layer, which then evicts. Only
-`eager` attention returns them; with `sdpa` / flash the policy raises a `ConfigError` saying to use eager.
+`eager` attention returns them; with `sdpa` / flash the policy raises a `ConfigError` saying to use eager. The hooks
+find the cache by type, not by argument name, and the cache refuses to run when they did not act (every layer's
+`update` must follow its module's pre-hook; an attention-ranked layer must see its attention; after every forward
+no layer holds more than its budget): a `CompatError` naming the versions, never a silently full cache.
 
 Limits: batches must be unpadded (a 2-D padding mask is indexed by absolute position, which no longer matches the
 kept keys after eviction); beam search and `crop` (assisted decoding) are refused, since evicted keys are gone.
@@ -30,6 +34,7 @@ from pydantic import Field
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from memfit.compat import fail, find_instance
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import DTYPE_BYTES, RunSpec
@@ -150,14 +155,42 @@ class PolicyLayer(DynamicLayer):
 
 
 class PolicyCache(Cache):
-    """A `transformers.Cache` of `PolicyLayer`s, one per decoder layer, that reports its own bytes."""
+    """A `transformers.Cache` of `PolicyLayer`s, one per decoder layer, that reports its own bytes.
 
-    def __init__(self, layers: list[PolicyLayer]) -> None:
+    `hooked`: the policy attached attention hooks (`attach`) and this cache refuses to run without them: every
+    layer's `update` must follow its attention module's pre-hook in the same forward, and an attention-ranked layer
+    must have received its attention probabilities before its next update (see `verify`).
+    """
+
+    def __init__(self, layers: list[PolicyLayer], hooked: bool = False) -> None:
         super().__init__(layers=layers)
+        self.hooked = hooked
+        self._armed: set[int] = set()  # layers whose attention pre-hook ran and whose update has not yet come
+        self._awaiting: set[int] = set()  # attention-ranked layers updated but not yet shown their attention
 
     @property
     def needs_attention(self) -> bool:
         return any(layer.needs_attention for layer in self.layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any):
+        if self.hooked:
+            if layer_idx not in self._armed:
+                raise hooks_missed(self, layer_idx, "its attention module's forward pre-hook did not run")
+            self._armed.discard(layer_idx)
+            if layer_idx in self._awaiting:
+                raise hooks_missed(self, layer_idx, "its attention probabilities never reached the cache")
+            if self.layers[layer_idx].needs_attention:
+                self._awaiting.add(layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def verify(self) -> None:
+        """After a forward: every attention-ranked layer saw its attention and no layer holds more than its budget."""
+        if self.hooked and self._awaiting:
+            raise hooks_missed(self, min(self._awaiting), "its attention probabilities never reached the cache")
+        for i, layer in enumerate(self.layers):
+            if layer.budget is not None and layer.stored > layer.budget:
+                raise hooks_missed(self, i, f"it holds {layer.stored} tokens at a budget of {layer.budget}")
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         # Layers may store different lengths (per-layer budgets); the mask is built once for all layers at the
@@ -173,6 +206,15 @@ class PolicyCache(Cache):
         return [layer.stored for layer in self.layers]
 
 
+def hooks_missed(cache: PolicyCache, layer_idx: int, what: str) -> Exception:
+    """The loud failure of a policy cache whose attention hooks did not act on layer `layer_idx`."""
+    policy = type(cache.layers[layer_idx]).__name__
+    return fail(f"KV policy layer {layer_idx} ({policy}) did not evict: {what}",
+                "every decoder attention module (class name ending in 'Attention', with an integer `layer_idx`) to "
+                "be called with the cache as a keyword argument and, for attention-ranked policies under eager "
+                "attention, to return its attention probabilities as the second output", ("transformers", "torch"))
+
+
 # --- attention hooks ---------------------------------------------------------------------------------
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -180,10 +222,18 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
             and type(m).__name__.endswith("Attention")]
 
 
+def find_cache(args: tuple, kwargs: dict) -> PolicyCache | None:
+    """The `PolicyCache` passed to a module call, whatever the argument is named (`compat.find_instance`)."""
+    return find_instance(args, kwargs, PolicyCache)
+
+
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    cache = kwargs.get("past_key_values")
+    cache = find_cache(args, kwargs)
+    if cache is None:
+        return None
+    cache._armed.add(module.layer_idx)
     mask = kwargs.get("attention_mask")
-    if not isinstance(cache, PolicyCache) or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         return None
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     kv_len = cache.layers[module.layer_idx].stored + hidden.shape[1]
@@ -196,8 +246,8 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
 
 
 def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    cache = kwargs.get("past_key_values")
-    if not isinstance(cache, PolicyCache):
+    cache = find_cache(args, kwargs)
+    if cache is None:
         return
     layer = cache.layers[module.layer_idx]
     if not layer.needs_attention:
@@ -210,20 +260,28 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Non
     b, h_q, q, k = probs.shape
     h_kv = layer.keys.shape[1]
     layer.observe_attention(probs.detach().float().view(b, h_kv, h_q // h_kv, q, k))
+    cache._awaiting.discard(module.layer_idx)
+
+
+def _model_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    cache = find_cache(args, kwargs)
+    if cache is not None:
+        cache.verify()
 
 
 def attach(model: nn.Module) -> None:
-    """Install (once) the hooks that let policy caches see attention and per-layer lengths."""
+    """Install (once) the hooks that let policy caches see attention and per-layer lengths, and the check after
+    every forward of `model` that they acted (`PolicyCache.verify`)."""
     if getattr(model, "_memfit_kv_hooks", False):
         return
     modules = _attention_modules(model)
     if not modules:
         raise ConfigError(f"{type(model).__name__}: no attention modules with a `layer_idx` found; memfit's KV "
                           "policies need a transformers decoder model (Llama, Mistral, Qwen, ...)")
-    for m in modules:
-        m.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-        m.register_forward_hook(_post_hook, with_kwargs=True)
-    model._memfit_kv_hooks = True
+    handles = {"pre": [m.register_forward_pre_hook(_pre_hook, with_kwargs=True) for m in modules],
+               "post": [m.register_forward_hook(_post_hook, with_kwargs=True) for m in modules],
+               "model": [model.register_forward_hook(_model_post_hook, with_kwargs=True)]}
+    model._memfit_kv_hooks = handles
 
 
 def attn_implementation(model: nn.Module) -> str:
@@ -272,7 +330,7 @@ class KVPolicy(Technique):
         self.check_model(model)
         attach(model)
         n_layers, _, _ = kv_geometry(model)
-        return PolicyCache([self.make_layer(i, n_layers) for i in range(n_layers)])
+        return PolicyCache([self.make_layer(i, n_layers) for i in range(n_layers)], hooked=True)
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
         raise NotImplementedError

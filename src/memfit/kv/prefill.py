@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from memfit.compat import cache_keyword, fail
 from memfit.errors import ConfigError
 
 
@@ -23,8 +24,13 @@ def chunked_prefill(model: nn.Module, input_ids: torch.Tensor, cache: Cache, chu
     if input_ids.shape[1] == 0:
         raise ConfigError("the prompt is empty: give at least one token")
     logits = None
+    key = cache_keyword(model)
+    before = cache.get_seq_length()
     for start in range(0, input_ids.shape[1], chunk):
-        out = model(input_ids=input_ids[:, start:start + chunk], past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
+        out = model(input_ids=input_ids[:, start:start + chunk], **{key: cache}, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
+    if cache.get_seq_length() - before != input_ids.shape[1]:
+        raise fail(f"chunked prefill: the cache took {cache.get_seq_length() - before} of "
+                   f"{input_ids.shape[1]} prompt tokens", f"model(..., {key}=cache) to store every key and value "
+                   "in the given cache")
     return logits

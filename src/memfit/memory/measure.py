@@ -16,8 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.graph import register_multi_grad_hook
-from torch.distributed._tools import mod_tracker
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+from memfit.compat import fail
+
+try:  # private torch API (DESIGN §4): a torch that moved it must say so, not fail somewhere inside
+    from torch.distributed._tools import mod_tracker
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+except ImportError as exc:
+    raise fail("memfit's memory meter cannot import torch's MemTracker",
+               "torch.distributed._tools.mem_tracker.MemTracker and _MemRefType", ("torch",)) from exc
 
 from memfit.memory import process
 from memfit.memory.breakdown import CATEGORIES, MemoryBreakdown, format_bytes
@@ -122,14 +129,36 @@ class MemoryReport:
         return table
 
 
+# What the meter overrides or reads of MemTracker / ModTracker (private, so checked before every use)
+_TRACKER_METHODS = ("_update_snap", "_track_module_params_and_buffers", "_pre_fw_hook", "_pre_bw_hook",
+                    "_post_bw_hook", "reset_mod_stats", "track_external", "get_tracker_snapshot")
+_TRACKER_ATTRIBUTES = ("_curr_mem_snap", "_param_to_grad_hook_handles", "_mod_tracker", "memory_tracking")
+
+
+def _check_private_api(tracker: MemTracker) -> None:
+    missing = [m for m in _TRACKER_METHODS if not callable(getattr(MemTracker, m, None))]
+    missing += [a for a in _TRACKER_ATTRIBUTES if not hasattr(tracker, a)]
+    missing += [f"ModTracker.{a}" for a in ("is_bw", "parents", "get_known_fqn")
+                if not hasattr(getattr(tracker, "_mod_tracker", None), a)]
+    if not callable(getattr(mod_tracker, "register_multi_grad_hook", None)):
+        missing.append("mod_tracker.register_multi_grad_hook")
+    if missing:
+        raise fail(f"memfit's memory meter: torch's MemTracker lacks {', '.join(missing)}",
+                   "the MemTracker / ModTracker internals of the tested torch releases", ("torch",))
+
+
 class _CategoryPeakTracker(MemTracker):
     """MemTracker that also remembers each category's own maximum (MemTracker keeps only the total's)."""
 
     def __init__(self) -> None:
         super().__init__()
+        _check_private_api(self)
         self.category_max: dict[Any, int] = {}
+        self.snapshots = 0  # calls of the `_update_snap` override: 0 after a region means it is not called any more
+        self.grad_forwards = 0  # module forwards on inputs that require grad (ModTracker hooks their gradients)
 
     def _update_snap(self, *args, **kwargs) -> None:  # noqa: D401 - private hook of MemTracker
+        self.snapshots += 1
         super()._update_snap(*args, **kwargs)
         for snap in self._curr_mem_snap.values():
             for reftype, nbytes in snap.items():
@@ -146,6 +175,8 @@ class _CategoryPeakTracker(MemTracker):
         if module in self.memory_tracking and not self._mod_tracker.is_bw \
                 and set(self._mod_tracker.parents) - {self._mod_tracker.get_known_fqn(module)} == {"Global"}:
             self.reset_mod_stats()
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
+            self.grad_forwards += 1
         super()._pre_fw_hook(module, inputs)
 
     # A module whose stats were reset above (or that ran only at root level, e.g. a loss head called per chunk)
@@ -172,12 +203,25 @@ def _first_gradient_hook(tensors, fn, *, mode: str = "all"):
     return register_multi_grad_hook(tensors, fn, mode="any")
 
 
+@dataclass
+class _HookCount:
+    calls: int = 0
+
+
 @contextmanager
-def _leak_free_module_hooks() -> Iterator[None]:
+def _leak_free_module_hooks() -> Iterator[_HookCount]:
+    """Swap ModTracker's module-level `register_multi_grad_hook` for the "any"-mode one; count its calls, so the
+    meter can tell when torch no longer calls it by that name (the swap would then silently do nothing)."""
+    count = _HookCount()
+
+    def counted(tensors, fn, *, mode: str = "all"):
+        count.calls += 1
+        return _first_gradient_hook(tensors, fn, mode=mode)
+
     original = mod_tracker.register_multi_grad_hook
-    mod_tracker.register_multi_grad_hook = _first_gradient_hook
+    mod_tracker.register_multi_grad_hook = counted
     try:
-        yield
+        yield count
     finally:
         mod_tracker.register_multi_grad_hook = original
 
@@ -223,11 +267,21 @@ class MemoryMeter:
             self._process_start = _process_now(self.device)
         process.reset_peak(self.device)
         self._tracker.reset_mod_stats()
-        with _leak_free_module_hooks(), self._tracker, warnings.catch_warnings():
+        tracker = self._tracker
+        grad_forwards = tracker.grad_forwards
+        with _leak_free_module_hooks() as grad_hooks, tracker, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Module is None")
             yield self
-        snap = self._tracker.get_tracker_snapshot("peak")
+        snap = tracker.get_tracker_snapshot("peak")
         peak = _breakdown(snap.get(self.device, _first(snap)))
+        if peak.total > 0 and tracker.snapshots == 0:
+            raise fail("memfit's memory meter saw tensors but its per-category peaks never updated",
+                       "MemTracker to call `_update_snap` on every allocation", ("torch",))
+        if tracker.grad_forwards > grad_forwards and grad_hooks.calls == 0:
+            raise fail("memfit's memory meter could not replace ModTracker's gradient hook (leaf inputs and their "
+                       "gradients would be over-measured)",
+                       "torch.distributed._tools.mod_tracker to call its module-level register_multi_grad_hook",
+                       ("torch",))
         if self._peak is None or peak.total > self._peak.total:
             self._peak = peak
         proc = process.peak(self.device)

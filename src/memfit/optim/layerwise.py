@@ -92,6 +92,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self.accumulating:
+            self._check_hooks_fired()
         if self._sq_norm > 0.0:
             self.last_grad_norm = math.sqrt(self._sq_norm)
         self._sq_norm = 0.0
@@ -118,6 +120,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"LayerwiseOptimizer({self.optimizer!r}, max_grad_norm={self.max_grad_norm})"
+
+    def _check_hooks_fired(self) -> None:
+        """A hooked parameter still holding a gradient at `step()` was never updated inside backward."""
+        hooked = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad] if self._handles \
+            else []
+        stale = sum(1 for p in hooked if p.grad is not None)
+        if stale:
+            from memfit.compat import fail
+
+            raise fail(f"layer-wise optimizer: {stale} of {len(hooked)} parameters still hold their gradient at "
+                       "step() (never updated inside backward)",
+                       "torch's Tensor.register_post_accumulate_grad_hook to run once each gradient is accumulated",
+                       ("torch",))
 
     # --- inside backward ------------------------------------------------------------------------------------
     def _hook(self, p: torch.Tensor) -> None:

@@ -71,6 +71,13 @@ class IST(LoRA):
             i = layer_index(name + ".")
             if i is not None and hasattr(mod, "scaling") and hasattr(mod, "lora_A"):
                 self._suppress.setdefault(i, []).append(mod)
+        unreachable = sorted(set(self._layers.layers) - set(self._suppress))
+        if unreachable or not all(isinstance(getattr(m, "scaling", None), dict)
+                                  for mods in self._suppress.values() for m in mods):
+            from memfit.compat import fail
+
+            raise fail(f"adapter 'ist' cannot silence the LoRA layers of layers {unreachable or 'some'}",
+                       "peft LoRA layers with `lora_A` and a `scaling` dict per adapter", ("peft",))
         if not self.scores:
             self.scores = [0.0] * len(self._layers.layers)
 
@@ -126,6 +133,7 @@ class IST(LoRA):
         return forward_backward
 
     def on_step_end(self, ctx: Context, metrics: dict[str, float]) -> None:
+        self._layers.verify(ctx.optimizer, self.name)
         if ctx.step % self.config.interval == 0:
             metrics["ist_layers"] = ",".join(map(str, self.active))
 

@@ -77,6 +77,22 @@ class ActiveLayers:
                         optimizer.state.pop(p, None)
         self.active = sorted(keep)
 
+    def verify(self, optimizer: torch.optim.Optimizer | None, who: str) -> None:
+        """After a step: switched-off layers got no gradient and (with `free_state`) the optimizer made no state
+        for them — torch optimizers skip parameters whose `.grad` is None; one that does not would silently
+        train (or hold state for) every layer."""
+        keep = set(self.active or [])
+        off = [p for i, params in self.layers.items() if i not in keep for p in params]
+        graded = sum(1 for p in off if p.grad is not None)
+        stateful = sum(1 for p in off if optimizer is not None and self.free_state and optimizer.state.get(p))
+        if graded or stateful:
+            from memfit.compat import fail
+
+            what = f"{graded} gradients" if graded else f"optimizer state ({type(optimizer).__name__})"
+            raise fail(f"adapter '{who}': {what} for parameters of inactive layers after a step",
+                       "autograd to skip parameters with requires_grad=False and the optimizer to create state "
+                       "only for parameters that have a .grad", ("torch",))
+
 
 def mark_trainable(spec: RunSpec, trainable: callable) -> RunSpec:
     """`spec` with each parameter's trainable flag set by `trainable(ParamInfo) -> bool`."""
@@ -174,6 +190,8 @@ class LayerSampler(Technique):
             self._dirty = False
 
     def on_step_end(self, ctx: Context, metrics: dict[str, float]) -> None:
+        if self._layers is not None:
+            self._layers.verify(ctx.optimizer, self.name)
         if ctx.step % self.config.interval == 0 and self._layers is not None:
             metrics[f"{self.name}_layers"] = ",".join(map(str, self._layers.active or []))
 

@@ -71,6 +71,11 @@ class OwLore(LayerSampler):
                 for h in handles:
                     h.remove()
                 model.train(was_training)
+            if not norms:
+                from memfit.compat import fail
+
+                raise fail("adapter 'owlore': the calibration forward reached no linear layer's pre-hook",
+                           "each nn.Linear's forward pre-hook to fire during the model's forward", ("torch",))
         ratios = []
         for i in sorted(layers):
             out = tot = 0

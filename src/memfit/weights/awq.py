@@ -100,6 +100,12 @@ def collect_activation_stats(model: nn.Module, names: list[str], batches: list[t
     finally:
         for h in handles:
             h.remove()
+    unseen = [n for n in names if stats[n].n_rows == 0]
+    if batches and unseen:
+        from memfit.compat import fail
+
+        raise fail(f"awq: calibration saw no input of {len(unseen)} linear layers (e.g. {unseen[0]})",
+                   "each linear layer's forward pre-hook to fire during the calibration forward", ("torch",))
     return stats
 
 

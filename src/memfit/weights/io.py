@@ -64,7 +64,13 @@ def meta_model(config) -> nn.Module:
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
-        cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
+        mapping = getattr(transformers.AutoModelForCausalLM, "_model_mapping", None)  # private: checked
+        if mapping is None:
+            from memfit.compat import fail
+
+            raise fail(f"cannot find the model class of {type(config).__name__} (no `architectures` in its config)",
+                       "transformers.AutoModelForCausalLM._model_mapping")
+        cls = mapping[type(config)]
     with torch.device("meta"):
         model = cls(config)
     return model

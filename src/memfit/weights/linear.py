@@ -192,6 +192,12 @@ def quantize_model(model: nn.Module, fmt: str | WeightFormat, group_size: int | 
     for name, lin in linears:
         scale = in_scales.get(name) if in_scales else None
         set_submodule(model, name, QuantLinear.from_linear(lin, fmt, group_size, in_scale=scale))
+    kept = [name for name, _ in linears if not isinstance(model.get_submodule(name), QuantLinear)]
+    if kept:
+        from memfit.compat import fail
+
+        raise fail(f"weights {fmt.name}: {len(kept)} linear layers (e.g. {kept[0]}) are still dense after "
+                   "replacement", "each nn.Linear to be an attribute of its parent module", ("torch", "transformers"))
     return model
 
 

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from memfit.adapters.peft_tuner import LoraLike, LoraLikeConfig
+from memfit.compat import fail
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context
 from memfit.weights.base import quantize_spec
@@ -52,8 +53,21 @@ class QLoRA(LoraLike):
 
     def peft_config(self, target_modules, task_type, save):
         config = super().peft_config(target_modules, task_type, save)
-        config._register_custom_module({QuantLinear: _lora_layer_for_quant()})
+        register = getattr(config, "_register_custom_module", None)  # peft's (private) custom-module mapping
+        if not callable(register):
+            raise fail("qlora cannot register memfit's quantized layer with peft",
+                       "peft.LoraConfig._register_custom_module", ("peft",))
+        register({QuantLinear: _lora_layer_for_quant()})
         return config
+
+    def check_wrapped(self, model, targets) -> None:
+        """As every LoRA tuner, and each LoRA layer sits over a `QuantLinear` (the custom mapping took effect)."""
+        super().check_wrapped(model, targets)
+        dense = [n for n, m in model.named_modules() if hasattr(m, "base_layer")
+                 and not hasattr(m.base_layer, "base_layer") and not isinstance(m.base_layer, QuantLinear)]
+        if dense:
+            raise fail(f"qlora: peft wrapped {dense[0]} but its base is not memfit's QuantLinear",
+                       "peft to wrap the quantized layers through LoraConfig's custom-module mapping", ("peft",))
 
     def check(self, ctx: Context) -> None:
         from memfit.errors import ConfigError

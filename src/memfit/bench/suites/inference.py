@@ -31,6 +31,7 @@ import torch
 
 from memfit.bench.harness import BenchOptions
 from memfit.bench.workloads import pretrained_lm, small_lm_recipe
+from memfit.compat import cache_keyword
 from memfit.kv import build_policy
 from memfit.kv.prefill import chunked_prefill
 from memfit.memory.measure import MemoryMeter
@@ -74,10 +75,10 @@ def context_ppl(model, policy, windows, context: int) -> tuple[float, int]:
     for w in windows:
         ids = torch.tensor([w])
         cache = policy.make_cache(model)
-        model(ids[:, :context], past_key_values=cache)
+        model(ids[:, :context], **{cache_keyword(model): cache})
         kv = max(kv, cache.nbytes())
         cont = ids[:, context:]
-        logits = model(cont, past_key_values=cache).logits[0, :-1]
+        logits = model(cont, **{cache_keyword(model): cache}).logits[0, :-1]
         nll += _nll(logits, cont[0, 1:])
         count += cont.shape[1] - 1
     return math.exp(nll / count), kv
@@ -92,7 +93,7 @@ def stream_ppl(model, policy, windows, context: int, chunk: int = 16) -> tuple[f
         cache = policy.make_cache(model)
         logits = []
         for start in range(0, ids.shape[1], chunk):
-            logits.append(model(ids[:, start:start + chunk], past_key_values=cache).logits[0])
+            logits.append(model(ids[:, start:start + chunk], **{cache_keyword(model): cache}).logits[0])
             kv = max(kv, cache.nbytes())
         logits = torch.cat(logits)
         nll += _nll(logits[context:-1], ids[0, context + 1:])
