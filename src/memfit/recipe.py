@@ -120,14 +120,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         path, value = parse_override(item)
         node = data
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
             child = node.get(part)
             if isinstance(child, str):  # `optimizer: adamw` + `optimizer.lr=...` -> mapping
                 child = {"name": child}
             if child is None:
                 child = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a mapping")
+                raise ConfigError(f"override '{item}': '{'.'.join(path[:i + 1])}' holds the value {child!r}, not "
+                                  f"a section of keys; set it directly, e.g. {'.'.join(path[:i + 1])}=VALUE")
             node[part] = child
             node = child
         node[path[-1]] = value

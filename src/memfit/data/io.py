@@ -31,7 +31,9 @@ def not_text(path: Path, what: str, error: type[MemfitError] = DataError) -> Mem
     """The error to raise when `path` is not UTF-8 text (naming the first bad line), or None when it is."""
     data = path.read_bytes()
     if b"\0" in data:
-        return error(f"{what} {path} is a binary file, not text; point at the {what} itself")
+        line = data.count(b"\n", 0, data.index(b"\0")) + 1
+        return error(f"{what} {path} is a binary file, not text (a NUL byte on line {line}); point at the "
+                     f"{what} itself")
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
