@@ -51,7 +51,9 @@ def generate_command(
                       temperature=temperature, seed=seed)
     console.print(result.text, markup=False, highlight=False)
     console.print(result.table())
-    console.print(f"{result.prompt_tokens} prompt + {result.new_tokens} new tokens, "
-                  f"{result.tokens_per_s:.1f} tokens/s, KV policy {result.policy}")
+    console.print(f"{result.prompt_tokens} prompt + {result.new_tokens} new tokens, KV policy {result.policy}; "
+                  f"prefill {result.prefill_tokens_per_s:,.0f} tokens/s ({result.prefill_seconds:.2f} s), "
+                  f"decoding {result.tokens_per_s:.1f} tokens/s ({result.decode_seconds:.2f} s), "
+                  f"timed without the memory tracker", soft_wrap=True)
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_dict(), indent=2))
