@@ -188,8 +188,14 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
     with meter.region():
         measured = _run(lm, policy, input_ids, prefill_chunk, settings, seed)
     timed = _run(lm, policy, input_ids, prefill_chunk, settings, seed)
+    options = dict(policy.config.model_dump(), weights=weights, stream=stream, attn=impl, prefill_chunk=prefill_chunk,
+                   streamed_weights_peak=getattr(lm, "peak_resident_bytes", None))
+    return _result(lm, tokenizer, policy, prompt_tokens, meter.report(), measured, timed, options)
 
-    report = meter.report()
+
+def _result(lm: nn.Module, tokenizer: Any, policy: KVPolicy, prompt_tokens: int, report: MemoryReport,
+            measured: _Pass, timed: _Pass, options: dict[str, Any]) -> GenerateResult:
+    """Text and memory from the measured pass (activations = tensor peak − weights − KV), speed from the timed one."""
     new_ids = measured.output[0, prompt_tokens:]
     text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else str(new_ids.tolist())
     weights_bytes = report.peak.parameters + report.peak.buffers
@@ -201,10 +207,7 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
     return GenerateResult(text=text, prompt_tokens=prompt_tokens, new_tokens=int(new_ids.numel()), memory=memory,
                           kv_estimate=policy.kv_bytes(spec), report=report,
                           seconds=timed.prefill_seconds + timed.decode_seconds, policy=policy.name,
-                          prefill_seconds=timed.prefill_seconds, decode_seconds=timed.decode_seconds,
-                          options=dict(policy.config.model_dump(), weights=weights, stream=stream, attn=impl,
-                                       prefill_chunk=prefill_chunk,
-                                       streamed_weights_peak=getattr(lm, "peak_resident_bytes", None)))
+                          prefill_seconds=timed.prefill_seconds, decode_seconds=timed.decode_seconds, options=options)
 
 
 def _check_policy(kv: str | dict | KVPolicy | None, kv_budget: int | str | None, kv_options: dict | None,

@@ -202,7 +202,8 @@ def _cases() -> list[Case]:
     add("train.steps not a number", lambda w: ["train", str(w.recipe()), "train.steps=abc"], "train.steps")
     add("train.steps zero", lambda w: ["train", str(w.recipe()), "train.steps=0"], "train.steps")
     add("override without =", lambda w: ["train", str(w.recipe()), "train.steps"], "train.steps", "key.path=value")
-    add("override into a scalar", lambda w: ["train", str(w.recipe()), "train.steps.x=1"], "steps", "not a mapping")
+    add("override into a scalar", lambda w: ["train", str(w.recipe()), "train.steps.x=1"], "train.steps",
+        "not a section")
     add("unknown optimizer", lambda w: ["train", str(w.recipe()), "optimizer.name=adamx"], "adamx", "adamw")
     add("unknown preset", lambda w: ["train", str(w.recipe()), "model.preset=llama-huge"], "llama-huge")
     add("learning rate not a number", lambda w: ["train", str(w.recipe()), "optimizer.lr=fast"], "lr")
@@ -261,6 +262,17 @@ def _cases() -> list[Case]:
         "not a memfit run")
     add("disk full while writing the run", lambda w: ["train", str(w.recipe()), "-o", w.out()],
         "No space left", "out", fault=lambda w: disk_full(w.root / "out"))
+    def fresh_corpus(w):  # text no tokenizer was trained on yet, so the run has to write to the cache
+        text = (w.data / "tinyshakespeare" / "input.txt").read_text()[:20000] + str(w.root)
+        return ["train", str(w.recipe(paths=[str(w.file("fresh.txt", text))])), "-o", w.out()]
+
+    def cache_full(w):
+        from memfit.train.build import cache_dir
+
+        return disk_full(cache_dir())
+
+    add("disk full in the tokenizer cache", fresh_corpus, "could not cache the tokenizer", recovers=True,
+        fault=cache_full)
     add("rerun into a finished run", lambda w: ["train", str(w.base_recipe()), "-o", str(w.finished_run())],
         "--resume")
     add("resume without a checkpoint", lambda w: ["train", str(w.recipe()), "--resume", "-o", w.out()],

@@ -61,7 +61,8 @@ def handles_errors(fn: Callable) -> Callable:
             if exc.errno not in _ENVIRONMENT_ERRNOS:
                 raise
             where = f" writing {exc.filename}" if exc.filename else ""
-            _error(f"{exc.strerror}{where}; free disk space or write somewhere else")
+            todo = "write somewhere else" if exc.errno == errno.EROFS else "free disk space or write somewhere else"
+            _error(f"{exc.strerror}{where}; {todo}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; the last checkpoint is intact (resume with --resume)")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from memfit.errors import DataError, MemfitError
+from memfit.progress import note
 
 CACHE_ENV = "MEMFIT_CACHE"
 
@@ -149,6 +150,17 @@ def text_chunks(text: str, size: int = 1 << 14) -> Iterator[str]:
                 j = min(n, i + 4 * size)
         yield text[i:j]
         i = j
+
+
+@contextmanager
+def caching(what: str, folder: Path) -> Iterator[None]:
+    """Around a write to the cache: a failure (disk full, read-only) is a progress line, not an error — the run
+    has what it needs; only the next one recomputes it."""
+    try:
+        yield
+    except OSError as exc:
+        note(f"could not cache {what} in {folder} ({exc.strerror or exc}); it is recomputed next time "
+             f"(free space there or set {CACHE_ENV} to another folder)")
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:

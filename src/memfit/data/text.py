@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from memfit.data.config import TextData
-from memfit.data.io import cache_root, existing_file, fingerprint, read_documents, save_npy_atomic, text_chunks
+from memfit.data.io import (cache_root, caching, existing_file, fingerprint, read_documents, save_npy_atomic,
+                            text_chunks)
 from memfit.errors import DataError
 from memfit.progress import duration, note
 
@@ -87,7 +88,8 @@ def file_token_ids(path: Path, tokenizer: Any, cfg: TextData, cache_dir: str | P
     if time.perf_counter() - start > 2:  # worth a line only when it took a while (cached from now on)
         note(f"tokenized {path.name}: {len(ids):,} tokens in {duration(time.perf_counter() - start)}")
     if cached is not None and len(ids):
-        save_npy_atomic(cached, ids)
+        with caching(f"the token ids of {path.name}", cached.parent):
+            save_npy_atomic(cached, ids)
     return ids
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from memfit.data.io import cache_root, existing_file, fingerprint, read_documents, text_chunks
+from memfit.data.io import cache_root, caching, existing_file, fingerprint, read_documents, text_chunks
 from memfit.errors import DataError
 from memfit.progress import duration, note
 
@@ -87,15 +87,16 @@ def corpus_tokenizer(
     start = time.perf_counter()
     tokenizer = wrap(train_bpe(texts(), vocab_size))
     note(f"tokenizer trained in {duration(time.perf_counter() - start)}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".bpe-{key}."))
-    try:
-        tokenizer.save_pretrained(str(tmp))
-        tmp.chmod(0o755)
+    with caching("the tokenizer", target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".bpe-{key}."))
         try:
-            tmp.rename(target)  # atomic; loses the race harmlessly if another process cached it first
-        except OSError:
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(str(tmp))
+            tmp.chmod(0o755)
+            try:
+                tmp.rename(target)  # atomic; loses the race harmlessly if another process cached it first
+            except OSError:
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
