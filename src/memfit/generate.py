@@ -195,7 +195,8 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
 
 def _result(lm: nn.Module, tokenizer: Any, policy: KVPolicy, prompt_tokens: int, report: MemoryReport,
             measured: _Pass, timed: _Pass, options: dict[str, Any]) -> GenerateResult:
-    """Text and memory from the measured pass (activations = tensor peak − weights − KV), speed from the timed one."""
+    """Text and memory from the measured pass (activations = tensor peak − weights − KV), speed from the timed
+    one."""
     new_ids = measured.output[0, prompt_tokens:]
     text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else str(new_ids.tolist())
     weights_bytes = report.peak.parameters + report.peak.buffers

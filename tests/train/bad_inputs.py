@@ -24,6 +24,7 @@ import yaml
 from .recipes import toy_recipe
 
 BINARY = bytes(range(256)) * 4 + b"\x00\xff\xfe model: {"
+LATIN1 = "name: café\n".encode("latin-1")  # text saved in another encoding than UTF-8
 
 
 @dataclass
@@ -192,8 +193,7 @@ def _cases() -> list[Case]:
     add("recipe missing", lambda w: ["train", str(w.root / "missing.yaml")], "missing.yaml")
     add("recipe is a directory", lambda w: ["train", str(w.root)], "is a directory")
     add("recipe is binary garbage", lambda w: ["train", str(w.file("garbage.yaml", BINARY))], "garbage.yaml")
-    add("recipe has invalid UTF-8", lambda w: ["train", str(w.file("latin1.yaml", "name: caf\xe9\n".encode("latin-1")))],
-        "latin1.yaml", "UTF-8")
+    add("recipe has invalid UTF-8", lambda w: ["train", str(w.file("latin1.yaml", LATIN1))], "latin1.yaml", "UTF-8")
     add("recipe is not YAML", lambda w: ["train", str(w.file("bad.yaml", "model: {preset: [\n"))], "bad.yaml")
     add("recipe is a list", lambda w: ["train", str(w.file("list.yaml", "- a\n- b\n"))], "list.yaml", "mapping")
     add("recipe is empty", lambda w: ["train", str(w.file("empty.yaml", ""))], "empty.yaml", "model")
