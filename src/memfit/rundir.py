@@ -70,6 +70,10 @@ def check(run_dir: Path, *, resume: bool = False, overwrite: bool = False, has_c
         raise RunDirError("--resume continues a run and --overwrite replaces it; pass one of them")
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"output {run_dir} is a file, not a directory; choose another --output")
+    ancestor = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        what = "is a file" if not ancestor.is_dir() else "is not writable"
+        raise RunDirError(f"cannot create run directory {run_dir}: {ancestor} {what}; choose another --output")
     occupied = run_dir.is_dir() and any(run_dir.iterdir())
     if occupied and not is_run(run_dir):
         raise RunDirError(f"output {run_dir} is not empty and is not a memfit run (it holds {_listing(run_dir)}); "
@@ -121,7 +125,7 @@ def writing(path: Path) -> Iterator[None]:
     except SafetensorError as exc:  # safetensors writes from Rust and reports the OS error in its message
         if "I/O error" not in str(exc):
             raise
-        raise RunDirError(f"cannot write {path}: {str(exc).split(': ', 1)[-1]}; {_hint(None)}") from None
+        raise RunDirError(f"cannot write {path}: {str(exc).rsplit(': ', 1)[-1]}; {_hint(None)}") from None
 
 
 def _hint(errno_: int | None) -> str:

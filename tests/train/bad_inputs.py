@@ -262,6 +262,9 @@ def _cases() -> list[Case]:
         "not a memfit run")
     add("disk full while writing the run", lambda w: ["train", str(w.recipe()), "-o", w.out()],
         "No space left", "out", fault=lambda w: disk_full(w.root / "out"))
+    add("disk full while saving a checkpoint", lambda w: ["train", str(w.recipe()), "-o", w.out()],
+        "No space left", "checkpoints", fault=lambda w: disk_full(w.root / "out" / "checkpoints"))
+
     def fresh_corpus(w):  # text no tokenizer was trained on yet, so the run has to write to the cache
         text = (w.data / "tinyshakespeare" / "input.txt").read_text()[:20000] + str(w.root)
         return ["train", str(w.recipe(paths=[str(w.file("fresh.txt", text))])), "-o", w.out()]
