@@ -9,6 +9,7 @@ the file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -129,8 +130,6 @@ def writing(path: Path) -> Iterator[None]:
 
 
 def _hint(errno_: int | None) -> str:
-    import errno
-
     if errno_ in (errno.ENOTDIR, errno.EEXIST):
         return "a file stands where a folder is needed: choose another --output"
     if errno_ in (errno.EACCES, errno.EPERM, errno.EROFS):
