@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from memfit.cli import app, console, handles_errors
+from memfit.cli.app import app, console, handles_errors
 from memfit.errors import ConfigError
 
 

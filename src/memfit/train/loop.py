@@ -24,7 +24,7 @@ from memfit.memory.estimate import estimate_step
 from memfit.memory.measure import MemoryMeter, MemoryReport, state_bytes
 from memfit.progress import Ticker, note
 from memfit.recipe import Recipe
-from memfit.train import checkpoint as ckpt
+import memfit.train.checkpoint as ckpt
 from memfit.train.build import BuiltRun, build_run
 from memfit.train.data_order import BatchStream
 from memfit.train.evaluate import evaluate
