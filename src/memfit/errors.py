@@ -28,3 +28,7 @@ class CheckpointError(MemfitError):
 class CompatError(MemfitError):
     """An installed library (torch, transformers, peft, ...) does not behave as memfit expects: a hook found nothing
     to act on. The message names the versions installed and the range memfit is tested with."""
+
+
+class RunDirError(MemfitError):
+    """A run directory cannot be created or written, is not a memfit run, or holds a damaged file."""

@@ -35,19 +35,30 @@ class GenerateResult:
     memory: MemoryBreakdown  # parameters, buffers, kv_cache, activations (= tensor peak − weights − KV)
     kv_estimate: int
     report: MemoryReport
-    seconds: float
+    seconds: float  # prefill + decoding, timed without the memory tracker
     policy: str
     options: dict[str, Any] = field(default_factory=dict)
+    prefill_seconds: float = 0.0  # until the first new token (the prompt's forward, chunked prefill included)
+    decode_seconds: float = 0.0  # the other new tokens
 
     @property
     def tokens_per_s(self) -> float:
+        """Decoding speed: new tokens after the first, per second of decoding."""
+        if self.new_tokens > 1 and self.decode_seconds > 0:
+            return (self.new_tokens - 1) / self.decode_seconds
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
                 "memory": self.memory.to_dict(), "kv_estimate": self.kv_estimate,
                 "process_peak": self.report.process_peak, "seconds": self.seconds,
-                "tokens_per_s": self.tokens_per_s, "policy": self.policy, "options": self.options}
+                "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s, "tokens_per_s": self.tokens_per_s,
+                "policy": self.policy, "options": self.options}
 
     def table(self):
         from rich.table import Table
@@ -156,21 +167,68 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
              kv_options: dict[str, Any] | None = None, weights: str | None = None, stream: bool = False,
              attn: str = "auto", prefill_chunk: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> GenerateResult:
-    """Generate `max_new_tokens` after `prompt` with a KV policy and weight format, measuring memory by category."""
+    """Generate `max_new_tokens` after `prompt` with a KV policy and weight format, measuring memory by category.
+
+    Generation runs twice with the same seed: once under the memory tracker (memory by category, the text),
+    once without it (speed: the tracker's dispatch slows every op down, so timing it would understate decoding
+    several times over). Prefill (up to the first new token) and decoding are timed apart."""
     if max_new_tokens <= 0:
         raise ConfigError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
+    probe, impl = _check_policy(kv, kv_budget, kv_options, attn)
+    lm, tokenizer = _load(model, tokenizer, prompt, stream, weights, attn, impl, probe.needs_attention)
+    input_ids = _encode(prompt, tokenizer)
+    prompt_tokens = input_ids.shape[1]
+    policy = build_kv_policy(kv, resolve_budget(kv_budget, prompt_tokens), **(kv_options or {}))
+    if weights:
+        _apply_weights(lm, weights, input_ids)
+    input_ids = input_ids.to(next(lm.parameters()).device)
+    settings = _generation_kwargs(input_ids, tokenizer, max_new_tokens, do_sample, temperature, top_k)
+
+    meter = MemoryMeter(lm, device=input_ids.device)
+    with meter.region():
+        measured = _run(lm, policy, input_ids, prefill_chunk, settings, seed)
+    timed = _run(lm, policy, input_ids, prefill_chunk, settings, seed)
+    options = dict(policy.config.model_dump(), weights=weights, stream=stream, attn=impl, prefill_chunk=prefill_chunk,
+                   streamed_weights_peak=getattr(lm, "peak_resident_bytes", None))
+    return _result(lm, tokenizer, policy, prompt_tokens, meter.report(), measured, timed, options)
+
+
+def _result(lm: nn.Module, tokenizer: Any, policy: KVPolicy, prompt_tokens: int, report: MemoryReport,
+            measured: _Pass, timed: _Pass, options: dict[str, Any]) -> GenerateResult:
+    """Text and memory from the measured pass (activations = tensor peak − weights − KV), speed from the timed
+    one."""
+    new_ids = measured.output[0, prompt_tokens:]
+    text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else str(new_ids.tolist())
+    weights_bytes = report.peak.parameters + report.peak.buffers
+    memory = MemoryBreakdown(parameters=report.peak.parameters, buffers=report.peak.buffers,
+                             kv_cache=measured.kv_peak,
+                             activations=max(0, report.tensor_peak - weights_bytes - measured.kv_peak))
+    spec = RunSpec.from_model(lm, batch=1, seq=measured.cache.get_seq_length(),
+                              compute_dtype=dtype_name(_dtype_of(lm)))
+    return GenerateResult(text=text, prompt_tokens=prompt_tokens, new_tokens=int(new_ids.numel()), memory=memory,
+                          kv_estimate=policy.kv_bytes(spec), report=report,
+                          seconds=timed.prefill_seconds + timed.decode_seconds, policy=policy.name,
+                          prefill_seconds=timed.prefill_seconds, decode_seconds=timed.decode_seconds, options=options)
+
+
+def _check_policy(kv: str | dict | KVPolicy | None, kv_budget: int | str | None, kv_options: dict | None,
+                  attn: str) -> tuple[KVPolicy, str]:
+    """(the policy as configured, the attention implementation to load): bad options fail before the model loads
+    (the budget itself is checked by `resolve_budget` once the prompt length is known)."""
     if attn not in ("auto", "eager", "sdpa"):
         raise ConfigError(f"--attn must be auto, eager or sdpa, got '{attn}'")
-    policy_spec = kv
     resolve_budget(kv_budget, 1)
-    # Validate the policy and its options before loading the model, so bad input fails fast (the budget itself is
-    # checked by `resolve_budget` once the prompt length is known).
-    probe = build_kv_policy(policy_spec, 10**9 if kv_budget is not None else None, **(kv_options or {}))
+    probe = build_kv_policy(kv, 10**9 if kv_budget is not None else None, **(kv_options or {}))
     impl = attn if attn != "auto" else ("eager" if probe.needs_attention else "sdpa")
     if probe.needs_attention and impl != "eager":
         raise ConfigError(f"KV policy '{probe.name}' ranks tokens by attention probabilities, which "
                           f"attn_implementation='{impl}' does not return; use --attn eager (or --attn auto)")
+    return probe, impl
 
+
+def _load(model: str | Path | nn.Module, tokenizer: Any, prompt: str | torch.Tensor, stream: bool,
+          weights: str | None, attn: str, impl: str, needs_attention: bool) -> tuple[nn.Module, Any]:
+    """(the causal LM in eval mode, its tokenizer): an in-memory model, a streamed folder, or a loaded folder."""
     if stream and weights:
         raise ConfigError("--weights and --stream together: save a quantized folder first "
                           "(memfit.weights.save_quantized) and stream that folder without --weights")
@@ -180,68 +238,66 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
         if tokenizer is None and not isinstance(prompt, torch.Tensor):
             raise ConfigError("pass `tokenizer=` with an in-memory model and a text prompt")
         lm = model.eval()
-        if attn != "auto" or probe.needs_attention:
+        if attn != "auto" or needs_attention:
             lm.set_attn_implementation(impl)
-    elif stream:
-        lm, tokenizer = _streamed_model(model, impl)
-    else:
-        lm, tokenizer = load_causal_lm(model, impl)
+        return lm, tokenizer
+    if stream:
+        return _streamed_model(model, impl)
+    return load_causal_lm(model, impl)
 
-    input_ids = _encode(prompt, tokenizer)
-    prompt_tokens = input_ids.shape[1]
-    budget = resolve_budget(kv_budget, prompt_tokens)
-    policy = build_kv_policy(policy_spec, budget, **(kv_options or {}))
-    if weights:
-        _apply_weights(lm, weights, input_ids)
 
-    device = next(lm.parameters()).device
-    input_ids = input_ids.to(device)
+def _generation_kwargs(input_ids: torch.Tensor, tokenizer: Any, max_new_tokens: int, do_sample: bool,
+                       temperature: float, top_k: int | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                  attention_mask=torch.ones_like(input_ids))
+    if do_sample:
+        kwargs.update(temperature=temperature, top_k=top_k)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    kwargs["pad_token_id"] = pad if pad is not None else (eos if eos is not None else 0)
+    return kwargs
+
+
+@dataclass
+class _Pass:
+    """One generation: its output ids, cache, the most the cache held, and its prefill / decode seconds."""
+
+    output: torch.Tensor
+    cache: PolicyCache
+    kv_peak: int
+    prefill_seconds: float
+    decode_seconds: float
+
+
+def _run(lm: nn.Module, policy: KVPolicy, input_ids: torch.Tensor, prefill_chunk: int | None,
+         settings: dict[str, Any], seed: int) -> _Pass:
+    """Generate once with a fresh cache. Prefill ends when the forward that yields the first new token returns
+    (chunked prefill included); decoding is the rest."""
     torch.manual_seed(seed)
-    meter = MemoryMeter(lm, device=device)
-    kv_peak = 0
-    cache: PolicyCache | None = None
+    state: dict[str, Any] = {"cache": None, "kv_peak": 0, "generating": False, "first": None}
 
-    def track_kv(module, args, kwargs, output):
-        nonlocal kv_peak
-        if cache is not None:
-            kv_peak = max(kv_peak, cache.nbytes())
+    def after_forward(module, args, kwargs, output):
+        if state["cache"] is not None:
+            state["kv_peak"] = max(state["kv_peak"], state["cache"].nbytes())
+        if state["generating"] and state["first"] is None:
+            state["first"] = time.perf_counter()
 
-    handle = lm.register_forward_hook(track_kv, with_kwargs=True)
+    handle = lm.register_forward_hook(after_forward, with_kwargs=True)
     start = time.perf_counter()
     try:
-        with meter.region(), torch.no_grad():
-            cache = policy.make_cache(lm)
-            if prefill_chunk is not None and prompt_tokens > 1:
+        with torch.no_grad():
+            state["cache"] = cache = policy.make_cache(lm)
+            if prefill_chunk is not None and input_ids.shape[1] > 1:
                 chunked_prefill(lm, input_ids[:, :-1], cache, prefill_chunk)
-            gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                                          cache_keyword(lm): cache,
-                                          "attention_mask": torch.ones_like(input_ids)}
-            if do_sample:
-                gen_kwargs.update(temperature=temperature, top_k=top_k)
-            pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
-            eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-            gen_kwargs["pad_token_id"] = pad if pad is not None else (eos if eos is not None else 0)
-            output = lm.generate(input_ids, **gen_kwargs)
-            _check_cache_used(cache, prompt_tokens)
+            state["generating"] = True
+            output = lm.generate(input_ids, **{cache_keyword(lm): cache}, **settings)
+            end = time.perf_counter()
+            _check_cache_used(cache, input_ids.shape[1])
     finally:
         handle.remove()
-    seconds = time.perf_counter() - start
-    report = meter.report()
-    new_ids = output[0, prompt_tokens:]
-    text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else str(new_ids.tolist())
-
-    peak = report.peak
-    weights_bytes = peak.parameters + peak.buffers
-    activations = max(0, report.tensor_peak - weights_bytes - kv_peak)
-    memory = MemoryBreakdown(parameters=peak.parameters, buffers=peak.buffers, kv_cache=kv_peak,
-                             activations=activations)
-    seen = cache.get_seq_length()
-    spec = RunSpec.from_model(lm, batch=1, seq=seen, compute_dtype=dtype_name(_dtype_of(lm)))
-    return GenerateResult(text=text, prompt_tokens=prompt_tokens, new_tokens=int(new_ids.numel()), memory=memory,
-                          kv_estimate=policy.kv_bytes(spec), report=report, seconds=seconds, policy=policy.name,
-                          options=dict(policy.config.model_dump(), weights=weights, stream=stream, attn=impl,
-                                       prefill_chunk=prefill_chunk,
-                                       streamed_weights_peak=getattr(lm, "peak_resident_bytes", None)))
+    first = state["first"] if state["first"] is not None else end
+    return _Pass(output=output, cache=cache, kv_peak=state["kv_peak"], prefill_seconds=first - start,
+                 decode_seconds=end - first)
 
 
 def _check_cache_used(cache: PolicyCache, prompt_tokens: int) -> None:

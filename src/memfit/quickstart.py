@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from memfit.errors import RunDirError
 from memfit.recipe import load_recipe
+from memfit.rundir import is_run, run_name
 
 ASSET = Path(__file__).parent / "assets" / "shakespeare.txt"
 
@@ -26,16 +28,18 @@ def quickstart_recipe(steps: int) -> dict:
 
 
 def run_quickstart(output: Path, steps: int, console: Console) -> None:
-    from memfit.cli import _print_result
+    """Train into `output`, replacing an earlier quickstart run there; any other non-empty folder is refused
+    (`memfit.rundir`: only files memfit wrote are ever removed)."""
+    from memfit.report import print_result
     from memfit.train import train
 
-    import shutil
-
-    shutil.rmtree(output, ignore_errors=True)
     recipe = load_recipe(quickstart_recipe(steps))
+    earlier = run_name(output) if output.is_dir() and is_run(output) else None
+    if earlier not in (None, recipe.name):
+        raise RunDirError(f"{output} holds the run '{earlier}', not a quickstart; choose another --output")
     console.print(f"[bold]memfit quickstart[/]: {recipe.model.preset} on {ASSET.name}, {steps} steps")
-    result = train(recipe, output, console=console)
-    _print_result(result)
+    result = train(recipe, output, console=console, overwrite=earlier is not None)
+    print_result(result, console)
     console.print("[bold]sample:[/]")
     console.print(sample(output / "model", "ROMEO:"), markup=False)
 

@@ -58,6 +58,7 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
     eval_batches: int | None = Field(None, gt=0)  # cap on eval batches (None: the whole eval set)
     save_every: int = Field(0, ge=0)  # 0: save only at the end
+    keep_checkpoints: int = Field(2, ge=1)  # newest checkpoints kept; resume falls back to an older one if corrupt
     log_every: int = Field(10, gt=0)
     measure_steps: int = Field(2, ge=0)  # steps measured by category (the first ones; 0 turns it off)
     device: str = "auto"
@@ -119,14 +120,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         path, value = parse_override(item)
         node = data
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
             child = node.get(part)
             if isinstance(child, str):  # `optimizer: adamw` + `optimizer.lr=...` -> mapping
                 child = {"name": child}
             if child is None:
                 child = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a mapping")
+                raise ConfigError(f"override '{item}': '{'.'.join(path[:i + 1])}' holds the value {child!r}, not "
+                                  f"a section of keys; set it directly, e.g. {'.'.join(path[:i + 1])}=VALUE")
             node[part] = child
             node = child
         node[path[-1]] = value
@@ -140,12 +142,7 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | tupl
         where = "recipe"
     else:
         path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"recipe file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
+        data = _parse_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {path} must be a mapping of keys (name, model, data, train, ...)")
         where = str(path)
@@ -156,6 +153,23 @@ def load_recipe(source: str | Path | dict[str, Any], overrides: list[str] | tupl
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_recipe_errors(where, exc)) from None
+
+
+def _parse_yaml(path: Path) -> Any:
+    """The YAML document in a recipe file; a missing, unreadable or non-YAML file is one `ConfigError`."""
+    from memfit.data.io import read_utf8
+
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.y*ml"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise ConfigError(f"recipe {path} is a directory; name a recipe YAML file inside it{hint}")
+    if not path.exists():
+        raise ConfigError(f"recipe file {path} does not exist")
+    text = read_utf8(path, "recipe", ConfigError)
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
 
 
 def _recipe_errors(where: str, exc: ValidationError) -> str:

@@ -19,6 +19,7 @@ import torch
 from memfit.bench.mfu import measure_matmul_peak, mfu, train_flops_per_token
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import format_bytes
+from memfit.progress import note
 
 SHARED_DATA = Path("../shared/data")
 
@@ -37,6 +38,7 @@ class BenchOptions:
 
     def peak(self, precision: str = "fp32") -> float:
         if precision not in self.peak_flops:
+            note(f"measuring this machine's {precision} matmul peak (for MFU)")
             dtype = torch.bfloat16 if precision == "bf16" else torch.float32
             self.peak_flops[precision] = measure_matmul_peak(dtype)
         return self.peak_flops[precision]
@@ -63,6 +65,7 @@ def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload:
     from memfit.train import train
 
     rec = load_recipe(recipe)
+    note(f"[{opts.suite}] {workload or rec.name} / {method}: training {rec.train.steps} steps")
     t0 = time.perf_counter()
     result = train(rec, quiet=True)
     wall = time.perf_counter() - t0
@@ -93,13 +96,10 @@ def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload:
 def record_partial(opts: BenchOptions, row: dict) -> None:
     """Append a finished row to `<out>/<suite>.partial.jsonl` and say so on stderr, so a long suite that is
     stopped keeps what it measured."""
-    import sys
-
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     with (opts.out_dir / f"{opts.suite or 'bench'}.partial.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"[{opts.suite}] {row.get('workload', '')} / {row.get('method', '')} done "
-          f"({row.get('wall_s', '?')} s)", file=sys.stderr, flush=True)
+    note(f"[{opts.suite}] {row.get('workload', '')} / {row.get('method', '')} done ({row.get('wall_s', '?')} s)")
 
 
 def _shape(rec) -> tuple[int, int]:
@@ -153,6 +153,8 @@ def run_suite(name: str, opts: BenchOptions) -> tuple[list[dict], Path, Path]:
     module = suite_module(name)
     opts.suite = name
     (opts.out_dir / f"{name}.partial.jsonl").unlink(missing_ok=True)
+    note(f"bench {name}{' (quick)' if opts.quick else ''}: rows are reported as they finish, in "
+         f"{opts.out_dir / (name + '.partial.jsonl')}")
     t0 = time.perf_counter()
     rows = module.run(opts)
     json_path, md_path = write_results(name, rows, opts, time.perf_counter() - t0)

@@ -1,48 +1,14 @@
-"""The `memfit` command line (typer + rich). User errors print one line and exit 2; no traceback."""
+"""The `memfit` command line (typer + rich): train, estimate, plan, quickstart, report, bench (and `generate`, in
+`memfit.cli.generate`). Shared set-up and error handling live in `memfit.cli.app`."""
 
 from __future__ import annotations
 
-import functools
-import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
-from rich.console import Console
 
-from memfit.errors import MemfitError
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Train, fine-tune and run language models inside the memory you have.")
-_WIDTH = None if sys.stdout.isatty() else 140  # logs and pipes: don't squeeze tables into 80 columns
-console = Console(width=_WIDTH)
-err_console = Console(stderr=True, width=_WIDTH)
-
-
-@app.callback()
-def _setup() -> None:
-    """Quiet third-party progress bars and info logs; memfit prints its own progress."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def handles_errors(fn: Callable) -> Callable:
-    """Turn a `MemfitError` into one red line on stderr and exit code 2."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except MemfitError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted; the last checkpoint is intact (resume with --resume)")
-            raise typer.Exit(130) from None
-
-    return wrapper
+from memfit.cli.app import app, console, handles_errors
 
 
 @app.command()
@@ -51,16 +17,19 @@ def train(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides, e.g. train.steps=50"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default runs/<name>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its newest intact "
+                                "checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output (removes only the files "
+                                   "memfit wrote there)."),
 ) -> None:
     """Train or fine-tune from a recipe; writes metrics, checkpoints and a memory report to the run directory."""
     from memfit.recipe import load_recipe
+    from memfit.report import print_result
     from memfit.train import train as run_train
 
     rec = load_recipe(recipe, overrides or [])
     run_dir = output or Path(rec.output_dir) / rec.name
-    result = run_train(rec, run_dir, resume=resume, console=console)
-    _print_result(result)
+    print_result(run_train(rec, run_dir, resume=resume, overwrite=overwrite, console=console), console)
 
 
 @app.command()
@@ -139,7 +108,8 @@ def plan(
 @app.command()
 @handles_errors
 def quickstart(
-    output: Path = typer.Option(Path("runs/quickstart"), "--output", "-o", help="Run directory."),
+    output: Path = typer.Option(Path("runs/quickstart"), "--output", "-o", help="Run directory (an earlier "
+                                "quickstart run there is replaced; any other folder must be new or empty)."),
     steps: int = typer.Option(200, help="Training steps (about a minute on a laptop CPU)."),
 ) -> None:
     """Train a small Llama from scratch on bundled Shakespeare, show memory by category and a sample."""
@@ -152,18 +122,9 @@ def quickstart(
 @handles_errors
 def report(run_dir: Path = typer.Argument(..., help="A run directory written by `memfit train`.")) -> None:
     """Print a run's memory report and write its plots (loss.png, memory.png, report.html)."""
-    from memfit.memory.breakdown import MemoryBreakdown
-    from memfit.memory.measure import MemoryReport
-    from memfit.report import load_run, write_report
+    from memfit.report import print_run
 
-    _, summary = load_run(run_dir)
-    path = write_report(run_dir)
-    console.print({k: round(v, 4) for k, v in summary["metrics"].items()})
-    if summary.get("measured"):
-        measured = MemoryReport.from_dict(summary["measured"])
-        console.print(measured.table(MemoryBreakdown.from_dict(summary["estimate"]),
-                                     estimate_peak=summary.get("estimate_peak")))
-    console.print(f"report: {path}")
+    print_run(run_dir, console)
 
 
 @app.command()
@@ -189,22 +150,8 @@ def bench(
     console.print(f"wrote {json_path} and {md_path}")
 
 
-def _print_result(result) -> None:
-    if result.memory is not None:
-        console.print(result.memory.table(result.estimate, estimate_peak=result.estimate_peak or None))
-    metrics = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())
-    console.print(f"final: {metrics}  |  {result.tokens_per_s:.0f} tokens/s  |  "
-                  f"trainable {result.trainable_params:,} / {result.total_params:,} params")
-    if result.run_dir is not None:
-        console.print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
-
-
-from memfit.cli import generate as _generate_cli  # noqa: E402,F401  (registers `memfit generate`)
+from memfit.cli import generate as _generate  # noqa: E402,F401  (registers `memfit generate`, listed last)
 
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

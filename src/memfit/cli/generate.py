@@ -8,8 +8,8 @@ from typing import Optional
 
 import typer
 
-from memfit.cli import app, console, handles_errors
-from memfit.errors import ConfigError, DataError
+from memfit.cli.app import app, console, handles_errors
+from memfit.errors import ConfigError
 
 
 @app.command("generate")
@@ -42,16 +42,18 @@ def generate_command(
     if (prompt is None) == (prompt_file is None):
         raise ConfigError("give exactly one of --prompt TEXT or --prompt-file PATH")
     if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise DataError(f"prompt file {prompt_file} does not exist")
-        prompt = prompt_file.read_text(encoding="utf-8")
+        from memfit.data.io import existing_file, read_utf8
+
+        prompt = read_utf8(existing_file(prompt_file, "prompt file", "--prompt-file"), "prompt file")
     options = {"bits": kv_bits, "window": kv_window}
     result = generate(model, prompt, max_new_tokens, kv=kv, kv_budget=kv_budget, kv_options=options,
                       weights=weights, stream=stream, attn=attn, prefill_chunk=prefill_chunk, do_sample=sample,
                       temperature=temperature, seed=seed)
     console.print(result.text, markup=False, highlight=False)
     console.print(result.table())
-    console.print(f"{result.prompt_tokens} prompt + {result.new_tokens} new tokens, "
-                  f"{result.tokens_per_s:.1f} tokens/s, KV policy {result.policy}")
+    console.print(f"{result.prompt_tokens} prompt + {result.new_tokens} new tokens, KV policy {result.policy}; "
+                  f"prefill {result.prefill_tokens_per_s:,.0f} tokens/s ({result.prefill_seconds:.2f} s), "
+                  f"decoding {result.tokens_per_s:.1f} tokens/s ({result.decode_seconds:.2f} s), "
+                  f"timed without the memory tracker", soft_wrap=True)
     if json_out is not None:
         json_out.write_text(json.dumps(result.to_dict(), indent=2))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from memfit.data.io import existing_file, iter_jsonl
+from memfit.data.io import existing_file, iter_jsonl, reading_text
 from memfit.errors import DataError
 
 
@@ -41,7 +41,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if suffix not in (".tsv", ".csv", ".txt"):
         raise DataError(f"cannot tell the format of {path}: use a .tsv, .csv or .jsonl file")
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, encoding="utf-8", newline="") as fh:
+    with reading_text(path, "classification file"), open(path, encoding="utf-8", newline="") as fh:
         if suffix == ".csv":
             reader = csv.reader(fh)
         else:  # GLUE-style TSV: quotes are literal characters

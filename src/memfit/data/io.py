@@ -7,25 +7,65 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from memfit.errors import DataError
+from memfit.errors import DataError, MemfitError
+from memfit.progress import note
 
 CACHE_ENV = "MEMFIT_CACHE"
 
 
-def existing_file(path: str | Path, what: str = "data file") -> Path:
-    """Return `path` as a Path, or raise DataError naming it if it is not an existing file."""
+def existing_file(path: str | Path, what: str = "data file", given_in: str = "the recipe's data section") -> Path:
+    """Return `path` as a Path, or raise DataError naming it (and where it was given) if it is not a file."""
     p = Path(path).expanduser()
     if not p.is_file():
         where = p.resolve() if not p.is_absolute() else p
-        hint = (
-            "it is a directory; name a file inside it" if p.is_dir() else "check the path in the recipe's data section"
-        )
+        hint = "it is a directory; name a file inside it" if p.is_dir() else f"check the path in {given_in}"
         raise DataError(f"{what} not found: {p} (resolved to {where}); {hint}")
     return p
+
+
+def not_text(path: Path, what: str, error: type[MemfitError] = DataError) -> MemfitError | None:
+    """The error to raise when `path` is not UTF-8 text (naming the first bad line), or None when it is."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        line = data.count(b"\n", 0, data.index(b"\0")) + 1
+        return error(f"{what} {path} is a binary file, not text (a NUL byte on line {line}); point at the "
+                     f"{what} itself")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        return error(f"{what} {path} is not UTF-8 text: line {line}, column {column} has byte "
+                     f"0x{data[exc.start]:02x}; save the file as UTF-8")
+    return None
+
+
+def read_utf8(path: Path, what: str, error: type[MemfitError] = DataError) -> str:
+    """The text of `path`; a binary or non-UTF-8 file is one `error` naming the file and the first bad line."""
+    problem = not_text(path, what, error)
+    if problem is not None:
+        raise problem
+    return path.read_text(encoding="utf-8")
+
+
+@contextmanager
+def reading_text(path: Path, what: str = "data file") -> Iterator[None]:
+    """Around code that reads `path` as UTF-8 text line by line: a decoding error, or a NUL byte the csv module
+    trips over, becomes one `DataError` naming the file and the line."""
+    import csv
+
+    try:
+        yield
+    except (UnicodeDecodeError, csv.Error) as exc:
+        problem = not_text(path, what)
+        if problem is None:  # a csv problem in valid text (e.g. a field over the size limit)
+            raise DataError(f"{what} {path} cannot be parsed: {exc}; fix the file") from None
+        raise problem from None
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -81,7 +121,7 @@ def read_documents(path: Path, text_field: str = "text", max_chars: int | None =
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; a bad line is a `DataError` naming it."""
-    with open(path, encoding="utf-8") as fh:
+    with reading_text(path, "JSONL file"), open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -110,6 +150,17 @@ def text_chunks(text: str, size: int = 1 << 14) -> Iterator[str]:
                 j = min(n, i + 4 * size)
         yield text[i:j]
         i = j
+
+
+@contextmanager
+def caching(what: str, folder: Path) -> Iterator[None]:
+    """Around a write to the cache: a failure (disk full, read-only) is a progress line, not an error — the run
+    has what it needs; only the next one recomputes it."""
+    try:
+        yield
+    except OSError as exc:
+        note(f"could not cache {what} in {folder} ({exc.strerror or exc}); it is recomputed next time "
+             f"(free space there or set {CACHE_ENV} to another folder)")
 
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from memfit.data.classification import EncodedDataset, subsample
 from memfit.data.collate import IGNORE_INDEX
-from memfit.data.io import existing_file
+from memfit.data.io import existing_file, reading_text
 from memfit.errors import DataError
 
 
@@ -26,7 +26,7 @@ def read_conll(path: str | Path, tag_column: int = 1) -> tuple[list[list[str]], 
     words: list[str] = []
     wtags: list[str] = []
     start = 0
-    with open(p, encoding="utf-8") as fh:
+    with reading_text(p, "CoNLL file"), open(p, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             cols = line.split()
             if not cols or cols[0] == "-DOCSTART-":

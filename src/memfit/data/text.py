@@ -8,6 +8,7 @@ to the tokenizer cache, so a second run reads them instead of tokenizing again.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from memfit.data.config import TextData
-from memfit.data.io import cache_root, existing_file, fingerprint, read_documents, save_npy_atomic, text_chunks
+from memfit.data.io import (cache_root, caching, existing_file, fingerprint, read_documents, save_npy_atomic,
+                            text_chunks)
 from memfit.errors import DataError
+from memfit.progress import duration, note
 
 
 class PackedBlocks(Dataset):
@@ -80,9 +83,13 @@ def file_token_ids(path: Path, tokenizer: Any, cfg: TextData, cache_dir: str | P
         cached = cache_root(cache_dir) / f"ids-{key}.npy"
         if cached.is_file():
             return np.load(cached)
+    start = time.perf_counter()
     ids = encode_documents(read_documents(path, cfg.text_field, cfg.max_chars), tokenizer)
+    if time.perf_counter() - start > 2:  # worth a line only when it took a while (cached from now on)
+        note(f"tokenized {path.name}: {len(ids):,} tokens in {duration(time.perf_counter() - start)}")
     if cached is not None and len(ids):
-        save_npy_atomic(cached, ids)
+        with caching(f"the token ids of {path.name}", cached.parent):
+            save_npy_atomic(cached, ids)
     return ids
 
 

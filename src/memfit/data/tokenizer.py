@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from memfit.data.io import cache_root, existing_file, fingerprint, read_documents, text_chunks
+from memfit.data.io import cache_root, caching, existing_file, fingerprint, read_documents, text_chunks
 from memfit.errors import DataError
+from memfit.progress import duration, note
 
 EOS, PAD, BOS = "<|endoftext|>", "<|pad|>", "<|startoftext|>"
 SPECIAL_TOKENS = (EOS, PAD, BOS)
@@ -79,16 +81,22 @@ def corpus_tokenizer(
 
     if not any(True for _ in texts()):
         raise DataError(f"no text to train a tokenizer on in {', '.join(map(str, files))}; the files are empty")
+    size = sum(f.stat().st_size for f in files)
+    note(f"training a BPE tokenizer (vocab {vocab_size:,}) on {', '.join(f.name for f in files)} "
+         f"({size / 2**20:.1f} MiB); done once, then cached in {target.parent}")
+    start = time.perf_counter()
     tokenizer = wrap(train_bpe(texts(), vocab_size))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".bpe-{key}."))
-    try:
-        tokenizer.save_pretrained(str(tmp))
-        tmp.chmod(0o755)
+    note(f"tokenizer trained in {duration(time.perf_counter() - start)}")
+    with caching("the tokenizer", target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".bpe-{key}."))
         try:
-            tmp.rename(target)  # atomic; loses the race harmlessly if another process cached it first
-        except OSError:
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tokenizer.save_pretrained(str(tmp))
+            tmp.chmod(0o755)
+            try:
+                tmp.rename(target)  # atomic; loses the race harmlessly if another process cached it first
+            except OSError:
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer

@@ -87,8 +87,14 @@ def load_model(name_or_path: str, task: str, num_labels: int | None = None, toke
     if num_labels is not None and task != "causal_lm":
         extra["num_labels"] = num_labels
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
+    from safetensors import SafetensorError
+
     try:
         model = auto.from_pretrained(source, local_files_only=_offline(local), **extra)
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load model '{name_or_path}' for {task}: {str(exc).splitlines()[0]}") from None
+    except SafetensorError as exc:  # a weights file cut short or damaged
+        files = ", ".join(sorted(p.name for p in Path(source).glob("*.safetensors"))) or "safetensors weights"
+        raise ModelError(f"could not load model '{name_or_path}': {files} damaged ({exc}); export or copy the "
+                         f"model folder again") from None
     return ModelBundle(model=model, tokenizer=tokenizer, source=source)

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from memfit.errors import CheckpointError
+from memfit.rundir import write_text_atomic, writing
 
-LATEST = "latest"
-KEEP = 2
+LATEST = "latest"  # the newest checkpoint's name, for people and tools; resume trusts the folders themselves
+KEEP = 2  # default of the recipe key train.keep_checkpoints
 _TENSOR = "__tensor__"
 
 
@@ -76,43 +78,101 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, techniques_state: dict,
-                    meta: dict) -> Path:
-    """Write `step-N/` atomically, point `latest` at it, keep the last `KEEP` checkpoints."""
+                    meta: dict, keep: int = KEEP) -> Path:
+    """Write `step-N/` atomically, point `latest` at it, keep the newest `keep` checkpoints.
+
+    `meta.json` is written last and lists every file's size, so a checkpoint cut short later (a full disk, an
+    interrupted copy) is recognised as corrupt instead of being loaded."""
     ckpt_root = run_dir / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    if optimizer is not None:
-        save_state(optimizer.state_dict(), tmp, "optimizer")
-    save_state({"rng": rng_state(), "techniques": techniques_state}, tmp, "loop")
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    _write_atomic(ckpt_root / LATEST, final.name)
-    for old in sorted(p for p in ckpt_root.glob("step-*") if p != final)[:-(KEEP - 1) or None]:
+    try:
+        with writing(ckpt_root):
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            save_model(model, str(tmp / "model.safetensors"))
+            if optimizer is not None:
+                save_state(optimizer.state_dict(), tmp, "optimizer")
+            save_state({"rng": rng_state(), "techniques": techniques_state}, tmp, "loop")
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "files": files}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves no half checkpoint taking space
+    write_text_atomic(ckpt_root / LATEST, final.name)
+    for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / LATEST
-    if not pointer.exists():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    if not (path / "meta.json").exists():
-        raise CheckpointError(f"checkpoint {path} is incomplete; delete {pointer} to start over")
-    return path
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first."""
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return bool(checkpoints(run_dir))
+
+
+def problem(path: Path) -> str | None:
+    """Why the checkpoint in `path` cannot be loaded (missing or cut-short files), or None when it is intact."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        return "meta.json is missing (the checkpoint was not finished)"
+    except (OSError, ValueError) as exc:
+        return f"meta.json is unreadable ({exc})"
+    sizes = meta.get("files") or {}  # checkpoints of older memfit versions list no sizes
+    for name in sorted(set(sizes) | {"model.safetensors", "loop.safetensors", "loop.json"}):
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if name in sizes and f.stat().st_size != sizes[name]:
+            return f"{name} is {f.stat().st_size:,} bytes, {sizes[name]:,} when written (cut short)"
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(f), "pt"):
+                    pass
+            except Exception as exc:  # safetensors reports a damaged header with several error types
+                return f"{name} is damaged ({exc})"
+    return None
+
+
+def resumable_checkpoint(run_dir: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    """(the newest intact checkpoint, the newer ones skipped as corrupt with the reason for each)."""
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(checkpoints(run_dir)):
+        reason = problem(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    if skipped:
+        raise CheckpointError(f"every checkpoint in {run_dir / 'checkpoints'} is corrupt (newest: "
+                              f"{skipped[0][0].name}: {skipped[0][1]}); start the run over with --overwrite")
+    raise CheckpointError(f"--resume: {run_dir} has no checkpoint; run without --resume")
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a corrupt checkpoint to `corrupt-step-N` (kept for inspection, never loaded or pruned)."""
+    target = path.with_name(f"corrupt-{path.name}")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, target)
+    return target
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
     """Restore model and optimizer in place; return meta (with `step`) and the loop state."""
+    reason = problem(path)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {reason}")
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     except Exception as exc:  # safetensors raises several types on shape/name mismatch
-        raise CheckpointError(f"checkpoint {path} does not match this model: {exc}") from None
+        raise CheckpointError(f"checkpoint {path} does not match this model: {exc}; was the recipe changed?") \
+            from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not match this model (missing {list(missing)[:3]}, "
                               f"unexpected {list(unexpected)[:3]}); was the recipe changed?")
@@ -122,9 +182,3 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
     set_rng_state(loop["rng"])
     meta = json.loads((path / "meta.json").read_text())
     return {"meta": meta, "techniques": loop["techniques"]}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -7,13 +7,15 @@ import math
 import torch
 from torch import nn
 
+from memfit.progress import Ticker
 from memfit.train.data_order import BatchStream
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: BatchStream, task: str, device: torch.device, label_names: list[str],
-             max_batches: int | None = None, autocast=None) -> dict[str, float]:
-    """Token-weighted loss for LMs; accuracy or seqeval F1 for classifiers."""
+             max_batches: int | None = None, autocast=None, progress: str | None = None) -> dict[str, float]:
+    """Token-weighted loss for LMs; accuracy or seqeval F1 for classifiers. With `progress` (what to call this
+    evaluation), long evaluations say how far they are (`memfit.progress`)."""
     was_training = model.training
     model.eval()
     total_loss, total_weight = 0.0, 0
@@ -21,6 +23,7 @@ def evaluate(model: nn.Module, stream: BatchStream, task: str, device: torch.dev
     true_tags: list[list[str]] = []
     pred_tags: list[list[str]] = []
     n = stream.batches_per_epoch if max_batches is None else min(max_batches, stream.batches_per_epoch)
+    ticker = Ticker(f"{progress}: batch", n) if progress else None
     for i in range(n):
         batch = {k: v.to(device) for k, v in stream.ordered(i).items()}
         with autocast() if autocast else _null():
@@ -41,6 +44,8 @@ def evaluate(model: nn.Module, stream: BatchStream, task: str, device: torch.dev
                 keep = [(p, t) for p, t in zip(p_row, l_row) if t != -100]
                 true_tags.append([label_names[t] for _, t in keep])
                 pred_tags.append([label_names[p] for p, _ in keep])
+        if ticker is not None:
+            ticker.update(i + 1)
     model.train(was_training)
     loss = total_loss / max(1, total_weight)
     metrics = {"eval_loss": loss}

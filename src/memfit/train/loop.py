@@ -4,7 +4,10 @@ through `build_run`; the loop only schedules the LR, steps, evaluates, logs, che
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,12 +17,14 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from memfit.errors import CheckpointError
+from memfit import rundir
+from memfit.errors import RunDirError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import estimate_step
 from memfit.memory.measure import MemoryMeter, MemoryReport, state_bytes
+from memfit.progress import Ticker, note
 from memfit.recipe import Recipe
-from memfit.train import checkpoint as ckpt
+import memfit.train.checkpoint as ckpt
 from memfit.train.build import BuiltRun, build_run
 from memfit.train.data_order import BatchStream
 from memfit.train.evaluate import evaluate
@@ -47,95 +52,137 @@ def _count_tokens(batch: dict) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
+@dataclass
+class _LoopState:
+    """What the loop carries from step to step."""
+
+    train_stream: BatchStream
+    eval_stream: BatchStream | None
+    multiplier: Callable[[int], float]
+    meter: MemoryMeter | None
+    measured_left: int
+    start_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_time: float = 0.0  # seconds of unmeasured steps (the tracker slows measured ones down)
+    train_tokens: int = 0
+
+    @classmethod
+    def new(cls, built: BuiltRun) -> _LoopState:
+        cfg = built.recipe.train
+        data = built.data
+        eval_stream = (BatchStream(data.eval, cfg.batch_size, data.collate, drop_last=False)
+                       if data.eval is not None and len(data.eval) else None)
+        meter = MemoryMeter(built.ctx.model, built.ctx.optimizer, device=built.device) if cfg.measure_steps else None
+        return cls(train_stream=BatchStream(data.train, cfg.batch_size, data.collate, seed=built.recipe.seed),
+                   eval_stream=eval_stream,
+                   multiplier=lr_multiplier(cfg.schedule, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio,
+                                            cfg.decay_fraction),
+                   meter=meter, measured_left=cfg.measure_steps)
+
+
 def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = False,
-          console: Console | None = None, quiet: bool = False) -> RunResult:
-    """Run a recipe end to end; with `run_dir`, write recipe, metrics.jsonl, checkpoints and the memory report."""
-    console = console or Console(quiet=quiet)
+          console: Console | None = None, quiet: bool = False, overwrite: bool = False) -> RunResult:
+    """Run a recipe end to end; with `run_dir`, write recipe, metrics.jsonl, checkpoints and the memory report.
+
+    `resume` continues the run in `run_dir` from its newest intact checkpoint; `overwrite` replaces the run there
+    (only the files memfit wrote). A folder memfit did not write is never used (`memfit.rundir`)."""
     run_dir = Path(run_dir) if run_dir is not None else None
+    if run_dir is not None:  # before the (possibly long) build, and before anything is written
+        rundir.check(run_dir, resume=resume, overwrite=overwrite, has_checkpoint=ckpt.has_checkpoint(run_dir))
     built = build_run(recipe)
-    ctx, cfg = built.ctx, recipe.train
-    train_stream = BatchStream(built.data.train, cfg.batch_size, built.data.collate, seed=recipe.seed)
-    eval_stream = (BatchStream(built.data.eval, cfg.batch_size, built.data.collate, drop_last=False)
-                   if built.data.eval is not None and len(built.data.eval) else None)
-    multiplier = lr_multiplier(cfg.schedule, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio, cfg.decay_fraction)
     estimate, estimate_peak = estimate_step(built.spec, built.techniques)
-
-    start_step, history = 0, []
+    state = _LoopState.new(built)
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        if resume:
-            start_step, history = _resume(run_dir, built)
-        elif ckpt.latest_checkpoint(run_dir) is not None:
-            raise CheckpointError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
-                                  f"another output directory")
-    set_lr(ctx.optimizer, multiplier(start_step))  # records each group's base LR before the first step
-
-    meter = MemoryMeter(ctx.model, ctx.optimizer, device=built.device) if cfg.measure_steps else None
-    measured_left = cfg.measure_steps
-    train_time, train_tokens = 0.0, 0
-    metrics_file = (run_dir / "metrics.jsonl").open("a") if run_dir is not None else None
-    autocast = (lambda: autocast_for(built.device, cfg.precision))
-    try:
-        with _progress(console, quiet) as progress:
-            task = progress.add_task(recipe.name, total=cfg.steps, completed=start_step, loss=float("nan"))
-            for step in range(start_step, cfg.steps):
-                ctx.step = step
-                lr = set_lr(ctx.optimizer, multiplier(step))
-                batches = [_to(train_stream.shuffled(step * cfg.grad_accum + i), built.device)
-                           for i in range(cfg.grad_accum)]
-                for t in built.techniques:
-                    t.on_step_start(ctx)
-                t0 = time.perf_counter()
-                if meter is not None and measured_left > 0:
-                    with meter.region():
-                        loss = built.train_step(batches)
-                    measured_left -= 1
-                else:
-                    loss = built.train_step(batches)
-                    train_time += time.perf_counter() - t0
-                    train_tokens += sum(_count_tokens(b) for b in batches)
-                record: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": lr}
-                for t in built.techniques:
-                    t.on_step_end(ctx, record)
-                if eval_stream is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 \
-                        and step + 1 < cfg.steps:
-                    record.update(evaluate(ctx.model, eval_stream, recipe.task, built.device,
-                                           built.data.label_names, cfg.eval_batches, autocast))
-                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps or len(record) > 3:
-                    history.append(record)
-                    if metrics_file is not None:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                progress.update(task, advance=1, loss=loss)
-                if run_dir is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 \
-                        and step + 1 < cfg.steps:
-                    _save(run_dir, built, step + 1, history)
-    finally:
-        if metrics_file is not None:
-            metrics_file.close()
-
-    final = evaluate(ctx.model, eval_stream, recipe.task, built.device, built.data.label_names,
-                     cfg.eval_batches, autocast) if eval_stream is not None else {}
-    tokens_per_s = train_tokens / train_time if train_time > 0 else 0.0
-    if history:
-        history[-1].update(final)
-    report = meter.report(spec=f"batch={built.spec.batch} seq={built.spec.seq}") if meter is not None \
-        and cfg.measure_steps and measured_left < cfg.measure_steps else None
-    n_total = sum(p.numel() for p in ctx.model.parameters())
-    n_train = sum(p.numel() for p in ctx.model.parameters() if p.requires_grad)
-    result = RunResult(metrics=final, history=history, memory=report, estimate=estimate, tokens_per_s=tokens_per_s,
-                       run_dir=run_dir, trainable_params=n_train, total_params=n_total,
-                       optimizer_state_bytes=state_bytes(ctx.optimizer),
-                       estimate_peak=estimate_peak)
+        _open_run_dir(run_dir, built, state, resume)
+    set_lr(built.ctx.optimizer, state.multiplier(state.start_step))  # records each group's base LR first
+    _run_steps(built, state, run_dir, console or Console(quiet=quiet), quiet)
+    final = _evaluate(built, state, "final evaluation")
+    result = _result(built, state, final, estimate, estimate_peak, run_dir)
     if run_dir is not None:
-        if metrics_file is not None and final:
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps({"step": cfg.steps, "final": True, **final}) + "\n")
-        _save(run_dir, built, cfg.steps, history)
-        _export(run_dir, built)
-        write_summary(run_dir, result)
+        _finish_run_dir(run_dir, built, result)
     return result
+
+
+def _open_run_dir(run_dir: Path, built: BuiltRun, state: _LoopState, resume: bool) -> None:
+    rundir.create(run_dir, built.recipe.name, fresh=not resume)
+    rundir.write_text_atomic(run_dir / "recipe.yaml",
+                             yaml.safe_dump(built.recipe.model_dump(mode="json"), sort_keys=False))
+    if resume:
+        state.start_step, state.history = _resume(run_dir, built)
+
+
+def _run_steps(built: BuiltRun, state: _LoopState, run_dir: Path | None, console: Console, quiet: bool) -> None:
+    cfg = built.recipe.train
+    metrics = run_dir / rundir.METRICS if run_dir is not None else None
+    with _StepProgress(built.recipe.name, cfg.steps, state.start_step, console, quiet) as progress:
+        for step in range(state.start_step, cfg.steps):
+            record = _train_step(built, state, step)
+            last = step + 1 == cfg.steps
+            if state.eval_stream is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
+                record.update(_evaluate(built, state, f"evaluation at step {step + 1}"))
+            if (step + 1) % cfg.log_every == 0 or last or len(record) > 3:
+                state.history.append(record)
+                if metrics is not None:
+                    rundir.append_line(metrics, json.dumps(record))
+                progress.log(record)
+            progress.advance(record["loss"])
+            if run_dir is not None and cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+                _save(run_dir, built, step + 1, state.history)
+
+
+def _train_step(built: BuiltRun, state: _LoopState, step: int) -> dict[str, Any]:
+    """One optimizer step (gradient accumulation included); the first `measure_steps` run under the meter."""
+    ctx, cfg = built.ctx, built.recipe.train
+    ctx.step = step
+    lr = set_lr(ctx.optimizer, state.multiplier(step))
+    batches = [_to(state.train_stream.shuffled(step * cfg.grad_accum + i), built.device)
+               for i in range(cfg.grad_accum)]
+    for t in built.techniques:
+        t.on_step_start(ctx)
+    t0 = time.perf_counter()
+    if state.meter is not None and state.measured_left > 0:
+        with state.meter.region():
+            loss = built.train_step(batches)
+        state.measured_left -= 1
+    else:
+        loss = built.train_step(batches)
+        state.train_time += time.perf_counter() - t0
+        state.train_tokens += sum(_count_tokens(b) for b in batches)
+    record: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": lr}
+    for t in built.techniques:
+        t.on_step_end(ctx, record)
+    return record
+
+
+def _evaluate(built: BuiltRun, state: _LoopState, what: str) -> dict[str, float]:
+    if state.eval_stream is None:
+        return {}
+    cfg = built.recipe.train
+    return evaluate(built.ctx.model, state.eval_stream, built.recipe.task, built.device, built.data.label_names,
+                    cfg.eval_batches, lambda: autocast_for(built.device, cfg.precision), progress=what)
+
+
+def _result(built: BuiltRun, state: _LoopState, final: dict[str, float], estimate: MemoryBreakdown,
+            estimate_peak: int, run_dir: Path | None) -> RunResult:
+    cfg, model = built.recipe.train, built.ctx.model
+    if state.history:
+        state.history[-1].update(final)
+    measured = state.meter is not None and state.measured_left < cfg.measure_steps
+    report = state.meter.report(spec=f"batch={built.spec.batch} seq={built.spec.seq}") if measured else None
+    return RunResult(metrics=final, history=state.history, memory=report, estimate=estimate,
+                     tokens_per_s=state.train_tokens / state.train_time if state.train_time > 0 else 0.0,
+                     run_dir=run_dir, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                     total_params=sum(p.numel() for p in model.parameters()),
+                     optimizer_state_bytes=state_bytes(built.ctx.optimizer), estimate_peak=estimate_peak)
+
+
+def _finish_run_dir(run_dir: Path, built: BuiltRun, result: RunResult) -> None:
+    steps = built.recipe.train.steps
+    if result.metrics:
+        rundir.append_line(run_dir / rundir.METRICS, json.dumps({"step": steps, "final": True, **result.metrics}))
+    _save(run_dir, built, steps, result.history)
+    _export(run_dir, built)
+    write_summary(run_dir, result)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -145,35 +192,52 @@ def _to(batch: dict, device: torch.device) -> dict:
 def _save(run_dir: Path, built: BuiltRun, step: int, history: list) -> None:
     state = {t.name: t.state_dict() for t in built.techniques}
     ckpt.save_checkpoint(run_dir, step, built.model, built.ctx.optimizer, state,
-                         {"recipe": built.recipe.name, "history_len": len(history)})
+                         {"recipe": built.recipe.name, "history_len": len(history)},
+                         keep=built.recipe.train.keep_checkpoints)
 
 
 def _resume(run_dir: Path, built: BuiltRun) -> tuple[int, list]:
-    path = ckpt.latest_checkpoint(run_dir)
-    if path is None:
-        raise CheckpointError(f"--resume: {run_dir} has no checkpoint yet; run without --resume")
+    """Load the newest intact checkpoint (newer corrupt ones are set aside and named) and the metrics up to it."""
+    path, corrupt = ckpt.resumable_checkpoint(run_dir)
+    for bad, reason in corrupt:
+        aside = ckpt.set_aside(bad)
+        note(f"checkpoint {bad.name} is corrupt ({reason}); moved it to {aside} and resuming from {path.name}")
     loaded = ckpt.load_checkpoint(path, built.model, built.ctx.optimizer)
     for t in built.techniques:
         t.load_state_dict(loaded["techniques"].get(t.name, {}))
     step = loaded["meta"]["step"]
-    history = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():  # keep what was logged up to the checkpoint, drop what came after
-        history = [r for r in map(json.loads, metrics.read_text().splitlines()) if r["step"] <= step
-                   and not r.get("final")]
-        metrics.write_text("".join(json.dumps(r) + "\n" for r in history))
+    metrics = run_dir / rundir.METRICS
+    records, torn = rundir.read_log(metrics)
+    if torn:
+        note(f"{metrics} ended in a line cut short (the run stopped while writing it); dropped that line")
+    # keep what was logged up to the checkpoint, drop what came after
+    history = [r for r in records if r.get("step", 0) <= step and not r.get("final")]
+    rundir.write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in history))
+    note(f"resuming {built.recipe.name} from {path.name} (step {step} of {built.recipe.train.steps})")
     return step, history
 
 
 def _export(run_dir: Path, built: BuiltRun) -> None:
-    """Save a loadable HF model folder (model + tokenizer) when the model is a plain transformers model."""
+    """Save a loadable HF model folder (model + tokenizer) when the model is a plain transformers model.
+
+    Written under a temporary name and renamed, so `model/` is complete or absent."""
     model = built.model
-    if hasattr(model, "save_pretrained") and type(model).__module__.startswith("transformers"):
-        try:
-            model.save_pretrained(run_dir / "model")
-            built.data.tokenizer.save_pretrained(run_dir / "model")
-        except Exception:  # techniques may leave modules transformers cannot serialise; checkpoints still exist
-            pass
+    if not (hasattr(model, "save_pretrained") and type(model).__module__.startswith("transformers")):
+        return
+    target, tmp = run_dir / "model", run_dir / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with rundir.writing(target):
+            model.save_pretrained(tmp)
+            built.data.tokenizer.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+    except RunDirError:
+        raise
+    except Exception as exc:  # techniques may leave modules transformers cannot serialise; checkpoints still exist
+        note(f"no model/ folder exported ({type(exc).__name__}: {exc}); the weights are in checkpoints/")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_summary(run_dir: Path, result: RunResult) -> None:
@@ -189,11 +253,35 @@ def write_summary(run_dir: Path, result: RunResult) -> None:
         "estimate_peak": result.estimate_peak,
         "measured": result.memory.to_dict() if result.memory else None,
     }
-    (run_dir / "memory.json").write_text(json.dumps(summary, indent=2))
+    rundir.write_text_atomic(run_dir / "memory.json", json.dumps(summary, indent=2))
     write_report(run_dir)
 
 
-def _progress(console: Console, quiet: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console,
-                    disable=quiet, transient=False)
+class _StepProgress:
+    """A live bar on a terminal; plain lines at each logged step when piped or in CI (a bar shows nothing there
+    until the end); nothing when quiet."""
+
+    def __init__(self, name: str, total: int, done: int, console: Console, quiet: bool):
+        self.plain = not quiet and not console.is_terminal
+        self.ticker = Ticker(f"{name}: step", total, every_s=0.0, done=done)
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), console=console,
+                            disable=quiet or self.plain, transient=False)
+        self.task = self.bar.add_task(name, total=total, completed=done, loss=float("nan"))
+
+    def __enter__(self) -> _StepProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def advance(self, loss: float) -> None:
+        self.bar.update(self.task, advance=1, loss=loss)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.plain:
+            return
+        extra = "".join(f" {k} {v:.4g}" for k, v in record.items() if k not in ("step", "loss", "lr")
+                        and isinstance(v, (int, float)))
+        self.ticker.update(record["step"], f"loss {record['loss']:.4f} lr {record['lr']:.3g}{extra}")
