@@ -63,10 +63,9 @@ class FusedRule(MemfitOptimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self.closure_loss(closure)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._consume(p, p.grad.float(), group)  # the gradient itself when it is fp32
+        ready = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for p, group in ready:  # inside backward (`fuse`): one parameter
+            self._consume(p, p.grad.float(), group)  # the gradient itself when it is fp32
         return loss
 
     def _consume(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
