@@ -21,7 +21,8 @@ applied (the package scales only fp16 losses, which memfit does not train in).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from pydantic import Field, field_validator
@@ -38,7 +39,7 @@ class FusedRule(MemfitOptimizer):
 
     `step()` takes each gradient in fp32, clamps it (`clip_grad_value`), scales it by the two-pass clipping
     coefficient when one is set, and hands it to `update`. The gradient is consumed: it may be changed in place.
-    During a norm pass (`begin_norm_pass` … `end_norm_pass`) `step()` only records the gradients' norms.
+    Inside `norm_pass()` it only records the gradients' norms (the first of LOMO's two passes).
     """
 
     def __init__(self, params: Iterable, defaults: dict) -> None:
@@ -47,18 +48,21 @@ class FusedRule(MemfitOptimizer):
         self.gradients_seen = 0  # parameters handled since the counter was last reset (hook check)
         self._norms: list[torch.Tensor] | None = None
 
-    def begin_norm_pass(self) -> None:
+    @contextmanager
+    def norm_pass(self, max_norm: float) -> Iterator[None]:
+        """Inside: `step()` records gradient norms and updates nothing. After: `clip_coef` holds
+        `min(1, max_norm / (global norm + 1e-6))` for the next pass's gradients."""
         self._norms = []
-
-    def end_norm_pass(self, max_norm: float) -> torch.Tensor:
-        """Close a norm pass: the global gradient norm, and the coefficient the next pass's gradients get."""
-        norms, self._norms = self._norms, None
+        try:
+            yield
+            norms = self._norms
+        finally:
+            self._norms = None
         if not norms:
             raise RuntimeError(f"the norm pass saw no gradient: the in-backward hooks did not run (torch "
                                f"{torch.__version__}); was backward called on a loss of this model?")
         total = torch.linalg.vector_norm(torch.stack(norms))
         self.clip_coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        return total
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -127,10 +131,8 @@ def two_pass_clipping(fb: ForwardBackward, ctx: Context) -> ForwardBackward:
     devices = [ctx.device] if ctx.device.type == "cuda" else []
 
     def forward_backward(model: torch.nn.Module, batch: Batch, loss_scale: float) -> torch.Tensor:
-        with torch.random.fork_rng(devices=devices):
-            rule.begin_norm_pass()
+        with torch.random.fork_rng(devices=devices), rule.norm_pass(ctx.grad_clip):
             fb(model, batch, loss_scale)
-        rule.end_norm_pass(ctx.grad_clip)
         return fb(model, batch, loss_scale)
 
     return forward_backward
