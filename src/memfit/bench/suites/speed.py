@@ -2,16 +2,19 @@
 (issue 15).
 
 One process, one model shape, the same batches: memfit's technique — built through the registry, as a recipe
-builds it — and each reference package, each on its own copy of the same initial model. Variants alternate
-within every round (memfit first in even rounds, last in odd ones), each round times `steps` train steps of every
-variant, and a row reports the median over rounds of the paired ratio reference time / memfit time (≥ 1: memfit is
-at least as fast), for the whole step and, where an optimizer step is separate, for that step alone (forward and
-backward are the same code on both sides, so that is where optimizer implementations differ). Paired ratios of
-adjacent runs cancel most of the load from other processes on a shared machine.
+builds it — and each reference package, each on its own copy of the same initial model. Rounds alternate the
+order (memfit first in even rounds, last in odd ones: A B, B A, A B, ...); each round times one train step of every
+variant (`steps`), and a row reports the median over rounds of the paired ratio reference time / memfit time
+(≥ 1: memfit is at least as fast) with its interquartile range, for the whole step and, where the optimizer step
+is separate, for that step alone (forward and backward are the same code on both sides, so that is where optimizer
+implementations differ). Pairs of adjacent runs see the same load from other processes on a shared machine.
 
-Bytes (memfit / reference, ≤ 1: memfit is no larger), from one more step under `MemoryMeter` after the timing:
-optimizer state (tensor storages held by the optimizer, tensor subclasses flattened), the optimizer category's own
-peak (state plus the step's temporaries) and the tensor peak of the whole train step.
+Bytes (memfit / reference, ≤ 1: memfit is no larger), from two more steps after the timing: optimizer state (tensor
+storages the optimizer holds — in `optimizer.state`, on helper objects there, or in the reference's own
+attributes; tensor subclasses flattened), the optimizer step's temporaries (peak CPU allocation growth during
+`step()`) and the tensor peak of a whole train step (bytes live at its start plus its peak growth). Growth is read
+from the profiler's allocator events, which also see torchao's compiled step (a `TorchDispatchMode` such as
+`MemoryMeter` cannot run around compiled code).
 
 Projector refreshes (GaLore's SVD) are excluded: the gap is longer than the run, so both sides refresh once, in the
 warm-up step (`memfit bench optim` times refreshes).
@@ -315,24 +318,33 @@ def compare(technique: str, memfit: Variant, refs: list[Variant], data: list[tor
         ref_bytes = measure_bytes(ref, data[0])
         pairs = list(zip(times[memfit.name], times[ref.name]))
         fused = memfit.fused or ref.fused
+        step_ratios = [r / m for (m, _), (r, _) in pairs]
         row = {"technique": technique, "reference": ref.name,
                "memfit_step_ms": round(1e3 * statistics.median(m for (m, _), _ in pairs), 1),
                "ref_step_ms": round(1e3 * statistics.median(r for _, (r, _) in pairs), 1),
-               "speed": round(statistics.median(r / m for (m, _), (r, _) in pairs), 3),
-               "opt_speed": None if fused else round(statistics.median(r / m for (_, m), (_, r) in pairs), 3),
-               "memfit_opt_ms": None if fused else round(1e3 * statistics.median(m for (_, m), _ in pairs), 2),
-               "ref_opt_ms": None if fused else round(1e3 * statistics.median(r for _, (_, r) in pairs), 2),
-               "state_bytes": _ratio(mine_bytes["state"], ref_bytes["state"]),
-               "step_peak_bytes": _ratio(mine_bytes["step_peak"], ref_bytes["step_peak"]),
-               "temporaries_bytes": _ratio(mine_bytes["step_temporaries"], ref_bytes["step_temporaries"]),
-               **{f"memfit_{k}_mib": round(v / 2**20, 2) for k, v in mine_bytes.items()},
-               **{f"ref_{k}_mib": round(v / 2**20, 2) for k, v in ref_bytes.items()}}
+               "speed": round(statistics.median(step_ratios), 3), "speed_iqr": _iqr(step_ratios)}
+        if not fused:
+            opt_ratios = [r / m for (_, m), (_, r) in pairs]
+            row.update({"opt_speed": round(statistics.median(opt_ratios), 3), "opt_speed_iqr": _iqr(opt_ratios),
+                        "memfit_opt_ms": round(1e3 * statistics.median(m for (_, m), _ in pairs), 2),
+                        "ref_opt_ms": round(1e3 * statistics.median(r for _, (_, r) in pairs), 2)})
+        row.update({"state_bytes": _ratio(mine_bytes["state"], ref_bytes["state"]),
+                    "temporaries_bytes": _ratio(mine_bytes["step_temporaries"], ref_bytes["step_temporaries"]),
+                    "step_peak_bytes": _ratio(mine_bytes["step_peak"], ref_bytes["step_peak"]),
+                    **{f"memfit_{k}_mib": round(v / 2**20, 2) for k, v in mine_bytes.items()},
+                    **{f"ref_{k}_mib": round(v / 2**20, 2) for k, v in ref_bytes.items()}})
         rows.append(row)
     return rows
 
 
+def _iqr(ratios: list[float]) -> str:
+    """The middle half of the paired ratios (how much the shared machine's load moved them)."""
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return f"{q[0]:.2f}-{q[2]:.2f}"
+
+
 def run(opts: BenchOptions) -> list[dict]:
-    rounds, steps = (2, 1) if opts.quick else (7, 3)
+    rounds, steps = (2, 1) if opts.quick else (21, 1)
     gen = torch.Generator().manual_seed(0)
     data = [torch.randint(0, VOCAB, (2, 128), generator=gen) for _ in range(8)]
     rows = []
