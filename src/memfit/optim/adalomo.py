@@ -79,7 +79,7 @@ class AdaLomo(FusedRule):
         write_back(p, p_fp32)
 
 
-def state_bytes(shape: tuple[int, ...]) -> int:
+def factored_state_bytes(shape: tuple[int, ...]) -> int:
     """fp32 factored second moment of one parameter."""
     if len(shape) >= 2:
         rows, cols = factored_shapes(shape)
@@ -105,4 +105,4 @@ class AdaLomoTechnique(FusedTechnique):
                        decay_rate=c.decay_rate, clip_grad_value=c.clip_grad_value)
 
     def param_state_bytes(self, p: ParamInfo, target: bool, spec: RunSpec) -> int:
-        return state_bytes(tuple(p.shape))
+        return factored_state_bytes(tuple(p.shape))

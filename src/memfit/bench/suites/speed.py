@@ -227,45 +227,10 @@ def _comparisons(quick: bool) -> dict[str, tuple[Callable[[], Variant], dict[str
     }
 
 
-def _storages(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors`, looking through tensor subclasses (torchao's 8-bit state)."""
-    seen: set[int] = set()
-    total = 0
-    stack = list(tensors)
-    while stack:
-        t = stack.pop()
-        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
-            names, _ = t.__tensor_flatten__()
-            stack += [getattr(t, n) for n in names]
-            continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
-
-
-def _tensors_in(value: Any, depth: int = 3) -> list[torch.Tensor]:
-    """Tensors in an optimizer's per-parameter state, including those kept on helper objects (galore-torch and
-    apollo-torch keep their projection matrices on a projector object in the state)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if depth == 0:
-        return []
-    if isinstance(value, dict):
-        items = list(value.values())
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    elif hasattr(value, "__dict__") and not isinstance(value, (nn.Module, type)):
-        items = list(vars(value).values())
-    else:
-        return []
-    return [t for item in items for t in _tensors_in(item, depth - 1)]
-
-
 def state_bytes(variant: Variant) -> int:
-    state = getattr(variant.optimizer, "state", {})
-    return _storages([*variant.state_tensors(), *_tensors_in(list(state.values()))])
+    from memfit.memory.measure import state_bytes
+
+    return state_bytes(variant.optimizer, *variant.state_tensors())
 
 
 def allocated_growth(fn: Callable[[], None]) -> int:
@@ -291,7 +256,9 @@ def allocated_growth(fn: Callable[[], None]) -> int:
 def measure_bytes(variant: Variant, ids: torch.Tensor) -> dict[str, int]:
     """Optimizer state, the optimizer step's temporaries (peak growth during `step()`; 0 when fused into
     backward) and the train step's tensor peak (what is live at its start plus its peak growth)."""
-    live = _storages([*variant.model.parameters(), *variant.model.buffers()]) + state_bytes(variant)
+    from memfit.memory.measure import storage_bytes
+
+    live = storage_bytes([*variant.model.parameters(), *variant.model.buffers()]) + state_bytes(variant)
     growth = allocated_growth(lambda: variant.run(ids))
     variant.forward_backward(ids)
     return {"state": state_bytes(variant), "step_temporaries": allocated_growth(variant.step),
