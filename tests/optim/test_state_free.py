@@ -34,11 +34,13 @@ def _reference(name: str, model, monkeypatch, **kwargs):
     return lomo_optim.Lomo(model, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", list(RULES))
-def test_updates_equal_reference(name, monkeypatch):
-    """Five fused steps with weight decay on every parameter (the package's grouping): the same weights. AdaLomo's
-    reference runs with its default static loss scale 2**10, which memfit does not apply (no bits change)."""
-    a, b = tiny(), tiny()
+def test_updates_equal_reference(name, dtype, monkeypatch):
+    """Five fused steps with weight decay on every parameter (the package's grouping): the same weights, in fp32 and
+    in bf16 parameters (fp32 working copies written back). AdaLomo's reference runs with its default static loss
+    scale 2**10, which memfit does not apply (no bits change)."""
+    a, b = tiny().to(dtype), tiny().to(dtype)
     mine = fuse(RULES[name]([{"params": list(a.parameters())}], lr=1e-2, weight_decay=0.1))
     ref = _reference(name, b, monkeypatch, lr=1e-2, weight_decay=0.1)
     for ids in batches(5):
@@ -47,7 +49,7 @@ def test_updates_equal_reference(name, monkeypatch):
         mine.zero_grad(set_to_none=True)
         ref.fused_backward(loss_of(b, ids), 1e-2)
     assert max_param_diff(a, b) < 1e-7
-    assert max_param_diff(a, tiny()) > 1e-3  # and they did train
+    assert max_param_diff(a, tiny().to(dtype)) > 1e-3  # and they did train
     assert all(p.grad is None for p in a.parameters())
 
 
