@@ -154,6 +154,10 @@ OPTIMIZERS = [
     {"name": "natural_galore", "rank": 8},
     {"name": "frugal", "rank": 8},
     "scale",
+    "sgd",
+    {"name": "sgd", "momentum": 0.9},
+    "lomo",
+    "adalomo",
 ]
 ACTIVATIONS = [
     (["checkpointing"], ""),

@@ -337,28 +337,45 @@ def _process_now(device: torch.device) -> int | None:
     return process.current_rss()
 
 
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in an optimizer's per-parameter state (what the optimizer slot's `estimate()` predicts).
+def state_bytes(optimizer: torch.optim.Optimizer, *extra: Any) -> int:
+    """Bytes held in an optimizer's per-parameter state (what the optimizer slot's `estimate()` predicts), plus
+    `extra` tensors it keeps elsewhere (a reference package's own attributes)."""
+    return storage_bytes(dict(optimizer.state) if hasattr(optimizer, "state") else {}, *extra)
 
-    Walks nested containers and counts every distinct tensor storage once, so views and shared tensors are not
-    double counted."""
+
+def storage_bytes(*values: Any, depth: int = 6) -> int:
+    """Bytes of the distinct tensor storages reachable from `values`, each counted once (views and shared tensors
+    are not double counted). Walks nested containers, the attributes of helper objects (galore-torch and
+    apollo-torch keep their projection matrices on projector objects in the state) and tensor subclasses through
+    `__tensor_flatten__` (torchao's quantized optimizer state, DTensor)."""
     seen: set[tuple[int, torch.device]] = set()
     total = 0
 
-    def visit(value: Any) -> None:
+    def visit(value: Any, depth: int) -> None:
         nonlocal total
         if isinstance(value, torch.Tensor):
+            if type(value) is not torch.Tensor and type(value) is not nn.Parameter \
+                    and hasattr(value, "__tensor_flatten__"):
+                for name in value.__tensor_flatten__()[0]:
+                    visit(getattr(value, name), depth)
+                return
             storage = value.untyped_storage()
             key = (storage.data_ptr(), value.device)
             if key not in seen:
                 seen.add(key)
                 total += storage.nbytes()
+        elif depth == 0:
+            return
         elif isinstance(value, dict):
             for v in value.values():
-                visit(v)
+                visit(v, depth - 1)
         elif isinstance(value, (list, tuple)):
             for v in value:
-                visit(v)
+                visit(v, depth - 1)
+        elif hasattr(value, "__dict__") and not isinstance(value, (nn.Module, torch.optim.Optimizer, type)):
+            for v in vars(value).values():
+                visit(v, depth - 1)
 
-    visit(dict(optimizer.state) if hasattr(optimizer, "state") else {})
+    for value in values:
+        visit(value, depth)
     return total

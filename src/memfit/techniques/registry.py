@@ -51,6 +51,9 @@ SLOTS: dict[str, dict[str, str]] = {
         "natural_galore": "memfit.optim.natural_galore:NaturalGaLoreTechnique",
         "frugal": "memfit.optim.frugal:FRUGALTechnique",
         "scale": "memfit.optim.scale:SCALETechnique",
+        "sgd": "memfit.optim.sgd:SGDTechnique",
+        "lomo": "memfit.optim.lomo:LomoTechnique",
+        "adalomo": "memfit.optim.adalomo:AdaLomoTechnique",
     },
     "step": {
         "backprop": "memfit.train.step:BackpropStep",
