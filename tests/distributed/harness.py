@@ -27,7 +27,9 @@ OPTIMIZERS: dict[str, dict] = {
     "natural_galore": {"name": "natural_galore", "lr": 1e-3, "rank": 8, "update_proj_gap": 4, "history": 3},
     "apollo": {"name": "apollo", "lr": 1e-3, "rank": 8, "update_proj_gap": 4},
     "apollo_mini": {"name": "apollo_mini", "lr": 1e-3, "update_proj_gap": 4},
-    "frugal": {"name": "frugal", "lr": 1e-3, "rank": 8, "update_proj_gap": 4},
+    # signSGD on the residual: with an SVD subspace, entries near zero flip sign on gradient rounding (see README)
+    "frugal": {"name": "frugal", "lr": 1e-3, "rank": 8, "update_proj_gap": 4, "free_lr_ratio": 0.1},
+    "frugal_random": {"name": "frugal", "lr": 1e-3, "rank": 8, "update_proj_gap": 4, "subspace": "random"},
     "scale": {"name": "scale", "lr": 1e-3},
     "adamw_layerwise": {"name": "adamw", "lr": 1e-3, "layerwise": True},
     "galore_layerwise": {"name": "galore", "lr": 1e-3, "rank": 8, "update_proj_gap": 4, "layerwise": True},
@@ -36,6 +38,11 @@ OPTIMIZERS: dict[str, dict] = {
 
 def tiny(seed: int = 0) -> torch.nn.Module:
     return build_llama("llama-tiny", VOCAB, seed=seed)
+
+
+def tiny_deep(layers: int) -> torch.nn.Module:
+    """The tiny Llama with more blocks (so the blocks in flight are a small part of the model, as in real LLMs)."""
+    return build_llama("llama-tiny", VOCAB, seed=0, num_hidden_layers=layers)
 
 
 def global_batch(step: int) -> torch.Tensor:

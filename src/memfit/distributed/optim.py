@@ -21,6 +21,7 @@ are rebuilt over proxies, and this wrapper exposes the original groups (DTensor 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -131,10 +132,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         # The Optimizer base __init__ is not called: groups are the wrapped optimizer's original ones.
+        rule = rule_for(optimizer)
         if any(optimizer.state.values()):
             raise ConfigError("wrap the optimizer with ShardedOptimizer before its first step")
         self.optimizer = optimizer
         self.param_groups = optimizer.param_groups
+        # step hooks work as on any torch optimizer (memory trackers use them to label optimizer-step tensors)
+        self._optimizer_step_pre_hooks: dict = OrderedDict()
+        self._optimizer_step_post_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        self._patch_step_function()
         names = {id(p): n for n, p in model.named_parameters()}
         params = [p for g in self.param_groups for p in g["params"]]
         meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
@@ -148,7 +158,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.world, self.rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         self.exchange = RowExchange(self.group)
         self.slots: dict[int, Slot] = {}
-        rule = rule_for(optimizer)
         inner_groups: list[dict] = []
         owned = 0
         for group in self.param_groups:

@@ -9,6 +9,7 @@ joins one process group — NCCL when CUDA is available, gloo on CPU — and bui
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable
@@ -89,6 +90,11 @@ def launch_command(argv: list[str], nproc: int, module: str = "memfit") -> list[
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", module, *argv]
+
+
+def launch(argv: list[str], nproc: int, module: str = "memfit") -> int:
+    """Run `launch_command` and wait; returns torchrun's exit code (non-zero if any rank failed)."""
+    return subprocess.call(launch_command(argv, nproc, module))
 
 
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any, env: dict[str, str] | None = None) -> list[Any]:

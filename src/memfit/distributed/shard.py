@@ -42,14 +42,8 @@ def precision_policy(precision: str | MixedPrecisionPolicy) -> MixedPrecisionPol
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The repeated blocks of a model: modules whose class transformers lists in `_no_split_modules` (what
-    accelerate's FSDP auto-wrap uses), else the children of the outermost ModuleLists of one repeated class."""
-    no_split = set()
-    for module in model.modules():
-        no_split.update(getattr(module, "_no_split_modules", None) or ())
-    blocks = _outermost(model, lambda m: type(m).__name__ in no_split) if no_split else []
-    if blocks:
-        return blocks
+    """The repeated blocks: children of every outermost ModuleList of one module class that holds parameters
+    (decoder layers, encoder layers, a vision tower's layers; a block's own lists, e.g. MoE experts, stay inside)."""
     lists = _outermost(model, lambda m: isinstance(m, nn.ModuleList) and len(m) > 0
                        and len({type(c) for c in m}) == 1 and any(True for _ in m.parameters()))
     return [(f"{name}.{i}", child) for name, lst in lists for i, child in enumerate(lst)]
