@@ -52,13 +52,21 @@ def test_losses_match_one_process(two_ranks, name):
     assert max(abs(a - b) for a, b in zip(rank0, reference)) <= PARITY, (rank0, reference)
 
 
+@pytest.mark.parametrize("name", list(W.SAME_GRADIENTS))
+def test_same_gradients_same_step(two_ranks, name):
+    """Owner-rank steps run the optimizer's own code on the whole matrix, local steps are elementwise or per row:
+    on identical gradients the sharded update is the single-process one, bit for bit."""
+    for rank in two_ranks:
+        assert ok(rank["same_gradients"][name]) == 0.0
+
+
 def test_frozen_base_keeps_its_storage_dtype(two_ranks):
     for rank in two_ranks:
         result = ok(rank["frozen"])
         assert result["after"] == result["before"]
         frozen = {n: d for n, d in result["before"].items() if "lora_" not in n}
         assert set(frozen.values()) == {"torch.bfloat16"}
-        assert result["frozen_local_bytes"] == result["frozen_numel"] // 2 * 2  # half of each, 2 bytes each
+        assert result["frozen_local_bytes"] == result["frozen_shard_bytes"]  # bf16 shards (padded rows)
         assert result["frozen_unchanged"] and result["trained_changed"]
 
 

@@ -7,12 +7,16 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import Shard
 
 from memfit.distributed import checkpoint
 from memfit.distributed.runtime import init_distributed
 from tests.distributed import harness as H
 
 CHECKPOINT_OPTIMIZERS = ("adamw_8bit", "galore_8bit", "apollo", "adam_mini", "galore_layerwise")
+SAME_GRADIENTS = {name: {**spec, "free_lr_ratio": 1.0} if spec["name"] == "frugal" else spec
+                  for name, spec in H.OPTIMIZERS.items() if not spec.get("layerwise")}
+"""Every optimizer at its defaults (FRUGAL's free_lr_ratio back to 1), stepped on identical gradients."""
 SAVE_AT, RESUME_TO = 4, 8
 
 
@@ -63,6 +67,7 @@ def two_ranks(folder: str, steps: int, memory_layers: dict[bool, int]) -> dict:
     """World size 2: parity of every optimizer, frozen dtypes, per-rank memory, checkpoints (2 -> 2, 1 -> 2)."""
     ctx = init_distributed()
     out: dict = {"parity": {name: _guard(H.sharded_losses, ctx, name, steps) for name in H.OPTIMIZERS}}
+    out["same_gradients"] = {name: _guard(_same_gradients, ctx, name) for name in SAME_GRADIENTS}
     out["frozen"] = _guard(_frozen_dtypes, ctx)
     out["memory"] = {str(reshard): _guard(_memory, ctx, layers, reshard) for reshard, layers in memory_layers.items()}
     out["checkpoint"] = {name: _guard(_save_and_resume, ctx, name, Path(folder)) for name in CHECKPOINT_OPTIMIZERS}
@@ -71,10 +76,36 @@ def two_ranks(folder: str, steps: int, memory_layers: dict[bool, int]) -> dict:
     return out
 
 
+def _same_gradients(ctx, name: str, steps: int = 5) -> float:
+    """Max |difference| between the sharded and the single-process parameters after `steps` optimizer steps on the
+    same (seeded) gradients: the sharded step itself, without the reduce-scatter's rounding."""
+    import zlib
+
+    from torch.distributed.tensor import distribute_tensor
+
+    spec = SAME_GRADIENTS[name]
+    sharded = H.sharded_model(ctx)
+    reference = H.tiny()
+    opt = H.build_optimizer(sharded, spec, sharded=True)
+    ref_opt = H.build_optimizer(reference, spec, sharded=False)
+    ref_params = dict(reference.named_parameters())
+    for step in range(steps):
+        for pname, p in sharded.named_parameters():
+            g = torch.Generator().manual_seed(step * 7919 + zlib.crc32(pname.encode()))
+            grad = torch.randn(p.shape, generator=g) * 1e-2
+            ref_params[pname].grad = grad.clone()
+            p.grad = distribute_tensor(grad, ctx.mesh, [Shard(0)])
+        opt.step()
+        ref_opt.step()
+    with torch.no_grad():
+        return max(float((p.full_tensor() - ref_params[n]).abs().max()) for n, p in sharded.named_parameters())
+
+
 def _frozen_dtypes(ctx) -> dict:
     """LoRA on a bf16 base under bf16-mixed: frozen weights stay bf16 in their shards (accelerate #3844)."""
+    from memfit.distributed.estimate import unit_bytes
     from memfit.distributed.shard import local_dtypes, shard_model
-    from memfit.memory.spec import RunSpec
+    from memfit.memory.spec import RunSpec, model_shape
     from memfit.techniques.base import Context
     from memfit.techniques.registry import build_technique
 
@@ -83,7 +114,7 @@ def _frozen_dtypes(ctx) -> dict:
     build_technique("adapter", {"name": "lora", "r": 4}).apply(ctx_)
     model = ctx_.model
     before = {n: p.dtype for n, p in model.named_parameters()}
-    frozen_numel = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen_shards = unit_bytes([p for p in model_shape(model).params if not p.trainable], ctx.world_size)
     shard_model(model, ctx.mesh, mp_policy="bf16-mixed")
     opt = H.build_optimizer(model, {"name": "adamw", "lr": 1e-2}, sharded=True)
     trained = {n: p.to_local().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -99,7 +130,7 @@ def _frozen_dtypes(ctx) -> dict:
         "after": {n: str(d) for n, d in local_dtypes(model).items()},
         "frozen_local_bytes": sum(p.to_local().untyped_storage().nbytes() for p in params.values()
                                   if not p.requires_grad),
-        "frozen_numel": frozen_numel,
+        "frozen_shard_bytes": frozen_shards.sharded_params,
         "frozen_unchanged": all(torch.equal(params[n].to_local(), v) for n, v in frozen.items()),
         "trained_changed": all(not torch.equal(params[n].to_local(), v) for n, v in trained.items()
                                if "lora_B" in n),

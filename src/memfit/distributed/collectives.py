@@ -48,18 +48,19 @@ class RowExchange:
 
     def gather(self, items: list[tuple[torch.Tensor, int, int]]) -> dict[int, torch.Tensor]:
         """`items`: (local rows, global rows, owner group rank). Returns {index: full tensor} for owned items."""
-        works, buffers = [], {}
+        works, owned = [], {}
         for index, (local, rows, owner) in enumerate(items):
             chunk = math.ceil(rows / self.world)
             pieces = None
-            if owner == self.rank:
-                pieces = [local.new_empty((chunk, *local.shape[1:])) for _ in range(self.world)]
-                buffers[index] = (pieces, rows)
+            if owner == self.rank:  # receive straight into one padded buffer (no concatenation copy)
+                full = local.new_empty((chunk * self.world, *local.shape[1:]))
+                pieces = list(full.split(chunk))
+                owned[index] = full[:rows]
             works.append(dist.gather(_padded(local, chunk), pieces, group=self.group, group_dst=owner,
                                      async_op=True))
         for work in works:
             work.wait()
-        return {index: torch.cat(pieces)[:rows] for index, (pieces, rows) in buffers.items()}
+        return owned
 
     def scatter(self, items: list[tuple[torch.Tensor, int, int]], full: dict[int, torch.Tensor]) -> None:
         """Write each owner's `full[index]` rows back into every rank's `local` (items as in `gather`)."""
@@ -68,12 +69,13 @@ class RowExchange:
             chunk = math.ceil(rows / self.world)
             pieces = None
             if owner == self.rank:
-                padded = _padded(full[index], chunk * self.world)
-                pieces = list(padded.split(chunk))
-            out = local.new_empty((chunk, *local.shape[1:]))
+                pieces = list(_padded(full[index], chunk * self.world).split(chunk))
+            out = local if local.shape[0] == chunk and local.is_contiguous() else local.new_empty(
+                (chunk, *local.shape[1:]))
             works.append(dist.scatter(out, pieces, group=self.group, group_src=owner, async_op=True))
             receive.append((local, out))
         for work in works:
             work.wait()
         for local, out in receive:
-            local.copy_(out[: local.shape[0]])
+            if out is not local:
+                local.copy_(out[: local.shape[0]])

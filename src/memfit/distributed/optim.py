@@ -7,7 +7,7 @@ where its update runs.
   exactly like the parameter and no communication happens.
 - **owner** — the math needs the whole matrix (GaLore/Natural GaLore/FRUGAL projections and SVDs, APOLLO's
   channel/tensor scaling and norm limiter, SCALE's column norms, Adam-mini's per-head and per-tensor blocks, 8-bit
-  blocks that would straddle shards): one rank, assigned round-robin, gathers the full parameter and gradient, runs
+  blocks that would straddle shards): one rank, the least loaded so far, gathers the full parameter and gradient, runs
   the optimizer's own step on them, and scatters the new rows back. That matrix's state lives on its owner only,
   so state is sharded matrix by matrix; a window of N matrices (N owners) is stepped in parallel.
 
@@ -159,7 +159,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.exchange = RowExchange(self.group)
         self.slots: dict[int, Slot] = {}
         inner_groups: list[dict] = []
-        owned = 0
+        load = [0] * self.world  # values of the owner matrices assigned to each rank
         for group in self.param_groups:
             group_names = group.get("names") or [None] * len(group["params"])
             split: dict[tuple, dict] = {}
@@ -176,8 +176,10 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     placement, overrides = OWNER, {}  # no empty shards
                 if self.world == 1:
                     placement, overrides = LOCAL, {}  # the shard is the whole tensor
-                owner = self.rank if placement == LOCAL else owned % self.world
-                owned += placement == OWNER
+                owner = self.rank
+                if placement == OWNER:  # the least-loaded rank so far (same answer on every rank)
+                    owner = min(range(self.world), key=lambda r: (load[r], r))
+                    load[owner] += p.numel()
                 key = tuple(sorted(overrides.items()))
                 if key not in split:
                     split[key] = {**{k: v for k, v in group.items() if k not in ("params", "names")}, **overrides,
