@@ -71,7 +71,8 @@ def test_optimizer_without_rule_is_a_config_error():
 def test_unit_bytes_pad_each_shard():
     p = ParamInfo("w", (3, 4), 4)  # 3 rows on 2 ranks: every rank stores ceil(3/2) = 2 rows
     unit = unit_bytes([p], world=2)
-    assert unit.sharded_params == 2 * 4 * 4 and unit.all_gather == 4 * 4 * 4 and unit.params == 3 * 4 * 4
+    assert unit.sharded_params == 2 * 4 * 4 and unit.all_gather == unit.params == 4 * 4 * 4
+    assert unit.grads == 3 * 4 * 4  # autograd's gradient has the parameter's own shape
     frozen = unit_bytes([ParamInfo("w", (4, 4), 2, trainable=False)], world=2, compute_bytes=4)
     assert frozen.grads == 0 and frozen.sharded_params == 2 * 4 * 2 and frozen.params == 16 * 4
 

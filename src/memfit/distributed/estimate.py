@@ -37,7 +37,7 @@ from memfit.memory.spec import ParamInfo
 class Unit:
     """One `fully_shard` unit's parameter bytes, whole and as one rank's padded shard."""
 
-    params: int  # unsharded, compute dtype
+    params: int  # unsharded (padded rows), compute dtype
     all_gather: int  # padded all-gather output, compute dtype
     grads: int  # unsharded gradients of trainable parameters, compute dtype
     reduce_scatter: int  # padded reduce-scatter input, reduce dtype
@@ -58,7 +58,7 @@ def unit_bytes(params: Iterable[ParamInfo], world: int, compute_bytes: float | N
         row_numel = p.numel // rows if rows else 0
         chunk = padded_rows(rows, world) * row_numel
         compute = compute_bytes or p.bytes_per_element
-        whole += int(p.numel * compute)
+        whole += int(chunk * world * compute)  # FSDP2's unsharded parameter is a view of the padded gather
         gather += int(chunk * world * compute)
         shard += int(chunk * p.bytes_per_element)
         if p.trainable:

@@ -31,15 +31,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from memfit.distributed.collectives import RowExchange, check_layout
 from memfit.errors import ConfigError
 from memfit.optim.adam_mini import AdamMini, block_kind
 from memfit.optim.adamw_8bit import AdamW8bit
 from memfit.optim.galore import GaLoreAdamW
 from memfit.optim.scale import SCALE
-from memfit.distributed.collectives import RowExchange, check_layout
 
 LOCAL, OWNER = "local", "owner"
-Rule = Callable[[torch.optim.Optimizer, dict, torch.Tensor, "str | None"], "tuple[str, dict[str, Any]]"]
+Rule = Callable[[torch.optim.Optimizer, dict, torch.Tensor, str | None], tuple[str, dict[str, Any]]]
+"""(optimizer, its group, the global parameter, its name) -> (LOCAL | OWNER, inner-group overrides)."""
 
 
 # --- where each optimizer's update can run -------------------------------------------------------------------
