@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from memfit.distributed.runtime import spawn
-from memfit.optim.common import state_bytes
+from memfit.memory.measure import state_bytes
 from tests.distributed import harness as H
 from tests.distributed import workers as W
 

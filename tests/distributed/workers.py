@@ -143,7 +143,7 @@ def _memory(ctx, layers: int, reshard: bool) -> dict:
     from memfit.distributed.measure import RankMeter
     from memfit.distributed.shard import find_blocks, shard_model
     from memfit.memory.spec import model_shape
-    from memfit.optim.common import state_bytes
+    from memfit.memory.measure import state_bytes
 
     model = H.tiny_deep(layers)
     shape, blocks = model_shape(model), [name for name, _ in find_blocks(model)]
