@@ -14,6 +14,7 @@ STEPS = 10
 MEMORY_LAYERS = {True: 24, False: 8}  # ZeRO-3 (the 0.55 target): deep enough that the blocks in flight are a
 # small part of the model, as in real LLMs; ZeRO-2 checks the formula only
 PARITY = 1e-5
+pytestmark = pytest.mark.timeout(900)  # the first test's setup starts two process groups (~1 min on idle 2 cores)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,11 @@ MEMFIT_CATEGORY = {
 """FSDP categories folded into memfit's (communication buffers go to `other`)."""
 
 
+MODEL_STATE = ("sharded_params", "unsharded_params", "sharded_grads", "unsharded_grads", "optimizer",
+               "all_gather", "reduce_scatter")
+"""What ZeRO shards (parameters, gradients, optimizer state) plus the gathered blocks and buffers in flight."""
+
+
 @dataclass
 class RankReport:
     """One rank's worst region: FSDP categories at the tensor peak, and the process peak."""
@@ -72,11 +77,6 @@ class RankReport:
         return {"rank": self.rank, "peak": self.peak, "state_peak": self.state_peak, "held": self.held,
                 "tensor_peak": self.tensor_peak, "model_state_peak": self.model_state_peak,
                 "process_peak": self.process_peak, "notes": self.notes}
-
-
-MODEL_STATE = ("sharded_params", "unsharded_params", "sharded_grads", "unsharded_grads", "optimizer",
-               "all_gather", "reduce_scatter")
-"""What ZeRO shards (parameters, gradients, optimizer state) plus the gathered blocks and buffers in flight."""
 
 
 def _categories(device_snap: dict) -> dict[str, int]:

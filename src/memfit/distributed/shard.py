@@ -74,8 +74,8 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
         raise ConfigError("the model is already sharded with FSDP2")
     blocks = find_blocks(model)
     if not blocks:
-        raise ConfigError(f"{type(model).__name__} has no repeated blocks (no `_no_split_modules` class and no "
-                          "ModuleList of layers) to shard one by one")
+        raise ConfigError(f"{type(model).__name__} has no repeated blocks (no ModuleList of layers) to shard one "
+                          "by one; FSDP2 needs per-block units to free gathered parameters between blocks")
     policy = precision_policy(mp_policy)
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
     for _, block in blocks:
