@@ -77,6 +77,7 @@ class Arch:
     fused_gate_up: bool = False  # one projection makes gate and up (Phi-3, MoE experts)
     parallel: bool = False  # attention and MLP both read the block's input (NeoX, Phi, Falcon)
     rotary_dim: int = 0  # rotated channels per head; 0: no rotary embedding
+    relaid_output: bool = False  # SDPA's output is copied into a new (B, S, H·D) tensor for the output projection
     qk_norm: bool = False  # a norm over each head's q and k (Qwen3)
     attn_softcap: float = 0.0  # tanh soft-capping of attention scores (Gemma2)
     final_softcap: float = 0.0  # tanh soft-capping of the logits (Gemma2)
@@ -107,6 +108,11 @@ class Family:
         """(facts, `ModelShape` numbers) when `block` (the first of the model's blocks, named `prefix`.0) is
         one of this family's, else None. Raise `UnsupportedArchitecture` for a feature this family lacks."""
         raise NotImplementedError
+
+    def check_task(self, spec: RunSpec, model_type: str) -> None:
+        if spec.task not in self.tasks:
+            raise UnsupportedArchitecture(f"memfit models {model_type or self.name} for "
+                                          f"{' and '.join(self.tasks)}, not for task '{spec.task}'")
 
     def layer(self, spec: RunSpec) -> dict[str, int]:
         """Bytes one block saves for backward: `attention`, `mlp`, `norms` (dropout masks in their branch)."""

@@ -16,7 +16,7 @@ Devlin et al. 2019; Liu et al. 2019 ("RoBERTa"). Recognised by `attention.self.{
 from __future__ import annotations
 
 from memfit.memory.arch import parts
-from memfit.memory.arch.base import GELU, LAYER_NORM, Arch, Family, UnsupportedArchitecture
+from memfit.memory.arch.base import GELU, LAYER_NORM, Arch, Family
 from memfit.memory.arch.parts import F32, I64, dtypes
 from memfit.memory.arch.probe import probe
 from memfit.memory.arch.read import activation, first, has
@@ -65,9 +65,8 @@ class Bert(Family):
 
     def head(self, spec):
         m, a, d, t = spec.model, _arch(spec), dtypes(spec), spec.tokens
-        if spec.task not in self.tasks:
-            raise UnsupportedArchitecture(f"memfit models {a.model_type or self.name} encoders for "
-                                          f"{' and '.join(self.tasks)}, not '{spec.task}'")
+        if m.arch is not None:
+            self.check_task(spec, a.model_type)
         c, r = d.compute, d.residual
         labels = max(m.num_labels, 1)
         keep_logits = bool(spec.extra.get("keep_logits", False))
@@ -98,15 +97,7 @@ class Bert(Family):
         return out
 
     def temporaries(self, spec):
-        m, d, t = spec.model, dtypes(spec), spec.tokens
-        c, r = d.compute, d.residual
-        mlp = t * (2 * m.intermediate * c + m.hidden * r)
-        q_dim, kv_dim = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-        attn = t * ((2 * q_dim + 2 * kv_dim) * c + m.hidden * r)
-        if parts.attention_kernel(spec) != "flash":
-            attn = max(attn, 2 * spec.batch * m.n_heads * spec.seq * spec.seq * F32 + 2 * t * m.hidden * r
-                       + t * m.hidden * c)
-        return mlp, attn
+        return parts.block_temporaries(spec, 2, spec.tokens * spec.model.hidden * dtypes(spec).compute)
 
 
 def _arch(spec) -> Arch:

@@ -6,7 +6,7 @@ recognised). Gemma2 (Team Gemma 2024, "Gemma 2: Improving Open Language Models a
 after attention and around the MLP (four per block; the two after a branch read its compute-dtype output),
 tanh soft-capping of attention scores (eager only: the tanh output is saved, B·H·S² in the scores' dtype) and of
 the logits (B·S·V in the compute dtype, before the loss's fp32 copy), and alternating sliding-window layers.
-The scaling normalizer is a scalar tensor in the residual's dtype.
+(The √hidden normalizer is a scalar made by `torch.tensor`, which the meter does not see.)
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ class Gemma(Llama):
     def head(self, spec):
         out = super().head(spec)
         d, a = dtypes(spec), _arch(spec)
-        out["embeddings"] += d.residual  # the √hidden normalizer, a scalar tensor
         if a.final_softcap:
             out["loss"] += spec.tokens * spec.model.vocab * d.compute  # tanh output
         return out

@@ -17,10 +17,11 @@ Phi-3 (fused `qkv_proj` and `gate_up_proj`). Derived from what autograd saves in
 from __future__ import annotations
 
 from memfit.memory.arch import parts
-from memfit.memory.arch.base import Arch, Family, UnsupportedArchitecture
-from memfit.memory.arch.parts import F32, dtypes
+from memfit.memory.arch.base import Arch, Family
+from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import activation, children, dense_gated, first, has, out_features, sliding_layers
+from memfit.memory.arch.read import (activation, children, dense_gated, dropout_children, first, has, out_features,
+                                     rotary_dim, rotary_relays_output, sliding_layers)
 
 BLOCK = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _DEFAULT = Arch(family="llama")
@@ -43,12 +44,14 @@ class Llama(Family):
         head_dim = getattr(attn, "head_dim", None) or first(config, "head_dim") or hidden // heads
         kv_heads = first(config, "num_key_value_heads", default=heads)
         n_layers = config.num_hidden_layers
-        rotary = int(head_dim * first(config, "partial_rotary_factor", default=1.0))
+        rotary = rotary_dim(model)
         facts = dict(
             family=self.name, norm=norm, fused_qkv=has(attn, "qkv_proj"), rotary_dim=rotary,
+            relaid_output=rotary_relays_output(attn, head_dim, rotary),
             qk_norm=has(attn, "q_norm", "k_norm"), sliding_window=int(first(config, "sliding_window", default=0)),
             sliding_layers=sliding_layers(config, n_layers), attn_dropout=float(first(config, "attention_dropout",
                                                                                    default=0.0)),
+            hidden_dropout=dropout_children(block),  # Phi-3's residual dropouts
             options=(("qk_norm", probe(attn.q_norm)),) if has(attn, "q_norm") else (),
         )
         facts.update(self.mlp_facts(config, mlp))
@@ -92,7 +95,16 @@ class Llama(Family):
         return {k: (sliding * windowed[k] + (n - sliding) * full[k]) // n for k in full}
 
     def block(self, spec, masked: bool) -> dict[str, int]:
-        return {"attention": self.attention(spec, masked), "mlp": self.mlp(spec), "norms": self.norms(spec)}
+        drop = self.residual_dropout(spec)
+        return {"attention": self.attention(spec, masked) + drop, "mlp": self.mlp(spec) + drop,
+                "norms": self.norms(spec)}
+
+    def residual_dropout(self, spec) -> int:
+        """The mask of a dropout on each branch's output (Phi-3), for blocks that have one."""
+        m, d = spec.model, dtypes(spec)
+        if m.arch is None or not m.arch.hidden_dropout:
+            return 0
+        return parts.dropout_mask(spec.tokens * m.hidden, parts.dropouts(spec)[1], d.compute, d)
 
     def mask_saved(self, spec) -> bool:
         """SDPA gets an explicit mask on a sliding-window layer when the sequence is longer than the window."""
@@ -109,15 +121,17 @@ class Llama(Family):
         return out + self.core(spec, masked)
 
     def core(self, spec, masked: bool = False) -> int:
-        """The attention kernel's saved tensors and the re-laid-out output `o_proj` reads."""
-        if spec.model.arch is None or not (masked or _arch(spec).attn_softcap):
-            return parts.attention_core_bytes(spec)
+        """The attention kernel's saved tensors and the output `o_proj` reads (SDPA's own unless re-laid out)."""
         m, a, d = spec.model, _arch(spec), dtypes(spec)
         t, b, s, c = spec.tokens, spec.batch, spec.seq, d.compute
         q_dim = m.n_heads * m.head_dim
+        flash = parts.attention_kernel(spec) == "flash"
+        relaid = t * q_dim * c if flash and a.relaid_output else 0
+        if m.arch is None or not (masked or a.attn_softcap):
+            return parts.attention_core_bytes(spec) + relaid
         scores = b * m.n_heads * s * s
-        if parts.attention_kernel(spec) == "flash":  # masked: k, v repeated to every head; the kernel's mask copy
-            return parts.flash_core(t, b, s, m.n_heads, q_dim, q_dim, c) + b * s * s * c
+        if flash:  # masked: k, v repeated to every head; the kernel's copy of the mask
+            return parts.flash_core(t, b, s, m.n_heads, q_dim, q_dim, c) + b * s * s * c + relaid
         # eager with tanh soft-capping (Gemma2): the tanh output is saved, in the scores' dtype
         attn_dropout, _ = parts.dropouts(spec)
         return 3 * t * q_dim * c + scores * c + parts.eager_probs(scores, attn_dropout, d, False) + t * q_dim * c
@@ -131,27 +145,15 @@ class Llama(Family):
 
     def head(self, spec):
         m, a, d = spec.model, _arch(spec), dtypes(spec)
-        if m.arch is not None and spec.task != "causal_lm":
-            raise UnsupportedArchitecture(f"memfit models {a.model_type or self.name} as a causal LM only, "
-                                          f"not for task '{spec.task}'")
+        if m.arch is not None:  # (a hand-written Llama shape keeps its historical causal-LM head for any task)
+            self.check_task(spec, a.model_type)
         rotary = a.rotary_dim if m.arch is not None else m.head_dim
-        out = {"embeddings": parts.rotary_tables(spec.seq, rotary, d),  # shared by all layers
-               "final_norm": parts.norm_bytes(spec),
-               "head": parts.matmul_inputs(spec.tokens, m.hidden, 1, d)}
-        out.update(parts.causal_lm_loss(spec))
-        return out
+        return parts.causal_head(spec, parts.rotary_tables(spec.seq, rotary, d))  # tables shared by all layers
 
     def temporaries(self, spec):
         """Gradients of the MLP's hidden activations; of q, k, v and the block input in attention, or of the
         (B, H, S, S) scores where the probabilities are stored."""
-        m, d, t = spec.model, dtypes(spec), spec.tokens
-        c, r = d.compute, d.residual
-        mlp = t * (3 * m.intermediate * c + m.hidden * r)
-        q_dim, kv_dim = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
-        attn = t * ((2 * q_dim + 2 * kv_dim) * c + m.hidden * r)
-        if parts.attention_kernel(spec) != "flash":
-            attn = max(attn, 2 * spec.batch * m.n_heads * spec.seq * spec.seq * F32 + 2 * t * m.hidden * r)
-        return mlp, attn
+        return parts.block_temporaries(spec, 3)
 
 
 def gated_mlp(tokens: int, hidden: int, inter: int, act, fused: bool, d: parts.Dtypes) -> int:

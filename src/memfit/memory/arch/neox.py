@@ -1,8 +1,64 @@
-from memfit.memory.arch.base import Family
+"""GPT-NeoX blocks: one projection makes q, k, v; partial rotary; attention and MLP in parallel off the input.
+
+Black et al. 2022, "GPT-NeoX-20B"; also Pythia. Recognised by `attention.query_key_value`, `attention.dense`,
+`mlp.dense_h_to_4h`, `input_layernorm` and `post_attention_layernorm`. Derived from what autograd saves in
+transformers' implementation: the fused projection's input; the kernel's tensors (partial rotary concatenates, so
+SDPA's output is re-laid out into a new tensor for `dense`: `read.rotary_relays_output`); with
+`use_parallel_residual` both norms read the block input (saved once: the second norm adds only its statistics),
+otherwise the second reads the sum after attention; `dense_h_to_4h`'s input, what the activation saves, its
+output; dropout masks where `hidden_dropout` / `attention_dropout` are set. Outside: rotary cos/sin over the
+rotated channels (`rotary_pct`), the embedding dropout's mask, the final LayerNorm, `embed_out`'s input, the loss.
+"""
+
+from __future__ import annotations
+
+from memfit.memory.arch import parts
+from memfit.memory.arch.base import Arch, Family
+from memfit.memory.arch.parts import dtypes
+from memfit.memory.arch.probe import probe
+from memfit.memory.arch.read import (activation, children, dropout, has, out_features, rotary_dim,
+                                     rotary_relays_output)
 
 
 class NeoX(Family):
     name = "neox"
 
     def describe(self, config, model, block, prefix):
-        return None
+        if not ({"input_layernorm", "post_attention_layernorm", "attention", "mlp"} <= children(block)
+                and has(block.attention, "query_key_value", "dense") and has(block.mlp, "dense_h_to_4h")):
+            return None
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        head_dim = hidden // heads
+        rotary = rotary_dim(model)
+        arch = Arch(family=self.name, norm=probe(block.input_layernorm), gated=False, fused_qkv=True,
+                    relaid_output=rotary_relays_output(block.attention, head_dim, rotary),
+                    act=activation(getattr(block.mlp, "act", None), config, "hidden_act"),
+                    parallel=bool(getattr(config, "use_parallel_residual", True)), rotary_dim=rotary,
+                    attn_dropout=dropout(config, "attention_dropout"), hidden_dropout=dropout(config, "hidden_dropout"),
+                    embd_dropout=dropout(config, "hidden_dropout"))
+        dims = dict(hidden=hidden, n_heads=heads, n_kv_heads=heads, head_dim=head_dim,
+                    intermediate=out_features(block.mlp.dense_h_to_4h), vocab=config.vocab_size)
+        return arch, dims
+
+    def layer(self, spec):
+        m, a, d, t = spec.model, spec.model.arch, dtypes(spec), spec.tokens
+        c = d.compute
+        _, hidden_p = parts.dropouts(spec)
+        drop = parts.dropout_mask(t * m.hidden, hidden_p, c, d)
+        q_dim = m.n_heads * m.head_dim
+        core = parts.attention_core_bytes(spec)
+        if parts.attention_kernel(spec) == "flash" and a.relaid_output:
+            core += t * q_dim * c  # the output re-laid out for `dense`
+        attention = parts.matmul_inputs(t, m.hidden, 1, d) + core + drop
+        mlp = parts.plain_mlp(t, m.hidden, m.intermediate, a.act, d) + drop
+        norms = parts.norm_bytes(spec) + parts.norm_bytes(spec, input_saved=a.parallel)
+        return {"attention": attention, "mlp": mlp, "norms": norms}
+
+    def head(self, spec):
+        m, d = spec.model, dtypes(spec)
+        self.check_task(spec, m.arch.model_type)
+        mask = parts.dropout_mask(spec.tokens * m.hidden, parts.embedding_dropout(spec), d.residual, d)
+        return parts.causal_head(spec, parts.rotary_tables(spec.seq, m.arch.rotary_dim, d) + mask)
+
+    def temporaries(self, spec):
+        return parts.block_temporaries(spec, 2)

@@ -186,3 +186,32 @@ def causal_lm_loss(spec: RunSpec, tokens: int | None = None) -> dict[str, int]:
 def rotary_tables(seq: int, dim: int, d: Dtypes) -> int:
     """cos and sin, one row per position, shared by every layer."""
     return 2 * seq * dim * d.residual
+
+
+def plain_mlp(tokens: int, hidden: int, inter: int, act, d: Dtypes, uses: int = 1) -> int:
+    """fc2(act(fc1(x))): fc1's input (`uses` projections read it: one shared tensor, or a cast copy each under
+    autocast), what act saves, and its output fc2 reads (unless act saved it: ReLU)."""
+    c = d.compute
+    return matmul_inputs(tokens, hidden, uses, d) + act.bytes(tokens, inter, c) + (
+        0 if act.output else tokens * inter * c)
+
+
+def causal_head(spec: RunSpec, embeddings: int) -> dict[str, int]:
+    """A causal LM's parts outside the blocks: `embeddings` (given), the final norm, the LM head's input, the loss."""
+    d = dtypes(spec)
+    return {"embeddings": embeddings, "final_norm": norm_bytes(spec),
+            "head": matmul_inputs(spec.tokens, spec.model.hidden, 1, d), **causal_lm_loss(spec)}
+
+
+def block_temporaries(spec: RunSpec, mlp_tensors: int, scores_extra: int = 0) -> tuple[int, int]:
+    """(MLP, attention) transients of one block's backward: `mlp_tensors` gradients of MLP-wide activations and
+    the block input's; in attention, gradients of q, k, v and the input, or, where the probabilities are stored,
+    of the (B, H, S, S) scores (two fp32) with `scores_extra` more."""
+    m, d, t = spec.model, dtypes(spec), spec.tokens
+    c, r = d.compute, d.residual
+    mlp = t * (mlp_tensors * m.intermediate * c + m.hidden * r)
+    q_dim, kv_dim = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
+    attn = t * ((2 * q_dim + 2 * kv_dim) * c + m.hidden * r)
+    if attention_kernel(spec) != "flash":
+        attn = max(attn, 2 * spec.batch * m.n_heads * spec.seq * spec.seq * F32 + 2 * t * m.hidden * r + scores_extra)
+    return mlp, attn

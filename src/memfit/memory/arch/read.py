@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import torch
 from torch import nn
 
 from memfit.memory.arch.base import Saves, UnsupportedArchitecture
@@ -24,7 +26,13 @@ def has(module: nn.Module | None, *names: str) -> bool:
 
 
 def children(module: nn.Module) -> set[str]:
-    return {n for n, _ in module.named_children()}
+    """Names of a block's child modules, dropouts aside (`dropout_children` reads those)."""
+    return {n for n, c in module.named_children() if not isinstance(c, nn.Dropout)}
+
+
+def dropout_children(module: nn.Module) -> float:
+    """The largest probability of a block's own dropout modules (0 without any)."""
+    return max((c.p for c in module.children() if isinstance(c, nn.Dropout)), default=0.0)
 
 
 def out_features(module: nn.Module) -> int:
@@ -68,3 +76,33 @@ def sliding_layers(config: Any, n_layers: int) -> int:
 
 def dropout(config: Any, *names: str) -> float:
     return float(first(config, *names, default=0.0) or 0.0)
+
+
+def rotary_dim(model: nn.Module) -> int:
+    """Channels per head the rotary embedding rotates: twice its `inv_freq` length (0 without one). Read off the
+    module, so partial rotary (`rotary_pct`, `partial_rotary_factor`, wherever the config keeps it) is covered."""
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            return 2 * inv_freq.shape[-1]
+    return 0
+
+
+def rotary_relays_output(attention: nn.Module, head_dim: int, rotary: int) -> bool:
+    """Whether the attention output is copied into a new tensor for the output projection under SDPA.
+
+    SDPA's output follows q's memory layout: q projected as (B, S, H, D) and rotated elementwise keeps that layout,
+    so transposing back is free; a rotary that concatenates the rotated and passed-through channels (written for
+    partial rotary) returns q head-major, and `transpose(1, 2).contiguous()` then copies. Probed by calling the
+    model's own `apply_rotary_pos_emb` on a tiny q; a model without one is assumed to copy (the larger estimate).
+    """
+    fn = getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+    if fn is None or not rotary:
+        return True
+    q = torch.randn(1, 3, 2, head_dim).transpose(1, 2)  # (B, H, S, D) view of a (B, S, H, D) projection
+    cos = sin = torch.randn(1, 3, rotary)
+    try:
+        out = fn(q, q.clone(), cos, sin)[0]
+    except (TypeError, RuntimeError):
+        return True
+    return not out.transpose(1, 2).is_contiguous()
