@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from memfit.memory.arch import family_of, in_block, is_embedding
-from memfit.memory.arch.parts import F32, I64, Dtypes, attention_core_bytes, dtypes  # noqa: F401 - public API
+from memfit.memory.arch.parts import (F32, I64, Dtypes, attention_core_bytes, dtypes,  # noqa: F401 - public API
+                                     tied_head_gradient)
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
 
@@ -140,9 +141,10 @@ def backward_temporaries(spec: RunSpec, head: int | None = None) -> int:
 
 
 def embedding_gradient_bytes(spec: RunSpec) -> int:
-    """The embedding backward builds a dense gradient of the whole table before it lands in `.grad`."""
+    """The embedding backward builds a dense gradient of the whole table before it lands in `.grad`; a table
+    tied to the LM head is summed with the head's held gradient into a third table-sized tensor."""
     tables = [p.nbytes for p in spec.model.trainable if is_embedding(spec.model, p.name)]
-    return max(tables, default=0)
+    return max(max(tables, default=0), 3 * tied_head_gradient(spec))
 
 
 def baseline(spec: RunSpec) -> MemoryBreakdown:

@@ -30,7 +30,8 @@ class Saves:
     itself when it is already fp32), other tensors in the input's dtype (`elem`) or in fp32 (`elem_fp32`);
     per row of the input, fp32 values (`row_fp32`: a norm's statistics); per channel, fp32 values
     (`width_fp32`: Gemma's `1 + weight`). `output`: one of the `elem` tensors is the module's result (ReLU), so
-    a consumer that saves the result adds nothing."""
+    a consumer that saves the result adds nothing. `backward`: input-sized tensors alive at once inside its
+    backward, its input's gradient included (an activation written as several ops makes more than one)."""
 
     input: bool = False
     upcast: bool = False
@@ -39,6 +40,7 @@ class Saves:
     row_fp32: int = 0
     width_fp32: int = 0
     output: bool = False
+    backward: int = 1
 
     def bytes(self, rows: int, width: int, input_bytes: int, input_saved: bool = False) -> int:
         """Bytes for an input of `rows` × `width` elements of `input_bytes` each. `input_saved`: the input

@@ -97,7 +97,7 @@ class Bert(Family):
         return out
 
     def temporaries(self, spec):
-        return parts.block_temporaries(spec, 2, spec.tokens * spec.model.hidden * dtypes(spec).compute)
+        return parts.block_temporaries(spec, False, spec.tokens * spec.model.hidden * dtypes(spec).compute)
 
 
 def _arch(spec) -> Arch:

@@ -79,4 +79,4 @@ class Falcon(Family):
         return parts.causal_head(spec, parts.rotary_tables(spec.seq, m.arch.rotary_dim, d))
 
     def temporaries(self, spec):
-        return parts.block_temporaries(spec, 2)
+        return parts.block_temporaries(spec, False)

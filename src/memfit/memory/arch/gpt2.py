@@ -63,4 +63,4 @@ class GPT2(Family):
         return parts.causal_head(spec, spec.tokens * I64 + spec.seq * I64 + mask)
 
     def temporaries(self, spec):
-        return parts.block_temporaries(spec, 2, spec.tokens * spec.model.hidden * dtypes(spec).compute)
+        return parts.block_temporaries(spec, False, spec.tokens * spec.model.hidden * dtypes(spec).compute)

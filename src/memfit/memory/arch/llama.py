@@ -153,7 +153,7 @@ class Llama(Family):
     def temporaries(self, spec):
         """Gradients of the MLP's hidden activations; of q, k, v and the block input in attention, or of the
         (B, H, S, S) scores where the probabilities are stored."""
-        return parts.block_temporaries(spec, 3)
+        return parts.block_temporaries(spec, gated=True)
 
 
 def gated_mlp(tokens: int, hidden: int, inter: int, act, fused: bool, d: parts.Dtypes) -> int:

@@ -82,9 +82,13 @@ class MoE(Llama):
         return out
 
     def temporaries(self, spec):
+        """Besides a dense block's: the experts' backward, where a grouped matmul makes the gradient of a whole
+        stacked expert weight (all experts) while the routed rows' gradients (gate/up, input) and the routing
+        weights' are alive."""
         mlp, attn = super().temporaries(spec)
         m, a, d = spec.model, _arch(spec), dtypes(spec)
-        rows = spec.tokens * a.top_k
-        # the routed rows' gradients: gate/up, act, product and the gathered input
-        routed = rows * (3 * m.intermediate + m.hidden) * d.residual + spec.tokens * m.hidden * d.residual
+        rows, r = spec.tokens * a.top_k, d.residual
+        stacked = max((p.nbytes for p in m.trainable if len(p.shape) == 3), default=0)
+        routed = (stacked + rows * (2 * m.intermediate + m.hidden) * r + spec.tokens * m.hidden * r + rows * F32
+                  + parts.tied_head_gradient(spec))
         return max(mlp, routed), attn

@@ -61,4 +61,4 @@ class NeoX(Family):
         return parts.causal_head(spec, parts.rotary_tables(spec.seq, m.arch.rotary_dim, d) + mask)
 
     def temporaries(self, spec):
-        return parts.block_temporaries(spec, 2)
+        return parts.block_temporaries(spec, False)

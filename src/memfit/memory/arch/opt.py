@@ -53,4 +53,4 @@ class OPT(Family):
         return parts.causal_head(spec, 2 * spec.tokens * I64)
 
     def temporaries(self, spec):
-        return parts.block_temporaries(spec, 2)
+        return parts.block_temporaries(spec, False)

@@ -203,15 +203,29 @@ def causal_head(spec: RunSpec, embeddings: int) -> dict[str, int]:
             "head": matmul_inputs(spec.tokens, spec.model.hidden, 1, d), **causal_lm_loss(spec)}
 
 
-def block_temporaries(spec: RunSpec, mlp_tensors: int, scores_extra: int = 0) -> tuple[int, int]:
-    """(MLP, attention) transients of one block's backward: `mlp_tensors` gradients of MLP-wide activations and
-    the block input's; in attention, gradients of q, k, v and the input, or, where the probabilities are stored,
-    of the (B, H, S, S) scores (two fp32) with `scores_extra` more."""
+def block_temporaries(spec: RunSpec, gated: bool, scores_extra: int = 0) -> tuple[int, int]:
+    """(MLP, attention) transients of one block's backward. MLP: the gradients of its hidden activations alive at
+    once — the incoming one and the activation's own backward (`Saves.backward`), plus up's for a gated MLP — and
+    of its input. Attention: gradients of q, k, v and the input, or, where the probabilities are stored, of the
+    (B, H, S, S) scores (two fp32) with `scores_extra` more. Both: a tied LM head's gradient, held until the
+    embedding's arrives (`tied_head_gradient`)."""
     m, d, t = spec.model, dtypes(spec), spec.tokens
     c, r = d.compute, d.residual
-    mlp = t * (mlp_tensors * m.intermediate * c + m.hidden * r)
+    act = m.arch.act.backward if m.arch is not None else 1
+    wide = 2 + act if gated else max(2, act)
+    held = tied_head_gradient(spec)
+    mlp = t * (wide * m.intermediate * c + m.hidden * r) + held
     q_dim, kv_dim = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
     attn = t * ((2 * q_dim + 2 * kv_dim) * c + m.hidden * r)
     if attention_kernel(spec) != "flash":
         attn = max(attn, 2 * spec.batch * m.n_heads * spec.seq * spec.seq * F32 + 2 * t * m.hidden * r + scores_extra)
-    return mlp, attn
+    return mlp, attn + held
+
+
+def tied_head_gradient(spec: RunSpec) -> int:
+    """A causal LM whose head is tied to the embedding table: autograd sums a parameter's gradients before it lands
+    in `.grad`, so the head's contribution (one table, the parameter's dtype) waits through the whole backward."""
+    m = spec.model
+    if not (m.tie_embeddings and spec.task == "causal_lm"):
+        return 0
+    return max((p.nbytes for p in m.trainable if p.numel == m.vocab * m.hidden and len(p.shape) == 2), default=0)

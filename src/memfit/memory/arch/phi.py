@@ -65,4 +65,4 @@ class Phi(Family):
         return parts.causal_head(spec, parts.rotary_tables(spec.seq, m.arch.rotary_dim, d) + mask)
 
     def temporaries(self, spec):
-        return parts.block_temporaries(spec, 2)
+        return parts.block_temporaries(spec, False)

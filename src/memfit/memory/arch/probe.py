@@ -9,6 +9,8 @@ require gradients, so what their gradients need (a norm's normalized input) is s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -17,14 +19,35 @@ from memfit.memory.arch.base import Saves, UnsupportedArchitecture
 _ROWS, _WIDTH = 3, 8  # distinct, so a per-row tensor is never mistaken for a per-channel one
 
 
-def probe(module: nn.Module, width: int | None = None) -> Saves:
-    """What `module` (parameters of any shape, on any device) saves per call; cached per class and shapes."""
+def probe(module: nn.Module, width: int | None = None, backward: bool = False) -> Saves:
+    """What `module` (parameters of any shape, on any device) saves per call; with `backward`, also how many
+    input-sized tensors its backward holds at once (measured with `MemoryMeter`). Cached per class and shapes."""
     params = tuple((name, tuple(p.shape)) for name, p in module.named_parameters())
     buffers = tuple(module.named_buffers())
     if buffers:
         raise UnsupportedArchitecture(f"{type(module).__name__} holds buffers; memfit cannot probe what it saves")
     channels = params[0][1][-1] if params else (width or _WIDTH)
-    return _probe(module, params, channels)
+    saves = _probe(module, params, channels)
+    if backward and not params:
+        key = (type(module), "backward", _state(module))
+        if key not in _CACHE:
+            _CACHE[key] = replace(saves, backward=_backward_peak(module))
+        saves = _CACHE[key]
+    return saves
+
+
+def _backward_peak(module: nn.Module) -> int:
+    """Input-sized tensors alive at once while a parameter-free module's backward runs (its input's gradient
+    included): the meter's temporaries peak over one backward, in units of the input."""
+    from memfit.memory.measure import MemoryMeter
+
+    wrapper = nn.Sequential(module)
+    meter = MemoryMeter(wrapper)
+    with meter.region(), torch.enable_grad():
+        x = torch.randn(_ROWS * 16, _WIDTH * 16, requires_grad=True)
+        y = wrapper(x)
+        y.backward(torch.ones_like(y))
+    return max(1, round(meter.report().category_peaks.temporaries / x.nbytes))
 
 
 _CACHE: dict[tuple, Saves] = {}

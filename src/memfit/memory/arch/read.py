@@ -54,7 +54,7 @@ def activation(module: nn.Module | None, config: Any, *names: str) -> Saves:
             raise UnsupportedArchitecture(f"activation '{name}' of model_type '{config.model_type}' is unknown to "
                                           f"transformers' ACT2FN; memfit cannot tell what it saves")
         module = ACT2FN[name]
-    return probe(module)
+    return probe(module, backward=True)
 
 
 def dense_gated(mlp: nn.Module) -> bool:
