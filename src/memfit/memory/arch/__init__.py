@@ -47,7 +47,15 @@ def describe(model: nn.Module, config: Any) -> tuple[Arch, dict]:
             f"{getattr(config, 'num_hidden_layers', '?')} identical blocks found in {type(model).__name__}")
     block = blocks[0]
     for family in FAMILIES:
-        found = family.describe(config, model, block, prefix)
+        try:
+            found = family.describe(config, model, block, prefix)
+        except UnsupportedArchitecture as exc:
+            raise UnsupportedArchitecture(f"memfit has no memory model for model_type '{model_type}' "
+                                          f"({family.name} block family): {exc}") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a config the family's reading cannot take
+            raise UnsupportedArchitecture(f"memfit has no memory model for model_type '{model_type}': its "
+                                          f"{type(block).__name__} looks like a {family.name} block but reading it "
+                                          f"failed ({exc})") from None
         if found is not None:
             arch, dims = found
             return _with_params(arch, model, prefix, model_type), {**dims, "n_layers": len(blocks)}

@@ -40,8 +40,8 @@ class DeBERTa(Family):
         relative = bool(getattr(config, "relative_attention", False))
         kinds = tuple(getattr(config, "pos_att_type", None) or ()) if relative else ()
         if relative and (not getattr(config, "share_att_key", False) or set(kinds) - {"c2p", "p2c"}):
-            raise UnsupportedArchitecture(f"model_type '{config.model_type}': relative attention without "
-                                          f"share_att_key, or of kinds {kinds}, is not modelled")
+            raise UnsupportedArchitecture(f"relative attention without share_att_key, or of kinds {kinds}, "
+                                          "is not modelled")
         span = first(config, "position_buckets", default=-1)
         if span is None or span <= 0:
             span = first(config, "max_relative_positions", default=-1)

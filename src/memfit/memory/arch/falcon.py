@@ -19,7 +19,8 @@ from memfit.memory.arch import parts
 from memfit.memory.arch.base import Arch, Family, UnsupportedArchitecture
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import activation, children, dropout, has, out_features, rotary_relays_output
+from memfit.memory.arch.read import (activation, children, dropout, has, out_features, rotary_dim,
+                                     rotary_relays_output)
 
 
 class Falcon(Family):
@@ -29,14 +30,16 @@ class Falcon(Family):
         attn = getattr(block, "self_attention", None)
         if not (has(attn, "query_key_value", "dense") and has(getattr(block, "mlp", None), "dense_h_to_4h")):
             return None
-        if getattr(config, "alibi", False) or not getattr(config, "parallel_attn", True):
-            raise UnsupportedArchitecture(f"model_type '{config.model_type}': Falcon with ALiBi or sequential "
-                                          f"(parallel_attn=False) blocks is not modelled")
+        if getattr(config, "alibi", False) or not rotary_dim(model):
+            raise UnsupportedArchitecture("ALiBi positions (no rotary embedding) are not modelled")
+        if not getattr(config, "parallel_attn", True):
+            raise UnsupportedArchitecture("sequential blocks (parallel_attn=False) are not modelled")
         norms = [n for n in ("input_layernorm", "ln_attn", "ln_mlp") if n in children(block)]
         hidden, heads = config.hidden_size, config.num_attention_heads
         head_dim = hidden // heads
         # the new architecture expands k and v to every query head before attention (and the cache)
-        kv_heads = heads if config.new_decoder_architecture else 1 if getattr(config, "multi_query", False) else heads
+        new = getattr(config, "new_decoder_architecture", False)
+        kv_heads = heads if new else 1 if getattr(config, "multi_query", False) else heads
         arch = Arch(family=self.name, norm=probe(getattr(block, norms[0])), gated=False, fused_qkv=True,
                     parallel=True, act=activation(getattr(block.mlp, "act", None), config, "activation"),
                     rotary_dim=head_dim, relaid_output=rotary_relays_output(attn, head_dim, head_dim),

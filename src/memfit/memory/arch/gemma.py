@@ -27,8 +27,7 @@ class Gemma(Llama):
     def describe(self, config, model, block, prefix):
         found = super().describe(config, model, block, prefix)
         if found is not None and found[0].qk_norm:
-            raise UnsupportedArchitecture(f"memfit has no memory model for model_type '{config.model_type}': "
-                                          f"Gemma blocks with q/k norms (Gemma3) are not modelled yet")
+            raise UnsupportedArchitecture("Gemma blocks with q/k norms (Gemma3) are not modelled yet")
         return found
 
     def owns_norm(self, norm) -> bool:

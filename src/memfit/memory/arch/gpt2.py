@@ -3,11 +3,12 @@
 Radford et al. 2019. Recognised by `ln_1`, `attn.c_attn`, `ln_2`, `mlp.c_fc`. Derived from what autograd saves in
 transformers' implementation: the fused projection's input; the kernel's tensors (with attention dropout, SDPA on
 CPU takes its math path; eager casts the fp32 softmax to the value's dtype before dropout; without dropout the
-fused kernel keeps k as a view of the whole q/k/v output and copies of q and v) and the output `c_proj` reads
-(re-laid out, except the fused kernel's own); the residual dropout's mask; LayerNorm, `c_fc`'s input, what the activation saves (GPT-2's
-`gelu_new` is written in Python: four tensors), `c_proj`'s input and the MLP dropout's mask. Outside: the position
-ids, the embedding dropout's mask, the final LayerNorm, the LM head's input and the loss. The config's
-`resid_pdrop` is the hidden dropout, `attn_pdrop` the attention's, `embd_pdrop` the embeddings'.
+fused kernel keeps k as a view of the whole q/k/v output, and copies of q and v) and the output `c_proj` reads
+(re-laid out, except the fused kernel's own); the residual dropout's mask; LayerNorm, `c_fc`'s input, what the
+activation saves (GPT-2's `gelu_new` is written in Python: four tensors, six in its backward), `c_proj`'s input and
+the MLP dropout's mask. Outside: the input and position ids, the embedding dropout's mask, the final LayerNorm, the
+LM head's input and the loss. The config's `resid_pdrop` is the hidden dropout, `attn_pdrop` the attention's,
+`embd_pdrop` the embeddings'.
 """
 
 from __future__ import annotations
@@ -27,8 +28,7 @@ class GPT2(Family):
                 and has(block.mlp, "c_fc", "c_proj")):
             return None
         if hasattr(block, "crossattention") or getattr(config, "reorder_and_upcast_attn", False):
-            raise UnsupportedArchitecture(f"model_type '{config.model_type}': GPT-2 with cross-attention or "
-                                          f"reorder_and_upcast_attn is not modelled")
+            raise UnsupportedArchitecture("GPT-2 with cross-attention or reorder_and_upcast_attn is not modelled")
         arch = Arch(family=self.name, norm=probe(block.ln_1), act=activation(block.mlp.act, config), gated=False,
                     fused_qkv=True, rotary_dim=0, attn_dropout=dropout(config, "attn_pdrop"),
                     hidden_dropout=dropout(config, "resid_pdrop"), embd_dropout=dropout(config, "embd_pdrop"))

@@ -37,23 +37,21 @@ class MoE(Llama):
             return None
         impl = getattr(config, "_experts_implementation", None) or "grouped_mm"
         if impl not in MODELLED_EXPERTS:
-            raise UnsupportedArchitecture(f"model_type '{config.model_type}': experts implementation '{impl}' is "
+            raise UnsupportedArchitecture(f"experts implementation '{impl}' is "
                                           f"not modelled (memfit models {', '.join(MODELLED_EXPERTS)})")
         blocks = dict(model.named_modules())[prefix]
         if any(not self.owns_mlp(getattr(b, "mlp", None)) for b in blocks):
-            raise UnsupportedArchitecture(f"model_type '{config.model_type}': dense and MoE blocks mixed "
-                                          f"(mlp_only_layers / decoder_sparse_step) are not modelled")
+            raise UnsupportedArchitecture("dense and MoE blocks mixed (mlp_only_layers / decoder_sparse_step) are "
+                                          "not modelled")
         return found
 
     def mlp_facts(self, config, mlp) -> dict:
         experts = mlp.experts
         if not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
-            raise UnsupportedArchitecture(f"model_type '{config.model_type}': only gated experts without a "
-                                          f"post-expert norm are modelled")
+            raise UnsupportedArchitecture("only gated experts without a post-expert norm are modelled")
         shared = getattr(mlp, "shared_expert", None)
         if shared is not None and not dense_gated(shared):
-            raise UnsupportedArchitecture(f"model_type '{config.model_type}': shared expert "
-                                          f"{type(shared).__name__} is not a gated MLP")
+            raise UnsupportedArchitecture(f"shared expert {type(shared).__name__} is not a gated MLP")
         return dict(
             act=activation(getattr(experts, "act_fn", None), config, "hidden_act"),
             experts=experts.num_experts, top_k=mlp.gate.top_k,

@@ -26,11 +26,10 @@ class OPT(Family):
                 and has(block.self_attn, "q_proj", "k_proj", "v_proj", "out_proj")):
             return None
         if not getattr(config, "do_layer_norm_before", True):
-            raise UnsupportedArchitecture(f"model_type '{config.model_type}': post-norm OPT blocks "
-                                          f"(do_layer_norm_before=False, OPT-350m) are not modelled")
+            raise UnsupportedArchitecture("post-norm blocks (do_layer_norm_before=False, OPT-350m) are not modelled")
         if first(config, "word_embed_proj_dim", default=config.hidden_size) != config.hidden_size:
-            raise UnsupportedArchitecture(f"model_type '{config.model_type}': OPT with an embedding projection "
-                                          f"(word_embed_proj_dim != hidden_size) is not modelled")
+            raise UnsupportedArchitecture("an embedding projection (word_embed_proj_dim != hidden_size) is not "
+                                          "modelled")
         arch = Arch(family=self.name, norm=probe(block.self_attn_layer_norm), gated=False, rotary_dim=0,
                     act=activation(getattr(block, "activation_fn", None), config, "activation_function"),
                     attn_dropout=dropout(config, "attention_dropout"), hidden_dropout=dropout(config, "dropout"))

@@ -3,10 +3,10 @@
 Li et al. 2023, "Textbooks Are All You Need II: phi-1.5". Recognised by `input_layernorm` alone with
 `self_attn.dense` and `mlp.fc1`/`fc2`. Derived from what autograd saves in transformers' implementation: the
 normalized input, read by q/k/v and `fc1` (one tensor, or a cast copy each under autocast: three counted with
-attention, one with the MLP); optional LayerNorms over each head's q and k (`qk_layernorm`); the kernel's
-tensors (partial rotary makes q head-major, so SDPA's output is re-laid out for `dense`); what the activation saves and its output; the residual dropout's
-mask after each branch. Outside: rotary cos/sin over the rotated channels, the embedding dropout's mask, the
-final LayerNorm, the LM head's input and the loss.
+attention, one with the MLP); optional LayerNorms over each head's q and k (`qk_layernorm`); the kernel's tensors
+(partial rotary makes q head-major, so SDPA's output is re-laid out for `dense`); what the activation saves and
+its output; the residual dropout's mask after each branch. Outside: rotary cos/sin over the rotated channels, the
+embedding dropout's mask, the final LayerNorm, the LM head's input and the loss.
 """
 
 from __future__ import annotations
