@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import nn
 
+from memfit.memory.arch.parts import DTYPE_BYTES  # noqa: F401 - re-exported
+
 if TYPE_CHECKING:
     from memfit.memory.arch.base import Arch
 
 Task = Literal["causal_lm", "seq_cls", "token_cls"]
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,15 @@ first block is one of its own; the winner fills an `Arch` (facts its formulas re
 numbers. `family_of(shape)` returns the family whose formulas `memory/estimate.py` delegates to; a model no
 family recognises gets one `UnsupportedArchitecture` error naming its model_type and what is missing, raised
 when an activation estimate is asked for (its parameters, gradients and optimizer state are still counted).
+
+This package sits below `memory/spec.py` (whose `model_shape` calls `describe`): it takes `ModelShape` and
+`RunSpec` objects but never imports that module.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
@@ -26,9 +29,6 @@ from memfit.memory.arch.moe import MoE
 from memfit.memory.arch.neox import NeoX
 from memfit.memory.arch.opt import OPT
 from memfit.memory.arch.phi import Phi
-
-if TYPE_CHECKING:
-    from memfit.memory.spec import ModelShape
 
 __all__ = ["FAMILIES", "Arch", "Family", "UnsupportedArchitecture", "describe", "family_of", "in_block",
            "is_embedding"]

@@ -16,8 +16,6 @@ from memfit.errors import ModelError
 if TYPE_CHECKING:
     from torch import nn
 
-    from memfit.memory.spec import RunSpec
-
 
 class UnsupportedArchitecture(ModelError):
     """memfit has no memory model for this architecture (or one of its features)."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memfit.memory.arch.base import LAYER_NORM, RMS_NORM, Saves
-from memfit.memory.spec import DTYPE_BYTES, RunSpec
 
 F32 = 4
 I64 = 8
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+"""Bytes per element of each dtype name a `RunSpec` uses."""
 
 
 @dataclass(frozen=True)
