@@ -19,7 +19,7 @@ from memfit.memory.arch import parts
 from memfit.memory.arch.base import GELU, LAYER_NORM, Arch, Family
 from memfit.memory.arch.parts import F32, I64, dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import activation, first, has
+from memfit.memory.arch.read import activation, dims, first, has
 
 _DEFAULT = Arch(family="bert", norm=LAYER_NORM, act=GELU, gated=False, rotary_dim=0, attn_dropout=0.1,
                 hidden_dropout=0.1, embd_dropout=0.1)
@@ -47,17 +47,12 @@ class Bert(Family):
             options=(("positions_from_ids", has(embeddings, "padding_idx")),
                      ("cls_head", has(classifier, "dense", "out_proj"))),
         )
-        heads = config.num_attention_heads
-        dims = dict(hidden=config.hidden_size, n_heads=heads, n_kv_heads=heads,
-                    head_dim=config.hidden_size // heads, intermediate=config.intermediate_size,
-                    vocab=config.vocab_size)
-        return arch, dims
+        return arch, dims(config, config.intermediate_size)
 
     def layer(self, spec):
         m, a, d, t = spec.model, _arch(spec), dtypes(spec), spec.tokens
         c = d.compute
-        _, hidden_dropout = parts.dropouts(spec)
-        drop = parts.dropout_mask(t * m.hidden, hidden_dropout, c, d)
+        drop = parts.residual_dropout(spec)
         attention = parts.matmul_inputs(t, m.hidden, 3, d) + parts.attention_core_bytes(spec) + drop
         act = a.act.bytes(t, m.intermediate, c) + (0 if a.act.output else t * m.intermediate * c)
         mlp = parts.matmul_inputs(t, m.hidden, 1, d) + act + drop  # act in/out (GELU), mask

@@ -25,7 +25,7 @@ from memfit.memory.arch import parts
 from memfit.memory.arch.base import Arch, Family, UnsupportedArchitecture
 from memfit.memory.arch.parts import F32, I64, dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import activation, first, has
+from memfit.memory.arch.read import activation, dims, first, has
 
 
 class DeBERTa(Family):
@@ -59,10 +59,7 @@ class DeBERTa(Family):
                      ("pooler_dropout", float(first(config, "pooler_dropout", default=0.0))),
                      ("cls_dropout", float(first(config, "cls_dropout", default=hidden_p)))),
         )
-        heads = config.num_attention_heads
-        dims = dict(hidden=config.hidden_size, n_heads=heads, n_kv_heads=heads, head_dim=config.hidden_size // heads,
-                    intermediate=config.intermediate_size, vocab=config.vocab_size)
-        return arch, dims
+        return arch, dims(config, config.intermediate_size)
 
     def layer(self, spec):
         m, a, d, t = spec.model, spec.model.arch, dtypes(spec), spec.tokens
@@ -70,7 +67,7 @@ class DeBERTa(Family):
         b, s, h = spec.batch, spec.seq, m.hidden
         attn_p, hidden_p = parts.dropouts(spec)
         scores = b * m.n_heads * s * s
-        drop = parts.dropout_mask(t * h, hidden_p, c, d)
+        drop = parts.residual_dropout(spec)
         kinds = a.option("relative", ())
         # q, the scaled kᵀ and its scale, the padding mask, the softmax in the scores' dtype (the mask is filled in,
         # not added in fp32), dropout's mask and result, v, the re-laid-out context

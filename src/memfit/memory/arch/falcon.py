@@ -16,14 +16,15 @@ head's input and the loss. ALiBi and sequential (non-parallel) blocks are not mo
 from __future__ import annotations
 
 from memfit.memory.arch import parts
-from memfit.memory.arch.base import Arch, Family, UnsupportedArchitecture
+from memfit.memory.arch.base import Arch, UnsupportedArchitecture
+from memfit.memory.arch.decoder import Decoder
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import (activation, children, dropout, has, out_features, rotary_dim,
+from memfit.memory.arch.read import (activation, children, dims, dropout, has, out_features, rotary_dim,
                                      rotary_relays_output)
 
 
-class Falcon(Family):
+class Falcon(Decoder):
     name = "falcon"
 
     def describe(self, config, model, block, prefix):
@@ -45,15 +46,13 @@ class Falcon(Family):
                     rotary_dim=head_dim, relaid_output=rotary_relays_output(attn, head_dim, head_dim),
                     attn_dropout=dropout(config, "attention_dropout"),
                     hidden_dropout=dropout(config, "hidden_dropout"), options=(("norms", len(norms)),))
-        dims = dict(hidden=hidden, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim,
-                    intermediate=out_features(block.mlp.dense_h_to_4h), vocab=config.vocab_size)
-        return arch, dims
+        return arch, dims(config, out_features(block.mlp.dense_h_to_4h), kv_heads)
 
     def layer(self, spec):
         m, a, d, t = spec.model, spec.model.arch, dtypes(spec), spec.tokens
         c = d.compute
-        attn_p, hidden_p = parts.dropouts(spec)
-        t_, b, s = parts.slice_of(spec, None, None)
+        attn_p, _ = parts.dropouts(spec)
+        b, s = spec.batch, spec.seq
         q_dim, kv_dim = m.n_heads * m.head_dim, m.n_kv_heads * m.head_dim
         kernel = parts.attention_kernel(spec, heads_broadcast=m.n_kv_heads != m.n_heads)
         if kernel == "flash":  # the explicit mask's copy, in the query's dtype
@@ -73,13 +72,5 @@ class Falcon(Family):
         norms = a.option("norms", 1) * parts.norm_bytes(spec, input_saved=False)
         if not shared_in:
             norms -= parts.norm_bytes(spec) - parts.norm_bytes(spec, input_saved=True)
-        drop = parts.dropout_mask(t * m.hidden, hidden_p, c, d)
-        return {"attention": attention, "mlp": mlp + drop, "norms": norms}
+        return {"attention": attention, "mlp": mlp + parts.residual_dropout(spec), "norms": norms}
 
-    def head(self, spec):
-        m, d = spec.model, dtypes(spec)
-        self.check_task(spec, m.arch.model_type)
-        return parts.causal_head(spec, parts.rotary_tables(spec.seq, m.arch.rotary_dim, d))
-
-    def temporaries(self, spec):
-        return parts.block_temporaries(spec, False)

@@ -14,13 +14,14 @@ LM head's input and the loss. The config's `resid_pdrop` is the hidden dropout, 
 from __future__ import annotations
 
 from memfit.memory.arch import parts
-from memfit.memory.arch.base import Arch, Family, UnsupportedArchitecture
+from memfit.memory.arch.base import Arch, UnsupportedArchitecture
+from memfit.memory.arch.decoder import Decoder
 from memfit.memory.arch.parts import I64, dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import activation, children, dropout, has, out_features
+from memfit.memory.arch.read import activation, children, dims, dropout, has, out_features
 
 
-class GPT2(Family):
+class GPT2(Decoder):
     name = "gpt2"
 
     def describe(self, config, model, block, prefix):
@@ -32,17 +33,14 @@ class GPT2(Family):
         arch = Arch(family=self.name, norm=probe(block.ln_1), act=activation(block.mlp.act, config), gated=False,
                     fused_qkv=True, rotary_dim=0, attn_dropout=dropout(config, "attn_pdrop"),
                     hidden_dropout=dropout(config, "resid_pdrop"), embd_dropout=dropout(config, "embd_pdrop"))
-        hidden, heads = config.hidden_size, config.num_attention_heads
-        dims = dict(hidden=hidden, n_heads=heads, n_kv_heads=heads, head_dim=hidden // heads,
-                    intermediate=out_features(block.mlp.c_fc), vocab=config.vocab_size)
-        return arch, dims
+        return arch, dims(config, out_features(block.mlp.c_fc))
 
     def layer(self, spec):
         m, a, d, t = spec.model, spec.model.arch, dtypes(spec), spec.tokens
         c = d.compute
-        attn_p, hidden_p = parts.dropouts(spec)
-        drop = parts.dropout_mask(t * m.hidden, hidden_p, c, d)
-        t_, b, s = parts.slice_of(spec, None, None)
+        attn_p, _ = parts.dropouts(spec)
+        drop = parts.residual_dropout(spec)
+        b, s = spec.batch, spec.seq
         q_dim = m.n_heads * m.head_dim
         kernel = parts.attention_kernel(spec)
         if kernel == "flash":  # k is kept as a view of the fused output (its whole storage); q, v as copies
@@ -55,12 +53,9 @@ class GPT2(Family):
         mlp = parts.plain_mlp(t, m.hidden, m.intermediate, a.act, d) + drop
         return {"attention": attention, "mlp": mlp, "norms": 2 * parts.norm_bytes(spec)}
 
-    def head(self, spec):
-        m, d = spec.model, dtypes(spec)
-        self.check_task(spec, m.arch.model_type)
-        mask = parts.dropout_mask(spec.tokens * m.hidden, parts.embedding_dropout(spec), d.residual, d)
-        # input ids (viewed inside the model, so counted with the step), position ids, embedding dropout
-        return parts.causal_head(spec, spec.tokens * I64 + spec.seq * I64 + mask)
+    def embeddings(self, spec):
+        # input ids (viewed inside the model, so counted with the step), position ids, the embedding dropout's mask
+        return (spec.tokens + spec.seq) * I64 + super().embeddings(spec)
 
     def temporaries(self, spec):
         return parts.block_temporaries(spec, False, spec.tokens * spec.model.hidden * dtypes(spec).compute)

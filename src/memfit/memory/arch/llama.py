@@ -20,8 +20,8 @@ from memfit.memory.arch import parts
 from memfit.memory.arch.base import Arch, Family
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import (activation, children, dense_gated, dropout_children, first, has, out_features,
-                                     rotary_dim, rotary_relays_output, sliding_layers)
+from memfit.memory.arch.read import (activation, children, dense_gated, dims, dropout_children, first, has,
+                                     out_features, rotary_dim, rotary_relays_output, sliding_layers)
 
 BLOCK = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _DEFAULT = Arch(family="llama")
@@ -56,9 +56,7 @@ class Llama(Family):
         )
         facts.update(self.mlp_facts(config, mlp))
         facts.update(self.more_facts(config, block))
-        dims = dict(hidden=hidden, n_heads=heads, n_kv_heads=kv_heads, head_dim=head_dim,
-                    intermediate=self.intermediate(config, mlp), vocab=config.vocab_size)
-        return Arch(**facts), dims
+        return Arch(**facts), dims(config, self.intermediate(config, mlp), kv_heads, head_dim)
 
     # --- hooks for the families built on this one (Gemma, MoE) ---
 
@@ -101,10 +99,9 @@ class Llama(Family):
 
     def residual_dropout(self, spec) -> int:
         """The mask of a dropout on each branch's output (Phi-3), for blocks that have one."""
-        m, d = spec.model, dtypes(spec)
-        if m.arch is None or not m.arch.hidden_dropout:
+        if spec.model.arch is None or not spec.model.arch.hidden_dropout:
             return 0
-        return parts.dropout_mask(spec.tokens * m.hidden, parts.dropouts(spec)[1], d.compute, d)
+        return parts.residual_dropout(spec)
 
     def mask_saved(self, spec) -> bool:
         """SDPA gets an explicit mask on a sliding-window layer when the sequence is longer than the window."""
@@ -125,13 +122,12 @@ class Llama(Family):
         m, a, d = spec.model, _arch(spec), dtypes(spec)
         t, b, s, c = spec.tokens, spec.batch, spec.seq, d.compute
         q_dim = m.n_heads * m.head_dim
-        flash = parts.attention_kernel(spec) == "flash"
-        relaid = t * q_dim * c if flash and a.relaid_output else 0
         if m.arch is None or not (masked or a.attn_softcap):
-            return parts.attention_core_bytes(spec) + relaid
+            return parts.attention_output_core(spec)
         scores = b * m.n_heads * s * s
-        if flash:  # masked: k, v repeated to every head; the kernel's copy of the mask
-            return parts.flash_core(t, b, s, m.n_heads, q_dim, q_dim, c) + b * s * s * c + relaid
+        if parts.attention_kernel(spec) == "flash":  # masked: k, v repeated to every head; the kernel's mask copy
+            return (parts.flash_core(t, b, s, m.n_heads, q_dim, q_dim, c) + b * s * s * c
+                    + (t * q_dim * c if a.relaid_output else 0))
         # eager with tanh soft-capping (Gemma2): the tanh output is saved, in the scores' dtype
         attn_dropout, _ = parts.dropouts(spec)
         return 3 * t * q_dim * c + scores * c + parts.eager_probs(scores, attn_dropout, d, False) + t * q_dim * c

@@ -13,14 +13,15 @@ rotated channels (`rotary_pct`), the embedding dropout's mask, the final LayerNo
 from __future__ import annotations
 
 from memfit.memory.arch import parts
-from memfit.memory.arch.base import Arch, Family
+from memfit.memory.arch.base import Arch
+from memfit.memory.arch.decoder import Decoder
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import (activation, children, dropout, has, out_features, rotary_dim,
+from memfit.memory.arch.read import (activation, children, dims, dropout, has, out_features, rotary_dim,
                                      rotary_relays_output)
 
 
-class NeoX(Family):
+class NeoX(Decoder):
     name = "neox"
 
     def describe(self, config, model, block, prefix):
@@ -36,29 +37,13 @@ class NeoX(Family):
                     parallel=bool(getattr(config, "use_parallel_residual", True)), rotary_dim=rotary,
                     attn_dropout=dropout(config, "attention_dropout"), hidden_dropout=dropout(config, "hidden_dropout"),
                     embd_dropout=dropout(config, "hidden_dropout"))
-        dims = dict(hidden=hidden, n_heads=heads, n_kv_heads=heads, head_dim=head_dim,
-                    intermediate=out_features(block.mlp.dense_h_to_4h), vocab=config.vocab_size)
-        return arch, dims
+        return arch, dims(config, out_features(block.mlp.dense_h_to_4h))
 
     def layer(self, spec):
         m, a, d, t = spec.model, spec.model.arch, dtypes(spec), spec.tokens
-        c = d.compute
-        _, hidden_p = parts.dropouts(spec)
-        drop = parts.dropout_mask(t * m.hidden, hidden_p, c, d)
-        q_dim = m.n_heads * m.head_dim
-        core = parts.attention_core_bytes(spec)
-        if parts.attention_kernel(spec) == "flash" and a.relaid_output:
-            core += t * q_dim * c  # the output re-laid out for `dense`
-        attention = parts.matmul_inputs(t, m.hidden, 1, d) + core + drop
+        drop = parts.residual_dropout(spec)
+        attention = parts.matmul_inputs(t, m.hidden, 1, d) + parts.attention_output_core(spec) + drop
         mlp = parts.plain_mlp(t, m.hidden, m.intermediate, a.act, d) + drop
         norms = parts.norm_bytes(spec) + parts.norm_bytes(spec, input_saved=a.parallel)
         return {"attention": attention, "mlp": mlp, "norms": norms}
 
-    def head(self, spec):
-        m, d = spec.model, dtypes(spec)
-        self.check_task(spec, m.arch.model_type)
-        mask = parts.dropout_mask(spec.tokens * m.hidden, parts.embedding_dropout(spec), d.residual, d)
-        return parts.causal_head(spec, parts.rotary_tables(spec.seq, m.arch.rotary_dim, d) + mask)
-
-    def temporaries(self, spec):
-        return parts.block_temporaries(spec, False)

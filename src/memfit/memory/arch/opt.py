@@ -12,13 +12,14 @@ and the loss. OPT-350m's post-norm blocks and embedding projection are not model
 from __future__ import annotations
 
 from memfit.memory.arch import parts
-from memfit.memory.arch.base import Arch, Family, UnsupportedArchitecture
+from memfit.memory.arch.base import Arch, UnsupportedArchitecture
+from memfit.memory.arch.decoder import Decoder
 from memfit.memory.arch.parts import I64, dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import activation, children, dropout, first, has, out_features
+from memfit.memory.arch.read import activation, children, dims, dropout, first, has, out_features
 
 
-class OPT(Family):
+class OPT(Decoder):
     name = "opt"
 
     def describe(self, config, model, block, prefix):
@@ -33,23 +34,15 @@ class OPT(Family):
         arch = Arch(family=self.name, norm=probe(block.self_attn_layer_norm), gated=False, rotary_dim=0,
                     act=activation(getattr(block, "activation_fn", None), config, "activation_function"),
                     attn_dropout=dropout(config, "attention_dropout"), hidden_dropout=dropout(config, "dropout"))
-        hidden, heads = config.hidden_size, config.num_attention_heads
-        dims = dict(hidden=hidden, n_heads=heads, n_kv_heads=heads, head_dim=hidden // heads,
-                    intermediate=out_features(block.fc1), vocab=config.vocab_size)
-        return arch, dims
+        return arch, dims(config, out_features(block.fc1))
 
     def layer(self, spec):
         m, a, d, t = spec.model, spec.model.arch, dtypes(spec), spec.tokens
-        _, hidden_p = parts.dropouts(spec)
-        drop = parts.dropout_mask(t * m.hidden, hidden_p, d.compute, d)
+        drop = parts.residual_dropout(spec)
         attention = parts.matmul_inputs(t, m.hidden, 3, d) + parts.attention_core_bytes(spec) + drop
         mlp = parts.plain_mlp(t, m.hidden, m.intermediate, a.act, d) + drop
         return {"attention": attention, "mlp": mlp, "norms": 2 * parts.norm_bytes(spec)}
 
-    def head(self, spec):
-        self.check_task(spec, spec.model.arch.model_type)
+    def embeddings(self, spec):
         # input ids (viewed inside the model, so counted with the step), position ids from the mask's cumsum
-        return parts.causal_head(spec, 2 * spec.tokens * I64)
-
-    def temporaries(self, spec):
-        return parts.block_temporaries(spec, False)
+        return 2 * spec.tokens * I64

@@ -152,6 +152,20 @@ def attention_core_bytes(spec: RunSpec, tokens: int | None = None, seq: int | No
     return 3 * t * q_dim * c + probs + t * q_dim * c
 
 
+def attention_output_core(spec: RunSpec) -> int:
+    """`attention_core_bytes` plus, under SDPA's fused kernel, the copy of its output re-laid out for the output
+    projection when q reaches the kernel head-major (`Arch.relaid_output`)."""
+    m, a = spec.model, spec.model.arch
+    relaid = attention_kernel(spec) == "flash" and a is not None and a.relaid_output
+    return attention_core_bytes(spec) + (spec.tokens * m.n_heads * m.head_dim * dtypes(spec).compute if relaid else 0)
+
+
+def residual_dropout(spec: RunSpec) -> int:
+    """The mask of a dropout on a branch's output (hidden size, compute dtype), 0 when the hidden dropout is off."""
+    d = dtypes(spec)
+    return dropout_mask(spec.tokens * spec.model.hidden, dropouts(spec)[1], d.compute, d)
+
+
 def eager_probs(scores: int, p: float, d: Dtypes, cast_before_dropout: bool) -> int:
     """The fp32 softmax, its copy in the compute dtype (when different) and dropout's mask and result.
     `cast_before_dropout`: the probabilities are cast to the value's dtype first (GPT-2, NeoX), so mask and
@@ -163,13 +177,6 @@ def eager_probs(scores: int, p: float, d: Dtypes, cast_before_dropout: bool) -> 
     if p > 0:
         return out + scores * (d.mask(F32) + c)
     return out + (scores * c if c != F32 else 0)
-
-
-def slice_of(spec: RunSpec, tokens: int | None, seq: int | None) -> tuple[int, int, int]:
-    """(tokens, batch, seq) of a run or of a chunk of it."""
-    s = spec.seq if seq is None else seq
-    t = spec.tokens if tokens is None else tokens
-    return t, (t // s if s else 0), s
 
 
 # --- outside the blocks -------------------------------------------------------------------------------------

@@ -12,14 +12,15 @@ embedding dropout's mask, the final LayerNorm, the LM head's input and the loss.
 from __future__ import annotations
 
 from memfit.memory.arch import parts
-from memfit.memory.arch.base import Arch, Family
+from memfit.memory.arch.base import Arch
+from memfit.memory.arch.decoder import Decoder
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import (activation, children, dropout, first, has, out_features, rotary_dim,
+from memfit.memory.arch.read import (activation, children, dims, dropout, first, has, out_features, rotary_dim,
                                      rotary_relays_output)
 
 
-class Phi(Family):
+class Phi(Decoder):
     name = "phi"
 
     def describe(self, config, model, block, prefix):
@@ -38,18 +39,13 @@ class Phi(Family):
                     qk_norm=qk is not None, attn_dropout=dropout(config, "attention_dropout"),
                     hidden_dropout=dropout(config, "resid_pdrop"), embd_dropout=dropout(config, "embd_pdrop"),
                     options=(("qk_norm", probe(qk)),) if qk is not None else ())
-        dims = dict(hidden=hidden, n_heads=heads, n_kv_heads=first(config, "num_key_value_heads", default=heads),
-                    head_dim=head_dim, intermediate=out_features(block.mlp.fc1), vocab=config.vocab_size)
-        return arch, dims
+        return arch, dims(config, out_features(block.mlp.fc1), first(config, "num_key_value_heads"), head_dim)
 
     def layer(self, spec):
         m, a, d, t = spec.model, spec.model.arch, dtypes(spec), spec.tokens
         c = d.compute
-        _, hidden_p = parts.dropouts(spec)
-        drop = parts.dropout_mask(t * m.hidden, hidden_p, c, d)
-        attention = parts.matmul_inputs(t, m.hidden, 3, d) + parts.attention_core_bytes(spec) + drop
-        if parts.attention_kernel(spec) == "flash" and a.relaid_output:
-            attention += t * m.n_heads * m.head_dim * c  # the output re-laid out for `dense`
+        drop = parts.residual_dropout(spec)
+        attention = parts.matmul_inputs(t, m.hidden, 3, d) + parts.attention_output_core(spec) + drop
         if a.qk_norm:
             qk = a.option("qk_norm")
             attention += qk.bytes(t * m.n_heads, m.head_dim, c) + qk.bytes(t * m.n_kv_heads, m.head_dim, c)
@@ -58,11 +54,3 @@ class Phi(Family):
         mlp = parts.plain_mlp(t, m.hidden, m.intermediate, a.act, d) - parts.matmul_inputs(t, m.hidden, 1, d)
         return {"attention": attention, "mlp": mlp + shared + drop, "norms": parts.norm_bytes(spec)}
 
-    def head(self, spec):
-        m, d = spec.model, dtypes(spec)
-        self.check_task(spec, m.arch.model_type)
-        mask = parts.dropout_mask(spec.tokens * m.hidden, parts.embedding_dropout(spec), d.residual, d)
-        return parts.causal_head(spec, parts.rotary_tables(spec.seq, m.arch.rotary_dim, d) + mask)
-
-    def temporaries(self, spec):
-        return parts.block_temporaries(spec, False)

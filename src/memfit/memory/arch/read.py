@@ -106,3 +106,11 @@ def rotary_relays_output(attention: nn.Module, head_dim: int, rotary: int) -> bo
     except (TypeError, RuntimeError):
         return True
     return not out.transpose(1, 2).is_contiguous()
+
+
+def dims(config: Any, intermediate: int, kv_heads: int | None = None, head_dim: int | None = None) -> dict:
+    """The `ModelShape` numbers (layers aside): hidden size, heads, k/v heads (default: as many as q heads), head
+    width (default: hidden / heads), the MLP's width (read off its module by the caller) and the vocabulary."""
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    return dict(hidden=hidden, n_heads=heads, n_kv_heads=kv_heads or heads, head_dim=head_dim or hidden // heads,
+                intermediate=intermediate, vocab=config.vocab_size)
