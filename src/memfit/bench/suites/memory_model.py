@@ -74,35 +74,37 @@ def _tiny_bert(task: str):
     return (BertForSequenceClassification if task == "seq_cls" else BertForTokenClassification)(cfg)
 
 
-TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            max_position_embeddings=256, num_labels=3)
+TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+            num_labels=3)
+MLP = dict(intermediate_size=128)  # for the configs that name their MLP width so (GPT-2, OPT, Falcon do not)
 _DEBERTA_V3 = dict(relative_attention=True, position_buckets=16, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
                    norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)
 ARCHITECTURES: dict[str, tuple[str, tuple[str, ...], dict]] = {
     # name: (model_type, tasks, config fields over TINY) — each a block family's variant worth a row
-    "llama": ("llama", ("causal_lm",), {"num_key_value_heads": 2}),
-    "mistral-window": ("mistral", ("causal_lm",), {"num_key_value_heads": 2, "sliding_window": 16}),
-    "qwen2": ("qwen2", ("causal_lm",), {"num_key_value_heads": 2}),
-    "qwen3": ("qwen3", ("causal_lm",), {"num_key_value_heads": 2, "head_dim": 32}),
-    "gemma": ("gemma", ("causal_lm",), {"num_key_value_heads": 1, "head_dim": 32}),
-    "gemma2": ("gemma2", ("causal_lm",), {"num_key_value_heads": 2, "head_dim": 32, "sliding_window": 16}),
-    "phi": ("phi", ("causal_lm",), {"resid_pdrop": 0.1, "embd_pdrop": 0.1}),
-    "phi3": ("phi3", ("causal_lm",), {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
-    "gpt-neox": ("gpt_neox", ("causal_lm",), {}),
+    "llama": ("llama", ("causal_lm",), {**MLP, "num_key_value_heads": 2}),
+    "mistral-window": ("mistral", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "sliding_window": 16}),
+    "qwen2": ("qwen2", ("causal_lm",), {**MLP, "num_key_value_heads": 2}),
+    "qwen3": ("qwen3", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "head_dim": 32}),
+    "gemma": ("gemma", ("causal_lm",), {**MLP, "num_key_value_heads": 1, "head_dim": 32}),
+    "gemma2": ("gemma2", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "head_dim": 32, "sliding_window": 16}),
+    "phi": ("phi", ("causal_lm",), {**MLP, "resid_pdrop": 0.1, "embd_pdrop": 0.1}),
+    "phi3": ("phi3", ("causal_lm",), {**MLP, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "gpt-neox": ("gpt_neox", ("causal_lm",), MLP),
+    "gpt-neox-sequential": ("gpt_neox", ("causal_lm",), {**MLP, "use_parallel_residual": False, "hidden_dropout": 0.1}),
     "opt": ("opt", ("causal_lm",), {"ffn_dim": 256, "word_embed_proj_dim": 64}),
     "gpt2": ("gpt2", ("causal_lm",), {}),
     "gpt2-no-dropout": ("gpt2", ("causal_lm",), {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}),
-    "gpt-neox-sequential": ("gpt_neox", ("causal_lm",), {"use_parallel_residual": False, "hidden_dropout": 0.1}),
     "falcon": ("falcon", ("causal_lm",), {}),
     "falcon-new": ("falcon", ("causal_lm",), {"new_decoder_architecture": True, "num_kv_heads": 2}),
-    "mixtral": ("mixtral", ("causal_lm",), {"num_key_value_heads": 2, "num_local_experts": 4,
+    "mixtral": ("mixtral", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "num_local_experts": 4,
                                           "num_experts_per_tok": 2}),
-    "qwen2-moe": ("qwen2_moe", ("causal_lm",), {"num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
-                                              "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64}),
-    "bert": ("bert", ("seq_cls", "token_cls"), {}),
-    "roberta": ("roberta", ("seq_cls", "token_cls"), {}),
-    "deberta-v2": ("deberta-v2", ("seq_cls", "token_cls"), {}),
-    "deberta-v3": ("deberta-v2", ("seq_cls", "token_cls"), _DEBERTA_V3),
+    "qwen2-moe": ("qwen2_moe", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "num_experts": 4,
+                                              "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                              "shared_expert_intermediate_size": 64}),
+    "bert": ("bert", ("seq_cls", "token_cls"), MLP),
+    "roberta": ("roberta", ("seq_cls", "token_cls"), MLP),
+    "deberta-v2": ("deberta-v2", ("seq_cls", "token_cls"), MLP),
+    "deberta-v3": ("deberta-v2", ("seq_cls", "token_cls"), {**MLP, **_DEBERTA_V3}),
 }
 
 
