@@ -5,8 +5,8 @@ baseline breakdown is computed, then each technique replaces its own categories 
 step's phases its own way (`step_phases`). This module knows no technique: it composes any `EstimatePart`.
 
 Activations are modelled tensor by tensor from what autograd saves for backward in the `transformers`
-implementations of the two shipped families (read off `torch.autograd.graph.saved_tensors_hooks`; see
-`docs/architecture.md`, "Memory model"). The numbers are what `MemoryMeter` reports as *activations* once the
+implementations, one block family per file in `memory/arch/` (read off `torch.autograd.graph.saved_tensors_hooks`;
+see `docs/architecture.md`, "Memory model"). The numbers are what `MemoryMeter` reports as *activations* once the
 forward has returned the loss: saved tensors plus the loss itself (the logits are dropped by the loss function
 unless `spec.extra["keep_logits"]`).
 
@@ -15,7 +15,8 @@ Facts a `RunSpec` does not carry are read from `spec.extra` with these defaults:
 - `device`: "cpu". On CPU a dropout mask has the dtype of its input and SDPA with dropout (BERT in training)
   falls back to the math kernel that saves the (B, H, S, S) probabilities; on CUDA masks are 1-byte bools and
   SDPA's fused kernels save only q, k, v, the output and the log-sum-exp (CUDA rules are not measured here).
-- `attn_dropout` / `hidden_dropout`: 0.1 for BERT, 0.0 for Llama (the configs' defaults).
+- `attn_dropout` / `hidden_dropout`: the config's (read into `spec.model.arch`); for a hand-written shape 0.1 for
+  BERT, 0.0 for Llama.
 - `keep_logits`: False (the run loop's loss function returns only the loss).
 """
 
