@@ -108,3 +108,33 @@ def test_large_configs_read_on_the_meta_device():
     assert gemma.head_dim == 256 and gemma.n_heads * gemma.head_dim == 4096
     mixtral = RunSpec.from_model(_meta("mixtral", **cases["mixtral"])).model
     assert (mixtral.arch.experts, mixtral.arch.top_k, mixtral.intermediate) == (8, 2, 14336)
+
+
+@pytest.mark.parametrize("model_type,fields,ok", [
+    ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512), True),
+    ("opt", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, word_embed_proj_dim=64,
+                 vocab_size=512), True),
+    ("bloom", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=512), False),
+])
+def test_cli_estimate_on_a_config_folder(tmp_path, data_dir, model_type, fields, ok):
+    """`memfit estimate` on a folder holding only config.json: a table for a modelled architecture, one line and
+    exit code 2 (no traceback) for one memfit cannot model."""
+    import transformers
+    import yaml
+    from typer.testing import CliRunner
+
+    from memfit.cli import app
+    from train.recipes import toy_recipe
+
+    transformers.AutoConfig.for_model(model_type, **fields).save_pretrained(tmp_path / model_type)
+    recipe = toy_recipe("pretrain", data_dir)
+    recipe["model"] = {"path": str(tmp_path / model_type)}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["estimate", str(path)])
+    if ok:
+        assert result.exit_code == 0, result.output
+        assert "activations" in result.output and "predicted step peak" in result.output
+    else:
+        assert result.exit_code == 2, result.output
+        assert f"model_type '{model_type}'" in result.output and "Traceback" not in result.output
