@@ -71,13 +71,19 @@ def _meta(model_type: str, task: str = "causal_lm", **fields):
         return auto.from_config(config)
 
 
-def test_an_unmodelled_architecture_is_one_clear_error():
-    """Bloom (ALiBi) is recognised as no family memfit models: its parameters still count, the activation estimate
-    raises one error naming the model_type and what is missing."""
-    model = _meta("bloom", hidden_size=64, n_layer=2, n_head=4, vocab_size=512)
+@pytest.mark.parametrize("model_type,fields,says", [
+    ("bloom", dict(hidden_size=64, n_layer=2, n_head=4), r"model_type 'bloom'.*BloomBlock.*matches none"),
+    ("falcon", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True),
+     r"model_type 'falcon' \(falcon block family\): ALiBi"),
+])
+def test_an_unmodelled_architecture_is_one_clear_error(model_type, fields, says):
+    """An architecture no family recognises (Bloom), or a feature its family lacks (Falcon with ALiBi): its
+    parameters still count, and the activation estimate raises one error naming the model_type and what is
+    missing."""
+    model = _meta(model_type, vocab_size=512, **fields)
     spec = RunSpec.from_model(model, batch=2, seq=32)
     assert spec.model.family == "other" and spec.model.n_params > 0
-    with pytest.raises(UnsupportedArchitecture, match=r"model_type 'bloom'.*ALiBi"):
+    with pytest.raises(UnsupportedArchitecture, match=says):
         estimate_step(spec, [])
 
 

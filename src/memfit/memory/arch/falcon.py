@@ -20,7 +20,7 @@ from memfit.memory.arch.base import Arch, UnsupportedArchitecture
 from memfit.memory.arch.decoder import Decoder
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import (activation, children, dims, dropout, has, out_features, rotary_dim,
+from memfit.memory.arch.read import (activation, children, dims, dropout, has, only, out_features, rotary_dim,
                                      rotary_relays_output)
 
 
@@ -29,7 +29,9 @@ class Falcon(Decoder):
 
     def describe(self, config, model, block, prefix):
         attn = getattr(block, "self_attention", None)
-        if not (has(attn, "query_key_value", "dense") and has(getattr(block, "mlp", None), "dense_h_to_4h")):
+        if not (has(attn, "query_key_value", "dense") and has(getattr(block, "mlp", None), "dense_h_to_4h")
+                and only(attn, "query_key_value", "dense", "rotary_emb")
+                and only(block.mlp, "dense_h_to_4h", "dense_4h_to_h", "act")):
             return None
         if getattr(config, "alibi", False) or not rotary_dim(model):
             raise UnsupportedArchitecture("ALiBi positions (no rotary embedding) are not modelled")

@@ -18,7 +18,7 @@ from memfit.memory.arch.base import Arch, UnsupportedArchitecture
 from memfit.memory.arch.decoder import Decoder
 from memfit.memory.arch.parts import I64, dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import activation, children, dims, dropout, has, out_features
+from memfit.memory.arch.read import activation, children, dims, dropout, has, only, out_features
 
 
 class GPT2(Decoder):
@@ -26,8 +26,12 @@ class GPT2(Decoder):
 
     def describe(self, config, model, block, prefix):
         if not ({"ln_1", "attn", "ln_2", "mlp"} <= children(block) and has(block.attn, "c_attn", "c_proj")
-                and has(block.mlp, "c_fc", "c_proj")):
+                and only(block.attn, "c_attn", "c_proj") and has(block.mlp, "c_fc", "c_proj")
+                and only(block.mlp, "c_fc", "c_proj", "act")):
             return None
+        if out_features(block.attn.c_attn) != 3 * config.hidden_size:
+            raise UnsupportedArchitecture("a fused projection narrower than q, k and v of the hidden size "
+                                          "(multi-query, as GPTBigCode) is not modelled")
         if hasattr(block, "crossattention") or getattr(config, "reorder_and_upcast_attn", False):
             raise UnsupportedArchitecture("GPT-2 with cross-attention or reorder_and_upcast_attn is not modelled")
         arch = Arch(family=self.name, norm=probe(block.ln_1), act=activation(block.mlp.act, config), gated=False,

@@ -20,7 +20,7 @@ from memfit.memory.arch import parts
 from memfit.memory.arch.base import Arch, Family
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import (activation, children, dense_gated, dims, dropout_children, first, has,
+from memfit.memory.arch.read import (activation, children, dense_gated, dims, dropout_children, first, has, only,
                                      out_features, rotary_dim, rotary_relays_output, sliding_layers)
 
 BLOCK = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
@@ -35,7 +35,8 @@ class Llama(Family):
         attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
         if children(block) not in self.layouts or not has(attn, "o_proj"):
             return None
-        if not (has(attn, "q_proj", "k_proj", "v_proj") or has(attn, "qkv_proj")):
+        if not (has(attn, "q_proj", "k_proj", "v_proj") or has(attn, "qkv_proj")) or not only(
+                attn, "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "q_norm", "k_norm", "rotary_emb"):
             return None
         norm = probe(block.input_layernorm)
         if not self.owns_norm(norm) or not self.owns_mlp(mlp):
@@ -54,8 +55,8 @@ class Llama(Family):
             hidden_dropout=dropout_children(block),  # Phi-3's residual dropouts
             options=(("qk_norm", probe(attn.q_norm)),) if has(attn, "q_norm") else (),
         )
-        facts.update(self.mlp_facts(config, mlp))
-        facts.update(self.more_facts(config, block))
+        for more in (self.mlp_facts(config, mlp), self.more_facts(config, block)):  # options accumulate
+            facts.update(more, options=facts["options"] + more.get("options", ()))
         return Arch(**facts), dims(config, self.intermediate(config, mlp), kv_heads, head_dim)
 
     # --- hooks for the families built on this one (Gemma, MoE) ---
@@ -64,7 +65,8 @@ class Llama(Family):
         return norm.width_fp32 == 0  # Gemma's (1 + weight) norm is the Gemma family's
 
     def owns_mlp(self, mlp) -> bool:
-        return dense_gated(mlp)
+        return dense_gated(mlp) and only(mlp, "gate_proj", "up_proj", "gate_up_proj", "down_proj", "act_fn",
+                                         "activation_fn")
 
     def mlp_facts(self, config, mlp) -> dict:
         return dict(act=activation(getattr(mlp, "act_fn", None), config, "hidden_act", "hidden_activation"),

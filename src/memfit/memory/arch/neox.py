@@ -17,7 +17,7 @@ from memfit.memory.arch.base import Arch
 from memfit.memory.arch.decoder import Decoder
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import (activation, children, dims, dropout, has, out_features, rotary_dim,
+from memfit.memory.arch.read import (activation, children, dims, dropout, has, only, out_features, rotary_dim,
                                      rotary_relays_output)
 
 
@@ -26,7 +26,9 @@ class NeoX(Decoder):
 
     def describe(self, config, model, block, prefix):
         if not ({"input_layernorm", "post_attention_layernorm", "attention", "mlp"} <= children(block)
-                and has(block.attention, "query_key_value", "dense") and has(block.mlp, "dense_h_to_4h")):
+                and has(block.attention, "query_key_value", "dense") and has(block.mlp, "dense_h_to_4h")
+                and only(block.attention, "query_key_value", "dense", "rotary_emb")
+                and only(block.mlp, "dense_h_to_4h", "dense_4h_to_h", "act")):
             return None
         hidden, heads = config.hidden_size, config.num_attention_heads
         head_dim = hidden // heads

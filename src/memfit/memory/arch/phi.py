@@ -16,8 +16,8 @@ from memfit.memory.arch.base import Arch
 from memfit.memory.arch.decoder import Decoder
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
-from memfit.memory.arch.read import (activation, children, dims, dropout, first, has, out_features, rotary_dim,
-                                     rotary_relays_output)
+from memfit.memory.arch.read import (activation, children, dims, dropout, first, has, only, out_features,
+                                     rotary_dim, rotary_relays_output)
 
 
 class Phi(Decoder):
@@ -27,7 +27,8 @@ class Phi(Decoder):
         attn = getattr(block, "self_attn", None)
         if not (children(block) >= {"input_layernorm", "self_attn", "mlp"} and "post_attention_layernorm"
                 not in children(block) and has(attn, "q_proj", "k_proj", "v_proj", "dense")
-                and has(block.mlp, "fc1", "fc2")):
+                and has(block.mlp, "fc1", "fc2") and only(block.mlp, "fc1", "fc2", "activation_fn")
+                and only(attn, "q_proj", "k_proj", "v_proj", "dense", "q_layernorm", "k_layernorm", "rotary_emb")):
             return None
         hidden, heads = config.hidden_size, config.num_attention_heads
         head_dim = getattr(attn, "head_dim", None) or hidden // heads

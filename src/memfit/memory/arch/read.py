@@ -30,6 +30,12 @@ def children(module: nn.Module) -> set[str]:
     return {n for n, c in module.named_children() if not isinstance(c, nn.Dropout)}
 
 
+def only(module: nn.Module | None, *allowed: str) -> bool:
+    """Whether a module's children (dropouts aside) are all among `allowed`: a family claims a block only when it
+    knows every part of it, so a variant with more (StableLM's per-head norms, say) is refused, not guessed."""
+    return module is not None and children(module) <= set(allowed)
+
+
 def dropout_children(module: nn.Module) -> float:
     """The largest probability of a block's own dropout modules (0 without any)."""
     return max((c.p for c in module.children() if isinstance(c, nn.Dropout)), default=0.0)
