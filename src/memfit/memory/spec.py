@@ -7,15 +7,17 @@ build it from a live model (`RunSpec.from_model`) or from a transformers config 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
-Family = Literal["llama", "bert", "other"]
-Task = Literal["causal_lm", "seq_cls", "token_cls"]
+from memfit.memory.arch.parts import DTYPE_BYTES  # noqa: F401 - re-exported
 
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+if TYPE_CHECKING:
+    from memfit.memory.arch.base import Arch
+
+Task = Literal["causal_lm", "seq_cls", "token_cls"]
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,12 @@ class ParamInfo:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The architecture numbers activation and KV formulas need, plus every parameter's shape."""
+    """The architecture numbers activation and KV formulas need, plus every parameter's shape.
 
-    family: Family
+    `family` names the block family whose formulas apply (`memory/arch/`; "other": none, and `unsupported` says
+    why); `arch` holds the facts read off the model (None for a shape written by hand: the family's defaults)."""
+
+    family: str
     n_layers: int
     hidden: int
     n_heads: int
@@ -55,6 +60,8 @@ class ModelShape:
     buffers_bytes: int = 0
     num_labels: int = 0
     tie_embeddings: bool = False
+    arch: Arch | None = None
+    unsupported: str = ""
 
     @property
     def n_params(self) -> int:
@@ -114,27 +121,27 @@ def model_shape(model: nn.Module) -> ModelShape:
         params.append(ParamInfo(name, tuple(p.shape), p.element_size(), p.requires_grad))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     if config is None:
-        return ModelShape("other", 0, 0, 0, 0, 0, 0, 0, tuple(params), buffers)
-    model_type = getattr(config, "model_type", "")
-    family: Family = "llama" if model_type in ("llama", "mistral", "qwen2", "qwen3") else (
-        "bert" if model_type in ("bert", "roberta") else "other")
-    hidden = config.hidden_size
-    n_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // n_heads
-    return ModelShape(
-        family=family,
-        n_layers=config.num_hidden_layers,
-        hidden=hidden,
-        n_heads=n_heads,
-        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
-        head_dim=head_dim,
-        intermediate=config.intermediate_size,
-        vocab=config.vocab_size,
-        params=tuple(params),
-        buffers_bytes=buffers,
-        num_labels=getattr(config, "num_labels", 0) or 0,
-        tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-    )
+        return ModelShape("other", 0, 0, 0, 0, 0, 0, 0, tuple(params), buffers,
+                          unsupported=f"{type(model).__name__} has no transformers config to read its architecture")
+    from memfit.memory.arch import UnsupportedArchitecture, describe
+
+    common = dict(params=tuple(params), buffers_bytes=buffers, num_labels=getattr(config, "num_labels", 0) or 0,
+                  tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+    try:
+        arch, dims = describe(model, config)
+    except UnsupportedArchitecture as exc:  # parameters still count; activation estimates raise this
+        return ModelShape("other", **_config_dims(config), **common, unsupported=str(exc))
+    return ModelShape(family=arch.family, **dims, **common, arch=arch)
+
+
+def _config_dims(config) -> dict:
+    """What a config says of the shapes, for an architecture no family models (KV-cache estimates use them)."""
+    hidden = getattr(config, "hidden_size", 0) or 0
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if heads else 0)
+    return dict(n_layers=getattr(config, "num_hidden_layers", 0) or 0, hidden=hidden, n_heads=heads,
+                n_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                intermediate=getattr(config, "intermediate_size", 0) or 0, vocab=getattr(config, "vocab_size", 0) or 0)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -3,6 +3,9 @@
 For each model family, attention implementation, precision and sequence length: one forward + backward on random
 tokens under `MemoryMeter`; rows give measured/estimated ratios for activations (alive after the forward),
 the temporaries peak, and the step's tensor peak (`step_peak`), next to the naive sum of category peaks.
+
+`--only families`: the Llama/BERT/MiniLM rows; `--only architectures`: every block family of `memory/arch/`,
+tiny from config (`ARCHITECTURES`), in both precisions and attention implementations (a minute or two).
 """
 
 from __future__ import annotations
@@ -71,7 +74,82 @@ def _tiny_bert(task: str):
     return (BertForSequenceClassification if task == "seq_cls" else BertForTokenClassification)(cfg)
 
 
+TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+            num_labels=3)
+MLP = dict(intermediate_size=128)  # for the configs that name their MLP width so (GPT-2, OPT, Falcon do not)
+_DEBERTA_V3 = dict(relative_attention=True, position_buckets=16, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+                   norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False)
+ARCHITECTURES: dict[str, tuple[str, tuple[str, ...], dict]] = {
+    # name: (model_type, tasks, config fields over TINY) — each a block family's variant worth a row
+    "llama": ("llama", ("causal_lm",), {**MLP, "num_key_value_heads": 2}),
+    "mistral-window": ("mistral", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "sliding_window": 16}),
+    "qwen2": ("qwen2", ("causal_lm",), {**MLP, "num_key_value_heads": 2}),
+    "qwen3": ("qwen3", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "head_dim": 32}),
+    "gemma": ("gemma", ("causal_lm",), {**MLP, "num_key_value_heads": 1, "head_dim": 32}),
+    "gemma2": ("gemma2", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "head_dim": 32, "sliding_window": 16}),
+    "phi": ("phi", ("causal_lm",), {**MLP, "resid_pdrop": 0.1, "embd_pdrop": 0.1}),
+    "phi3": ("phi3", ("causal_lm",), {**MLP, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "gpt-neox": ("gpt_neox", ("causal_lm",), MLP),
+    "gpt-neox-sequential": ("gpt_neox", ("causal_lm",), {**MLP, "use_parallel_residual": False, "hidden_dropout": 0.1}),
+    "opt": ("opt", ("causal_lm",), {"ffn_dim": 256, "word_embed_proj_dim": 64}),
+    "gpt2": ("gpt2", ("causal_lm",), {}),
+    "gpt2-no-dropout": ("gpt2", ("causal_lm",), {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0}),
+    "falcon": ("falcon", ("causal_lm",), {}),
+    "falcon-new": ("falcon", ("causal_lm",), {"new_decoder_architecture": True, "num_kv_heads": 2}),
+    "mixtral": ("mixtral", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "num_local_experts": 4,
+                                          "num_experts_per_tok": 2}),
+    "qwen2-moe": ("qwen2_moe", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "num_experts": 4,
+                                              "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                              "shared_expert_intermediate_size": 64}),
+    "qwen3-moe": ("qwen3_moe", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "num_experts": 4,
+                                              "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "stablelm": ("stablelm", ("causal_lm",), {**MLP, "num_key_value_heads": 2}),
+    "bert": ("bert", ("seq_cls", "token_cls"), MLP),
+    "roberta": ("roberta", ("seq_cls", "token_cls"), MLP),
+    "deberta-v2": ("deberta-v2", ("seq_cls", "token_cls"), MLP),
+    "deberta-v3": ("deberta-v2", ("seq_cls", "token_cls"), {**MLP, **_DEBERTA_V3}),
+}
+
+
+def tiny_model(name: str, task: str, attn: str):
+    """A randomly initialised tiny model of `ARCHITECTURES[name]` for `task`, training mode, `attn` attention."""
+    import transformers
+
+    model_type, _, fields = ARCHITECTURES[name]
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **fields})
+    auto = {"causal_lm": transformers.AutoModelForCausalLM, "seq_cls": transformers.AutoModelForSequenceClassification,
+            "token_cls": transformers.AutoModelForTokenClassification}[task]
+    torch.manual_seed(0)
+    return auto.from_config(config, attn_implementation=attn).train()
+
+
+def supports(name: str, attn: str) -> bool:
+    """Whether transformers runs the architecture with `attn` (Gemma2 and DeBERTa are eager only)."""
+    import transformers
+
+    model_type = ARCHITECTURES[name][0]
+    cls = transformers.AutoModelForCausalLM if model_type != "deberta-v2" else transformers.AutoModel
+    arch = cls._model_mapping[transformers.AutoConfig.for_model(model_type).__class__]
+    return attn == "eager" or bool(getattr(arch, "_supports_sdpa", False))
+
+
+def architecture_rows(seq: int = 32) -> list[dict]:
+    rows = []
+    for name, (_, tasks, _) in ARCHITECTURES.items():
+        for task, attn, precision in itertools.product(tasks, ["sdpa", "eager"], ["fp32", "bf16"]):
+            if supports(name, attn):
+                rows.append(measure_row(name, tiny_model(name, task, attn), task, attn, precision, 2, seq))
+    return rows
+
+
 def run(opts: BenchOptions) -> list[dict]:
+    rows: list[dict] = architecture_rows() if opts.wants("architectures") else []
+    if opts.wants("families"):
+        rows += _family_rows(opts)
+    return rows
+
+
+def _family_rows(opts: BenchOptions) -> list[dict]:
     from memfit.models import build_llama, load_model
 
     rows: list[dict] = []

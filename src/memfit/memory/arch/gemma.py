@@ -1,0 +1,53 @@
+"""Gemma and Gemma2 blocks: Llama's layout with Gemma's RMSNorm, embeddings scaled by √hidden, and Gemma2's extras.
+
+Gemma's RMSNorm computes in fp32 and multiplies by `1 + weight`: it saves the fp32 input, the per-row rsqrt, the
+fp32 `1 + weight` and the fp32 normalized input (read by `probe.py`; its per-channel tensor is how this family is
+recognised). Gemma2 (Team Gemma 2024, "Gemma 2: Improving Open Language Models at a Practical Size") adds a norm
+after attention and around the MLP (four per block; the two after a branch read its compute-dtype output),
+tanh soft-capping of attention scores (eager only: the tanh output is saved, B·H·S² in the scores' dtype) and of
+the logits (B·S·V in the compute dtype, before the loss's fp32 copy), and alternating sliding-window layers.
+(The √hidden normalizer is a scalar made by `torch.tensor`, which the meter does not see.)
+"""
+
+from __future__ import annotations
+
+from memfit.memory.arch import parts
+from memfit.memory.arch.base import UnsupportedArchitecture
+from memfit.memory.arch.llama import BLOCK, Llama, _arch
+from memfit.memory.arch.parts import dtypes
+from memfit.memory.arch.read import first
+
+_GEMMA2 = BLOCK | {"pre_feedforward_layernorm", "post_feedforward_layernorm"}
+
+
+class Gemma(Llama):
+    name = "gemma"
+    layouts = (BLOCK, _GEMMA2)
+
+    def describe(self, config, model, block, prefix):
+        found = super().describe(config, model, block, prefix)
+        if found is not None and found[0].qk_norm:
+            raise UnsupportedArchitecture("Gemma blocks with q/k norms (Gemma3) are not modelled yet")
+        return found
+
+    def owns_norm(self, norm) -> bool:
+        return norm.width_fp32 > 0
+
+    def more_facts(self, config, block) -> dict:
+        return dict(attn_softcap=float(first(config, "attn_logit_softcapping", default=0.0) or 0.0),
+                    final_softcap=float(first(config, "final_logit_softcapping", default=0.0) or 0.0),
+                    options=(("post_norms", hasattr(block, "post_feedforward_layernorm")),))
+
+    def norms(self, spec) -> int:
+        if not _arch(spec).option("post_norms"):
+            return super().norms(spec)
+        d = dtypes(spec)
+        # input and pre-MLP norms read the residual; the two after a branch read its output (compute dtype)
+        return 2 * parts.norm_bytes(spec) + 2 * parts.norm_bytes(spec, input_bytes=d.compute)
+
+    def head(self, spec):
+        out = super().head(spec)
+        d, a = dtypes(spec), _arch(spec)
+        if a.final_softcap:
+            out["loss"] += spec.tokens * spec.model.vocab * d.compute  # tanh output
+        return out
