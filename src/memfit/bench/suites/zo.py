@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from memfit.bench.harness import BenchOptions
+from memfit.bench.harness import BenchOptions, record_partial
 from memfit.bench.workloads import workload
 from memfit.memory.estimate import estimate_run
 from memfit.memory.measure import MemoryMeter
@@ -111,6 +111,7 @@ def run(opts: BenchOptions) -> list[dict]:
     for name, overrides in METHODS.items():
         if opts.wants(name):
             rows.append(run_method(name, overrides, opts, forward_budget, seconds, eval_points=4))
+            record_partial(opts, rows[-1])
     base = next((r for r in rows if r["method"] == "adamw-full"), None)
     for r in rows:
         if base:
