@@ -88,7 +88,14 @@ def plot_loss(history: list[dict], path: Path) -> None:
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    _save(fig, ax, "loss", path)
+
+
+def _save(fig, ax, ylabel: str, path: Path) -> None:
+    """Label, lay out and write a figure atomically, then free it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     with writing(path):
@@ -115,12 +122,7 @@ def plot_memory(summary: dict, path: Path) -> None:
         ax.bar([x + 0.2 for x in xs], [getattr(measured, c) / 2**20 for c in cats], 0.4,
                label="measured (category max)")
     ax.set_xticks(list(xs), cats, rotation=30)
-    ax.set_ylabel("MiB")
-    ax.legend()
-    fig.tight_layout()
-    with writing(path):
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, "MiB", path)
 
 
 def _table_html(table) -> str:
