@@ -127,8 +127,9 @@ def by_slot(techniques: list[Technique], slot: str) -> list[Technique]:
     return [t for t in techniques if t.slot == slot]
 
 
-def build_run(recipe: Recipe) -> BuiltRun:
-    """Everything the loop needs, with every technique applied through the plug-in protocol."""
+def build_run(recipe: Recipe, loss_fn: LossFn = model_loss) -> BuiltRun:
+    """Everything the loop needs, with every technique applied through the plug-in protocol (`loss_fn`: the
+    loss the techniques wrap; the model's own by default)."""
     torch.manual_seed(recipe.seed)
     device = resolve_device(recipe.train.device)
     if recipe.train.num_threads:
@@ -138,7 +139,7 @@ def build_run(recipe: Recipe) -> BuiltRun:
     techniques = sorted(recipe.techniques(), key=lambda t: ESTIMATE_ORDER.index(t.slot))
     step_tech = by_slot(techniques, "step")[0]
     assert isinstance(step_tech, StepTechnique)
-    ctx = Context(model=model, spec=spec, device=device, loss_fn=model_loss, grad_clip=recipe.train.clip_grad_norm,
+    ctx = Context(model=model, spec=spec, device=device, loss_fn=loss_fn, grad_clip=recipe.train.clip_grad_norm,
                   seed=recipe.seed, techniques=techniques, data=data)
     apply_techniques(ctx)
     cast_trainable(ctx.model, recipe.train.policy)
@@ -155,7 +156,7 @@ def build_run(recipe: Recipe) -> BuiltRun:
         raise ConfigError(f"precision 16-mixed scales the loss and skips steps whose gradients overflow; optimizer "
                           f"'{by_slot(techniques, 'optimizer')[0].name}' updates inside backward, before the overflow "
                           f"is known: use precision bf16-mixed or a whole-step optimizer (layerwise: false)")
-    fb = wrap_forward_backward(ctx, recipe.train.policy)
+    fb = wrap_forward_backward(ctx, recipe.train.policy, loss_fn)
     train_step = step_tech.make_train_step(ctx, fb)
     if ctx.optimizer is None:
         raise ConfigError(f"step '{step_tech.name}' built no optimizer")
