@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memfit.data.config import DataConfig
 from memfit.errors import ConfigError
+from memfit.memory.precision import Precision, precision
 from memfit.techniques.base import Technique
 from memfit.techniques.registry import MULTI_SLOTS, SLOTS, build_technique
 
@@ -37,6 +38,7 @@ class ModelConfig(_Strict):
     preset: str | None = None
     path: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)  # config fields for presets, e.g. num_hidden_layers
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # weights as loaded; auto: the precision's storage
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -53,7 +55,8 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     decay_fraction: float = Field(0.2, gt=0, le=1)  # warmup-stable-decay: last fraction of steps decays
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: str = "32-true"  # Lightning's names (memory/precision.py); fp32 / bf16 / fp16 still accepted
+    master_weights: Literal["none", "fp32"] = "none"  # bf16-true/16-true: fp32 copy of what trains (else rounding)
     clip_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
     eval_batches: int | None = Field(None, gt=0)  # cap on eval batches (None: the whole eval set)
@@ -63,6 +66,25 @@ class TrainConfig(_Strict):
     measure_steps: int = Field(2, ge=0)  # steps measured by category (the first ones; 0 turns it off)
     device: str = "auto"
     num_threads: int | None = Field(None, gt=0)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_name(cls, value: Any) -> str:
+        try:
+            return precision(str(value)).name
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def policy(self) -> Precision:
+        return precision(self.precision)
+
+    @model_validator(mode="after")
+    def _master_weights(self) -> TrainConfig:
+        if self.master_weights != "none" and not self.policy.true_low:
+            raise ValueError(f"master_weights: {self.master_weights} applies to bf16-true and 16-true (weights stored "
+                             f"in 16 bits); precision {self.precision} already trains fp32 weights")
+        return self
 
 
 class Recipe(_Strict):
@@ -82,8 +104,20 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _techniques_valid(self) -> Recipe:
-        self.techniques()  # raises ConfigError with the technique's own message
+        built = self.techniques()  # raises ConfigError with the technique's own message
+        storage = self.train.policy.storage
+        if self.model.dtype not in ("auto", storage) and not any(
+                t.slot == "adapter" and not getattr(t, "trains_base", False) for t in built):
+            raise ConfigError(f"model.dtype {self.model.dtype} with precision {self.train.precision} would train "
+                              f"{self.model.dtype} weights that the precision stores in {storage}; use precision "
+                              f"{'bf16-true' if self.model.dtype == 'bf16' else '16-true' if self.model.dtype == 'fp16' else '32-true'}"
+                              f", drop model.dtype, or freeze the base with an adapter (lora, qlora, ...)")
         return self
+
+    @property
+    def model_dtype(self) -> str:
+        """The dtype the model's weights are loaded in: `model.dtype`, or the precision's storage dtype."""
+        return self.train.policy.storage if self.model.dtype == "auto" else self.model.dtype
 
     def techniques(self) -> list[Technique]:
         """Build every configured technique (validated by its own config class), in slot order."""
@@ -99,8 +133,13 @@ class Recipe(_Strict):
                 built += [build_technique(slot, v) for v in value]
             else:
                 built.append(build_technique(slot, value))
-        if any(getattr(t, "owns_optimizer", False) for t in built) and self.optimizer == "adamw":
-            built = [t for t in built if t.slot != "optimizer"]  # the step brings its own update rule
+        owner = next((t for t in built if getattr(t, "owns_optimizer", False)), None)
+        if owner is not None:  # the step brings its own update rule: the optimizer slot must be the default
+            for t in built:
+                if t.slot == "optimizer" and not (t.name == "adamw" and t.config == type(t.config)(name="adamw")):
+                    raise ConfigError(f"step '{owner.name}' is its own optimizer: remove `optimizer: {t.name}` (and "
+                                      f"its options) from the recipe and set lr / weight_decay under `step:`")
+            built = [t for t in built if t.slot != "optimizer"]
         return built
 
 

@@ -29,7 +29,7 @@ from memfit.memory.arch import family_of, in_block, is_embedding
 from memfit.memory.arch.parts import (F32, I64, Dtypes, attention_core_bytes, dtypes,  # noqa: F401 - public API
                                      tied_head_gradient)
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.spec import RunSpec
+from memfit.memory.spec import RunSpec, cast_trainable
 
 
 def parameter_bytes(spec: RunSpec) -> int:
@@ -244,10 +244,12 @@ def estimate_run(spec: RunSpec, parts: Sequence[EstimatePart]) -> MemoryBreakdow
 def estimate_step(spec: RunSpec, parts: Sequence[EstimatePart]) -> tuple[MemoryBreakdown, int]:
     """(Predicted peak by category, predicted tensor peak of one step) for `spec` with `parts` applied: each part
     transforms the spec in order, the baseline is computed on the result, then each part replaces its own
-    categories; the step peak is taken on the transformed spec."""
+    categories; the step peak is taken on the transformed spec. What trains is stored in the precision's storage
+    dtype (`cast_trainable`, as the build does once techniques have applied)."""
     ordered = sorted(parts, key=lambda p: p.order)
     for part in ordered:
         spec = part.transform_spec(spec)
+    spec = cast_trainable(spec)
     breakdown = baseline(spec)
     for part in ordered:
         breakdown = part.estimate(spec, breakdown)

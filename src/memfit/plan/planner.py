@@ -109,6 +109,8 @@ def _with_slots(recipe: dict[str, Any], slots: dict[str, Any], lr_scale: float =
     user_opt = recipe.get("optimizer")
     lr = user_opt.get("lr") if isinstance(user_opt, dict) else None
     for key, value in {"optimizer": "adamw", **copy.deepcopy(slots)}.items():
+        if key == "optimizer" and "step" in slots:
+            continue  # a zeroth-order step is its own optimizer (its lr is under `step:`)
         if key == "optimizer" and lr is not None:
             value = {"name": value} if isinstance(value, str) else value
             value.setdefault("lr", lr * lr_scale)

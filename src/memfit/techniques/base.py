@@ -72,6 +72,7 @@ class Context:
     seed: int = 0
     techniques: list[Technique] = field(default_factory=list)
     data: Any = None  # the run's train data (calibration, importance scores); may be None in tests
+    grad_scaler: Any = None  # torch.amp.GradScaler under 16-mixed (dynamic loss scaling), else None
 
     def has_quantized_base(self) -> bool:
         """The run's linear layers are (or, once techniques apply, will be) stored quantized: a module carries

@@ -47,6 +47,10 @@ class RunResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+GRAD_SCALER_KEY = "amp.grad_scaler"
+"""Where a checkpoint keeps the 16-mixed loss scaler's state (beside the techniques' states)."""
+
+
 def _count_tokens(batch: dict) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
@@ -191,6 +195,8 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def _save(run_dir: Path, built: BuiltRun, step: int, history: list) -> None:
     state = {t.name: t.state_dict() for t in built.techniques}
+    if built.ctx.grad_scaler is not None:  # 16-mixed: the loss scale and its growth tracker resume exactly
+        state[GRAD_SCALER_KEY] = built.ctx.grad_scaler.state_dict()
     ckpt.save_checkpoint(run_dir, step, built.model, built.ctx.optimizer, state,
                          {"recipe": built.recipe.name, "history_len": len(history)},
                          keep=built.recipe.train.keep_checkpoints)
@@ -205,6 +211,8 @@ def _resume(run_dir: Path, built: BuiltRun) -> tuple[int, list]:
     loaded = ckpt.load_checkpoint(path, built.model, built.ctx.optimizer)
     for t in built.techniques:
         t.load_state_dict(loaded["techniques"].get(t.name, {}))
+    if built.ctx.grad_scaler is not None and GRAD_SCALER_KEY in loaded["techniques"]:
+        built.ctx.grad_scaler.load_state_dict(loaded["techniques"][GRAD_SCALER_KEY])
     step = loaded["meta"]["step"]
     metrics = run_dir / rundir.METRICS
     records, torn = rundir.read_log(metrics)
