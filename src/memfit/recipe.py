@@ -33,17 +33,20 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Exactly one of: a Llama `preset` built from config, or a `path` (local HF dir, named model, hub id)."""
+    """Exactly one of: a Llama `preset` built from config, a `path` (local HF dir, named model, hub id), or a
+    `config` (a config.json or a folder holding one: the model built on the meta device, for estimate / plan)."""
 
     preset: str | None = None
     path: str | None = None
+    config: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)  # config fields for presets, e.g. num_hidden_layers
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # weights as loaded; auto: the precision's storage
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.preset is None) == (self.path is None):
-            raise ValueError("set exactly one of 'preset' (e.g. llama-20m) or 'path' (e.g. minilm-l6 or a folder)")
+        if sum(x is not None for x in (self.preset, self.path, self.config)) != 1:
+            raise ValueError("set exactly one of 'preset' (e.g. llama-20m), 'path' (e.g. minilm-l6 or a folder) or "
+                             "'config' (a config.json, for estimate and plan)")
         return self
 
 

@@ -37,10 +37,11 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
 }
 
 
-def matrix_recipe(technique: str, precision: str, data: Path, **train: Any) -> dict[str, Any]:
-    """A two-step llama-tiny recipe on the shared corpus with `technique`'s slots, in `precision`."""
+def matrix_recipe(technique: str, precision: str, data: Path, preset: str = "llama-tiny", **train: Any
+                  ) -> dict[str, Any]:
+    """A two-step recipe (a Llama preset on the shared corpus) with `technique`'s slots, in `precision`."""
     recipe: dict[str, Any] = {
-        "name": f"{technique}-{precision}", "task": "causal_lm", "model": {"preset": "llama-tiny"},
+        "name": f"{technique}-{precision}", "task": "causal_lm", "model": {"preset": preset},
         "data": {"kind": "text", "paths": [str(data / "tinyshakespeare" / "input.txt")], "block_size": 32,
                  "vocab_size": 300, "max_chars": 20000},
         "train": {"steps": 2, "batch_size": 2, "eval_every": 0, "measure_steps": 0, "clip_grad_norm": None,

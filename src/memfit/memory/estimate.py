@@ -45,9 +45,10 @@ def gradient_bytes(spec: RunSpec) -> int:
 
 
 def _linear_weight_numel(spec: RunSpec) -> int:
-    """Elements of every matmul weight (2-D, not an embedding table), tied LM head included."""
+    """Elements of every dense matmul weight (2-D, not an embedding table, not a quantized weight's codes or
+    scales), tied LM head included."""
     m = spec.model
-    n = sum(p.numel for p in m.params if len(p.shape) == 2 and not is_embedding(m, p.name))
+    n = sum(p.numel for p in m.params if len(p.shape) == 2 and not p.quantized and not is_embedding(m, p.name))
     if m.tie_embeddings and spec.task == "causal_lm":
         n += m.vocab * m.hidden
     return n
@@ -112,9 +113,13 @@ def head_backward_temporaries(spec: RunSpec, tokens: int | None = None) -> int:
 
 def optimizer_step_transients(spec: RunSpec, breakdown: MemoryBreakdown) -> int:
     """Tensors an optimizer step makes for one parameter at a time (Adam's denominator and update): two of the
-    largest trainable parameter's size, when there is optimizer state (measured for torch's AdamW on CPU)."""
+    largest trainable parameter's size, when there is optimizer state (measured for torch's AdamW on CPU). An
+    optimizer that works otherwise states its own in `spec.extra["optimizer_step_transients"]` (its
+    `transform_spec`; e.g. 8-bit AdamW's per-chunk dequantized moments)."""
     if not breakdown.optimizer:
         return 0
+    if "optimizer_step_transients" in spec.extra:
+        return int(spec.extra["optimizer_step_transients"])
     return 2 * max((p.nbytes for p in spec.model.trainable), default=0)
 
 

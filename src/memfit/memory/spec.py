@@ -24,12 +24,14 @@ Task = Literal["causal_lm", "seq_cls", "token_cls"]
 
 @dataclass(frozen=True)
 class ParamInfo:
-    """One parameter tensor: its name, shape, bytes per element, and whether it trains."""
+    """One parameter tensor: its name, shape, bytes per element, whether it trains, and whether it is part of a
+    quantized weight's storage (codes, scales: decoded per forward, never cast or saved as a dense copy)."""
 
     name: str
     shape: tuple[int, ...]
     bytes_per_element: float = 4
     trainable: bool = True
+    quantized: bool = False
 
     @property
     def numel(self) -> int:

@@ -19,15 +19,38 @@ def meta_model(recipe: Recipe) -> nn.Module:
     from memfit.models.load import TASK_AUTO_CLASS, resolve_model_path
     from memfit.models.presets import llama_config
 
+    from memfit.memory.precision import dtype_of_name
+
+    dtype = dtype_of_name(recipe.model_dtype)  # the dtype the run loads the weights in
     with torch.device("meta"):
         if recipe.model.preset is not None:
             vocab = getattr(recipe.data, "vocab_size", 32000)
-            return transformers.LlamaForCausalLM(llama_config(recipe.model.preset, vocab, **recipe.model.overrides))
-        source, local = resolve_model_path(recipe.model.path)
-        config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
+            config = llama_config(recipe.model.preset, vocab, **recipe.model.overrides)
+            return transformers.LlamaForCausalLM(config).to(dtype)
+        if recipe.model.config is not None:
+            config = config_file(recipe.model.config)
+        else:
+            source, local = resolve_model_path(recipe.model.path)
+            config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
         if recipe.task != "causal_lm":
             config.num_labels = getattr(recipe.data, "num_labels", None) or 2
-        return getattr(transformers, TASK_AUTO_CLASS[recipe.task]).from_config(config)
+        return getattr(transformers, TASK_AUTO_CLASS[recipe.task]).from_config(config, dtype=dtype)
+
+
+def config_file(path: str):
+    """The transformers config in `path` (a config.json, or a folder holding one); its vocabulary is the model's."""
+    import transformers
+
+    from memfit.errors import ModelError
+
+    where = Path(path).expanduser()
+    file = where / "config.json" if where.is_dir() else where
+    if not file.is_file():
+        raise ModelError(f"model.config {path}: no such config file (point it at a config.json or its folder)")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(file))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model.config {path} is not a transformers config: {str(exc).splitlines()[0]}") from None
 
 
 def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tuple[MemoryBreakdown, int]:

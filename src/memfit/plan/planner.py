@@ -128,7 +128,7 @@ def plan(recipe: dict[str, Any], budget: int) -> list[PlanRow]:
     base = load_recipe(recipe)
     spec = run_spec(base, meta_model(base), resolve_device(base.train.device))
     rows = []
-    for cand in candidates(base.task, spec.model, fine_tune=base.model.path is not None):
+    for cand in candidates(base.task, spec.model, fine_tune=base.model.preset is None):
         candidate_recipe = _with_slots(recipe, cand.slots, cand.lr_scale)
         try:
             rec = load_recipe(candidate_recipe)

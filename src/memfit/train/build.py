@@ -72,6 +72,9 @@ def build_model_and_data(recipe: Recipe) -> tuple[nn.Module, DataBundle]:
         overrides.setdefault("max_position_embeddings", max(2048, recipe.data.block_size))
         model = build_llama(recipe.model.preset, vocab_size=len(data.tokenizer), seed=recipe.seed, **overrides)
         return model.to(dtype_of_name(recipe.model_dtype)), data
+    if recipe.model.config is not None:
+        raise ConfigError(f"model.config {recipe.model.config} describes a model without weights: it serves "
+                          f"`memfit estimate` and `memfit plan`; to train, set model.path to a model folder")
     tokenizer = load_tokenizer(recipe.model.path)
     data = build_data(recipe.data, tokenizer, cache_dir=cache_dir() / "tokenizers", seed=recipe.seed)
     extra = {}

@@ -36,9 +36,10 @@ def quantized_param_infos(p: ParamInfo, fmt: WeightFormat, group_size: int | Non
     infos = []
     for name, (shape, dtype) in fmt.layout(out, inp, group_size).tensors.items():
         trainable = trainable_scale and name == fmt.scale_name
-        infos.append(ParamInfo(prefix + name, tuple(shape), 4 if trainable else dtype.itemsize, trainable))
+        infos.append(ParamInfo(prefix + name, tuple(shape), 4 if trainable else dtype.itemsize, trainable,
+                               quantized=True))
     if awq:
-        infos.append(ParamInfo(prefix + "in_scale", (inp,), 4, False))
+        infos.append(ParamInfo(prefix + "in_scale", (inp,), 4, False, quantized=True))
     return infos
 
 
