@@ -42,6 +42,19 @@ def final_line(metrics: dict[str, float], tokens_per_s: float, trainable: int, t
     return f"final: {shown}  |  {tokens_per_s:.0f} tokens/s  |  trainable {trainable:,} / {total:,} params"
 
 
+def rank_lines(notes: dict[str, Any]) -> list[str]:
+    """One line per rank of a distributed run (`memfit train --nproc N`): its tensor peak, the part of it that is
+    parameters + gradients + optimizer state + FSDP2's gathered blocks and buffers, and its process peak."""
+    from memfit.memory.breakdown import format_bytes
+
+    lines = []
+    for r in notes.get("ranks", []):
+        process = f", process peak {format_bytes(r['process_peak'])}" if r.get("process_peak") else ""
+        lines.append(f"rank {r['rank']}: tensor peak {format_bytes(r['tensor_peak'])} (model state peak "
+                     f"{format_bytes(r['model_state_peak'])}){process}")
+    return lines
+
+
 def memory_table(summary: dict[str, Any]):
     """The measured-vs-estimate table of a summary (memory.json), or None when the run measured nothing."""
     from memfit.memory.measure import MemoryReport
@@ -57,6 +70,8 @@ def print_result(result, console) -> None:
     """The memory table and the final line of a `RunResult`, then where its files are."""
     if result.memory is not None:
         console.print(result.memory.table(result.estimate, estimate_peak=result.estimate_peak or None))
+        for line in rank_lines(result.memory.notes):
+            console.print(line)
     console.print(final_line(result.metrics, result.tokens_per_s, result.trainable_params, result.total_params))
     if result.run_dir is not None:
         console.print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'report.html'})")

@@ -21,15 +21,30 @@ def train(
                                 "checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output (removes only the files "
                                    "memfit wrote there)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train on N processes of this machine with "
+                                        "FSDP2 (torchrun; gloo on CPU, NCCL on CUDA); default: distributed.nproc. "
+                                        "Under torchrun the world size is torchrun's."),
 ) -> None:
     """Train or fine-tune from a recipe; writes metrics, checkpoints and a memory report to the run directory."""
+    from memfit.distributed.runtime import launch, under_torchrun
     from memfit.recipe import load_recipe
     from memfit.report import print_result
     from memfit.train import train as run_train
 
     rec = load_recipe(recipe, overrides or [])
     run_dir = output or Path(rec.output_dir) / rec.name
-    print_result(run_train(rec, run_dir, resume=resume, overwrite=overwrite, console=console), console)
+    ranks = nproc or rec.distributed.nproc
+    if not under_torchrun() and (nproc is not None or ranks > 1):  # this process only launches the ranks
+        argv = ["train", str(recipe), *(overrides or []), "--output", str(run_dir)]
+        argv += ["--resume"] * resume + ["--overwrite"] * overwrite
+        raise typer.Exit(launch(argv, ranks))
+    result = run_train(rec, run_dir, resume=resume, overwrite=overwrite, console=console)
+    if result.extras.get("rank", 0) == 0:
+        print_result(result, console)
+    if under_torchrun():
+        from memfit.distributed.runtime import shutdown
+
+        shutdown()
 
 
 @app.command()
