@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from torch import nn
 
 from memfit.compat import cache_keyword, fail
 from memfit.errors import ConfigError, ModelError
-from memfit.kv.base import KVPolicy, PolicyCache
+from memfit.kv.base import KVPolicy, PolicyCache, attn_implementation
+from memfit.kv.peak import auto_chunk, decode_peak, prefill_peak
 from memfit.kv.prefill import chunked_prefill
 from memfit.memory.breakdown import MemoryBreakdown, format_bytes
 from memfit.memory.measure import MemoryMeter, MemoryReport
@@ -40,6 +42,9 @@ class GenerateResult:
     options: dict[str, Any] = field(default_factory=dict)
     prefill_seconds: float = 0.0  # until the first new token (the prompt's forward, chunked prefill included)
     decode_seconds: float = 0.0  # the other new tokens
+    prefill_chunk: int | None = None  # tokens per prefill forward (None: the prompt in one forward)
+    peaks: dict[str, int] = field(default_factory=dict)  # tensor bytes above the weights: prefill/decode, measured
+    peak_estimates: dict[str, int] = field(default_factory=dict)  # the same from `memfit.kv.peak`
 
     @property
     def tokens_per_s(self) -> float:
@@ -58,7 +63,8 @@ class GenerateResult:
                 "process_peak": self.report.process_peak, "seconds": self.seconds,
                 "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s, "tokens_per_s": self.tokens_per_s,
-                "policy": self.policy, "options": self.options}
+                "policy": self.policy, "options": self.options, "prefill_chunk": self.prefill_chunk,
+                "peaks_above_weights": self.peaks, "peak_estimates_above_weights": self.peak_estimates}
 
     def table(self):
         from rich.table import Table
@@ -73,6 +79,11 @@ class GenerateResult:
             table.add_row("streamed weights resident (peak)", format_bytes(self.options["streamed_weights_peak"]), "")
         table.add_row("KV cache (max held)", format_bytes(m.kv_cache), format_bytes(self.kv_estimate))
         table.add_row("activations + temporaries", format_bytes(m.activations), "")
+        chunk = f"chunks of {self.prefill_chunk}" if self.prefill_chunk else "one forward"
+        for phase, label in (("prefill", f"prefill peak above weights ({chunk})"),
+                             ("decode", "decode peak above weights")):
+            if phase in self.peaks:
+                table.add_row(label, format_bytes(self.peaks[phase]), format_bytes(self.peak_estimates[phase]))
         table.add_row("[bold]tensor peak", format_bytes(self.report.tensor_peak), "")
         if self.report.process_peak is not None:
             table.add_row("process peak (RSS high-water)", format_bytes(self.report.process_peak), "")
@@ -176,6 +187,7 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
         raise ConfigError(f"--max-new-tokens must be > 0, got {max_new_tokens}")
     probe, impl = _check_policy(kv, kv_budget, kv_options, attn)
     lm, tokenizer = _load(model, tokenizer, prompt, stream, weights, attn, impl, probe.needs_attention)
+    impl = attn_implementation(lm)  # an in-memory model under --attn auto keeps its own
     input_ids = _encode(prompt, tokenizer)
     prompt_tokens = input_ids.shape[1]
     policy = build_kv_policy(kv, resolve_budget(kv_budget, prompt_tokens), **(kv_options or {}))
@@ -184,31 +196,51 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
     input_ids = input_ids.to(next(lm.parameters()).device)
     settings = _generation_kwargs(input_ids, tokenizer, max_new_tokens, do_sample, temperature, top_k)
 
-    meter = MemoryMeter(lm, device=input_ids.device)
-    with meter.region():
-        measured = _run(lm, policy, input_ids, prefill_chunk, settings, seed)
-    timed = _run(lm, policy, input_ids, prefill_chunk, settings, seed)
-    options = dict(policy.config.model_dump(), weights=weights, stream=stream, attn=impl, prefill_chunk=prefill_chunk,
+    spec = RunSpec.from_model(lm, batch=1, seq=prompt_tokens, compute_dtype=dtype_name(_dtype_of(lm)), attn_impl=impl)
+    chunk = choose_prefill_chunk(policy, spec, prefill_chunk, impl)
+    meters = {phase: MemoryMeter(lm, device=input_ids.device) for phase in ("prefill", "decode")}
+    measured = _run(lm, policy, input_ids, chunk, settings, seed, meters)
+    timed = _run(lm, policy, input_ids, chunk, settings, seed)
+    options = dict(policy.config.model_dump(), weights=weights, stream=stream, attn=impl, prefill_chunk=chunk,
                    streamed_weights_peak=getattr(lm, "peak_resident_bytes", None))
-    return _result(lm, tokenizer, policy, prompt_tokens, meter.report(), measured, timed, options)
+    reports = {phase: meter.report() for phase, meter in meters.items() if phase == "decode" or prompt_tokens > 1}
+    return _result(lm, tokenizer, policy, prompt_tokens, reports, measured, timed, options, spec, chunk)
 
 
-def _result(lm: nn.Module, tokenizer: Any, policy: KVPolicy, prompt_tokens: int, report: MemoryReport,
-            measured: _Pass, timed: _Pass, options: dict[str, Any]) -> GenerateResult:
+def choose_prefill_chunk(policy: KVPolicy, spec: RunSpec, prefill_chunk: int | None, attn: str) -> int | None:
+    """Tokens per prefill forward: `prefill_chunk` when given (0: the whole prompt in one forward), else chosen
+    from the budget for a policy that evicts or quantizes (`kv.peak.auto_chunk`), so the prefill peak is bounded
+    by default; None (one forward) for the full cache."""
+    if prefill_chunk is not None:
+        if prefill_chunk < 0:
+            raise ConfigError(f"--prefill-chunk must be ≥ 0 (0: the prompt in one forward), got {prefill_chunk}")
+        return prefill_chunk or None
+    return auto_chunk(policy, spec, attn)
+
+
+def _result(lm: nn.Module, tokenizer: Any, policy: KVPolicy, prompt_tokens: int, reports: dict[str, MemoryReport],
+            measured: _Pass, timed: _Pass, options: dict[str, Any], spec: RunSpec,
+            chunk: int | None) -> GenerateResult:
     """Text and memory from the measured pass (activations = tensor peak − weights − KV), speed from the timed
-    one."""
+    one; the prefill and decode peaks above the weights next to their estimates (`memfit.kv.peak`)."""
     new_ids = measured.output[0, prompt_tokens:]
     text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else str(new_ids.tolist())
+    report = max(reports.values(), key=lambda r: r.tensor_peak)
+    process_peaks = [r.process_peak for r in reports.values() if r.process_peak is not None]
+    report = replace(report, process_peak=max(process_peaks) if process_peaks else None)
     weights_bytes = report.peak.parameters + report.peak.buffers
     memory = MemoryBreakdown(parameters=report.peak.parameters, buffers=report.peak.buffers,
                              kv_cache=measured.kv_peak,
                              activations=max(0, report.tensor_peak - weights_bytes - measured.kv_peak))
-    spec = RunSpec.from_model(lm, batch=1, seq=measured.cache.get_seq_length(),
-                              compute_dtype=dtype_name(_dtype_of(lm)))
+    seen = measured.cache.get_seq_length()
+    peaks = {phase: r.tensor_peak - r.peak.parameters - r.peak.buffers for phase, r in reports.items()}
+    estimates = {"prefill": prefill_peak(policy, spec, prompt_tokens - 1, chunk, spec.attn_impl),
+                 "decode": decode_peak(policy, spec, seen, spec.attn_impl)}
     return GenerateResult(text=text, prompt_tokens=prompt_tokens, new_tokens=int(new_ids.numel()), memory=memory,
-                          kv_estimate=policy.kv_bytes(spec), report=report,
+                          kv_estimate=policy.kv_bytes(spec.with_(seq=seen)), report=report,
                           seconds=timed.prefill_seconds + timed.decode_seconds, policy=policy.name,
-                          prefill_seconds=timed.prefill_seconds, decode_seconds=timed.decode_seconds, options=options)
+                          prefill_seconds=timed.prefill_seconds, decode_seconds=timed.decode_seconds, options=options,
+                          prefill_chunk=chunk, peaks=peaks, peak_estimates={k: estimates[k] for k in peaks})
 
 
 def _check_policy(kv: str | dict | KVPolicy | None, kv_budget: int | str | None, kv_options: dict | None,
@@ -270,10 +302,12 @@ class _Pass:
 
 
 def _run(lm: nn.Module, policy: KVPolicy, input_ids: torch.Tensor, prefill_chunk: int | None,
-         settings: dict[str, Any], seed: int) -> _Pass:
-    """Generate once with a fresh cache. Prefill ends when the forward that yields the first new token returns
-    (chunked prefill included); decoding is the rest."""
+         settings: dict[str, Any], seed: int, meters: dict[str, MemoryMeter] | None = None) -> _Pass:
+    """Generate once with a fresh cache: all prompt tokens but the last through `chunked_prefill` (`prefill_chunk`
+    at a time, or in one forward), then `model.generate`. Timing: prefill ends when the forward that yields the
+    first new token returns; decoding is the rest. `meters`: measure the prefill and `generate` under one each."""
     torch.manual_seed(seed)
+    phase = (lambda name: meters[name].region()) if meters else (lambda name: nullcontext())
     state: dict[str, Any] = {"cache": None, "kv_peak": 0, "generating": False, "first": None}
 
     def after_forward(module, args, kwargs, output):
@@ -287,10 +321,12 @@ def _run(lm: nn.Module, policy: KVPolicy, input_ids: torch.Tensor, prefill_chunk
     try:
         with torch.no_grad():
             state["cache"] = cache = policy.make_cache(lm)
-            if prefill_chunk is not None and input_ids.shape[1] > 1:
-                chunked_prefill(lm, input_ids[:, :-1], cache, prefill_chunk)
+            if input_ids.shape[1] > 1:
+                with phase("prefill"):
+                    chunked_prefill(lm, input_ids[:, :-1], cache, prefill_chunk or input_ids.shape[1])
             state["generating"] = True
-            output = lm.generate(input_ids, **{cache_keyword(lm): cache}, **settings)
+            with phase("decode"):
+                output = lm.generate(input_ids, **{cache_keyword(lm): cache}, **settings)
             end = time.perf_counter()
             _check_cache_used(cache, input_ids.shape[1])
     finally:

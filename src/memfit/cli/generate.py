@@ -30,7 +30,9 @@ def generate_command(
     attn: str = typer.Option("auto", "--attn", help="auto (eager when the policy needs attention scores), eager, "
                              "sdpa."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Feed the prompt in chunks of this "
-                                                "many tokens so the cache compresses during prefill."),
+                                                "many tokens so the cache compresses during prefill (default: "
+                                                "chosen from the budget for every evicting or quantizing policy; "
+                                                "0: the whole prompt in one forward)."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(1.0, "--temperature"),
     seed: int = typer.Option(0, "--seed"),

@@ -311,6 +311,8 @@ class KVPolicy(Technique):
 
     slot = "kv"
     needs_attention: ClassVar[bool] = False
+    compresses: ClassVar[bool] = True  # evicts or quantizes: prefill runs in chunks by default (`kv.peak.auto_chunk`)
+    score_copies: ClassVar[int] = 0  # float32 tensors of the attention probabilities' size built to rank tokens
 
     def check(self, ctx: Context) -> None:
         self.check_model(ctx.model)
@@ -350,6 +352,23 @@ class KVPolicy(Technique):
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         return base.with_(kv_cache=self.kv_bytes(spec))
+
+    def budget_of(self, layer_idx: int, n_layers: int) -> int | None:
+        """Tokens layer `layer_idx` keeps per head (None: all of them)."""
+        return getattr(self.config, "budget", None)
+
+    def default_chunk(self) -> int:
+        """Prefill chunk of a compressing policy without a token budget (`kv.peak.auto_chunk`)."""
+        return 256
+
+    def update_overshoot(self, layer_idx: int, n_layers: int, past: int, chunk: int, batch: int, kv_heads: int,
+                         head_dim: int, elem: int) -> int:
+        """Bytes the updating layer holds during its forward beyond its steady size: the `chunk` new tokens not yet
+        evicted, and the copy `torch.cat` (then the eviction's gather) makes while the old tensor is alive."""
+        budget = self.budget_of(layer_idx, n_layers)
+        grown = past + chunk
+        steady = grown if budget is None else min(grown, budget)
+        return dense_bytes(2 * grown - steady, batch, kv_heads, head_dim, elem)
 
 
 def dense_bytes(tokens: int, batch: int, kv_heads: int, head_dim: int, elem: int) -> int:

@@ -57,6 +57,7 @@ class Keyformer(AccumulatedScorePolicy):
 
     name = "keyformer"
     Config = KeyformerConfig
+    score_copies = 3  # uniform noise → Gumbel noise, log-probabilities, their softmax
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
         c = self.config

@@ -22,7 +22,7 @@ from torch import nn
 
 from memfit.errors import ConfigError
 from memfit.kv import quant
-from memfit.kv.base import KVPolicy, PolicyCache, PolicyLayer, kv_geometry, tensor_bytes
+from memfit.kv.base import KVPolicy, PolicyCache, PolicyLayer, dense_bytes, kv_geometry, tensor_bytes
 from memfit.techniques.base import TechniqueConfig
 
 
@@ -125,6 +125,14 @@ class KIVI(KVPolicy):
         n_layers, _, head_dim = kv_geometry(model)
         c = self.config
         return PolicyCache([KIVILayer(c.bits, c.residual, self._value_group(head_dim)) for _ in range(n_layers)])
+
+    def default_chunk(self) -> int:
+        return max(256 // self.config.residual, 1) * self.config.residual
+
+    def update_overshoot(self, layer_idx, n_layers, past, chunk, batch, kv_heads, head_dim, elem) -> int:
+        """The dequantized past, the concatenated keys/values attention reads, and the unpacked codes."""
+        grown = past + chunk
+        return 2 * dense_bytes(grown, batch, kv_heads, head_dim, elem) + 2 * batch * kv_heads * past * head_dim
 
     def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
         c = self.config
