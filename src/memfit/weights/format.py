@@ -69,6 +69,11 @@ class WeightFormat:
         reads. This default decodes the whole weight; a format that can decode single rows overrides it."""
         return self.decode(t, out, inp).index_select(0, rows)
 
+    def fused_linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], out: int, inp: int) -> torch.Tensor | None:
+        """x·Wᵀ straight from the stored tensors with a kernel of torch's, for inference; None where the format
+        has none for this input (then `QuantLinear` decodes W and calls `F.linear`)."""
+        return None
+
     def storage_bytes(self, out: int, inp: int, group_size: int | None) -> int:
         """Exact bytes the stored tensors of an (out, in) weight take (the estimate of record)."""
         tensors = self.layout(out, inp, group_size).tensors.values()

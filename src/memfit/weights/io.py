@@ -127,6 +127,9 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
     _missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise CheckpointError(f"checkpoint has tensors the model lacks: {unexpected[:5]}")
+    for name in modules:  # own, aligned copies, not views into the file's buffer (kernels need alignment)
+        q = model.get_submodule(name)
+        q.load_tensors(q.tensors())
     ties = {name: m["tied_to"] for name, m in modules.items() if "tied_to" in m}
     for name, source in ties.items():  # a quantized tied head shares its embedding's stored tensors
         head, owner = model.get_submodule(name), model.get_submodule(source)
