@@ -152,12 +152,15 @@ def build_kv_policy(kv: str | dict | KVPolicy | None, budget: int | None = None,
     return build_policy(**spec)
 
 
-def _apply_weights(model: nn.Module, weights: str | None, calibration: torch.Tensor) -> None:
+def _apply_weights(model: nn.Module, weights: str | None, calibration: torch.Tensor,
+                   embeddings: bool = False) -> None:
     if not weights:
+        if embeddings:
+            raise ConfigError("--quantize-embeddings needs a weight format: add --weights int8 (or int4, nf4, awq)")
         return
     from memfit.weights import apply_weights
 
-    apply_weights(model, weights, calibration=calibration if weights == "awq" else None)
+    apply_weights(model, weights, calibration=calibration if weights == "awq" else None, embeddings=embeddings)
 
 
 def _streamed_model(ref: str | Path, attn: str) -> tuple[nn.Module, Any]:
@@ -175,7 +178,8 @@ def _streamed_model(ref: str | Path, attn: str) -> tuple[nn.Module, Any]:
 
 def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_tokens: int = 64, *,
              tokenizer: Any = None, kv: str | dict | KVPolicy | None = None, kv_budget: int | str | None = None,
-             kv_options: dict[str, Any] | None = None, weights: str | None = None, stream: bool = False,
+             kv_options: dict[str, Any] | None = None, weights: str | None = None,
+             quantize_embeddings: bool = False, stream: bool = False,
              attn: str = "auto", prefill_chunk: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> GenerateResult:
     """Generate `max_new_tokens` after `prompt` with a KV policy and weight format, measuring memory by category.
@@ -191,8 +195,8 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
     input_ids = _encode(prompt, tokenizer)
     prompt_tokens = input_ids.shape[1]
     policy = build_kv_policy(kv, resolve_budget(kv_budget, prompt_tokens), **(kv_options or {}))
-    if weights:
-        _apply_weights(lm, weights, input_ids)
+    if weights or quantize_embeddings:
+        _apply_weights(lm, weights, input_ids, quantize_embeddings)
     input_ids = input_ids.to(next(lm.parameters()).device)
     settings = _generation_kwargs(input_ids, tokenizer, max_new_tokens, do_sample, temperature, top_k)
 
@@ -201,7 +205,8 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
     meters = {phase: MemoryMeter(lm, device=input_ids.device) for phase in ("prefill", "decode")}
     measured = _run(lm, policy, input_ids, chunk, settings, seed, meters)
     timed = _run(lm, policy, input_ids, chunk, settings, seed)
-    options = dict(policy.config.model_dump(), weights=weights, stream=stream, attn=impl, prefill_chunk=chunk,
+    options = dict(policy.config.model_dump(), weights=weights, quantize_embeddings=quantize_embeddings,
+                   stream=stream, attn=impl, prefill_chunk=chunk,
                    streamed_weights_peak=getattr(lm, "peak_resident_bytes", None))
     reports = {phase: meter.report() for phase, meter in meters.items() if phase == "decode" or prompt_tokens > 1}
     return _result(lm, tokenizer, policy, prompt_tokens, reports, measured, timed, options, spec, chunk)

@@ -26,6 +26,8 @@ def generate_command(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="kivi: 2, 4 or 8 bits."),
     kv_window: Optional[int] = typer.Option(None, "--kv-window", help="snapkv/pyramid: observation window."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weight format: int8, int4, nf4, awq."),
+    quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings", help="With --weights: store the "
+                                             "embedding table and the output layer in the format too."),
     stream: bool = typer.Option(False, "--stream", help="Stream layers from disk (weights beyond memory)."),
     attn: str = typer.Option("auto", "--attn", help="auto (eager when the policy needs attention scores), eager, "
                              "sdpa."),
@@ -49,7 +51,7 @@ def generate_command(
         prompt = read_utf8(existing_file(prompt_file, "prompt file", "--prompt-file"), "prompt file")
     options = {"bits": kv_bits, "window": kv_window}
     result = generate(model, prompt, max_new_tokens, kv=kv, kv_budget=kv_budget, kv_options=options,
-                      weights=weights, stream=stream, attn=attn, prefill_chunk=prefill_chunk, do_sample=sample,
+                      weights=weights, quantize_embeddings=quantize_embeddings, stream=stream, attn=attn, prefill_chunk=prefill_chunk, do_sample=sample,
                       temperature=temperature, seed=seed)
     console.print(result.text, markup=False, highlight=False)
     console.print(result.table())

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from memfit.errors import CheckpointError, ModelError
+from memfit.weights.embedding import QuantEmbedding, shared_tensors
 from memfit.weights.linear import QuantLinear, quantized_modules, set_submodule
 
 QUANT_FILE = "quantization.json"
@@ -39,12 +40,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Write `model` (dense, quantized, or mixed) to `directory` as safetensors + JSON."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    modules = {
-        name: {"fmt": m.fmt, "group_size": m.group_size, "in_features": m.in_features,
-               "out_features": m.out_features, "bias": m.bias is not None, "awq": m.in_scale is not None,
-               "trainable_scale": m.scale_param() is not None and m.scale_param().requires_grad}
-        for name, m in quantized_modules(model).items()
-    }
+    tied = shared_tensors(model)
+    modules = {name: _entry(m, tied.get(name)) for name, m in quantized_modules(model).items()}
     tmp = directory / (WEIGHTS_FILE + ".tmp")
     save_file(_unique_state(model), str(tmp), metadata={"format": "pt", "memfit": "quantized"})
     os.replace(tmp, directory / WEIGHTS_FILE)
@@ -55,6 +52,25 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
     tmpj.write_text(json.dumps({"modules": modules}, indent=1))
     os.replace(tmpj, directory / QUANT_FILE)
     return directory
+
+
+def _entry(m: QuantLinear, tied_to: str | None) -> dict:
+    entry = {"fmt": m.fmt, "group_size": m.group_size, "in_features": m.in_features,
+             "out_features": m.out_features, "bias": m.bias is not None, "awq": m.in_scale is not None,
+             "trainable_scale": m.scale_param() is not None and m.scale_param().requires_grad}
+    if isinstance(m, QuantEmbedding):
+        entry.update(kind="embedding", padding_idx=m.padding_idx, embed_scale=m.embed_scale)
+    if tied_to is not None:
+        entry["tied_to"] = tied_to
+    return entry
+
+
+def _module(m: dict) -> QuantLinear:
+    if m.get("kind") == "embedding":
+        return QuantEmbedding(m["out_features"], m["in_features"], m["fmt"], m["group_size"], m["padding_idx"],
+                              m["embed_scale"], device="meta")
+    return QuantLinear(m["in_features"], m["out_features"], m["fmt"], m["group_size"], bias=m["bias"],
+                       in_scale=m["awq"], device="meta")
 
 
 def meta_model(config) -> nn.Module:
@@ -103,8 +119,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
             model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"checkpoint module '{name}' does not exist in the model") from None
-        q = QuantLinear(m["in_features"], m["out_features"], m["fmt"], m["group_size"], bias=m["bias"],
-                        in_scale=m["awq"], device="meta")
+        q = _module(m)
         if m.get("trainable_scale"):
             q.make_scale_trainable()
         set_submodule(model, name, q)
@@ -112,7 +127,16 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
     _missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise CheckpointError(f"checkpoint has tensors the model lacks: {unexpected[:5]}")
-    if hasattr(model, "tie_weights"):
+    for name in modules:  # own, aligned copies, not views into the file's buffer (kernels need alignment)
+        q = model.get_submodule(name)
+        q.load_tensors(q.tensors())
+    ties = {name: m["tied_to"] for name, m in modules.items() if "tied_to" in m}
+    for name, source in ties.items():  # a quantized tied head shares its embedding's stored tensors
+        head, owner = model.get_submodule(name), model.get_submodule(source)
+        for key in head.tensors():
+            head._parameters[key] = owner._parameters[key]
+    embeddings_quantized = any(m.get("kind") == "embedding" for m in modules.values())
+    if hasattr(model, "tie_weights") and not embeddings_quantized:  # (transformers ties dense tensors only)
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:

@@ -57,6 +57,9 @@ class QuantLinear(nn.Module):
     """
 
     memfit_quantized_weight = True  # techniques.base.QUANTIZED_WEIGHT_MARK: adapters refuse to wrap it
+    fused = True
+    """Use the format's fused kernel (`WeightFormat.fused_linear`) when no gradient is needed; False: always
+    decode, then `F.linear` (the reference the kernels are tested against)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str | WeightFormat, group_size: int | None = None,
                  bias: bool = False, in_scale: bool = False, device: torch.device | str | None = None) -> None:
@@ -134,7 +137,12 @@ class QuantLinear(nn.Module):
         scale = self.scale_param()
         if scale is None:
             scale = torch.empty(0, device=x.device)
-        y = _DequantLinear.apply(x.to(dtype), scale, self)
+        y = None
+        if self.fused and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+            xs = x.to(dtype) if self.in_scale is None else x.to(dtype) / self.in_scale.to(dtype)
+            y = self.format.fused_linear(xs, self.tensors(), self.out_features, self.in_features)
+        if y is None:
+            y = _DequantLinear.apply(x.to(dtype), scale, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -333,4 +333,6 @@ def run(opts: BenchOptions) -> list[dict]:
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             record_partial(opts, {"workload": "speed", "method": f"{technique} vs {row['reference']}", **row})
             rows.append(row)
-    return rows
+    from memfit.bench.suites import decode_speed
+
+    return rows + decode_speed.run(opts)

@@ -86,6 +86,9 @@ FORMATS: list[tuple[str, str, int | None]] = [
     ("int3-g64", "int3", 64),
     ("awq-int3-g64", "awq3", 64),
 ]
+EMBED = "+embed"
+"""Suffix of the rows that also store the embedding table and the output layer in the format."""
+FORMATS += [(m + EMBED, f, g) for m, f, g in FORMATS if m in ("int8", "int4-g64", "nf4-g64", "awq-int4-g64")]
 
 
 OWN_CACHE = Path("~/.cache/memfit/models/weights-bench-lm").expanduser()
@@ -109,6 +112,7 @@ def format_rows(opts: BenchOptions) -> list[dict]:
     from memfit.generate import load_causal_lm
     from memfit.weights import apply_weights, weight_bytes
     from memfit.weights.awq import awq_quantize
+    from memfit.weights.embedding import quantize_embeddings
 
     data_dir = Path(opts.data_dir)
     path = lm_dir(opts)
@@ -137,6 +141,8 @@ def format_rows(opts: BenchOptions) -> list[dict]:
             awq_quantize(model, calib_ids, group_size=group, bits=3 if fmt == "awq3" else 4)
         else:
             apply_weights(model, fmt, group_size=group)
+        if method.endswith(EMBED):
+            quantize_embeddings(model, "int4" if fmt == "awq" else fmt, group)
         q_s = time.perf_counter() - t
         ppl = perplexity(model, windows)
         if fmt == "bnb":  # reference quality only: the weights were dequantized back to fp32 in place
