@@ -176,6 +176,8 @@ ACTIVATIONS = [
     ([{"name": "checkpointing", "every": 2}, "mesa", {"name": "chunked_ce", "chunk_size": 64}], "causal"),
     (["offload", "checkpointing"], ""),
     (["offload", "mesa"], ""),
+    ([{"name": "wta_crs", "budget": 0.3}], "llama"),
+    ([{"name": "wta_crs", "budget": 0.1}, {"name": "chunked_ce", "chunk_size": 64}], "llama"),
 ]
 WEIGHTS = ["int8", {"name": "int4", "group_size": 32}, "nf4", {"name": "nf4", "group_size": 0}, "awq",
            {"name": "awq", "bits": 3, "group_size": 32}]

@@ -39,6 +39,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "offload": "memfit.activations.offload:Offload",
         "mesa": "memfit.activations.mesa:Mesa",
         "s2a": "memfit.activations.s2a:S2A",
+        "wta_crs": "memfit.activations.wta_crs:WTACRS",
     },
     "optimizer": {
         "adamw": "memfit.optim.adamw:AdamWTechnique",
