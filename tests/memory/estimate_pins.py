@@ -158,6 +158,7 @@ OPTIMIZERS = [
     {"name": "sgd", "momentum": 0.9},
     "lomo",
     "adalomo",
+    {"name": "q_galore", "rank": 8},
 ]
 ACTIVATIONS = [
     (["checkpointing"], ""),

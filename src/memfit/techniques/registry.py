@@ -45,6 +45,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "adamw": "memfit.optim.adamw:AdamWTechnique",
         "galore": "memfit.optim.galore:GaLoreTechnique",
         "galore_8bit": "memfit.optim.galore:GaLore8bitTechnique",
+        "q_galore": "memfit.optim.q_galore:QGaLoreTechnique",
         "apollo": "memfit.optim.apollo:APOLLOTechnique",
         "apollo_mini": "memfit.optim.apollo:APOLLOMiniTechnique",
         "adam_mini": "memfit.optim.adam_mini:AdamMiniTechnique",
