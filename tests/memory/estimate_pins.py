@@ -158,6 +158,7 @@ OPTIMIZERS = [
     {"name": "sgd", "momentum": 0.9},
     "lomo",
     "adalomo",
+    {"name": "q_galore", "rank": 8},
 ]
 ACTIVATIONS = [
     (["checkpointing"], ""),
@@ -176,6 +177,8 @@ ACTIVATIONS = [
     ([{"name": "checkpointing", "every": 2}, "mesa", {"name": "chunked_ce", "chunk_size": 64}], "causal"),
     (["offload", "checkpointing"], ""),
     (["offload", "mesa"], ""),
+    ([{"name": "wta_crs", "budget": 0.3}], "llama"),
+    ([{"name": "wta_crs", "budget": 0.1}, {"name": "chunked_ce", "chunk_size": 64}], "llama"),
 ]
 WEIGHTS = ["int8", {"name": "int4", "group_size": 32}, "nf4", {"name": "nf4", "group_size": 0}, "awq",
            {"name": "awq", "bits": 3, "group_size": 32}]

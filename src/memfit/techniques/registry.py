@@ -39,11 +39,13 @@ SLOTS: dict[str, dict[str, str]] = {
         "offload": "memfit.activations.offload:Offload",
         "mesa": "memfit.activations.mesa:Mesa",
         "s2a": "memfit.activations.s2a:S2A",
+        "wta_crs": "memfit.activations.wta_crs:WTACRS",
     },
     "optimizer": {
         "adamw": "memfit.optim.adamw:AdamWTechnique",
         "galore": "memfit.optim.galore:GaLoreTechnique",
         "galore_8bit": "memfit.optim.galore:GaLore8bitTechnique",
+        "q_galore": "memfit.optim.q_galore:QGaLoreTechnique",
         "apollo": "memfit.optim.apollo:APOLLOTechnique",
         "apollo_mini": "memfit.optim.apollo:APOLLOMiniTechnique",
         "adam_mini": "memfit.optim.adam_mini:AdamMiniTechnique",
