@@ -27,6 +27,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from memfit.errors import ConfigError
+from memfit.memory.estimate import head_components
 from memfit.memory.spec import ParamInfo, RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
 
@@ -81,6 +82,29 @@ def head_loss(model: nn.Module, core: nn.Module, task: str, final: torch.Tensor,
     loss = None if labels is None else F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
     return logits, loss
+
+
+def frozen_head_input_bytes(spec: RunSpec, train_head: bool) -> int:
+    """What the family's `head` component charges for an input whose layer is frozen here: the LM head's input
+    (frozen unless `train_head`), the pooler's (the whole last state, a view of it; the pooler never trains)."""
+    m, t = spec.model, spec.tokens
+    if spec.task == "causal_lm":
+        return 0 if train_head else t * m.hidden * 4
+    return t * m.hidden * 4 if spec.task == "seq_cls" and any(".pooler." in p.name for p in m.params) else 0
+
+
+def head_saved_bytes(spec: RunSpec, train_head: bool) -> int:
+    """What `head_loss` saves for backward (fp32): the backbone family's head, minus the frozen pooler's input
+    (no gradient is asked of it); a causal LM's shifted log-probabilities and targets; two scalars (the loss); and one
+    int64 per token the backbone's forward leaves alive (its position / token-type ids)."""
+    m, b, s, t = spec.model, spec.batch, spec.seq, spec.tokens
+    if spec.task == "causal_lm":
+        return (t * m.hidden * 4 if train_head else 0) + b * (s - 1) * (m.vocab * 4 + 8) + 8 + t * 8
+    head = head_components(spec)
+    pooler_in = frozen_head_input_bytes(spec, train_head)
+    labels = max(m.num_labels, 1)
+    rows = b if spec.task == "seq_cls" else t
+    return head["head"] - pooler_in + rows * (labels * 4 + 8) + 8 + t * 8
 
 
 class SideModel(nn.Module):
