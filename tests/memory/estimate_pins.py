@@ -198,6 +198,10 @@ ADAPTERS = [
     {"name": "ist", "layers": 1, "r": 4},
     "lst",
     {"name": "lst", "reduction": 4, "train_head": True},
+    "unipt",
+    {"name": "unipt", "reduction": 4, "train_head": True},
+    "sherl",
+    {"name": "sherl", "late": 1, "reduction": 4, "train_head": True},
 ]
 STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}]
 KV = ["full", {"name": "streaming_llm", "budget": 32}, {"name": "h2o", "budget": 32},

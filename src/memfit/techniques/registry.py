@@ -31,6 +31,8 @@ SLOTS: dict[str, dict[str, str]] = {
         "badam": "memfit.sampling.badam:BAdam",
         "ist": "memfit.sampling.ist:IST",
         "lst": "memfit.adapters.lst:LST",
+        "unipt": "memfit.adapters.unipt:UniPT",
+        "sherl": "memfit.adapters.sherl:SHERL",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",

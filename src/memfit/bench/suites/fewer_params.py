@@ -1,6 +1,6 @@
 """`memfit bench fewer-params`: train fewer parameters on finetune-cls (MiniLM-L6, SST-2) and finetune-ner
 (CoNLL-2003), same steps and seed: full fine-tuning (AdamW), LoRA r=8/16, DoRA, LISA (1 and 2 layers), LISA
-without freeing state (LMFlow's behaviour), OwLore, IST, BAdam, LST, plus QLoRA/PEQA where registered.
+without freeing state (LMFlow's behaviour), OwLore, IST, BAdam, the side networks LST, UniPT and SHERL, plus QLoRA/PEQA where registered.
 Rows carry quality, trainable parameters, peak memory by category and tokens/s; the LISA/LoRA peak ratio is
 added as a row field (`peak_vs_lora_r8`).
 """
@@ -28,6 +28,8 @@ METHODS: dict[str, tuple[dict[str, Any] | None, float]] = {
     "ist-r8": ({"name": "ist", "r": 8, "alpha": 16, "layers": 3, "interval": 5, "update_every": 5}, 1e-3),
     "badam": ({"name": "badam", "interval": 25}, 1e-4),  # one descending sweep over MiniLM's 6 blocks in 150 steps
     "lst": ({"name": "lst", "reduction": 8}, 1e-3),
+    "unipt": ({"name": "unipt", "reduction": 8}, 1e-3),
+    "sherl": ({"name": "sherl", "late": 1, "reduction": 8}, 1e-4),  # the late layer fine-tunes: full-FT rate
 }
 
 
