@@ -27,10 +27,10 @@ PROMPT = 32
 
 
 def _model(quick: bool) -> nn.Module:
-    from memfit.bench.suites.speed import MODEL, PRESET, QUICK_MODEL
+    from memfit.bench.workloads import SPEED_MODEL, SPEED_PRESET, SPEED_QUICK_MODEL
     from memfit.models import build_llama
 
-    return build_llama(PRESET, VOCAB, seed=0, **(QUICK_MODEL if quick else MODEL)).eval()
+    return build_llama(SPEED_PRESET, VOCAB, seed=0, **(SPEED_QUICK_MODEL if quick else SPEED_MODEL)).eval()
 
 
 def _memfit(fmt: str, embeddings: bool = False) -> Callable[[nn.Module], nn.Module]:
