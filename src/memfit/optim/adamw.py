@@ -3,6 +3,8 @@ measured against: two moments per trainable parameter, i.e. 8 bytes of state per
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from memfit.memory.breakdown import MemoryBreakdown
@@ -19,7 +21,7 @@ from memfit.techniques.base import Context, OptimizerTechnique
 
 
 class AdamWConfig(OptimizerConfig):
-    pass
+    state_dtype: Literal["fp32", "bf16", "fp16"] | None = None  # moments stored in this dtype (optim/precision.py)
 
 
 class AdamWTechnique(OptimizerTechnique):

@@ -1,0 +1,271 @@
+"""Optimizer updates for weights stored in 16 bits (`bf16-true`, `16-true`) and optimizer state in another dtype.
+
+A 16-bit weight cannot absorb an update much smaller than itself: rounded to nearest, `w + lr·u` is `w` again
+whenever |lr·u| < ulp(w)/2, and training stalls (Zamirai, Zhang, De Sa, Kuchaiev 2020, "Revisiting BFloat16
+Training"). Two remedies, `train.master_weights`:
+
+- `fp32`: an fp32 master copy of every trained parameter lives in the optimizer (Micikevicius et al. 2018, "Mixed
+  Precision Training"); the update is applied to it and the weight is its round-to-nearest bf16/fp16 image. Costs
+  4 bytes per trained value.
+- `none` (default): the update is computed in fp32 from the 16-bit weight and rounded **stochastically** back
+  (Zamirai et al. 2020): round up with probability equal to the distance to the lower neighbour in ulps, so the
+  stored weight is unbiased, E[round(x)] = x. As in torchao's `_AdamW(bf16_stochastic_round=True)`: add uniform
+  random bits below the kept mantissa to the fp32 pattern, then truncate (`stochastic_round`).
+
+`PrecisionOptimizer` wraps any whole-step optimizer: it steps one parameter at a time, giving the inner optimizer
+an fp32 view of that parameter (the master copy itself, or a temporary upcast) and its gradient in fp32, so the
+inner optimizer's state is created in fp32; `state_dtype` (AdamW/SGD: `bf16`) stores each state tensor shaped like
+the parameter in that dtype between steps. The transients of a step are one parameter's fp32 copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from memfit.memory.arch.parts import F32
+from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.precision import TORCH_DTYPES
+from memfit.memory.spec import DTYPE_BYTES, RunSpec
+from memfit.techniques.base import Context, OptimizerTechnique
+
+MANTISSA_DROPPED = {torch.bfloat16: 16}
+"""Low bits of the fp32 pattern that bf16 drops (fp16 differs in exponent range: rounded through `torch.round`)."""
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`x` (fp32) rounded to `dtype` stochastically: up with probability (x − lo)/(hi − lo), so E = x.
+
+    bf16: add a uniform random integer in [0, 2^16) to the fp32 bit pattern and clear the low 16 bits (the carry
+    rounds up exactly when the random number exceeds the distance to the next bf16 value). fp16: the same rule
+    from the two neighbours computed explicitly (fp16 has its own exponent range)."""
+    x = x.float()
+    if dtype == torch.bfloat16:
+        bits = x.view(torch.int32)
+        noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+        rounded = (bits + noise) & -65536  # 0xFFFF0000 as a signed int32
+        return rounded.view(torch.float32).to(torch.bfloat16)
+    if dtype == torch.float16:
+        lo = x.to(torch.float16)
+        lo = torch.where(lo.float() > x, torch.nextafter(lo, torch.tensor(float("-inf"), dtype=torch.float16)), lo)
+        hi = torch.nextafter(lo, torch.tensor(float("inf"), dtype=torch.float16))
+        gap = (hi.float() - lo.float())
+        p_up = torch.where(gap > 0, (x - lo.float()) / gap, torch.zeros_like(x))
+        u = torch.rand(x.shape, device=x.device, generator=generator)
+        return torch.where(u < p_up, hi, lo)
+    return x.to(dtype)
+
+
+FP16_ROUNDING_BYTES = 8
+"""Extra transients per value of fp16 stochastic rounding over bf16's (measured: llama-1m, batch 1, AdamW)."""
+
+
+class PrecisionOptimizer(torch.optim.Optimizer):
+    """Runs `optimizer` one parameter at a time on an fp32 view of it (see the module docstring)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, master_weights: bool = False, stochastic: bool = True,
+                 state_dtype: str | None = None, seed: int = 0) -> None:
+        # Optimizer.__init__ is not called: groups, defaults and state are the wrapped optimizer's
+        self.optimizer = optimizer
+        self.master_weights = master_weights
+        self.stochastic = stochastic and not master_weights
+        self.state_dtype = TORCH_DTYPES[state_dtype] if state_dtype else None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.master: dict[torch.Tensor, torch.Tensor] = {}
+        self._optimizer_step_pre_hooks: dict = {}
+        self._optimizer_step_post_hooks: dict = {}
+        self._optimizer_state_dict_pre_hooks: dict = {}
+        self._optimizer_state_dict_post_hooks: dict = {}
+        self._optimizer_load_state_dict_pre_hooks: dict = {}
+        self._optimizer_load_state_dict_post_hooks: dict = {}
+        if master_weights:
+            for p in self._params():
+                if p.dtype != torch.float32:
+                    self.master[p] = p.detach().float()
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        """The inner optimizer's state; with master weights, a read-only view that adds each parameter's fp32
+        `master` (so the meter and `state_bytes` count it as optimizer state)."""
+        if not self.master:
+            return self.optimizer.state
+        view = {p: dict(st) for p, st in self.optimizer.state.items()}
+        for p, m in self.master.items():
+            view.setdefault(p, {})["master"] = m
+        return view
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def _moments(self, p: torch.Tensor) -> list[str]:
+        return [k for k, v in self.optimizer.state.get(p, {}).items()
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.shape == p.shape]
+
+    @torch.no_grad()
+    def step(self, closure=None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for p in self._params() if p.grad is not None]
+        grads = {p: p.grad for p in params}
+        for p in params:
+            p.grad = None
+        for p in params:
+            self._step_one(p, grads.pop(p))
+        return loss
+
+    def _step_one(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        stored = p.dtype
+        if stored == torch.float32 and self.state_dtype is None:
+            p.grad = grad
+            self.optimizer.step()
+            p.grad = None
+            return
+        state = self.optimizer.state.get(p, {})
+        for k in self._moments(p):
+            state[k] = state[k].float()
+        low = p.data
+        p.data = self.master[p] if p in self.master else low.float()
+        p.grad = grad.float()
+        try:
+            self.optimizer.step()
+        finally:
+            p.grad = None
+            wide, p.data = p.data, low
+        if stored != torch.float32:
+            low.copy_(stochastic_round(wide, stored, self.generator) if self.stochastic else wide.to(stored))
+        else:
+            low.copy_(wide)
+        if self.state_dtype is not None:
+            state = self.optimizer.state[p]  # made by this step on the first one
+            for k in self._moments(p):
+                state[k] = state[k].to(self.state_dtype)
+
+    def state_dict(self) -> dict[str, Any]:
+        out = self.optimizer.state_dict()
+        out["precision"] = {"rng": self.generator.get_state(),
+                            "master": [self.master[p] for p in self._params() if p in self.master]}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("precision", {})
+        saved = {(pid, k): v for pid, st in state_dict["state"].items() for k, v in st.items()
+                 if isinstance(v, torch.Tensor)}
+        self.optimizer.load_state_dict(state_dict)  # torch casts floating state to the parameter's dtype...
+        params = self._params()
+        for (pid, k), value in saved.items():  # ...so fp32 moments of a bf16 weight are put back as saved
+            st = self.optimizer.state[params[int(pid)]]
+            if st[k].dtype != value.dtype:
+                st[k] = value.to(st[k].device, copy=True)
+        for p, saved in zip([p for p in params if p in self.master], extra.get("master", [])):
+            self.master[p].copy_(saved)
+        if "rng" in extra:
+            self.generator.set_state(extra["rng"])
+
+
+def wrap_for_precision(optimizer: torch.optim.Optimizer, *, master_weights: bool, true_low: bool,
+                       state_dtype: str | None, seed: int) -> torch.optim.Optimizer:
+    """`optimizer` wrapped when weights are stored in 16 bits or its state takes another dtype, else itself."""
+    if not true_low and state_dtype is None:
+        return optimizer
+    return PrecisionOptimizer(optimizer, master_weights=master_weights, stochastic=true_low,
+                              state_dtype=state_dtype, seed=seed)
+
+
+class PrecisionTechnique(OptimizerTechnique):
+    """The recipe's optimizer technique, run through `PrecisionOptimizer` (the recipe puts it in the optimizer
+    slot's place when weights are stored in 16 bits or `state_dtype` is set); its memory story: the inner
+    optimizer's state as if its parameters were fp32 (or `state_dtype`), the master copy, one parameter's fp32
+    copies as the step's transients."""
+
+    def __init__(self, inner: OptimizerTechnique, master_weights: bool, true_low: bool) -> None:
+        super().__init__(inner.config)
+        self.inner = inner
+        self.name = inner.name
+        self.master_weights = master_weights and true_low
+        self.true_low = true_low
+        self.state_dtype = getattr(inner.config, "state_dtype", None)
+
+    def _state_view(self, spec: RunSpec) -> RunSpec:
+        """The parameters as the inner optimizer sees them during its step (fp32), its state stored in
+        `state_dtype` (else fp32 when it steps an upcast view, else each parameter's own dtype)."""
+        size = DTYPE_BYTES[self.state_dtype] if self.state_dtype else (F32 if self.true_low else None)
+        if size is None:
+            return spec
+        params = tuple(replace(p, bytes_per_element=size) if p.trainable else p for p in spec.model.params)
+        return spec.with_(model=replace(spec.model, params=params))
+
+    def build_optimizer(self, ctx: Context) -> torch.optim.Optimizer:
+        return wrap_for_precision(self.inner.build_optimizer(ctx), master_weights=self.master_weights,
+                                  true_low=self.true_low, state_dtype=self.state_dtype, seed=ctx.seed)
+
+    def transform_spec(self, spec: RunSpec) -> RunSpec:
+        inner = self.inner.transform_spec(self._state_view(spec))
+        transients = inner.extra.get("optimizer_step_transients")
+        largest = max((p.numel for p in spec.model.trainable), default=0)
+        if transients is None:  # torch-style: two of the fp32 parameter's size
+            transients = 2 * F32 * largest
+        # one parameter's fp32 grad copy, and its fp32 weight copy unless it is the master
+        transients += F32 * largest * (1 if self.master_weights or not self.true_low else 2)
+        if self.true_low and not self.master_weights and spec.policy.storage == "fp16":
+            transients += FP16_ROUNDING_BYTES * largest  # both fp16 neighbours, their gap and the draw
+        if self.state_dtype:  # the moments upcast for the step beside their stored copies
+            transients += 2 * (F32 - DTYPE_BYTES[self.state_dtype]) * largest
+        return spec.with_(extra={**spec.extra, "optimizer_step_transients": transients})
+
+    def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
+        out = self.inner.estimate(self._state_view(spec), base)
+        master = sum(F32 * p.numel for p in spec.model.trainable if p.bytes_per_element != F32) \
+            if self.master_weights else 0
+        return out.with_(optimizer=out.optimizer + master, gradients=base.gradients)
+
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown):
+        return self.inner.step_phases(spec, breakdown)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
+
+    # the inner technique's own hooks run unchanged
+    def check(self, ctx: Context) -> None:
+        self.inner.check(ctx)
+
+    def apply(self, ctx: Context) -> None:
+        self.inner.apply(ctx)
+
+    def wrap_loss(self, loss_fn, ctx: Context):
+        return self.inner.wrap_loss(loss_fn, ctx)
+
+    def wrap_forward_backward(self, fb, ctx: Context):
+        return self.inner.wrap_forward_backward(fb, ctx)
+
+    def on_step_start(self, ctx: Context) -> None:
+        self.inner.on_step_start(ctx)
+
+    def on_step_end(self, ctx: Context, metrics: dict) -> None:
+        self.inner.on_step_end(ctx, metrics)
