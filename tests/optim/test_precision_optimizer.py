@@ -55,11 +55,10 @@ def test_updates_below_half_an_ulp_still_move_the_weights():
 
 def test_master_weights_follow_the_fp32_trajectory_exactly():
     torch.manual_seed(0)
-    w32 = torch.nn.Parameter(torch.randn(16, 8))
+    w32 = torch.nn.Parameter(torch.randn(16, 8).to(torch.bfloat16).float())  # the master starts from the weight
     w16 = torch.nn.Parameter(w32.detach().to(torch.bfloat16))
     ref = torch.optim.AdamW([w32], lr=1e-2, foreach=False)
     opt = PrecisionOptimizer(torch.optim.AdamW([w16], lr=1e-2, foreach=False), master_weights=True)
-    opt.master[w16].copy_(w32.detach())
     for _ in range(5):
         g = torch.randn(16, 8).to(torch.bfloat16)
         w32.grad, w16.grad = g.float(), g
@@ -68,6 +67,17 @@ def test_master_weights_follow_the_fp32_trajectory_exactly():
         assert torch.equal(opt.master[w16], w32.detach())
         assert torch.equal(w16.detach(), w32.detach().to(torch.bfloat16))
     assert opt.state[w16]["master"] is opt.master[w16] and opt.state[w16]["exp_avg"].dtype == torch.float32
+    opt.state.pop(w16)  # a layer sampler frees a deactivated layer's state: the master goes with it
+    assert w16 not in opt.master and w16 not in opt.optimizer.state
+
+
+def test_lisa_with_master_weights_keeps_masters_of_active_layers_only(data_dir):
+    from memfit.bench.technique_matrix import matrix_recipe, measure_recipe
+
+    recipe = matrix_recipe("lisa", "bf16-true", data_dir, master_weights="fp32")
+    row = measure_recipe(recipe)
+    assert "crash" not in row and "refused" not in row, row
+    assert abs(row["optimizer_ratio"] - 1) <= 1e-3 and row["step_peak_ratio"] <= 1.02, row
 
 
 def _losses(run_dir):

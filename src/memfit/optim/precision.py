@@ -24,6 +24,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from torch.optim.optimizer import _global_optimizer_post_hooks
 
 from memfit.memory.arch.parts import F32
 from memfit.memory.breakdown import MemoryBreakdown
@@ -58,8 +59,10 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     return x.to(dtype)
 
 
-FP16_ROUNDING_BYTES = 8
-"""Extra transients per value of fp16 stochastic rounding over bf16's (measured: llama-1m, batch 1, AdamW)."""
+ROUNDING_BYTES = {"bf16": 12, "fp16": 17}
+"""Transients per value of `stochastic_round` into each dtype (bf16: the random int32 bits, their sum and the
+masked pattern; fp16: both neighbours, their fp32 images, the gap, the probability and the draw), measured on
+llama-1m at batch 1 (the optimizer step holds the peak)."""
 
 
 class PrecisionOptimizer(torch.optim.Optimizer):
@@ -80,10 +83,6 @@ class PrecisionOptimizer(torch.optim.Optimizer):
         self._optimizer_state_dict_post_hooks: dict = {}
         self._optimizer_load_state_dict_pre_hooks: dict = {}
         self._optimizer_load_state_dict_post_hooks: dict = {}
-        if master_weights:
-            for p in self._params():
-                if p.dtype != torch.float32:
-                    self.master[p] = p.detach().float()
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -98,14 +97,12 @@ class PrecisionOptimizer(torch.optim.Optimizer):
 
     @property
     def state(self):
-        """The inner optimizer's state; with master weights, a read-only view that adds each parameter's fp32
-        `master` (so the meter and `state_bytes` count it as optimizer state)."""
-        if not self.master:
+        """The inner optimizer's state; with master weights, a view that adds each parameter's fp32 `master` (so
+        the meter and `state_bytes` count it as optimizer state) and whose `pop(p)` frees both (LISA / BAdam drop
+        a deactivated layer's state so; its master is made again from the weight when it trains next)."""
+        if not self.master_weights:
             return self.optimizer.state
-        view = {p: dict(st) for p, st in self.optimizer.state.items()}
-        for p, m in self.master.items():
-            view.setdefault(p, {})["master"] = m
-        return view
+        return _StateView(self)
 
     @state.setter
     def state(self, value) -> None:
@@ -134,6 +131,8 @@ class PrecisionOptimizer(torch.optim.Optimizer):
             p.grad = None
         for p in params:
             self._step_one(p, grads.pop(p))
+        for hook in list(_global_optimizer_post_hooks.values()):  # as torch's own step: trackers see the state
+            hook(self, (), {})
         return loss
 
     def _step_one(self, p: torch.Tensor, grad: torch.Tensor) -> None:
@@ -147,6 +146,8 @@ class PrecisionOptimizer(torch.optim.Optimizer):
         for k in self._moments(p):
             state[k] = state[k].float()
         low = p.data
+        if self.master_weights and stored != torch.float32 and p not in self.master:
+            self.master[p] = low.float()  # made when the parameter first trains, like the optimizer's state
         p.data = self.master[p] if p in self.master else low.float()
         p.grad = grad.float()
         try:
@@ -165,8 +166,9 @@ class PrecisionOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         out = self.optimizer.state_dict()
+        params = self._params()
         out["precision"] = {"rng": self.generator.get_state(),
-                            "master": [self.master[p] for p in self._params() if p in self.master]}
+                            "master": {str(i): self.master[p] for i, p in enumerate(params) if p in self.master}}
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -180,10 +182,23 @@ class PrecisionOptimizer(torch.optim.Optimizer):
             st = self.optimizer.state[params[int(pid)]]
             if st[k].dtype != value.dtype:
                 st[k] = value.to(st[k].device, copy=True)
-        for p, saved in zip([p for p in params if p in self.master], extra.get("master", [])):
-            self.master[p].copy_(saved)
+        self.master = {params[int(i)]: saved.float().clone() for i, saved in extra.get("master", {}).items()}
         if "rng" in extra:
             self.generator.set_state(extra["rng"])
+
+
+class _StateView(dict):
+    """`PrecisionOptimizer.state` with master weights: the inner state plus each `master`; `pop` frees both."""
+
+    def __init__(self, owner: PrecisionOptimizer) -> None:
+        super().__init__({p: dict(st) for p, st in owner.optimizer.state.items()})
+        for p, m in owner.master.items():
+            self.setdefault(p, {})["master"] = m
+        self.owner = owner
+
+    def pop(self, p, default=None):
+        self.owner.master.pop(p, None)
+        return self.owner.optimizer.state.pop(p, default)
 
 
 def wrap_for_precision(optimizer: torch.optim.Optimizer, *, master_weights: bool, true_low: bool,
@@ -225,15 +240,16 @@ class PrecisionTechnique(OptimizerTechnique):
     def transform_spec(self, spec: RunSpec) -> RunSpec:
         inner = self.inner.transform_spec(self._state_view(spec))
         transients = inner.extra.get("optimizer_step_transients")
-        largest = max((p.numel for p in spec.model.trainable), default=0)
+        n = max((p.numel for p in spec.model.trainable), default=0)
         if transients is None:  # torch-style: two of the fp32 parameter's size
-            transients = 2 * F32 * largest
-        # one parameter's fp32 grad copy, and its fp32 weight copy unless it is the master
-        transients += F32 * largest * (1 if self.master_weights or not self.true_low else 2)
-        if self.true_low and not self.master_weights and spec.policy.storage == "fp16":
-            transients += FP16_ROUNDING_BYTES * largest  # both fp16 neighbours, their gap and the draw
-        if self.state_dtype:  # the moments upcast for the step beside their stored copies
-            transients += 2 * (F32 - DTYPE_BYTES[self.state_dtype]) * largest
+            transients = 2 * F32 * n
+        weight = 0 if self.master_weights or not self.true_low else F32 * n  # the upcast weight (not the master)
+        # the moments upcast for the step (stored again in state_dtype once the weight is rounded)
+        moments = 2 * (F32 - DTYPE_BYTES[self.state_dtype]) * n if self.state_dtype else 0
+        # while the inner optimizer steps: the fp32 weight and gradient beside its own transients; then, the
+        # gradient freed, the weight is rounded back (stochastic rounding's draws and bit patterns)
+        rounding = ROUNDING_BYTES.get(spec.policy.storage, 0) * n if self.true_low and not self.master_weights else 0
+        transients = moments + max(weight + F32 * n + transients, weight + rounding)
         return spec.with_(extra={**spec.extra, "optimizer_step_transients": transients})
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
