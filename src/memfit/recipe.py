@@ -151,7 +151,25 @@ class Recipe(_Strict):
                     raise ConfigError(f"step '{owner.name}' is its own optimizer: remove `optimizer: {t.name}` (and "
                                       f"its options) from the recipe and set lr / weight_decay under `step:`")
             built = [t for t in built if t.slot != "optimizer"]
-        return built
+        return [self._precision_optimizer(t) if t.slot == "optimizer" else t for t in built]
+
+    def _precision_optimizer(self, t: Technique) -> Technique:
+        """The optimizer run through `optim/precision.py` when weights are stored in 16 bits (master copy or
+        stochastic rounding) or its state takes another dtype (`state_dtype`)."""
+        policy = self.train.policy
+        state_dtype = getattr(t.config, "state_dtype", None)
+        master = self.train.master_weights == "fp32"
+        if getattr(t.config, "layerwise", False):
+            if master or state_dtype:
+                raise ConfigError(f"optimizer '{t.name}' updates inside backward (layer-wise), where memfit keeps "
+                                  f"no master copy or state_dtype; drop train.master_weights / state_dtype or use "
+                                  f"a whole-step optimizer (layerwise: false)")
+            return t  # 16-bit weights updated layer-wise round to nearest (LOMO: through an fp32 working copy)
+        if not policy.true_low and state_dtype is None:
+            return t
+        from memfit.optim.precision import PrecisionTechnique
+
+        return PrecisionTechnique(t, master_weights=master, true_low=policy.true_low)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -23,6 +23,7 @@ PRECISION_NAMES = ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 TECHNIQUES: dict[str, dict[str, Any]] = {
     # name: the recipe slots it sets (over a full fine-tune with AdamW)
     "adamw": {},
+    "adamw-master": {"train": {"master_weights": "fp32"}},
     "adamw-state-bf16": {"optimizer": {"name": "adamw", "state_dtype": "bf16"}},
     "adamw_8bit": {"optimizer": "adamw_8bit"},
     "galore": {"optimizer": {"name": "galore", "rank": 8}},
@@ -48,7 +49,9 @@ def matrix_recipe(technique: str, precision: str, data: Path, preset: str = "lla
                   "precision": precision, "num_threads": 1, **train},
         "optimizer": {"name": "adamw", "lr": 1e-3},
     }
-    recipe.update(copy.deepcopy(TECHNIQUES[technique]))
+    slots = copy.deepcopy(TECHNIQUES[technique])
+    recipe["train"].update(slots.pop("train", {}))
+    recipe.update(slots)
     if "step" in TECHNIQUES[technique]:
         recipe.pop("optimizer")
     return recipe

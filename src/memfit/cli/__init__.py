@@ -52,6 +52,8 @@ def train(
 def estimate(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: bytes of every category, their "
+                                 "sum, the predicted step peak, precision and model dtype."),
 ) -> None:
     """Predict peak memory by category for a recipe without training (the model is built on the meta device)."""
     from memfit.plan import estimate_recipe
@@ -59,6 +61,17 @@ def estimate(
     breakdown, peak = estimate_recipe(recipe, overrides or [])
     from memfit.memory.breakdown import CATEGORIES, format_bytes
     from rich.table import Table
+
+    if as_json:
+        import json
+
+        from memfit.recipe import load_recipe
+
+        rec = load_recipe(recipe, overrides or [])
+        print(json.dumps({"recipe": str(recipe), "precision": rec.train.precision, "model_dtype": rec.model_dtype,
+                          "categories": {c: getattr(breakdown, c) for c in CATEGORIES},
+                          "sum_of_category_peaks": breakdown.total, "step_peak": peak, "unit": "bytes"}, indent=2))
+        return
 
     table = Table(title=f"estimate for {recipe}")
     table.add_column("category")

@@ -8,6 +8,8 @@ low bits match other libraries' default AdamW (e.g. BAdam's reference)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from memfit.memory.breakdown import MemoryBreakdown
@@ -25,6 +27,7 @@ from memfit.techniques.base import Context, OptimizerTechnique
 
 class AdamWConfig(OptimizerConfig):
     fused: bool = True  # torch's fused kernel (no step temporaries, faster); false: the for-loop implementation
+    state_dtype: Literal["fp32", "bf16", "fp16"] | None = None  # moments stored in this dtype (optim/precision.py)
 
 
 class AdamWTechnique(OptimizerTechnique):
