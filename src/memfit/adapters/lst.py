@@ -123,6 +123,9 @@ class LadderSideModel(nn.Module):
 
 class LST(Technique):
     name = "lst"
+    plan_options = ({},)
+    needs_pretrained = True
+    plan_lr_scale = 10.0
     slot = "adapter"
     needs_gradients = True
     Config = LSTConfig

@@ -26,6 +26,7 @@ class AdamWTechnique(OptimizerTechnique):
     """`torch.optim.AdamW` (foreach off, so no hidden multi-tensor temporaries)."""
 
     name = "adamw"
+    plan_options = ({}, {"layerwise": True})
     Config = AdamWConfig
 
     def build_optimizer(self, ctx: Context) -> torch.optim.Optimizer:

@@ -23,17 +23,50 @@ def meta_model(recipe: Recipe) -> nn.Module:
         if recipe.model.preset is not None:
             vocab = getattr(recipe.data, "vocab_size", 32000)
             return transformers.LlamaForCausalLM(llama_config(recipe.model.preset, vocab, **recipe.model.overrides))
-        source, local = resolve_model_path(recipe.model.path)
-        config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
+        config = _config_file(recipe.model.path)
+        if config is None:
+            source, local = resolve_model_path(recipe.model.path)
+            config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
         if recipe.task != "causal_lm":
             config.num_labels = getattr(recipe.data, "num_labels", None) or 2
         return getattr(transformers, TASK_AUTO_CLASS[recipe.task]).from_config(config)
 
 
-def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tuple[MemoryBreakdown, int]:
-    """(per-category peaks, predicted tensor peak of a step) for a recipe."""
+def _config_file(path: str):
+    """The transformers config stored in a `config.json` file `path` (None when `path` is not one)."""
+    import json
+
+    import transformers
+
+    from memfit.errors import ModelError
+
+    file = Path(path).expanduser()
+    if not (file.is_file() and file.suffix == ".json"):
+        return None
+    fields = json.loads(file.read_text())
+    if "model_type" not in fields:
+        raise ModelError(f"{file} has no model_type; is it a transformers config.json?")
+    return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def spec_for(recipe: Recipe, model: nn.Module, precision: str | None = None):
+    """The run's `RunSpec` for `model`, at `precision` (default: the recipe's)."""
     from memfit.train.build import resolve_device, run_spec
 
+    if precision is not None and precision != recipe.train.precision:
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": precision})})
+    return run_spec(recipe, model, resolve_device(recipe.train.device))
+
+
+def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tuple[MemoryBreakdown, int]:
+    """(per-category peaks with `runtime` filled, predicted tensor peak of a step) for a recipe; the predicted
+    process peak is `peak + breakdown.runtime`."""
+    from memfit.memory.runtime import with_runtime
+
     recipe = load_recipe(source, list(overrides))
-    spec = run_spec(recipe, meta_model(recipe), resolve_device(recipe.train.device))
-    return estimate_step(spec, recipe.techniques())
+    spec = spec_for(recipe, meta_model(recipe))
+    techniques = recipe.techniques()
+    breakdown, peak = estimate_step(spec, techniques)
+    libraries = tuple(sorted({lib for t in techniques for lib in getattr(t, "libraries", ())}))
+    breakdown, _ = with_runtime(breakdown, peak, spec.extra.get("device", "cpu"), libraries)
+    return breakdown, peak
