@@ -47,12 +47,12 @@ def recipe(preset: str, batch: int, seq: int, plan: str, data_dir: Path, out_dir
             "optimizer": "adamw", **PLANS[plan]}
 
 
-def predict(rec: dict) -> tuple[int, int]:
-    """(tensor step peak, process peak) predicted on the meta device, in this process."""
+def predict(rec: dict):
+    """(breakdown with runtime, tensor step peak, process peak) predicted on the meta device, in this process."""
     from memfit.plan.meta import estimate_recipe
 
     breakdown, tensors = estimate_recipe(rec)
-    return tensors, tensors + breakdown.runtime
+    return breakdown, tensors, tensors + breakdown.runtime
 
 
 def measure(rec: dict, timeout: int = 300) -> dict:
@@ -74,14 +74,16 @@ def rows(opts) -> list[dict]:
     result = []
     for preset, batch, seq, plan in grid(opts.quick):
         rec = recipe(preset, batch, seq, plan, data_dir, out_dir)
-        tensors, process = predict(rec)
+        breakdown, tensors, process = predict(rec)
         t0 = time.perf_counter()
         got = measure(rec)
         result.append({"model": preset, "batch": batch, "seq": seq, "plan": plan,
                        "tensor_pred_mib": round(tensors / MiB, 1), "tensor_meas_mib": round(got["tensor"] / MiB, 1),
                        "process_pred_mib": round(process / MiB, 1), "process_meas_mib": round(got["hwm"] / MiB, 1),
                        "process_ratio": round(process / got["hwm"], 3),
-                       "runtime_meas_mib": round((got["hwm"] - got["tensor"]) / MiB, 1), "wall_s": round(time.perf_counter() - t0, 1)})
+                       "runtime_pred_mib": round(breakdown.runtime / MiB, 1),
+                       "runtime_meas_mib": round((got["hwm"] - got["tensor"]) / MiB, 1),
+                       "act_temp_pred_mib": round((breakdown.activations + breakdown.temporaries) / MiB, 1), "wall_s": round(time.perf_counter() - t0, 1)})
         record_partial(opts, {**result[-1], "workload": f"{preset} {batch}x{seq}", "method": plan})
     return result
 

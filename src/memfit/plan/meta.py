@@ -49,13 +49,14 @@ def _config_file(path: str):
     return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def spec_for(recipe: Recipe, model: nn.Module, precision: str | None = None):
-    """The run's `RunSpec` for `model`, at `precision` (default: the recipe's)."""
+def spec_for(recipe: Recipe, model: nn.Module, precision: str | None = None, device: torch.device | None = None):
+    """The run's `RunSpec` for `model`, at `precision` (default: the recipe's), on `device` (default: the
+    recipe's, resolved on this machine; pass one to plan for a device this machine lacks)."""
     from memfit.train.build import resolve_device, run_spec
 
     if precision is not None and precision != recipe.train.precision:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": precision})})
-    return run_spec(recipe, model, resolve_device(recipe.train.device))
+    return run_spec(recipe, model, device if device is not None else resolve_device(recipe.train.device))
 
 
 def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tuple[MemoryBreakdown, int]:
