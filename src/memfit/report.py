@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memfit.errors import RunDirError
-from memfit.memory.breakdown import CATEGORIES, MemoryBreakdown
+from memfit.memory.breakdown import TENSOR_CATEGORIES, MemoryBreakdown
 from memfit.progress import note
 from memfit.rundir import METRICS, read_log, write_text_atomic, writing
 
@@ -129,7 +129,7 @@ def plot_memory(summary: dict, path: Path) -> None:
     estimate = MemoryBreakdown.from_dict(summary["estimate"])
     run = summary.get("measured") or {}
     measured = MemoryBreakdown.from_dict(run.get("category_peaks") or run["peak"]) if run else None
-    cats = [c for c in CATEGORIES if getattr(estimate, c) or (measured and getattr(measured, c))]
+    cats = [c for c in TENSOR_CATEGORIES if getattr(estimate, c) or (measured and getattr(measured, c))]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = range(len(cats))
     ax.bar([x - 0.2 for x in xs], [getattr(estimate, c) / 2**20 for c in cats], 0.4, label="estimate")

@@ -301,7 +301,8 @@ def compute() -> dict[str, dict]:
         spec = _spec(shape, models[shape.model])
         try:
             breakdown, peak = estimate_step(spec, _techniques(shape, combo))
-            out[key] = {**breakdown.to_dict(), "step_peak": peak}
+            tensors = {k: v for k, v in breakdown.to_dict().items() if k != "runtime"}  # 0: tensors only
+            out[key] = {**tensors, "step_peak": peak}
         except Exception as exc:  # a refusal is behaviour too
             out[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     return out

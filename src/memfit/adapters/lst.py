@@ -67,6 +67,10 @@ class LadderSideModel(SideModel):
 
 class LST(SideTechnique):
     name = "lst"
+    plan_options = ({},)
+    needs_pretrained = True
+    plan_lr_scale = 10.0
+    needs_gradients = True
     Config = LSTConfig
     model_class = LadderSideModel
 

@@ -35,6 +35,7 @@ class AdamWTechnique(OptimizerTechnique):
     hold a copy of every parameter at once)."""
 
     name = "adamw"
+    plan_options = ({}, {"layerwise": True})
     Config = AdamWConfig
 
     def build_optimizer(self, ctx: Context) -> torch.optim.Optimizer:

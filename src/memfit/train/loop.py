@@ -21,6 +21,7 @@ from memfit import rundir
 from memfit.errors import RunDirError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import estimate_step
+from memfit.memory.runtime import with_runtime
 from memfit.memory.measure import MemoryMeter, MemoryReport, state_bytes
 from memfit.progress import Ticker, note
 from memfit.recipe import Recipe
@@ -105,6 +106,8 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
             par.barrier()  # every rank checked before rank 0 creates anything
     built = build_run(recipe, par=par)
     estimate, estimate_peak = estimate_step(built.spec, built.techniques)
+    libraries = tuple(sorted({lib for t in built.techniques for lib in t.libraries}))
+    estimate, _ = with_runtime(estimate, estimate_peak, built.device.type, libraries)
     state = _LoopState.new(built)
     if run_dir is not None:
         _open_run_dir(run_dir, built, state, resume)
