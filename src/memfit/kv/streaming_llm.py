@@ -51,8 +51,8 @@ class StreamingLLMLayer(PolicyLayer):
         if key_states.shape[-2] != 1 or self.stale is None:
             self._in_order()
             return super().update(key_states, value_states)
-        self.keys[:, :, self.stale] = key_states[:, :, 0]
-        self.values[:, :, self.stale] = value_states[:, :, 0]
+        self.keys.narrow(2, self.stale, 1).copy_(key_states)
+        self.values.narrow(2, self.stale, 1).copy_(value_states)
         self.seen += 1
         ring = self.budget + 1 - self.sinks
         self.stale = self.sinks + (self.stale + 1 - self.sinks) % ring
