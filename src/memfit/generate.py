@@ -20,13 +20,15 @@ from torch import nn
 from memfit.compat import cache_keyword, fail
 from memfit.errors import ConfigError, ModelError
 from memfit.kv.base import KVPolicy, PolicyCache, attn_implementation
+from memfit.kv.budget import parse_size, tokens_for_bytes
 from memfit.kv.peak import auto_chunk, decode_peak, prefill_peak
 from memfit.kv.prefill import chunked_prefill
 from memfit.memory.breakdown import MemoryBreakdown, format_bytes
 from memfit.memory.measure import MemoryMeter, MemoryReport
 from memfit.memory.spec import RunSpec, dtype_name
 
-BUDGETED = ("streaming_llm", "h2o", "snapkv", "keyformer", "pyramid")
+BUDGETED = ("streaming_llm", "h2o", "snapkv", "keyformer", "pyramid")  # need a budget
+OPTIONAL_BUDGET = ("kivi",)  # take one if given
 
 
 @dataclass
@@ -113,10 +115,15 @@ def load_causal_lm(ref: str | Path, attn: str = "sdpa") -> tuple[nn.Module, Any]
 
 
 def resolve_budget(budget: float | str | None, prompt_tokens: int) -> int | None:
-    """Tokens per layer and head from `256`, `"256"` or `"20%"` (of the prompt); `ConfigError` unless > 0."""
+    """Tokens per layer and head from `256`, `"256"` or `"20%"` (of the prompt); `ConfigError` unless > 0. A size
+    (`"64MiB"`) is resolved against the model by `resolve_kv_budget`."""
     if budget is None:
         return None
     text = str(budget).strip()
+    if parse_size(text) is not None:
+        if parse_size(text) <= 0:
+            raise ConfigError(f"--kv-budget must be > 0, got {text}")
+        return None
     try:
         if text.endswith("%"):
             share = float(text[:-1])
@@ -125,11 +132,22 @@ def resolve_budget(budget: float | str | None, prompt_tokens: int) -> int | None
             return max(1, round(prompt_tokens * share / 100))
         value = float(text)
     except ValueError:
-        raise ConfigError(f"--kv-budget must be a token count (e.g. 256) or a share of the prompt (e.g. 20%), "
-                          f"got '{text}'") from None
+        raise ConfigError(f"--kv-budget must be a token count (e.g. 256), a share of the prompt (e.g. 20%) or a "
+                          f"size in bytes (e.g. 64MiB), got '{text}'") from None
     if value <= 0 or value != int(value):
         raise ConfigError(f"--kv-budget must be a positive whole number of tokens, got {text}")
     return int(value)
+
+
+def resolve_kv_budget(kv: str | dict | KVPolicy | None, budget: int | str | None, options: dict[str, Any],
+                      spec: RunSpec) -> int | None:
+    """Tokens per layer and head: as `resolve_budget`, or for a size in bytes the most tokens whose cache (by the
+    policy's estimate, at its fullest) fits in it (`memfit.kv.budget.tokens_for_bytes`)."""
+    nbytes = parse_size(str(budget)) if budget is not None else None
+    if nbytes is None:
+        return resolve_budget(budget, spec.seq)
+    name = kv.name if isinstance(kv, KVPolicy) else (kv or "full") if not isinstance(kv, dict) else kv["name"]
+    return tokens_for_bytes(lambda b: build_kv_policy(kv, b, **options), spec, nbytes, name)
 
 
 def build_kv_policy(kv: str | dict | KVPolicy | None, budget: int | None = None, **options: Any) -> KVPolicy:
@@ -147,8 +165,9 @@ def build_kv_policy(kv: str | dict | KVPolicy | None, budget: int | None = None,
     name = spec["name"]
     if name in BUDGETED and "budget" not in spec:
         raise ConfigError(f"KV policy '{name}' needs a budget: add --kv-budget N (tokens) or --kv-budget 20%")
-    if name not in BUDGETED and "budget" in spec:
-        raise ConfigError(f"KV policy '{name}' takes no budget; budgets apply to: {', '.join(BUDGETED)}")
+    if name not in BUDGETED + OPTIONAL_BUDGET and "budget" in spec:
+        raise ConfigError(f"KV policy '{name}' takes no budget; budgets apply to: "
+                          f"{', '.join(BUDGETED + OPTIONAL_BUDGET)}")
     return build_policy(**spec)
 
 
@@ -194,13 +213,13 @@ def generate(model: str | Path | nn.Module, prompt: str | torch.Tensor, max_new_
     impl = attn_implementation(lm)  # an in-memory model under --attn auto keeps its own
     input_ids = _encode(prompt, tokenizer)
     prompt_tokens = input_ids.shape[1]
-    policy = build_kv_policy(kv, resolve_budget(kv_budget, prompt_tokens), **(kv_options or {}))
+    spec = RunSpec.from_model(lm, batch=1, seq=prompt_tokens, compute_dtype=dtype_name(_dtype_of(lm)), attn_impl=impl)
+    policy = build_kv_policy(kv, resolve_kv_budget(kv, kv_budget, kv_options or {}, spec), **(kv_options or {}))
     if weights or quantize_embeddings:
         _apply_weights(lm, weights, input_ids, quantize_embeddings)
     input_ids = input_ids.to(next(lm.parameters()).device)
     settings = _generation_kwargs(input_ids, tokenizer, max_new_tokens, do_sample, temperature, top_k)
 
-    spec = RunSpec.from_model(lm, batch=1, seq=prompt_tokens, compute_dtype=dtype_name(_dtype_of(lm)), attn_impl=impl)
     chunk = choose_prefill_chunk(policy, spec, prefill_chunk, impl)
     meters = {phase: MemoryMeter(lm, device=input_ids.device) for phase in ("prefill", "decode")}
     measured = _run(lm, policy, input_ids, chunk, settings, seed, meters)
@@ -242,10 +261,20 @@ def _result(lm: nn.Module, tokenizer: Any, policy: KVPolicy, prompt_tokens: int,
     estimates = {"prefill": prefill_peak(policy, spec, prompt_tokens - 1, chunk, spec.attn_impl),
                  "decode": decode_peak(policy, spec, seen, spec.attn_impl)}
     return GenerateResult(text=text, prompt_tokens=prompt_tokens, new_tokens=int(new_ids.numel()), memory=memory,
-                          kv_estimate=policy.kv_bytes(spec.with_(seq=seen)), report=report,
+                          kv_estimate=_kv_estimate(policy, spec, prompt_tokens, chunk, seen), report=report,
                           seconds=timed.prefill_seconds + timed.decode_seconds, policy=policy.name,
                           prefill_seconds=timed.prefill_seconds, decode_seconds=timed.decode_seconds, options=options,
                           prefill_chunk=chunk, peaks=peaks, peak_estimates={k: estimates[k] for k in peaks})
+
+
+def _kv_estimate(policy: KVPolicy, spec: RunSpec, prompt_tokens: int, chunk: int | None, seen: int) -> int:
+    """The most the cache holds after any forward of the run (what `kv_peak` measures): after each prefill chunk of
+    the first `prompt_tokens - 1` tokens, then after every decode step (KIVI's bytes drop when a group is packed,
+    so the last count is not always the fullest)."""
+    prefill = prompt_tokens - 1
+    step = chunk or max(prefill, 1)
+    counts = [*range(step, prefill, step), prefill, *range(prompt_tokens, seen + 1)]
+    return max(policy.kv_bytes(spec, tokens=t) for t in counts if t > 0)
 
 
 def _check_policy(kv: str | dict | KVPolicy | None, kv_budget: int | str | None, kv_options: dict | None,
