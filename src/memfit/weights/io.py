@@ -57,7 +57,10 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike) -> Path:
 def _entry(m: QuantLinear, tied_to: str | None) -> dict:
     entry = {"fmt": m.fmt, "group_size": m.group_size, "in_features": m.in_features,
              "out_features": m.out_features, "bias": m.bias is not None, "awq": m.in_scale is not None,
-             "trainable_scale": m.scale_param() is not None and m.scale_param().requires_grad}
+             "trainable_scale": m.scale_param() is not None and m.scale_param().requires_grad,
+             "compute_dtype": str(m.compute_dtype).removeprefix("torch.")}
+    if m.format.variable_size:
+        entry["shapes"] = {name: list(t.shape) for name, t in m.tensors().items()}
     if isinstance(m, QuantEmbedding):
         entry.update(kind="embedding", padding_idx=m.padding_idx, embed_scale=m.embed_scale)
     if tied_to is not None:
@@ -68,9 +71,9 @@ def _entry(m: QuantLinear, tied_to: str | None) -> dict:
 def _module(m: dict) -> QuantLinear:
     if m.get("kind") == "embedding":
         return QuantEmbedding(m["out_features"], m["in_features"], m["fmt"], m["group_size"], m["padding_idx"],
-                              m["embed_scale"], device="meta")
+                              m["embed_scale"], device="meta", shapes=m.get("shapes"))
     return QuantLinear(m["in_features"], m["out_features"], m["fmt"], m["group_size"], bias=m["bias"],
-                       in_scale=m["awq"], device="meta")
+                       in_scale=m["awq"], device="meta", shapes=m.get("shapes"))
 
 
 def meta_model(config) -> nn.Module:
@@ -120,6 +123,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
         except AttributeError:
             raise CheckpointError(f"checkpoint module '{name}' does not exist in the model") from None
         q = _module(m)
+        q.compute_dtype = getattr(torch, m.get("compute_dtype", "float32"))
         if m.get("trainable_scale"):
             q.make_scale_trainable()
         set_submodule(model, name, q)

@@ -1,6 +1,7 @@
 """Decoding speed of memfit's weight formats against the reference packages' (issue 15 item 1; issue 16 item 7).
 
-Part of `memfit bench speed` (techniques `int8_decode`, `nf4_decode`, `int4_decode`). One process, one model (the
+Part of `memfit bench speed` (techniques `int8_decode`, `int8_embed_decode` — memfit with the embedding and head
+in int8 too; torchao quantizes the head, not the embedding —, `nf4_decode`, `int4_decode`). One process, one model (the
 speed suite's shape, random weights: speed does not depend on training), one prompt; every variant is its own
 copy of the same fp32 model, quantized by its package: memfit's `apply_weights` (linears only, and with the
 embedding and head too), torchao's `Int8WeightOnlyConfig` (`quantize_`), bitsandbytes' `Linear8bitLt` /
@@ -73,8 +74,10 @@ def _bnb(kind: str) -> Callable[[nn.Module], nn.Module]:
 
 COMPARISONS: dict[str, tuple[Callable[[nn.Module], nn.Module], dict[str, Callable[[nn.Module], nn.Module]]]] = {
     "int8_decode": (_memfit("int8"), {"fp32 (transformers)": lambda m: m, "torchao int8 weight-only": _torchao_int8,
-                                      "bitsandbytes Linear8bitLt": _bnb("int8"),
-                                      "memfit int8 + embeddings": _memfit("int8", embeddings=True)}),
+                                      "bitsandbytes Linear8bitLt": _bnb("int8")}),
+    "int8_embed_decode": (_memfit("int8", embeddings=True), {
+        "fp32 (transformers)": lambda m: m, "torchao int8 weight-only": _torchao_int8,
+        "bitsandbytes Linear8bitLt": _bnb("int8")}),
     "nf4_decode": (_memfit("nf4"), {"fp32 (transformers)": lambda m: m, "bitsandbytes Linear4bit nf4": _bnb("nf4")}),
     "int4_decode": (_memfit("int4"), {"fp32 (transformers)": lambda m: m}),
 }
