@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from memfit.errors import CheckpointError, ModelError
+from memfit.errors import CheckpointError, ConfigError, ModelError
 from memfit.weights.embedding import QuantEmbedding, shared_tensors
+from memfit.weights.format import get_format
 from memfit.weights.linear import QuantLinear, quantized_modules, set_submodule
 
 QUANT_FILE = "quantization.json"
@@ -59,8 +60,7 @@ def _entry(m: QuantLinear, tied_to: str | None) -> dict:
              "out_features": m.out_features, "bias": m.bias is not None, "awq": m.in_scale is not None,
              "trainable_scale": m.scale_param() is not None and m.scale_param().requires_grad,
              "compute_dtype": str(m.compute_dtype).removeprefix("torch.")}
-    if m.format.variable_size:
-        entry["shapes"] = {name: list(t.shape) for name, t in m.tensors().items()}
+    entry["shapes"] = {name: list(t.shape) for name, t in m.tensors().items()}
     if isinstance(m, QuantEmbedding):
         entry.update(kind="embedding", padding_idx=m.padding_idx, embed_scale=m.embed_scale)
     if tied_to is not None:
@@ -107,12 +107,47 @@ def materialize_meta_buffers(model: nn.Module, device: torch.device | str = "cpu
             raise ModelError(f"cannot rebuild buffer of '{name}' ({type(mod).__name__}) on {device}")
 
 
-def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Load a checkpoint written by `save_quantized`. Without `model`, the architecture comes from config.json."""
+def _stack_prefix(modules: dict[str, dict], stack: int | None) -> dict[str, int]:
+    """{stored tensor name: entries to read} for the stacked tensors of formats stored by importance."""
+    if stack is None:
+        return {}
+    if stack < 1:
+        raise ConfigError(f"stack must be ≥ 1 (blocks to load), got {stack}")
+    keep = {}
+    for name, m in modules.items():
+        for key in get_format(m["fmt"]).stacked:
+            keep[f"{name}.{key}"] = stack
+            m.setdefault("shapes", {})
+            if key in m["shapes"]:
+                m["shapes"][key][0] = min(stack, m["shapes"][key][0])
+    if not keep:
+        raise ConfigError("stack= applies to formats stored as stacks of blocks (bitstack); this checkpoint has none")
+    return keep
+
+
+def _read(path: Path, prefix: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors; of a stacked tensor only its first `prefix[name]` entries are read."""
+    if not prefix:
+        return load_file(str(path))
+    from safetensors import safe_open
+
+    state = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            state[key] = f.get_slice(key)[: prefix[key]] if key in prefix else f.get_tensor(key)
+    return state
+
+
+def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None, stack: int | None = None
+                   ) -> nn.Module:
+    """Load a checkpoint written by `save_quantized`. Without `model`, the architecture comes from config.json.
+    `stack=k`: of a format stored as a stack of blocks (BitStack), read only the first k blocks of each layer —
+    the size is chosen here, at load time."""
     directory = Path(directory)
     if not (directory / WEIGHTS_FILE).exists():
         raise CheckpointError(f"no {WEIGHTS_FILE} in {directory}; write one with memfit.weights.save_quantized")
     modules = json.loads((directory / QUANT_FILE).read_text())["modules"] if (directory / QUANT_FILE).exists() else {}
+    prefix = _stack_prefix(modules, stack)
     if model is None:
         from transformers import AutoConfig
 
@@ -127,7 +162,7 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None)
         if m.get("trainable_scale"):
             q.make_scale_trainable()
         set_submodule(model, name, q)
-    state = load_file(str(directory / WEIGHTS_FILE))
+    state = _read(directory / WEIGHTS_FILE, prefix)
     _missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise CheckpointError(f"checkpoint has tensors the model lacks: {unexpected[:5]}")

@@ -23,15 +23,8 @@ from torch import nn
 
 from memfit.bench.harness import BenchOptions, record_partial
 
-VOCAB = 8192
+VOCAB = 8192  # the speed suite's vocabulary
 PROMPT = 32
-
-
-def _model(quick: bool) -> nn.Module:
-    from memfit.bench.suites.speed import MODEL, PRESET, QUICK_MODEL
-    from memfit.models import build_llama
-
-    return build_llama(PRESET, VOCAB, seed=0, **(QUICK_MODEL if quick else MODEL)).eval()
 
 
 def _memfit(fmt: str, embeddings: bool = False) -> Callable[[nn.Module], nn.Module]:
@@ -97,9 +90,9 @@ def _generate(model: nn.Module, ids: torch.Tensor, new: int) -> float:
     return time.perf_counter() - t0
 
 
-def compare(technique: str, opts: BenchOptions) -> list[dict]:
+def compare(technique: str, opts: BenchOptions, model: Callable[[bool], nn.Module]) -> list[dict]:
     mine_build, refs = COMPARISONS[technique]
-    base = _model(opts.quick)
+    base = model(opts.quick).eval()
     variants: dict[str, nn.Module] = {"memfit": mine_build(copy.deepcopy(base))}
     rows: list[dict] = []
     for name, build in refs.items():
@@ -130,13 +123,14 @@ def compare(technique: str, opts: BenchOptions) -> list[dict]:
     return rows
 
 
-def run(opts: BenchOptions) -> list[dict]:
+def run(opts: BenchOptions, model: Callable[[bool], nn.Module]) -> list[dict]:
+    """The decode rows on `model(quick)` (the speed suite's model, random weights)."""
     rows = []
     for technique in COMPARISONS:
         if not opts.wants(technique):
             continue
         t0 = time.perf_counter()
-        for row in compare(technique, opts):
+        for row in compare(technique, opts, model):
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             record_partial(opts, {"workload": "speed", "method": f"{technique} vs {row['reference']}", **row})
             rows.append(row)
