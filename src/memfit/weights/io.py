@@ -76,6 +76,37 @@ def _module(m: dict) -> QuantLinear:
                        in_scale=m["awq"], device="meta", shapes=m.get("shapes"))
 
 
+def quantized_skeleton(model: nn.Module, modules: dict[str, dict]) -> None:
+    """Swap in the empty (meta) quantized modules a checkpoint's `quantization.json` lists, in place."""
+    for name, m in modules.items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"checkpoint module '{name}' does not exist in the model") from None
+        q = _module(m)
+        q.compute_dtype = getattr(torch, m.get("compute_dtype", "float32"))
+        if m.get("trainable_scale"):
+            q.make_scale_trainable()
+        set_submodule(model, name, q)
+
+
+def own_and_tie(model: nn.Module, modules: dict[str, dict]) -> None:
+    """After `load_state_dict(assign=True)`: quantized tensors become own, aligned copies (not views into the
+    file's buffer: kernels need alignment), a quantized tied head shares its embedding's stored tensors, and
+    dense tied weights are tied by transformers."""
+    for name in modules:
+        q = model.get_submodule(name)
+        q.load_tensors(q.tensors())
+    for name, m in modules.items():
+        if "tied_to" in m:
+            head, owner = model.get_submodule(name), model.get_submodule(m["tied_to"])
+            for key in head.tensors():
+                head._parameters[key] = owner._parameters[key]
+    embeddings_quantized = any(m.get("kind") == "embedding" for m in modules.values())
+    if hasattr(model, "tie_weights") and not embeddings_quantized:  # (transformers ties dense tensors only)
+        model.tie_weights()
+
+
 def meta_model(config) -> nn.Module:
     """The transformers model of `config` (its first `architectures` entry) built on the meta device."""
     import transformers
@@ -152,31 +183,12 @@ def load_quantized(directory: str | os.PathLike, model: nn.Module | None = None,
         from transformers import AutoConfig
 
         model = meta_model(AutoConfig.from_pretrained(directory))
-    for name, m in modules.items():
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"checkpoint module '{name}' does not exist in the model") from None
-        q = _module(m)
-        q.compute_dtype = getattr(torch, m.get("compute_dtype", "float32"))
-        if m.get("trainable_scale"):
-            q.make_scale_trainable()
-        set_submodule(model, name, q)
+    quantized_skeleton(model, modules)
     state = _read(directory / WEIGHTS_FILE, prefix)
     _missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise CheckpointError(f"checkpoint has tensors the model lacks: {unexpected[:5]}")
-    for name in modules:  # own, aligned copies, not views into the file's buffer (kernels need alignment)
-        q = model.get_submodule(name)
-        q.load_tensors(q.tensors())
-    ties = {name: m["tied_to"] for name, m in modules.items() if "tied_to" in m}
-    for name, source in ties.items():  # a quantized tied head shares its embedding's stored tensors
-        head, owner = model.get_submodule(name), model.get_submodule(source)
-        for key in head.tensors():
-            head._parameters[key] = owner._parameters[key]
-    embeddings_quantized = any(m.get("kind") == "embedding" for m in modules.values())
-    if hasattr(model, "tie_weights") and not embeddings_quantized:  # (transformers ties dense tensors only)
-        model.tie_weights()
+    own_and_tie(model, modules)
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise CheckpointError(f"checkpoint lacks tensors for: {still_meta[:5]}")
