@@ -10,7 +10,11 @@ Sections (rows):
 - `stream`: a llama-20m-shaped model (random weights; memory does not depend on training) saved as safetensors and
   generating 16 tokens, each mode in a fresh subprocess: transformers' in-memory `from_pretrained` vs
   `StreamedModel` (window 1/2/4) vs an int4 checkpoint streamed; process peak (VmHWM) above the pre-load RSS,
-  resident weight bytes counted by the streamer, tokens/s, and token-for-token equality with in-memory.
+  resident weight bytes counted by the streamer, tokens/s, and token-for-token equality with in-memory. With a
+  budget (the non-layer weights + half or a quarter of the layers + the window of 2), as many first layers as fit
+  stay resident and the rest stream.
+- `encoder`: SST-2 accuracy / CoNLL F1 per weight format (`weights_encoder.py`; needs MEMFIT_CLS_RUN /
+  MEMFIT_NER_RUN).
 """
 
 from __future__ import annotations
@@ -234,6 +238,10 @@ def stream_rows(opts: BenchOptions) -> list[dict]:
         dense_dir, q_dir = Path(tmp) / "dense", Path(tmp) / "int4"
         model = build_llama(preset, vocab, seed=0).eval()
         total = weight_bytes(model)
+        layers = [weight_bytes(layer) for layer in model.model.layers]
+        static = total - sum(layers)
+        budgets = {f"stream budget {k}/{len(layers)} layers resident w=2": static + sum(layers[:k]) + 2 * max(layers)
+                   for k in (len(layers) // 2, len(layers) // 4)}
         model.save_pretrained(dense_dir)
         apply_weights(model, "int4", group_size=64)
         q_total = weight_bytes(model)
@@ -243,15 +251,14 @@ def stream_rows(opts: BenchOptions) -> list[dict]:
                  ("stream w=1", "stream", dense_dir, 1, total),
                  ("stream w=2", "stream", dense_dir, 2, total),
                  ("stream w=4", "stream", dense_dir, 4, total),
-                 ("stream budget 75% w=2", "stream", dense_dir, 2, total),
-                 ("stream budget 50% w=2", "stream", dense_dir, 2, total),
+                 *[(method, "stream", dense_dir, 2, total) for method in budgets],
                  ("int4 in-memory", "memory-quantized", q_dir, None, q_total),
                  ("int4 stream w=2", "stream", q_dir, 2, q_total)]
         refs: dict[str, dict] = {}  # in-memory result per checkpoint: what streaming must reproduce
         for method, mode, path, window, wbytes in modes:
             if not opts.wants(method):
                 continue
-            budget = int(total * int(method.split("budget ")[1].split("%")[0]) / 100) if "budget" in method else None
+            budget = budgets.get(method)
             res = _run_child({"mode": mode, "dir": str(path), "window": window, "vocab": vocab, "prompt": 32,
                               "new": new, "budget": budget})
             if mode != "stream":
@@ -272,8 +279,11 @@ def stream_rows(opts: BenchOptions) -> list[dict]:
 
 def run(opts: BenchOptions) -> list[dict]:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    from memfit.bench.suites import weights_encoder
+
     rows = format_rows(opts)
     rows += stream_rows(opts)
+    rows += weights_encoder.rows(opts)
     return rows
 
 
