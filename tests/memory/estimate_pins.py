@@ -181,7 +181,8 @@ ACTIVATIONS = [
     ([{"name": "wta_crs", "budget": 0.1}, {"name": "chunked_ce", "chunk_size": 64}], "llama"),
 ]
 WEIGHTS = ["int8", {"name": "int4", "group_size": 32}, "nf4", {"name": "nf4", "group_size": 0}, "awq",
-           {"name": "awq", "bits": 3, "group_size": 32}]
+           {"name": "awq", "bits": 3, "group_size": 32}, {"name": "int8", "embeddings": True},
+           {"name": "nf4", "embeddings": True}, "dfloat11", {"name": "bitstack", "blocks": 2, "rank": 4}]
 ADAPTERS = [
     {"name": "lora", "r": 4},
     {"name": "lora", "r": 2, "target": ["q_proj", "v_proj"]},

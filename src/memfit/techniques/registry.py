@@ -18,6 +18,8 @@ SLOTS: dict[str, dict[str, str]] = {
         "int8": "memfit.weights.int8:Int8Weights",
         "int4": "memfit.weights.int4:Int4Weights",
         "nf4": "memfit.weights.nf4:NF4Weights",
+        "dfloat11": "memfit.weights.dfloat11:DFloat11Weights",
+        "bitstack": "memfit.weights.bitstack:BitStackWeights",
         "awq": "memfit.weights.awq:AWQWeights",
     },
     "adapter": {

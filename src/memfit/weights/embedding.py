@@ -34,8 +34,9 @@ class QuantEmbedding(QuantLinear):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str | WeightFormat,
                  group_size: int | None = None, padding_idx: int | None = None, embed_scale: float | None = None,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__(embedding_dim, num_embeddings, fmt, group_size, device=device)
+                 device: torch.device | str | None = None, shapes: dict[str, tuple[int, ...]] | None = None
+                 ) -> None:
+        super().__init__(embedding_dim, num_embeddings, fmt, group_size, device=device, shapes=shapes)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.embed_scale = embed_scale
 
@@ -67,7 +68,7 @@ class QuantEmbedding(QuantLinear):
 def tied_head(embedding: QuantEmbedding, bias: bool = False) -> QuantLinear:
     """A `QuantLinear` output layer that shares `embedding`'s stored tensors (a tied LM head)."""
     head = QuantLinear(embedding.in_features, embedding.out_features, embedding.format, embedding.group_size,
-                       bias=bias, device="meta")
+                       bias=bias, device="meta", shapes={k: v.shape for k, v in embedding.tensors().items()})
     for name in head.tensors():
         head._parameters[name] = embedding._parameters[name]
     if bias:

@@ -44,6 +44,12 @@ class WeightFormat:
     """The stored per-group float scale a method may train (PEQA), or None."""
     untrainable_scale: ClassVar[str] = "this format has no per-group float scale to train"
     """Why `scale_name` is None, for the error a method that trains scales raises."""
+    stacked: ClassVar[tuple[str, ...]] = ()
+    """Stored tensors stacked along their first dimension by importance (BitStack): any prefix is a weight, so
+    `load_quantized(dir, stack=k)` reads only the first k entries."""
+    variable_size: ClassVar[bool] = False
+    """True when the stored sizes depend on the weight's values (entropy coding): `layout` and `storage_bytes`
+    then predict them, and the stored shapes travel with checkpoints."""
 
     def effective_group(self, in_features: int, group_size: int | None) -> int:
         """The group size used for a weight with `in_features` columns (`ConfigError` if the format refuses it)."""

@@ -62,7 +62,8 @@ class QuantLinear(nn.Module):
     decode, then `F.linear` (the reference the kernels are tested against)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str | WeightFormat, group_size: int | None = None,
-                 bias: bool = False, in_scale: bool = False, device: torch.device | str | None = None) -> None:
+                 bias: bool = False, in_scale: bool = False, device: torch.device | str | None = None,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> None:
         super().__init__()
         self.format = get_format(fmt)
         self.fmt = self.format.name
@@ -71,7 +72,9 @@ class QuantLinear(nn.Module):
         layout = self.format.layout(out_features, in_features, group_size)
         self.group_size, self.padded_in = layout.group_size, layout.padded_in
         self._tensor_names = tuple(layout.tensors)
+        shapes = shapes or {}  # a data-dependent format's stored shapes (from a checkpoint)
         for name, (shape, dtype) in layout.tensors.items():
+            shape = tuple(shapes.get(name, shape))
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device),
                                                        requires_grad=False))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
@@ -100,8 +103,10 @@ class QuantLinear(nn.Module):
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
         for name, value in t.items():
             param = getattr(self, name)
+            # a data-dependent format (entropy-coded) stores tensors whose size the layout only predicts
+            shape = value.shape if self.format.variable_size else param.shape
             # clone: a slice of a padded buffer would keep the whole padded storage alive
-            param.data = value.to(device=param.device, dtype=param.dtype).reshape(param.shape).clone()
+            param.data = value.to(device=param.device, dtype=param.dtype).reshape(shape).clone()
 
     def scale_param(self) -> torch.Tensor | None:
         """The per-group float scale (int8/int4/int3), the tensor PEQA trains; None where the format has none."""

@@ -1,6 +1,7 @@
 """Decoding speed of memfit's weight formats against the reference packages' (issue 15 item 1; issue 16 item 7).
 
-Part of `memfit bench speed` (techniques `int8_decode`, `nf4_decode`, `int4_decode`). One process, one model (the
+Part of `memfit bench speed` (techniques `int8_decode`, `int8_embed_decode` — memfit with the embedding and head
+in int8 too; torchao quantizes the head, not the embedding —, `nf4_decode`, `int4_decode`). One process, one model (the
 speed suite's shape, random weights: speed does not depend on training), one prompt; every variant is its own
 copy of the same fp32 model, quantized by its package: memfit's `apply_weights` (linears only, and with the
 embedding and head too), torchao's `Int8WeightOnlyConfig` (`quantize_`), bitsandbytes' `Linear8bitLt` /
@@ -22,15 +23,8 @@ from torch import nn
 
 from memfit.bench.harness import BenchOptions, record_partial
 
-VOCAB = 8192
+VOCAB = 8192  # the speed suite's vocabulary
 PROMPT = 32
-
-
-def _model(quick: bool) -> nn.Module:
-    from memfit.bench.workloads import SPEED_MODEL, SPEED_PRESET, SPEED_QUICK_MODEL
-    from memfit.models import build_llama
-
-    return build_llama(SPEED_PRESET, VOCAB, seed=0, **(SPEED_QUICK_MODEL if quick else SPEED_MODEL)).eval()
 
 
 def _memfit(fmt: str, embeddings: bool = False) -> Callable[[nn.Module], nn.Module]:
@@ -73,8 +67,10 @@ def _bnb(kind: str) -> Callable[[nn.Module], nn.Module]:
 
 COMPARISONS: dict[str, tuple[Callable[[nn.Module], nn.Module], dict[str, Callable[[nn.Module], nn.Module]]]] = {
     "int8_decode": (_memfit("int8"), {"fp32 (transformers)": lambda m: m, "torchao int8 weight-only": _torchao_int8,
-                                      "bitsandbytes Linear8bitLt": _bnb("int8"),
-                                      "memfit int8 + embeddings": _memfit("int8", embeddings=True)}),
+                                      "bitsandbytes Linear8bitLt": _bnb("int8")}),
+    "int8_embed_decode": (_memfit("int8", embeddings=True), {
+        "fp32 (transformers)": lambda m: m, "torchao int8 weight-only": _torchao_int8,
+        "bitsandbytes Linear8bitLt": _bnb("int8")}),
     "nf4_decode": (_memfit("nf4"), {"fp32 (transformers)": lambda m: m, "bitsandbytes Linear4bit nf4": _bnb("nf4")}),
     "int4_decode": (_memfit("int4"), {"fp32 (transformers)": lambda m: m}),
 }
@@ -94,9 +90,9 @@ def _generate(model: nn.Module, ids: torch.Tensor, new: int) -> float:
     return time.perf_counter() - t0
 
 
-def compare(technique: str, opts: BenchOptions) -> list[dict]:
+def compare(technique: str, opts: BenchOptions, model: Callable[[bool], nn.Module]) -> list[dict]:
     mine_build, refs = COMPARISONS[technique]
-    base = _model(opts.quick)
+    base = model(opts.quick).eval()
     variants: dict[str, nn.Module] = {"memfit": mine_build(copy.deepcopy(base))}
     rows: list[dict] = []
     for name, build in refs.items():
@@ -127,13 +123,14 @@ def compare(technique: str, opts: BenchOptions) -> list[dict]:
     return rows
 
 
-def run(opts: BenchOptions) -> list[dict]:
+def run(opts: BenchOptions, model: Callable[[bool], nn.Module]) -> list[dict]:
+    """The decode rows on `model(quick)` (the speed suite's model, random weights)."""
     rows = []
     for technique in COMPARISONS:
         if not opts.wants(technique):
             continue
         t0 = time.perf_counter()
-        for row in compare(technique, opts):
+        for row in compare(technique, opts, model):
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             record_partial(opts, {"workload": "speed", "method": f"{technique} vs {row['reference']}", **row})
             rows.append(row)

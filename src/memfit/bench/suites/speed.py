@@ -331,4 +331,4 @@ def run(opts: BenchOptions) -> list[dict]:
             rows.append(row)
     from memfit.bench.suites import decode_speed
 
-    return rows + decode_speed.run(opts)
+    return rows + decode_speed.run(opts, _model)
