@@ -39,7 +39,6 @@ from memfit.errors import ConfigError
 from memfit.memory.arch import parts
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Batch, Context, ForwardBackward, TechniqueConfig
-from memfit.zo.spsa import mix_seed
 
 INDEX_BYTES = 8  # int64 row indices
 
@@ -101,6 +100,11 @@ class WTALinearFn(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+def sample_seed(seed: int, call: int, layer: int) -> int:
+    """The sampling seed of one linear layer in one forward (stable across runs: exact resume)."""
+    return ((seed * 1_000_003 + call) * 1_000_003 + layer) % 2**62
+
+
 def kept_rows(tokens: int, budget: float) -> int:
     return min(tokens, max(1, math.ceil(budget * tokens)))
 
@@ -151,7 +155,7 @@ class WTACRS(lay.LayoutTechnique):
             if not (torch.is_grad_enabled() and module.training and module.weight.requires_grad):
                 return original(x)
             n = x.numel() // x.shape[-1]
-            gen = torch.Generator(device=x.device).manual_seed(mix_seed(self.seed, self.calls, index))
+            gen = torch.Generator(device=x.device).manual_seed(sample_seed(self.seed, self.calls, index))
             k = kept_rows(n, self.config.budget)
             self.sampled_bytes += k * (x.shape[-1] * _saved_dtype_bytes(x) + INDEX_BYTES)
             return WTALinearFn.apply(x, module.weight, module.bias, k, gen)

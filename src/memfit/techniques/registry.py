@@ -65,6 +65,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "zo-adam": "memfit.zo.zo_adam:ZOAdamStep",
         "forward-grad": "memfit.zo.forward_grad:ForwardGradStep",
         "zo-block": "memfit.zo.zo_block:ZOBlockStep",
+        "zo2": "memfit.zo.zo2:ZO2Step",
     },
     "kv": {
         "full": "memfit.kv.full:FullKV",
