@@ -347,16 +347,20 @@ class ZO2Step(ZOStepTechnique):
 
     # --- its memory story -----------------------------------------------------------------------------------
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
-        """Parameters: what is not in a block, plus one resident block; no gradients or state; activations: one
-        inference forward for each stream (the second stream's hidden states and logits alongside)."""
+        """Parameters: what is not in a block, plus one resident block; no gradients or state. Activations: the
+        doubled batch's ids and both streams' hidden states through one block's inference transients; at the
+        head, both streams' fp32 logits plus one half's loss (its log-probabilities and the loss's fp32 working
+        copy) — measured on Llama: exact at the head, which is the peak for vocabularies ≥ 8 × hidden."""
         blocks = [p for p in spec.model.params if _in_block(p.name)]
         per_block = sum(p.nbytes for p in blocks) // max(spec.model.n_layers, 1)
         params = sum(p.nbytes for p in spec.model.params) - sum(p.nbytes for p in blocks) + per_block
-        m = spec.model
+        m, t = spec.model, spec.tokens
         b = 4 if spec.compute_dtype == "fp32" else 2
-        second = spec.tokens * m.hidden * b + spec.tokens * m.vocab * 4
+        ids = 2 * t * 8
+        layers = inference_activation_bytes(spec) + t * m.hidden * b
+        head = 4 * t * m.vocab * 4 + 2 * t * m.hidden * b
         return base.with_(parameters=params, gradients=0, optimizer=0, temporaries=self.temporary_bytes(spec),
-                          activations=inference_activation_bytes(spec) + second)
+                          activations=ids + max(layers, head))
 
 
 def _in_block(name: str) -> bool:
