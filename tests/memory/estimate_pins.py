@@ -198,6 +198,8 @@ ADAPTERS = [
     {"name": "ist", "layers": 1, "r": 4},
     "lst",
     {"name": "lst", "reduction": 4, "train_head": True},
+    {"name": "slimfit", "freeze_ratio": 0.5},
+    {"name": "slimfit", "freeze_ratio": 0.5, "bits": None},
 ]
 STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}, "zo2"]
 KV = ["full", {"name": "streaming_llm", "budget": 32}, {"name": "h2o", "budget": 32},

@@ -31,6 +31,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "badam": "memfit.sampling.badam:BAdam",
         "ist": "memfit.sampling.ist:IST",
         "lst": "memfit.adapters.lst:LST",
+        "slimfit": "memfit.sampling.slimfit:SlimFit",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
