@@ -141,12 +141,12 @@ class SlimFit(LayerSampler):
         frozen = n - self.n_active(n)
         saved = layout.layer - lay.linear_inputs_bytes(spec) - frozen_norm_bytes(spec)
         bits = self.config.bits
-        scratch = saved + 2 * spec.tokens * spec.model.intermediate * lay.act_bytes(spec) if bits else 0
+        scratch = layout.layer + 2 * spec.tokens * spec.model.intermediate * lay.act_bytes(spec) if bits else 0
 
         def plan(i: int, p: lay.LayerPlan) -> lay.LayerPlan:
-            # which layers freeze changes every round; the estimate places the frozen ones at the bottom (their
-            # packed tensors then sit below the trained layers' in the backward walk)
-            if i >= frozen:
+            # which layers freeze changes every round; the estimate places the frozen ones at the top, where
+            # packing a layer's tensors in forward meets the most kept bytes below it (the worst placement)
+            if i < n - frozen:
                 return p
             return replace(p, saved=saved, bits=bits, pack_scratch=scratch)
 
