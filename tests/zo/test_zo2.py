@@ -88,3 +88,20 @@ def test_refuses_adapters_and_tied_heads():
     with pytest.raises(ConfigError, match="tied"):
         apply_techniques(Context(model=tied, spec=RunSpec.from_model(tied),
                                  techniques=[build_technique("step", "zo2")]))
+
+
+def test_checkpoint_round_trip_through_state_dict(tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    ref_model, _, _, _, _ = _run("mezo", 3)
+    model, spec, tech, _, _ = _run("zo2", 3, tmp_path / "a")
+    state = model.state_dict()
+    for name, value in ref_model.state_dict().items():
+        assert torch.equal(state[name], value), name
+    save_model(model, str(tmp_path / "model.safetensors"))
+    fresh = build_llama("llama-tiny", 256, seed=1, num_hidden_layers=LAYERS)
+    fresh_tech = build_technique("step", {"name": "zo2", "lr": 1e-3, "eps": 1e-3, "offload_dir": str(tmp_path / "b")})
+    apply_techniques(Context(model=fresh, spec=spec, techniques=[fresh_tech], seed=3))
+    load_model(fresh, str(tmp_path / "model.safetensors"), strict=False)
+    for name, value in ref_model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name

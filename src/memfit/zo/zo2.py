@@ -14,13 +14,15 @@ Exactness: the perturbations, their seeds, the fixed-point grid and the update a
 same order per parameter, so the losses and weights are bit-identical to in-memory MeZO with the same seed (tested).
 Every module with parameters runs the two streams separately (the two halves of a doubled batch), so no matmul
 sees a different batch shape than MeZO's. Scope: causal-LM loss objective, one perturbation (`n_spsa: 1`), one
-micro-batch per step; a checkpoint writes the in-memory model, so call `flush()` (done by `materialize`) first.
+micro-batch per step. Checkpoints work through the model's `state_dict` / `load_state_dict`: hooks on every
+block read it from (and write it to) the file, after applying pending updates.
 
     step: {name: zo2, lr: 1e-6, eps: 1e-3, offload_dir: /fast/disk/zo2}
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 import tempfile
@@ -252,7 +254,27 @@ class ZO2Step(ZOStepTechnique):
         self.loaded = -1
         for unit in self.units:
             self._wrap(unit)
+            unit.module._register_state_dict_hook(functools.partial(self._state_hook, unit))
+            if unit.index >= 0:
+                unit.module._register_load_state_dict_pre_hook(functools.partial(self._load_hook, unit))
         self.optimizer_: ZO2Optimizer | None = None
+
+    # --- checkpoints: the model's state_dict reads the blocks from the file, loading writes them there ----------
+    def _state_hook(self, unit: _Unit, module, state_dict, prefix, local_metadata) -> None:
+        if self.optimizer_ is not None:
+            with torch.no_grad():
+                self._upload(unit)
+                self.optimizer_.catch_up(unit)
+                self._writeback(unit)
+        if unit.index >= 0:
+            for k, view in self.store.views[unit.index].items():
+                state_dict[prefix + k] = torch.from_numpy(view.copy())
+
+    def _load_hook(self, unit: _Unit, state_dict, prefix, *args) -> None:
+        for k, view in self.store.views[unit.index].items():
+            if prefix + k in state_dict:
+                np.copyto(view, state_dict[prefix + k].detach().cpu().numpy())
+        self.loaded = -1  # the resident block no longer holds what `loaded` says
 
     def _wrap(self, unit: _Unit) -> None:
         original = unit.module.forward
