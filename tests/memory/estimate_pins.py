@@ -203,8 +203,10 @@ ADAPTERS = [
     {"name": "unipt", "reduction": 4, "train_head": True},
     "sherl",
     {"name": "sherl", "late": 1, "reduction": 4, "train_head": True},
+    {"name": "slimfit", "freeze_ratio": 0.5},
+    {"name": "slimfit", "freeze_ratio": 0.5, "bits": None},
 ]
-STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}]
+STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}, "zo2"]
 KV = ["full", {"name": "streaming_llm", "budget": 32}, {"name": "h2o", "budget": 32},
       {"name": "snapkv", "budget": 32}, {"name": "keyformer", "budget": 32}, {"name": "pyramid", "budget": 64},
       {"name": "kivi", "bits": 2}]

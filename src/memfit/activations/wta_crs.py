@@ -36,10 +36,8 @@ from memfit.activations import _common as c
 from memfit.activations import layout as lay
 from memfit.compat import fail
 from memfit.errors import ConfigError
-from memfit.memory.arch import parts
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Batch, Context, ForwardBackward, TechniqueConfig
-from memfit.zo.spsa import mix_seed
 
 INDEX_BYTES = 8  # int64 row indices
 
@@ -101,6 +99,11 @@ class WTALinearFn(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+def sample_seed(seed: int, call: int, layer: int) -> int:
+    """The sampling seed of one linear layer in one forward (stable across runs: exact resume)."""
+    return ((seed * 1_000_003 + call) * 1_000_003 + layer) % 2**62
+
+
 def kept_rows(tokens: int, budget: float) -> int:
     return min(tokens, max(1, math.ceil(budget * tokens)))
 
@@ -151,7 +154,7 @@ class WTACRS(lay.LayoutTechnique):
             if not (torch.is_grad_enabled() and module.training and module.weight.requires_grad):
                 return original(x)
             n = x.numel() // x.shape[-1]
-            gen = torch.Generator(device=x.device).manual_seed(mix_seed(self.seed, self.calls, index))
+            gen = torch.Generator(device=x.device).manual_seed(sample_seed(self.seed, self.calls, index))
             k = kept_rows(n, self.config.budget)
             self.sampled_bytes += k * (x.shape[-1] * _saved_dtype_bytes(x) + INDEX_BYTES)
             return WTALinearFn.apply(x, module.weight, module.bias, k, gen)
@@ -181,7 +184,7 @@ class WTACRS(lay.LayoutTechnique):
     def shape_layout(self, spec: RunSpec, layout: lay.ActivationLayout) -> lay.ActivationLayout:
         """Each layer keeps its saved tensors minus what only its linear layers kept, plus k sampled rows and
         indices per linear layer."""
-        saved = layout.layer - linear_inputs_bytes(spec) + sampled_bytes(spec, self.config.budget)
+        saved = layout.layer - lay.linear_inputs_bytes(spec) + sampled_bytes(spec, self.config.budget)
         return replace(layout, layer=saved, layers=tuple(replace(p, saved=saved) for p in layout.layers))
 
 
@@ -203,19 +206,3 @@ def _linears(spec: RunSpec) -> list[int]:
 def sampled_bytes(spec: RunSpec, budget: float) -> int:
     k = kept_rows(spec.tokens, budget)
     return sum(k * (d * lay.act_bytes(spec) + INDEX_BYTES) for d in _linears(spec))
-
-
-def linear_inputs_bytes(spec: RunSpec) -> int:
-    """Bytes of one block's saved tensors that only its linear layers keep: the projections' shared input (or
-    their cast copies), the MLP's input, the product `down_proj` reads, and `o_proj`'s input where it is a copy
-    of the attention output rather than SDPA's own saved output (eager; SDPA re-laid out)."""
-    m, a, d = spec.model, spec.model.arch, parts.dtypes(spec)
-    t = spec.tokens
-    fused_qkv = a is not None and a.fused_qkv
-    fused_gate_up = a is not None and a.fused_gate_up
-    out = parts.matmul_inputs(t, m.hidden, 1 if fused_qkv else 3, d)
-    out += parts.matmul_inputs(t, m.hidden, 1 if fused_gate_up else 2, d)
-    out += t * m.intermediate * d.compute
-    if parts.attention_kernel(spec) != "flash" or (a is not None and a.relaid_output):
-        out += t * m.n_heads * m.head_dim * d.compute
-    return out

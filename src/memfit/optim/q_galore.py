@@ -56,7 +56,6 @@ from memfit.optim.common import (
 from memfit.optim.galore import GaLore8bitConfig
 from memfit.techniques.base import Context, OptimizerTechnique
 from memfit.weights import quant as wq
-from memfit.zo.spsa import mix_seed
 
 PROJ_FORMAT = "int4"
 
@@ -205,7 +204,7 @@ class QGaLore(MemfitOptimizer):
         del update, direction
         if group["weight_decay"] > 0:
             w.add_(w, alpha=-group["lr"] * group["weight_decay"])
-        gen = torch.Generator(device=w.device).manual_seed(mix_seed(seed, step))
+        gen = torch.Generator(device=w.device).manual_seed(param_seed(seed, None, step))
         codes, scale = sr_quantize(w, weight_group(module.in_features, group["weight_group_size"]), gen)
         module.codes.copy_(codes)
         module.scale.copy_(scale)
@@ -288,7 +287,7 @@ class QGaLoreTechnique(OptimizerTechnique):
                               f"layer; use rank <= {min(lin.weight.shape)}")
 
     def apply(self, ctx: Context) -> None:
-        gen = torch.Generator().manual_seed(mix_seed(self.config.seed, 8))
+        gen = torch.Generator().manual_seed(param_seed(self.config.seed, None, 8))
         self._layers = []
         for name, parent, attr, lin in int8_targets(ctx.model):
             module = Int8Linear(lin, self.config.weight_group_size, gen)

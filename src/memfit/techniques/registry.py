@@ -35,6 +35,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "lst": "memfit.adapters.lst:LST",
         "unipt": "memfit.adapters.unipt:UniPT",
         "sherl": "memfit.adapters.sherl:SHERL",
+        "slimfit": "memfit.sampling.slimfit:SlimFit",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
@@ -69,6 +70,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "zo-adam": "memfit.zo.zo_adam:ZOAdamStep",
         "forward-grad": "memfit.zo.forward_grad:ForwardGradStep",
         "zo-block": "memfit.zo.zo_block:ZOBlockStep",
+        "zo2": "memfit.zo.zo2:ZO2Step",
     },
     "kv": {
         "full": "memfit.kv.full:FullKV",
