@@ -199,6 +199,8 @@ ADAPTERS = [
     {"name": "unipt", "reduction": 4, "train_head": True},
     "sherl",
     {"name": "sherl", "late": 1, "reduction": 4, "train_head": True},
+    "meft",
+    {"name": "meft", "reduction": 4, "lam": 0.5, "train_head": True},
 ]
 STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}]
 KV = ["full", {"name": "streaming_llm", "budget": 32}, {"name": "h2o", "budget": 32},

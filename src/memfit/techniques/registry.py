@@ -33,6 +33,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "lst": "memfit.adapters.lst:LST",
         "unipt": "memfit.adapters.unipt:UniPT",
         "sherl": "memfit.adapters.sherl:SHERL",
+        "meft": "memfit.adapters.meft:MEFT",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
