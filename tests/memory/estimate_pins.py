@@ -201,6 +201,8 @@ ADAPTERS = [
     {"name": "sherl", "late": 1, "reduction": 4, "train_head": True},
     "meft",
     {"name": "meft", "reduction": 4, "lam": 0.5, "train_head": True},
+    {"name": "switchlora", "r": 4},
+    {"name": "switchlora", "r": 2, "candidates": 8, "target": ["q_proj", "v_proj"]},
 ]
 STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}]
 KV = ["full", {"name": "streaming_llm", "budget": 32}, {"name": "h2o", "budget": 32},

@@ -34,6 +34,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "unipt": "memfit.adapters.unipt:UniPT",
         "sherl": "memfit.adapters.sherl:SHERL",
         "meft": "memfit.adapters.meft:MEFT",
+        "switchlora": "memfit.adapters.switchlora:SwitchLoRA",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
