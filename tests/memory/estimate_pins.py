@@ -203,6 +203,8 @@ ADAPTERS = [
     {"name": "meft", "reduction": 4, "lam": 0.5, "train_head": True},
     {"name": "switchlora", "r": 4},
     {"name": "switchlora", "r": 2, "candidates": 8, "target": ["q_proj", "v_proj"]},
+    "sketchtune",
+    {"name": "sketchtune", "bits": 2, "group_size": 32},
 ]
 STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}]
 KV = ["full", {"name": "streaming_llm", "budget": 32}, {"name": "h2o", "budget": 32},

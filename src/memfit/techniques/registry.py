@@ -35,6 +35,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "sherl": "memfit.adapters.sherl:SHERL",
         "meft": "memfit.adapters.meft:MEFT",
         "switchlora": "memfit.adapters.switchlora:SwitchLoRA",
+        "sketchtune": "memfit.weights.sketch:SketchTune",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",

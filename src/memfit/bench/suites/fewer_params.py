@@ -1,7 +1,7 @@
 """`memfit bench fewer-params`: train fewer parameters on finetune-cls (MiniLM-L6, SST-2) and finetune-ner
 (CoNLL-2003), same steps and seed: full fine-tuning (AdamW), LoRA r=8/16, DoRA, LISA (1 and 2 layers), LISA
 without freeing state (LMFlow's behaviour), OwLore, IST, BAdam, the side networks LST, UniPT and SHERL, MEFT's
-reversible adapters, SwitchLoRA, plus QLoRA/PEQA where registered.
+reversible adapters, SwitchLoRA, SketchTune, plus QLoRA/PEQA where registered.
 Rows carry quality, trainable parameters, peak memory by category and tokens/s; the LISA/LoRA peak ratio is
 added as a row field (`peak_vs_lora_r8`).
 """
@@ -33,6 +33,7 @@ METHODS: dict[str, tuple[dict[str, Any] | None, float]] = {
     "sherl": ({"name": "sherl", "late": 1, "reduction": 8}, 1e-4),  # the late layer fine-tunes: full-FT rate
     "meft": ({"name": "meft", "reduction": 8}, 1e-3),
     "switchlora-r8": ({"name": "switchlora", "r": 8, "alpha": 16, "switch_rate": 0.1, "decay_steps": 100}, 1e-3),
+    "sketchtune-4bit": ({"name": "sketchtune", "bits": 4}, 1e-4),  # the tables are weight values: full-FT rate
 }
 
 # what each paper claims for its method (the table prints it beside the measured row)
@@ -42,6 +43,7 @@ PAPER_CLAIMS: dict[str, str] = {
     "sherl": "early-route aggregation + late layers: higher accuracy than LST/UniPT at similar memory",
     "meft": "activation memory down by up to 84% of full fine-tuning, accuracy close to it (GLUE, QA)",
     "switchlora-r8": "LoRA's memory (+ a frozen candidate pool); perplexity near full-rank training, below LoRA's",
+    "sketchtune-4bit": "a sketched base several times smaller than the model, accuracy above LoRA-family baselines",
 }
 
 
