@@ -36,6 +36,7 @@ from memfit.adapters.sherl import FINAL_NORMS, final_norm
 from memfit.adapters.side import HEAD_MODULES, SideConfig, backbone_head_bytes, side_param_infos, text_config
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.estimate import backprop_phases, fixed_bytes, layer_components
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context, Technique
 
@@ -268,7 +269,25 @@ class MEFT(Technique):
         t, h = spec.tokens, spec.model.hidden
         decoder = spec.task == "causal_lm"
         streams = (t * h * 4 + spec.seq * 8) if decoder else 2 * t * h * 4
-        return base.with_(activations=streams + backbone_head_bytes(spec, self.train_head(spec.task)))
+        return base.with_(activations=streams + backbone_head_bytes(spec, self.train_head(spec.task)),
+                          temporaries=self.backward_temporaries(spec))
+
+    def backward_temporaries(self, spec: RunSpec) -> int:
+        """Inside the reversible backward: one layer recomputed with its graph (a block's saved tensors, as plain
+        backprop keeps them — conservative where the layers' dropout masks are counted, since the stack runs
+        them without dropout), one rebuilt stream, and the adapters' gradients, accumulated until it returns."""
+        adapters = sum(p.nbytes for p in spec.model.params if ADAPTER_F in p.name or ADAPTER_G in p.name)
+        return sum(layer_components(spec).values()) + spec.tokens * spec.model.hidden * 4 + adapters
+
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+        """Plain backprop's phases plus the reversible backward: weights, state, the kept streams and head, the
+        head's gradients, and the layer being recomputed."""
+        phases = backprop_phases(spec, breakdown)
+        head_grads = sum(p.nbytes for p in spec.model.trainable if ADAPTER_F not in p.name
+                         and ADAPTER_G not in p.name)
+        phases["reversible_backward"] = (fixed_bytes(breakdown) + breakdown.activations + head_grads
+                                         + breakdown.temporaries)
+        return phases
 
 
 def _pass_through(hidden_states, *args, **kwargs):
