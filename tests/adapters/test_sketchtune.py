@@ -72,6 +72,7 @@ def test_memory_equals_estimate_and_only_tables_train(task):
     assert (meter.report().peak.parameters, grads, state_bytes(opt)) == (est.parameters, est.gradients,
                                                                          est.optimizer)
     assert kept <= est.activations  # the frozen-base activation formula LoRA and PEQA share: an upper bound
+    assert meter.report().peak.temporaries <= est.temporaries  # a layer's decoded weight, dense gradient, indices
     layers = [m for m in ctx.model.modules() if isinstance(m, SketchLinear)]
     # per row: in/2 bytes of 4-bit indices + a 16-entry fp32 table (vs in·4 bytes dense)
     assert sum(m.quantized_bytes() for m in layers) == sum(m.out_features * (m.in_features // 2 + 64) for m in layers)

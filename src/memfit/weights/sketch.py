@@ -11,7 +11,8 @@ run holds is the compressed one (about `bits`/16 of bf16).
 k-means (Lloyd) with its two end values pinned to the group's minimum and maximum, so every weight lies inside its
 table's range and `error_bound` — half the widest gap between neighbouring table values — holds for the encoded
 weight. The gradient of a table entry is the sum of ∂L/∂W over the weights that point at it (`SketchLinear`),
-computed in backward from the saved input: a dense (out, in) fp32 gradient per layer exists only transiently.
+computed in backward from the saved input: a dense (out, in) fp32 gradient, the decoded weight and the int64
+indices of one layer (16 bytes per weight) exist only transiently.
 Departure from the paper: its sketches are fitted with a data-aware (second-order, calibration-set) objective;
 memfit fits them to the weights alone (data-free), so the starting accuracy is that of plain k-means coding.
 Recipe: `adapter: {name: sketchtune, bits: 4, group_size: 0}`.
@@ -183,4 +184,9 @@ class SketchTune(Technique):
                              self.config.target, trainable_scale=True)
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
-        return base.with_(parameters=parameter_bytes(spec))
+        """Parameters: the stored indices and tables (exact). Temporaries: a sketched layer's backward holds its
+        decoded weight, the dense fp32 weight gradient and the int64 indices (16 bytes per weight) at once, on top
+        of plain backprop's block transients."""
+        largest = max((p.shape[0] * p.shape[1] * 2 for p in spec.model.params if p.name.endswith(".index")),
+                      default=0)
+        return base.with_(parameters=parameter_bytes(spec), temporaries=base.temporaries + 16 * largest)
