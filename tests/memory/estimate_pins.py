@@ -205,6 +205,12 @@ ADAPTERS = [
     {"name": "sherl", "late": 1, "reduction": 4, "train_head": True},
     {"name": "slimfit", "freeze_ratio": 0.5},
     {"name": "slimfit", "freeze_ratio": 0.5, "bits": None},
+    "meft",
+    {"name": "meft", "reduction": 4, "lam": 0.5, "train_head": True},
+    {"name": "switchlora", "r": 4},
+    {"name": "switchlora", "r": 2, "candidates": 8, "target": ["q_proj", "v_proj"]},
+    "sketchtune",
+    {"name": "sketchtune", "bits": 2, "group_size": 32},
 ]
 STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}, "zo2"]
 KV = ["full", {"name": "streaming_llm", "budget": 32}, {"name": "h2o", "budget": 32},

@@ -28,10 +28,10 @@ from pydantic import Field
 from torch import nn
 
 from memfit.activations._common import decoder_layers
-from memfit.adapters.side import HEAD_MODULES, SideConfig, frozen_head_input_bytes, side_param_infos, text_config
+from memfit.adapters.side import HEAD_MODULES, SideConfig, backbone_head_bytes, side_param_infos, text_config
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.estimate import head_components, layer_components
+from memfit.memory.estimate import layer_components
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context, Technique
 
@@ -192,9 +192,5 @@ class SHERL(Technique):
         d = max(m.hidden // self.config.reduction, 4)
         early = n_early * t * m.hidden * b + n_early * t * b + t * m.hidden * b + 2 * t * d * b
         late = self.config.late * sum(layer_components(spec).values())
-        head = head_components(spec)
-        # a decoder's `embeddings` are the rotary tables the late layers read; an encoder's (LayerNorm, dropout
-        # of the frozen embeddings) are not kept
-        kept = head["final_norm"] + head["head"] + head["loss"] + head["logits"] - frozen_head_input_bytes(
-            spec, self.train_head(spec.task)) + (head["embeddings"] if spec.task == "causal_lm" else 0)
+        kept = backbone_head_bytes(spec, self.train_head(spec.task))
         return base.with_(activations=early + late + kept)

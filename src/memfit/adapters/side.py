@@ -93,6 +93,15 @@ def frozen_head_input_bytes(spec: RunSpec, train_head: bool) -> int:
     return t * m.hidden * 4 if spec.task == "seq_cls" and any(".pooler." in p.name for p in m.params) else 0
 
 
+def backbone_head_bytes(spec: RunSpec, train_head: bool) -> int:
+    """What the backbone's own head keeps when its layers below are frozen or rebuilt (SHERL, MEFT): the family's
+    final norm (trainable here), head, loss and logits, without the frozen head inputs; a decoder's `embeddings`
+    are the rotary tables its layers read, an encoder's (LayerNorm, dropout of frozen embeddings) are not kept."""
+    head = head_components(spec)
+    return (head["final_norm"] + head["head"] + head["loss"] + head["logits"]
+            - frozen_head_input_bytes(spec, train_head) + (head["embeddings"] if spec.task == "causal_lm" else 0))
+
+
 def head_saved_bytes(spec: RunSpec, train_head: bool) -> int:
     """What `head_loss` saves for backward (fp32): the backbone family's head, minus the frozen pooler's input
     (no gradient is asked of it); a causal LM's shifted log-probabilities and targets; two scalars (the loss); and one

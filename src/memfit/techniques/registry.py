@@ -36,6 +36,9 @@ SLOTS: dict[str, dict[str, str]] = {
         "unipt": "memfit.adapters.unipt:UniPT",
         "sherl": "memfit.adapters.sherl:SHERL",
         "slimfit": "memfit.sampling.slimfit:SlimFit",
+        "meft": "memfit.adapters.meft:MEFT",
+        "switchlora": "memfit.adapters.switchlora:SwitchLoRA",
+        "sketchtune": "memfit.weights.sketch:SketchTune",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
