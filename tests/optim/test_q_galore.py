@@ -145,3 +145,28 @@ def test_refuses_adapters():
     techs = [build_technique("adapter", {"name": "lora", "r": 2}), build_technique("optimizer", "q_galore")]
     with pytest.raises(ConfigError, match="int8"):
         apply_techniques(Context(model=model, spec=RunSpec.from_model(model), techniques=techs))
+
+
+def test_state_dict_resume_is_exact():
+    import copy
+
+    model = _model()
+    _, _, opt, fb = _setup(model, update_proj_gap=2, min_8bit_size=0)
+    for i in range(3):
+        fb(model, _batch(i), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model_state = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(opt.state_dict())
+    fb(model, _batch(9), 1.0)
+    opt.step()
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    fresh = _model(seed=1)
+    _, _, fresh_opt, fresh_fb = _setup(fresh, update_proj_gap=2, min_8bit_size=0)
+    fresh.load_state_dict(model_state)
+    fresh_opt.load_state_dict(opt_state)
+    fresh_fb(fresh, _batch(9), 1.0)
+    fresh_opt.step()
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, want[k]), k
