@@ -209,6 +209,9 @@ class ZO2Step(ZOStepTechnique):
                               "n_spsa: 1")
         if ctx.spec.grad_accum > 1:
             raise ConfigError("zo2 runs one micro-batch per step; set train.grad_accum: 1")
+        if ctx.device.type != "cpu" or any(p.device.type != "cpu" for p in ctx.model.parameters()):
+            raise ConfigError("zo2 here streams blocks from a memory-mapped file into CPU tensors; the upload to an "
+                              f"accelerator ({ctx.device}) is not built — use step: mezo on {ctx.device.type}")
         for t in ctx.techniques or []:
             if t.slot in ("adapter", "weights"):
                 raise ConfigError(f"zo2 streams the model's own trainable weights; it cannot be combined with "
