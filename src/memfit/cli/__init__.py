@@ -59,7 +59,7 @@ def estimate(
     from memfit.plan import estimate_recipe
 
     breakdown, peak = estimate_recipe(recipe, overrides or [])
-    from memfit.memory.breakdown import TENSOR_CATEGORIES, format_bytes
+    from memfit.memory.breakdown import CATEGORIES, TENSOR_CATEGORIES, format_bytes
     from rich.table import Table
 
     if as_json:
@@ -70,7 +70,8 @@ def estimate(
         rec = load_recipe(recipe, overrides or [])
         print(json.dumps({"recipe": str(recipe), "precision": rec.train.precision, "model_dtype": rec.model_dtype,
                           "categories": {c: getattr(breakdown, c) for c in CATEGORIES},
-                          "sum_of_category_peaks": breakdown.total, "step_peak": peak, "unit": "bytes"}, indent=2))
+                          "sum_of_category_peaks": breakdown.total, "step_peak": peak,
+                          "process_peak": peak + breakdown.runtime, "unit": "bytes"}, indent=2))
         return
 
     table = Table(title=f"estimate for {recipe}")
