@@ -43,6 +43,7 @@ def test_generate_reports_kv_bytes_equal_to_estimate(model_dir):
     # kivi: 45 prompt tokens flush one 32-token group at prefill and none while decoding, so the most the cache
     # held is what it holds at the end, which is what the estimate describes
     ("pyramid", 10, {"window": 4}), ("kivi", None, {"bits": 2, "residual": 32}),
+    ("kivi", 40, {"bits": 4, "residual": 16}),
 ])
 def test_every_policy_shrinks_the_cache_to_its_estimate(model_dir, kv, budget, options):
     """memfit generate's measured KV bytes == the policy's estimate, well below the full cache's: fails if the
