@@ -127,11 +127,13 @@ class GEAR(KIVI):
                             for _ in range(n_layers)])
 
     def update_overshoot(self, layer_idx, n_layers, past, chunk, batch, kv_heads, head_dim, elem) -> int:
-        """KIVI's, plus compressing the new groups: the inliers, their dequantization and the float32 SVD of the
-        error, each the size of the tokens being packed (≤ chunk + residual)."""
+        """KIVI's, plus the corrections of the dequantized past (the low-rank product and the sum it is added to,
+        then the scattered outliers: the keys are held corrected while the values are: half a copy of the past more) and compressing the new groups (the inliers, their
+        dequantization and the float32 SVD of the error, each the size of the tokens packed, ≤ chunk + residual)."""
         packing = dense_bytes(chunk + self.config.residual, batch, kv_heads, head_dim, 4)
+        corrections = dense_bytes(past, batch, kv_heads, head_dim, elem)
         return super().update_overshoot(layer_idx, n_layers, past, chunk, batch, kv_heads, head_dim, elem) \
-            + 3 * packing
+            + corrections // 2 + 3 * packing
 
     def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
         c = self.config
