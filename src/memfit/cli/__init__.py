@@ -135,6 +135,7 @@ def bench(
 from memfit.cli import generate as _generate  # noqa: E402,F401  (registers `memfit generate`, listed last)
 from memfit.cli import plan as _plan  # noqa: E402,F401  (registers `memfit plan`)
 from memfit.cli import predict as _predict  # noqa: E402,F401  (registers `memfit predict`)
+from memfit.cli import plan_generate as _plan_generate  # noqa: E402,F401  (registers `memfit plan-generate`)
 
 
 def main() -> None:

@@ -14,6 +14,8 @@ Rows:
   (`MEMFIT_KVPRESS_PYTHON`, default /work/kvpress-venv/bin/python) as a subprocess.
 - `prefill`: tensor peak (PyTorch MemTracker, under memfit's MemoryMeter) of a long prefill, full vs chunked with
   eviction, and kvpress's prefill with and without a press (same tracker inside kvpress's venv).
+- `peaks`, `speed`, `speculative`: `memfit generate`'s default path per policy, decode speed vs transformers'
+  sliding window, self-speculative decoding (`bench/suites/inference_kv.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 
 from memfit.bench.harness import BenchOptions
+from memfit.bench.suites import inference_kv
 from memfit.bench.workloads import pretrained_lm, small_lm_recipe
 from memfit.compat import cache_keyword
 from memfit.kv import build_policy
@@ -146,6 +149,12 @@ def run(opts: BenchOptions) -> list[dict]:
         rows += kvpress_rows(path, windows, context, ratios, base_ppl, base_kv, (1024 if opts.quick else 2048))
     if opts.wants("prefill"):
         rows += prefill_rows(path, 1024 if opts.quick else 2048)
+    if opts.wants("peaks"):
+        rows += inference_kv.peak_rows(path, 1024 if opts.quick else 2048)
+    if opts.wants("speed"):
+        rows += inference_kv.speed_rows(path, reps=3 if opts.quick else 5)
+    if opts.wants("speculative"):
+        rows += inference_kv.speculative_rows(path)
     return rows
 
 
