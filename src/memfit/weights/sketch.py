@@ -33,7 +33,7 @@ from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
 from memfit.weights.base import quantize_spec
 from memfit.weights.format import StorageLayout, WeightFormat, grouped, pack_nibbles, register, unpack_nibbles
-from memfit.weights.linear import DEFAULT_SKIP, QuantLinear, quantizable_linears, set_submodule
+from memfit.weights.linear import DEFAULT_SKIP, QuantLinear, padded_weight_grad, quantizable_linears, set_submodule
 
 LLOYD_ITERATIONS = 10
 
@@ -109,9 +109,7 @@ class _SketchMatmul(torch.autograd.Function):
             grad_x = grad_out @ layer.dequantize(grad_out.dtype)
         if ctx.needs_input_grad[1]:
             (x,) = ctx.saved_tensors
-            gw = grad_out.reshape(-1, grad_out.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
-            gw = F.pad(gw, (0, layer.padded_in - layer.in_features)).reshape(layer.out_features,
-                                                                             layer.sketch.shape[1], -1)
+            gw = padded_weight_grad(grad_out, x, layer).reshape(layer.out_features, layer.sketch.shape[1], -1)
             index = layer.format.indices(layer.tensors(), layer.out_features)
             grad_sketch = torch.zeros_like(layer.sketch).scatter_add_(-1, index, gw)
         return grad_x, grad_sketch, None
