@@ -28,7 +28,7 @@ from pydantic import Field
 
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.estimate import parameter_bytes
+from memfit.memory.estimate import backprop_phases, fixed_bytes, parameter_bytes
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
 from memfit.weights.base import quantize_spec
@@ -188,3 +188,11 @@ class SketchTune(Technique):
         largest = max((p.shape[0] * p.shape[1] * 2 for p in spec.model.params if p.name.endswith(".index")),
                       default=0)
         return base.with_(parameters=parameter_bytes(spec), temporaries=base.temporaries + 16 * largest)
+
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+        """Plain backprop's phases plus a sketched layer's backward with every activation still held (the
+        top layer's, conservatively): weights, state, activations, gradients and the temporaries above."""
+        phases = backprop_phases(spec, breakdown)
+        phases["sketch_backward"] = (fixed_bytes(breakdown) + breakdown.activations + breakdown.gradients
+                                     + breakdown.temporaries)
+        return phases
