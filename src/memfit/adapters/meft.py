@@ -36,6 +36,7 @@ from memfit.adapters.sherl import FINAL_NORMS, final_norm
 from memfit.adapters.side import (
     SideConfig,
     backbone_head_bytes,
+    check_tied_head,
     is_head_param,
     side_param_infos,
     text_config,
@@ -206,6 +207,7 @@ class MEFT(Technique):
                               " of depth); remove the layer-level 'activations' technique (checkpointing, offload, "
                               "mesa, s2a, streambp)")
         decoder_layers(ctx.model)
+        check_tied_head(ctx.model, ctx.spec.task, self.train_head(ctx.spec.task), self.name)
 
     def apply(self, ctx: Context) -> None:
         model = ctx.model

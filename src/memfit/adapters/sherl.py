@@ -31,6 +31,7 @@ from memfit.activations._common import decoder_layers
 from memfit.adapters.side import (
     SideConfig,
     backbone_head_bytes,
+    check_tied_head,
     is_head_param,
     side_param_infos,
     text_config,
@@ -124,6 +125,7 @@ class SHERL(Technique):
             raise ConfigError("adapter sherl fine-tunes the late layers in full precision; remove the 'weights' "
                               "technique (or use adapter: qlora)")
         split_at(len(decoder_layers(ctx.model)), self.config.late)
+        check_tied_head(ctx.model, ctx.spec.task, self.train_head(ctx.spec.task), self.name)
 
     def apply(self, ctx: Context) -> None:
         model = ctx.model

@@ -56,6 +56,17 @@ def unfreeze_head(model: nn.Module, task: str) -> None:
             p.requires_grad_(True)
 
 
+def check_tied_head(model: nn.Module, task: str, train_head: bool, who: str) -> None:
+    """For methods whose backbone forward keeps a graph (SHERL, MEFT): training a causal LM head tied to the input
+    embeddings would train the embeddings too, and every frozen layer above them would keep its activations."""
+    if task != "causal_lm" or not train_head:
+        return
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        raise ConfigError(f"adapter {who}: this model ties its LM head to the input embeddings; training the head "
+                          "would train the embeddings below the frozen layers — set train_head: false")
+
+
 def is_head_param(name: str, task: str) -> bool:
     return any(h in name.split(".") for h in head_names(task))
 
