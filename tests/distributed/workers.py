@@ -129,7 +129,7 @@ def _same_gradients(ctx, name: str, steps: int = 5) -> float:
 
 def _frozen_dtypes(ctx) -> dict:
     """LoRA on a bf16 base under bf16-mixed: frozen weights stay bf16 in their shards (accelerate #3844)."""
-    from memfit.distributed.estimate import unit_bytes
+    from memfit.memory.sharding import unit_bytes
     from memfit.distributed.shard import local_dtypes, shard_model
     from memfit.memory.spec import RunSpec, model_shape
     from memfit.techniques.base import Context
@@ -165,7 +165,7 @@ def _frozen_dtypes(ctx) -> dict:
 
 def _memory(ctx, layers: int, reshard: bool) -> dict:
     """Measured per-rank model state (AdamW) next to `sharded_bytes`' prediction."""
-    from memfit.distributed.estimate import sharded_bytes, units_from_params
+    from memfit.memory.sharding import sharded_bytes, units_from_params
     from memfit.distributed.measure import RankMeter
     from memfit.distributed.shard import find_blocks, shard_model
     from memfit.memory.spec import model_shape

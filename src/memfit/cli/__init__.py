@@ -52,15 +52,17 @@ def train(
 def estimate(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Predict one rank of an FSDP2 run on N "
+                                        "processes (train.batch_size is the global batch)."),
 ) -> None:
     """Predict peak memory by category for a recipe without training (the model is built on the meta device)."""
     from memfit.plan import estimate_recipe
 
-    breakdown, peak = estimate_recipe(recipe, overrides or [])
+    breakdown, peak = estimate_recipe(recipe, overrides or [], nproc=nproc)
     from memfit.memory.breakdown import CATEGORIES, format_bytes
     from rich.table import Table
 
-    table = Table(title=f"estimate for {recipe}")
+    table = Table(title=f"estimate for {recipe}" + (f", each of {nproc} ranks (FSDP2)" if nproc else ""))
     table.add_column("category")
     table.add_column("peak bytes", justify="right")
     for c in CATEGORIES:

@@ -30,10 +30,17 @@ def meta_model(recipe: Recipe) -> nn.Module:
         return getattr(transformers, TASK_AUTO_CLASS[recipe.task]).from_config(config)
 
 
-def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tuple[MemoryBreakdown, int]:
-    """(per-category peaks, predicted tensor peak of a step) for a recipe."""
+def estimate_recipe(source: str | Path | dict, overrides: list[str] = (), nproc: int | None = None,
+                    ) -> tuple[MemoryBreakdown, int]:
+    """(per-category peaks, predicted tensor peak of a step) for a recipe; with `nproc`, of one rank of an FSDP2
+    run on that many processes (`memfit.memory.sharding.estimate_rank`)."""
     from memfit.train.build import resolve_device, run_spec
 
     recipe = load_recipe(source, list(overrides))
     spec = run_spec(recipe, meta_model(recipe), resolve_device(recipe.train.device))
+    if nproc:
+        from memfit.memory.sharding import estimate_rank
+
+        rank = estimate_rank(spec, recipe.techniques(), nproc, recipe.distributed.reshard_after_forward)
+        return rank.breakdown, rank.peak
     return estimate_step(spec, recipe.techniques())

@@ -21,6 +21,7 @@ from memfit import rundir
 from memfit.errors import RunDirError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import estimate_step
+from memfit.memory.sharding import estimate_rank
 from memfit.memory.measure import MemoryMeter, MemoryReport, state_bytes
 from memfit.progress import Ticker, note
 from memfit.recipe import Recipe
@@ -100,7 +101,11 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
         if par is not None:
             par.barrier()  # every rank checked before rank 0 creates anything
     built = build_run(recipe, par)
-    estimate, estimate_peak = estimate_step(built.spec, built.techniques)
+    if par is None:
+        estimate, estimate_peak = estimate_step(built.spec, built.techniques)
+    else:  # what each rank holds and peaks at
+        rank = estimate_rank(built.spec, built.techniques, par.world, recipe.distributed.reshard_after_forward)
+        estimate, estimate_peak = rank.breakdown, rank.peak
     state = _LoopState.new(built)
     if run_dir is not None:
         _open_run_dir(run_dir, built, state, resume)
