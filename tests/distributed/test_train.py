@@ -133,3 +133,12 @@ def test_global_batch_must_split_over_ranks(data_dir):
                                mesh=None))
     with pytest.raises(ConfigError, match="multiple of 3"):
         check(load_recipe(_recipe(data_dir)), par)
+
+
+def test_cpu_offload_is_refused_off_gpu(data_dir):
+    """FSDP2's CPUOffloadPolicy moves a GPU run's shards to the host; on a CPU run it is one clear error."""
+    recipe = load_recipe({**_recipe(data_dir), "distributed": {"offload": "cpu"}})
+    par = Parallel(DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                               mesh=None))
+    with pytest.raises(ConfigError, match="offload: cpu"):
+        check(recipe, par)
