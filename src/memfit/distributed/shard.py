@@ -87,13 +87,13 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
     the GPU for its all-gather (CUDA only; not run on a GPU in this project's tests)."""
     if isinstance(model, FSDPModule):
         raise ConfigError("the model is already sharded with FSDP2")
-    policy_ = offload_policy(offload, mesh.device_type)
-    extra = {"offload_policy": policy_} if policy_ is not None else {}
     blocks = find_blocks(model)
     if not blocks:
         raise ConfigError(f"{type(model).__name__} has no repeated blocks (no ModuleList of layers) to shard one "
                           "by one; FSDP2 needs per-block units to free gathered parameters between blocks")
     policy = precision_policy(mp_policy)
+    host = offload_policy(offload, mesh.device_type)
+    extra = {"offload_policy": host} if host is not None else {}
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
     for _, block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy, **extra)
