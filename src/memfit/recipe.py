@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from memfit.data.config import DataConfig
 from memfit.errors import ConfigError
+from memfit.memory.precision import Precision, precision
 from memfit.techniques.base import Technique
 from memfit.techniques.registry import MULTI_SLOTS, SLOTS, build_technique
 
@@ -32,16 +33,20 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    """Exactly one of: a Llama `preset` built from config, or a `path` (local HF dir, named model, hub id)."""
+    """Exactly one of: a Llama `preset` built from config, a `path` (local HF dir, named model, hub id), or a
+    `config` (a config.json or a folder holding one: the model built on the meta device, for estimate / plan)."""
 
     preset: str | None = None
     path: str | None = None
+    config: str | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)  # config fields for presets, e.g. num_hidden_layers
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # weights as loaded; auto: the precision's storage
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.preset is None) == (self.path is None):
-            raise ValueError("set exactly one of 'preset' (e.g. llama-20m) or 'path' (e.g. minilm-l6 or a folder)")
+        if sum(x is not None for x in (self.preset, self.path, self.config)) != 1:
+            raise ValueError("set exactly one of 'preset' (e.g. llama-20m), 'path' (e.g. minilm-l6 or a folder) or "
+                             "'config' (a config.json, for estimate and plan)")
         return self
 
 
@@ -53,7 +58,8 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     decay_fraction: float = Field(0.2, gt=0, le=1)  # warmup-stable-decay: last fraction of steps decays
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: str = "32-true"  # Lightning's names (memory/precision.py); fp32 / bf16 / fp16 still accepted
+    master_weights: Literal["none", "fp32"] = "none"  # bf16-true/16-true: fp32 copy of what trains (else rounding)
     clip_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int = Field(0, ge=0)  # 0: evaluate only at the end
     eval_batches: int | None = Field(None, gt=0)  # cap on eval batches (None: the whole eval set)
@@ -63,6 +69,25 @@ class TrainConfig(_Strict):
     measure_steps: int = Field(2, ge=0)  # steps measured by category (the first ones; 0 turns it off)
     device: str = "auto"
     num_threads: int | None = Field(None, gt=0)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_name(cls, value: Any) -> str:
+        try:
+            return precision(str(value)).name
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+
+    @property
+    def policy(self) -> Precision:
+        return precision(self.precision)
+
+    @model_validator(mode="after")
+    def _master_weights(self) -> TrainConfig:
+        if self.master_weights != "none" and not self.policy.true_low:
+            raise ValueError(f"master_weights: {self.master_weights} applies to bf16-true and 16-true (weights stored "
+                             f"in 16 bits); precision {self.precision} already trains fp32 weights")
+        return self
 
 
 class DistributedConfig(_Strict):
@@ -91,8 +116,20 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _techniques_valid(self) -> Recipe:
-        self.techniques()  # raises ConfigError with the technique's own message
+        built = self.techniques()  # raises ConfigError with the technique's own message
+        storage = self.train.policy.storage
+        if self.model.dtype not in ("auto", storage) and not any(
+                t.slot == "adapter" and not getattr(t, "trains_base", False) for t in built):
+            raise ConfigError(f"model.dtype {self.model.dtype} with precision {self.train.precision} would train "
+                              f"{self.model.dtype} weights that the precision stores in {storage}; use precision "
+                              f"{'bf16-true' if self.model.dtype == 'bf16' else '16-true' if self.model.dtype == 'fp16' else '32-true'}"
+                              f", drop model.dtype, or freeze the base with an adapter (lora, qlora, ...)")
         return self
+
+    @property
+    def model_dtype(self) -> str:
+        """The dtype the model's weights are loaded in: `model.dtype`, or the precision's storage dtype."""
+        return self.train.policy.storage if self.model.dtype == "auto" else self.model.dtype
 
     def techniques(self) -> list[Technique]:
         """Build every configured technique (validated by its own config class), in slot order."""
@@ -108,9 +145,32 @@ class Recipe(_Strict):
                 built += [build_technique(slot, v) for v in value]
             else:
                 built.append(build_technique(slot, value))
-        if any(getattr(t, "owns_optimizer", False) for t in built) and self.optimizer == "adamw":
-            built = [t for t in built if t.slot != "optimizer"]  # the step brings its own update rule
-        return built
+        owner = next((t for t in built if getattr(t, "owns_optimizer", False)), None)
+        if owner is not None:  # the step brings its own update rule: the optimizer slot must be the default
+            for t in built:
+                if t.slot == "optimizer" and not (t.name == "adamw" and t.config == type(t.config)(name="adamw")):
+                    raise ConfigError(f"step '{owner.name}' is its own optimizer: remove `optimizer: {t.name}` (and "
+                                      f"its options) from the recipe and set lr / weight_decay under `step:`")
+            built = [t for t in built if t.slot != "optimizer"]
+        return [self._precision_optimizer(t) if t.slot == "optimizer" else t for t in built]
+
+    def _precision_optimizer(self, t: Technique) -> Technique:
+        """The optimizer run through `optim/precision.py` when weights are stored in 16 bits (master copy or
+        stochastic rounding) or its state takes another dtype (`state_dtype`)."""
+        policy = self.train.policy
+        state_dtype = getattr(t.config, "state_dtype", None)
+        master = self.train.master_weights == "fp32"
+        if getattr(t.config, "layerwise", False):
+            if master or state_dtype:
+                raise ConfigError(f"optimizer '{t.name}' updates inside backward (layer-wise), where memfit keeps "
+                                  f"no master copy or state_dtype; drop train.master_weights / state_dtype or use "
+                                  f"a whole-step optimizer (layerwise: false)")
+            return t  # 16-bit weights updated layer-wise round to nearest (LOMO: through an fp32 working copy)
+        if not policy.true_low and state_dtype is None:
+            return t
+        from memfit.optim.precision import PrecisionTechnique
+
+        return PrecisionTechnique(t, master_weights=master, true_low=policy.true_low)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

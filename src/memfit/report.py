@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memfit.errors import RunDirError
-from memfit.memory.breakdown import CATEGORIES, MemoryBreakdown
+from memfit.memory.breakdown import TENSOR_CATEGORIES, MemoryBreakdown
 from memfit.progress import note
 from memfit.rundir import METRICS, read_log, write_text_atomic, writing
 
@@ -103,7 +103,14 @@ def plot_loss(history: list[dict], path: Path) -> None:
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    _save(fig, ax, "loss", path)
+
+
+def _save(fig, ax, ylabel: str, path: Path) -> None:
+    """Label, lay out and write a figure atomically, then free it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     with writing(path):
@@ -122,7 +129,7 @@ def plot_memory(summary: dict, path: Path) -> None:
     estimate = MemoryBreakdown.from_dict(summary["estimate"])
     run = summary.get("measured") or {}
     measured = MemoryBreakdown.from_dict(run.get("category_peaks") or run["peak"]) if run else None
-    cats = [c for c in CATEGORIES if getattr(estimate, c) or (measured and getattr(measured, c))]
+    cats = [c for c in TENSOR_CATEGORIES if getattr(estimate, c) or (measured and getattr(measured, c))]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = range(len(cats))
     ax.bar([x - 0.2 for x in xs], [getattr(estimate, c) / 2**20 for c in cats], 0.4, label="estimate")
@@ -130,12 +137,7 @@ def plot_memory(summary: dict, path: Path) -> None:
         ax.bar([x + 0.2 for x in xs], [getattr(measured, c) / 2**20 for c in cats], 0.4,
                label="measured (category max)")
     ax.set_xticks(list(xs), cats, rotation=30)
-    ax.set_ylabel("MiB")
-    ax.legend()
-    fig.tight_layout()
-    with writing(path):
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, "MiB", path)
 
 
 def _table_html(table) -> str:

@@ -146,6 +146,8 @@ def _causal_lm_loss(model: nn.Module, batch: Batch, chunk_size: int) -> torch.Te
 
 class ChunkedCE(lay.LayoutTechnique):
     name = "chunked_ce"
+    plan_options = ({},)
+    tasks = ("causal_lm",)
     Config = ChunkedCEConfig
 
     def check(self, ctx: Context) -> None:

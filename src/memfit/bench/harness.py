@@ -39,7 +39,9 @@ class BenchOptions:
     def peak(self, precision: str = "fp32") -> float:
         if precision not in self.peak_flops:
             note(f"measuring this machine's {precision} matmul peak (for MFU)")
-            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            from memfit.memory.precision import precision as policy_of
+
+            dtype = policy_of(precision).compute_dtype
             self.peak_flops[precision] = measure_matmul_peak(dtype)
         return self.peak_flops[precision]
 

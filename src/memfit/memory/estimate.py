@@ -29,7 +29,7 @@ from memfit.memory.arch import family_of, in_block, is_embedding
 from memfit.memory.arch.parts import (F32, I64, Dtypes, attention_core_bytes, dtypes,  # noqa: F401 - public API
                                      tied_head_gradient)
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.spec import RunSpec
+from memfit.memory.spec import RunSpec, cast_trainable
 
 
 def parameter_bytes(spec: RunSpec) -> int:
@@ -45,9 +45,10 @@ def gradient_bytes(spec: RunSpec) -> int:
 
 
 def _linear_weight_numel(spec: RunSpec) -> int:
-    """Elements of every matmul weight (2-D, not an embedding table), tied LM head included."""
+    """Elements of every dense matmul weight (2-D, not an embedding table, not a quantized weight's codes or
+    scales), tied LM head included."""
     m = spec.model
-    n = sum(p.numel for p in m.params if len(p.shape) == 2 and not is_embedding(m, p.name))
+    n = sum(p.numel for p in m.params if len(p.shape) == 2 and not p.quantized and not is_embedding(m, p.name))
     if m.tie_embeddings and spec.task == "causal_lm":
         n += m.vocab * m.hidden
     return n
@@ -112,9 +113,13 @@ def head_backward_temporaries(spec: RunSpec, tokens: int | None = None) -> int:
 
 def optimizer_step_transients(spec: RunSpec, breakdown: MemoryBreakdown) -> int:
     """Tensors an optimizer step makes for one parameter at a time (Adam's denominator and update): two of the
-    largest trainable parameter's size, when there is optimizer state (measured for torch's AdamW on CPU)."""
+    largest trainable parameter's size, when there is optimizer state (measured for torch's AdamW on CPU). An
+    optimizer that works otherwise states its own in `spec.extra["optimizer_step_transients"]` (its
+    `transform_spec`; e.g. 8-bit AdamW's per-chunk dequantized moments)."""
     if not breakdown.optimizer:
         return 0
+    if "optimizer_step_transients" in spec.extra:
+        return int(spec.extra["optimizer_step_transients"])
     return 2 * max((p.nbytes for p in spec.model.trainable), default=0)
 
 
@@ -244,10 +249,12 @@ def estimate_run(spec: RunSpec, parts: Sequence[EstimatePart]) -> MemoryBreakdow
 def estimate_step(spec: RunSpec, parts: Sequence[EstimatePart]) -> tuple[MemoryBreakdown, int]:
     """(Predicted peak by category, predicted tensor peak of one step) for `spec` with `parts` applied: each part
     transforms the spec in order, the baseline is computed on the result, then each part replaces its own
-    categories; the step peak is taken on the transformed spec."""
+    categories; the step peak is taken on the transformed spec. What trains is stored in the precision's storage
+    dtype (`cast_trainable`, as the build does once techniques have applied)."""
     ordered = sorted(parts, key=lambda p: p.order)
     for part in ordered:
         spec = part.transform_spec(spec)
+    spec = cast_trainable(spec)
     breakdown = baseline(spec)
     for part in ordered:
         breakdown = part.estimate(spec, breakdown)

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from memfit.memory.arch.parts import DTYPE_BYTES  # noqa: F401 - re-exported
+from memfit.memory.precision import Precision, legacy
+from memfit.memory.precision import precision as precision_named
 
 if TYPE_CHECKING:
     from memfit.memory.arch.base import Arch
@@ -22,12 +24,14 @@ Task = Literal["causal_lm", "seq_cls", "token_cls"]
 
 @dataclass(frozen=True)
 class ParamInfo:
-    """One parameter tensor: its name, shape, bytes per element, and whether it trains."""
+    """One parameter tensor: its name, shape, bytes per element, whether it trains, and whether it is part of a
+    quantized weight's storage (codes, scales: decoded per forward, never cast or saved as a dense copy)."""
 
     name: str
     shape: tuple[int, ...]
     bytes_per_element: float = 4
     trainable: bool = True
+    quantized: bool = False
 
     @property
     def numel(self) -> int:
@@ -89,9 +93,17 @@ class RunSpec:
     attn_impl: str = "sdpa"  # "eager" keeps the (B, H, S, S) attention probabilities
     grad_accum: int = 1
     extra: dict = field(default_factory=dict)  # technique-specific facts (e.g. kv budget)
+    precision: str | None = None  # a `memory/precision.py` name; None: the one param/compute dtypes describe
 
     def with_(self, **changes) -> RunSpec:
         return replace(self, **changes)
+
+    @property
+    def policy(self) -> Precision:
+        """The run's precision policy (the storage dtype of what trains, compute dtype, loss scaling)."""
+        if self.precision is not None:
+            return precision_named(self.precision)
+        return legacy(self.param_dtype, self.compute_dtype)
 
     @property
     def tokens(self) -> int:
@@ -142,6 +154,19 @@ def _config_dims(config) -> dict:
     return dict(n_layers=getattr(config, "num_hidden_layers", 0) or 0, hidden=hidden, n_heads=heads,
                 n_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
                 intermediate=getattr(config, "intermediate_size", 0) or 0, vocab=getattr(config, "vocab_size", 0) or 0)
+
+
+def cast_trainable(spec: RunSpec) -> RunSpec:
+    """The spec with every trainable floating-point parameter stored in the policy's storage dtype (as
+    `train.build` casts them once the techniques have applied); frozen parameters keep their bytes."""
+    if spec.precision is None:
+        return spec
+    size = DTYPE_BYTES[spec.policy.storage]
+    params = tuple(replace(p, bytes_per_element=size) if p.trainable and p.bytes_per_element in (2, 4) else p
+                   for p in spec.model.params)
+    if params == spec.model.params:
+        return spec
+    return spec.with_(model=replace(spec.model, params=params))
 
 
 def dtype_name(dtype: torch.dtype) -> str:

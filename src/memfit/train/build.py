@@ -13,7 +13,8 @@ from torch import nn
 from memfit.data import DataBundle, build_data
 from memfit.data.config import TextData
 from memfit.errors import ConfigError
-from memfit.memory.spec import RunSpec
+from memfit.memory.precision import Precision, dtype_of_name
+from memfit.memory.spec import RunSpec, dtype_name
 from memfit.models import build_llama, load_model, load_tokenizer
 from memfit.recipe import Recipe
 from memfit.techniques.base import (
@@ -26,7 +27,7 @@ from memfit.techniques.base import (
     Technique,
     TrainStep,
 )
-from memfit.train.step import make_forward_backward, model_loss
+from memfit.train.step import make_forward_backward, make_grad_scaler, model_loss
 
 
 @dataclass
@@ -72,7 +73,10 @@ def build_model_and_data(recipe: Recipe) -> tuple[nn.Module, DataBundle]:
         overrides = dict(recipe.model.overrides)
         overrides.setdefault("max_position_embeddings", max(2048, recipe.data.block_size))
         model = build_llama(recipe.model.preset, vocab_size=len(data.tokenizer), seed=recipe.seed, **overrides)
-        return model, data
+        return model.to(dtype_of_name(recipe.model_dtype)), data
+    if recipe.model.config is not None:
+        raise ConfigError(f"model.config {recipe.model.config} describes a model without weights: it serves "
+                          f"`memfit estimate` and `memfit plan`; to train, set model.path to a model folder")
     tokenizer = load_tokenizer(recipe.model.path)
     data = build_data(recipe.data, tokenizer, cache_dir=cache_dir() / "tokenizers", seed=recipe.seed)
     extra = {}
@@ -80,7 +84,8 @@ def build_model_and_data(recipe: Recipe) -> tuple[nn.Module, DataBundle]:
         extra = {"id2label": dict(enumerate(data.label_names)),
                  "label2id": {n: i for i, n in enumerate(data.label_names)}}
     num_labels = data.num_labels or None
-    bundle = load_model(recipe.model.path, recipe.task, num_labels=num_labels, tokenizer=tokenizer, **extra)
+    bundle = load_model(recipe.model.path, recipe.task, num_labels=num_labels, tokenizer=tokenizer,
+                        dtype=dtype_of_name(recipe.model_dtype), **extra)
     return bundle.model, data
 
 
@@ -97,19 +102,39 @@ def run_spec(recipe: Recipe, model: nn.Module, device: torch.device | None = Non
                       ("hidden_dropout", "hidden_dropout_prob")):
         if config is not None and getattr(config, name, None) is not None:
             extra[key] = float(getattr(config, name))
+    policy = recipe.train.policy
+    stored = storage_dtype_name(model)
     return RunSpec.from_model(
-        model, batch=recipe.train.batch_size, seq=seq_len_of(recipe), task=recipe.task,
-        compute_dtype="bf16" if recipe.train.precision == "bf16" else "fp32", attn_impl=attn,
-        grad_accum=recipe.train.grad_accum, extra=extra,
+        model, batch=recipe.train.batch_size, seq=seq_len_of(recipe), task=recipe.task, param_dtype=stored,
+        compute_dtype=policy.compute if policy.autocast else stored, attn_impl=attn,
+        grad_accum=recipe.train.grad_accum, extra=extra, precision=policy.name,
     )
+
+
+def storage_dtype_name(model: nn.Module) -> str:
+    """The dtype of the model's residual stream: its input embedding's (else its first floating parameter's)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    if weight is None or not weight.is_floating_point():
+        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return dtype_name(weight.dtype) if weight is not None else "fp32"
+
+
+def cast_trainable(model: nn.Module, policy: Precision) -> None:
+    """Store every trainable floating-point parameter in the policy's storage dtype (adapters a library made in
+    another dtype; `memory.spec.cast_trainable` is the estimate's side). Frozen weights are never cast."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != policy.storage_dtype:
+            p.data = p.data.to(policy.storage_dtype)
 
 
 def by_slot(techniques: list[Technique], slot: str) -> list[Technique]:
     return [t for t in techniques if t.slot == slot]
 
 
-def build_run(recipe: Recipe, par=None) -> BuiltRun:
-    """Everything the loop needs, with every technique applied through the plug-in protocol.
+def build_run(recipe: Recipe, loss_fn: LossFn = model_loss, par=None) -> BuiltRun:
+    """Everything the loop needs, with every technique applied through the plug-in protocol (`loss_fn`: the
+    loss the techniques wrap; the model's own by default).
 
     `par` (a `memfit.train.parallel.Parallel`): this rank of a distributed run — the model is sharded with FSDP2
     after the techniques are applied, and the optimizer built on the shards."""
@@ -122,9 +147,10 @@ def build_run(recipe: Recipe, par=None) -> BuiltRun:
     techniques = sorted(recipe.techniques(), key=lambda t: ESTIMATE_ORDER.index(t.slot))
     step_tech = by_slot(techniques, "step")[0]
     assert isinstance(step_tech, StepTechnique)
-    ctx = Context(model=model, spec=spec, device=device, loss_fn=model_loss, grad_clip=recipe.train.clip_grad_norm,
+    ctx = Context(model=model, spec=spec, device=device, loss_fn=loss_fn, grad_clip=recipe.train.clip_grad_norm,
                   seed=recipe.seed, techniques=techniques, data=data)
     apply_techniques(ctx)
+    cast_trainable(ctx.model, recipe.train.policy)
     ctx.model.to(device)
     ctx.model.train()
     if par is not None:
@@ -138,7 +164,14 @@ def build_run(recipe: Recipe, par=None) -> BuiltRun:
             ctx.optimizer = parallel.build_optimizer(opt_tech, ctx)
         else:
             ctx.optimizer = build_optimizer(opt_tech, ctx)
-    fb = wrap_forward_backward(ctx, recipe.train.precision)
+    ctx.grad_scaler = make_grad_scaler(recipe.train.policy, device) if not step_tech.owns_optimizer else None
+    from memfit.optim.layerwise import LayerwiseOptimizer
+
+    if ctx.grad_scaler is not None and isinstance(ctx.optimizer, LayerwiseOptimizer):
+        raise ConfigError(f"precision 16-mixed scales the loss and skips steps whose gradients overflow; optimizer "
+                          f"'{by_slot(techniques, 'optimizer')[0].name}' updates inside backward, before the overflow "
+                          f"is known: use precision bf16-mixed or a whole-step optimizer (layerwise: false)")
+    fb = wrap_forward_backward(ctx, recipe.train.policy, loss_fn)
     train_step = step_tech.make_train_step(ctx, fb)
     if ctx.optimizer is None:
         raise ConfigError(f"step '{step_tech.name}' built no optimizer")
@@ -154,13 +187,14 @@ def apply_techniques(ctx: Context) -> None:
         t.apply(ctx)
 
 
-def wrap_forward_backward(ctx: Context, precision: str = "fp32", loss_fn: LossFn = model_loss) -> ForwardBackward:
+def wrap_forward_backward(ctx: Context, precision: str | Precision = "32-true",
+                          loss_fn: LossFn = model_loss) -> ForwardBackward:
     """The micro-batch forward+backward with every technique's loss and forward-backward wrappers applied;
     sets `ctx.loss_fn` to the wrapped loss."""
     for t in ctx.techniques:
         loss_fn = t.wrap_loss(loss_fn, ctx)
     ctx.loss_fn = loss_fn
-    fb = make_forward_backward(loss_fn, ctx.device, precision)
+    fb = make_forward_backward(loss_fn, ctx.device, precision, ctx.grad_scaler)
     for t in ctx.techniques:
         fb = t.wrap_forward_backward(fb, ctx)
     return fb

@@ -22,6 +22,7 @@ from memfit.errors import RunDirError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import estimate_step
 from memfit.memory.sharding import estimate_rank
+from memfit.memory.runtime import with_runtime
 from memfit.memory.measure import MemoryMeter, MemoryReport, state_bytes
 from memfit.progress import Ticker, note
 from memfit.recipe import Recipe
@@ -47,6 +48,10 @@ class RunResult:
     optimizer_state_bytes: int = 0
     estimate_peak: int = 0  # predicted tensor peak of a step (`step_peak`); `estimate.total` is an upper bound
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+GRAD_SCALER_KEY = "amp.grad_scaler"
+"""Where a checkpoint keeps the 16-mixed loss scaler's state (beside the techniques' states)."""
 
 
 def _count_tokens(batch: dict) -> int:
@@ -100,12 +105,14 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
         rundir.check(run_dir, resume=resume, overwrite=overwrite, has_checkpoint=ckpt.has_checkpoint(run_dir))
         if par is not None:
             par.barrier()  # every rank checked before rank 0 creates anything
-    built = build_run(recipe, par)
+    built = build_run(recipe, par=par)
     if par is None:
         estimate, estimate_peak = estimate_step(built.spec, built.techniques)
     else:  # what each rank holds and peaks at
         rank = estimate_rank(built.spec, built.techniques, par.world, recipe.distributed.reshard_after_forward)
         estimate, estimate_peak = rank.breakdown, rank.peak
+    libraries = tuple(sorted({lib for t in built.techniques for lib in t.libraries}))
+    estimate, _ = with_runtime(estimate, estimate_peak, built.device.type, libraries)
     state = _LoopState.new(built)
     if run_dir is not None:
         _open_run_dir(run_dir, built, state, resume)
@@ -230,6 +237,8 @@ def _save(run_dir: Path, built: BuiltRun, step: int, history: list) -> None:
         parallel.save(run_dir, built, step, len(history), built.par)
         return
     state = {t.name: t.state_dict() for t in built.techniques}
+    if built.ctx.grad_scaler is not None:  # 16-mixed: the loss scale and its growth tracker resume exactly
+        state[GRAD_SCALER_KEY] = built.ctx.grad_scaler.state_dict()
     ckpt.save_checkpoint(run_dir, step, built.model, built.ctx.optimizer, state,
                          {"recipe": built.recipe.name, "history_len": len(history)},
                          keep=built.recipe.train.keep_checkpoints)
@@ -248,6 +257,8 @@ def _resume(run_dir: Path, built: BuiltRun) -> tuple[int, list]:
         loaded = ckpt.load_checkpoint(path, built.model, built.ctx.optimizer)
         for t in built.techniques:
             t.load_state_dict(loaded["techniques"].get(t.name, {}))
+        if built.ctx.grad_scaler is not None and GRAD_SCALER_KEY in loaded["techniques"]:
+            built.ctx.grad_scaler.load_state_dict(loaded["techniques"][GRAD_SCALER_KEY])
         step, name = loaded["meta"]["step"], path.name
     metrics = run_dir / rundir.METRICS
     records, torn = rundir.read_log(metrics)

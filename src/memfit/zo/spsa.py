@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from memfit.errors import ConfigError, ModelError
+from memfit.memory.estimate import weight_cast_bytes
 from memfit.memory.spec import DTYPE_BYTES, RunSpec
 
 Closure = Callable[[], "torch.Tensor | float"]
@@ -325,11 +326,12 @@ def inference_activation_bytes(spec: RunSpec) -> int:
     layer = tokens * (2 * m.hidden + max(attn, mlp)) * b
     if spec.attn_impl == "eager":
         layer += 2 * spec.batch * m.n_heads * spec.seq * spec.seq * b
-    if spec.task == "causal_lm":
-        head = 2 * tokens * m.vocab * 4  # logits and their log-softmax, fp32
+    if spec.task == "causal_lm":  # logits, their fp32 copy (when computed in 16 bits) and log-softmax (fp32)
+        head = tokens * m.vocab * (b + (4 if b != 4 else 0) + 4)
     else:
         head = tokens * m.hidden * b + spec.batch * max(m.num_labels, 2) * 4 * 2
-    return max(layer, head + tokens * m.hidden * b)
+    # under autocast every matmul weight's cast copy is cached until the forward ends (no_grad or not)
+    return max(layer, head + tokens * m.hidden * b) + weight_cast_bytes(spec)
 
 
 def chunk_bytes(spec: RunSpec, n_spsa: int = 1) -> int:

@@ -81,6 +81,7 @@ class ZOStepTechnique(StepTechnique):
         self.optimizer = opt
         ctx.optimizer = opt
         objective = objective_fn(self.config.objective, ctx.spec.task, ctx.loss_fn)
+        autocast = ctx.spec.policy.autocast_context  # forwards run in the run's precision, as backprop's do
 
         def train_step(micro_batches: list[dict[str, torch.Tensor]]) -> float:
             def closure() -> torch.Tensor:
@@ -88,7 +89,8 @@ class ZOStepTechnique(StepTechnique):
                 was_training = model.training
                 model.eval()
                 try:
-                    total = sum(objective(model, mb).float() for mb in micro_batches)
+                    with autocast(ctx.device):
+                        total = sum(objective(model, mb).float() for mb in micro_batches)
                 finally:
                     model.train(was_training)
                 return total / len(micro_batches)

@@ -5,17 +5,18 @@ tokens under `MemoryMeter`; rows give measured/estimated ratios for activations 
 the temporaries peak, and the step's tensor peak (`step_peak`), next to the naive sum of category peaks.
 
 `--only families`: the Llama/BERT/MiniLM rows; `--only architectures`: every block family of `memory/arch/`,
-tiny from config (`ARCHITECTURES`), in both precisions and attention implementations (a minute or two).
+tiny from config (`ARCHITECTURES`), in both precisions and attention implementations (a minute or two);
+`--only process`: predicted vs measured *process* peaks, each configuration in a fresh process
+(`memfit.bench.process_grid`).
 """
 
 from __future__ import annotations
 
 import itertools
-from contextlib import nullcontext
-
 import torch
 
 from memfit.bench.harness import BenchOptions
+from memfit.progress import note
 from memfit.memory.estimate import baseline, step_peak
 from memfit.memory.measure import MemoryMeter
 from memfit.memory.spec import RunSpec
@@ -36,13 +37,20 @@ def _random_batch(model, task: str, batch: int, seq: int) -> dict[str, torch.Ten
 
 
 def measure_row(name: str, model, task: str, attn: str, precision: str, batch: int, seq: int) -> dict:
+    """One forward + backward of `model` in `precision` (a `memory/precision.py` name; -true casts the weights to
+    their storage dtype first) against the baseline estimate."""
+    from memfit.memory.precision import precision as policy_of
+    from memfit.memory.spec import dtype_name
+
+    policy = policy_of(precision)
     model.set_attn_implementation(attn)
-    model.train()
-    spec = RunSpec.from_model(model, batch=batch, seq=seq, task=task, compute_dtype=precision, attn_impl=attn)
+    model.to(policy.storage_dtype).train()
+    spec = RunSpec.from_model(model, batch=batch, seq=seq, task=task, param_dtype=dtype_name(policy.storage_dtype),
+                              compute_dtype=policy.compute, attn_impl=attn, precision=policy.name)
     est = baseline(spec)
     data = _random_batch(model, task, batch, seq)
     meter = MemoryMeter(model)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    amp = policy.autocast_context(torch.device("cpu"))
     with meter.region():
         with amp:
             loss = model(**data).loss
@@ -144,8 +152,33 @@ def architecture_rows(seq: int = 32) -> list[dict]:
 
 def run(opts: BenchOptions) -> list[dict]:
     rows: list[dict] = architecture_rows() if opts.wants("architectures") else []
+    if opts.wants("precision"):
+        rows += precision_rows(opts)
     if opts.wants("families"):
         rows += _family_rows(opts)
+    if opts.wants("process"):
+        from memfit.bench import process_grid
+
+        grid_rows = process_grid.rows(opts)
+        rows += grid_rows + [{"model": "summary", **process_grid.summary(grid_rows)}]
+    return rows
+
+
+def precision_rows(opts: BenchOptions) -> list[dict]:
+    """Technique × precision on llama-tiny, run for real (`bench/technique_matrix.py`); then architecture ×
+    precision for a full fine-tune's forward + backward, weights stored as each precision stores them (quick:
+    one attention implementation, the decoders that differ most)."""
+    from memfit.bench.technique_matrix import matrix_rows, totals
+
+    rows = matrix_rows(opts.data_dir)
+    note(f"technique x precision: {totals(rows)}")
+    names = ["llama", "gemma2", "gpt2", "mixtral", "bert"] if opts.quick else list(ARCHITECTURES)
+    for name in names:
+        tasks = ARCHITECTURES[name][1][:1]
+        attn = "sdpa" if supports(name, "sdpa") else "eager"
+        for task, policy in itertools.product(tasks, ("32-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")):
+            row = measure_row(name, tiny_model(name, task, attn), task, attn, policy, 2, 32)
+            rows.append({"technique": "architecture", **row})
     return rows
 
 
