@@ -52,13 +52,15 @@ def train(
 def estimate(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Predict one rank of an FSDP2 run on N "
+                                        "processes (train.batch_size is the global batch)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: bytes of every category, their "
                                  "sum, the predicted step peak, precision and model dtype."),
 ) -> None:
     """Predict peak memory by category for a recipe without training (the model is built on the meta device)."""
     from memfit.plan import estimate_recipe
 
-    breakdown, peak = estimate_recipe(recipe, overrides or [])
+    breakdown, peak = estimate_recipe(recipe, overrides or [], nproc=nproc)
     from memfit.memory.breakdown import CATEGORIES, TENSOR_CATEGORIES, format_bytes
     from rich.table import Table
 
@@ -71,10 +73,11 @@ def estimate(
         print(json.dumps({"recipe": str(recipe), "precision": rec.train.precision, "model_dtype": rec.model_dtype,
                           "categories": {c: getattr(breakdown, c) for c in CATEGORIES},
                           "sum_of_category_peaks": breakdown.total, "step_peak": peak,
-                          "process_peak": peak + breakdown.runtime, "unit": "bytes"}, indent=2))
+                          "process_peak": peak + breakdown.runtime, "unit": "bytes",
+                          "nproc": nproc}, indent=2))
         return
 
-    table = Table(title=f"estimate for {recipe}")
+    table = Table(title=f"estimate for {recipe}" + (f", each of {nproc} ranks (FSDP2)" if nproc else ""))
     table.add_column("category")
     table.add_column("peak bytes", justify="right")
     for c in TENSOR_CATEGORIES:
