@@ -88,6 +88,7 @@ class Technique:
     slot: ClassVar[str]
     Config: ClassVar[type[TechniqueConfig]] = TechniqueConfig
     needs_gradients: ClassVar[bool] = False  # True where the method only makes sense with backprop
+    trains_base: ClassVar[bool] = False  # an adapter-slot technique that trains the model's own weights (LISA)
 
     def __init__(self, config: TechniqueConfig | None = None) -> None:
         self.config = config if config is not None else self.Config(name=self.name)
