@@ -10,6 +10,7 @@ from rich.console import Console
 
 from memfit.errors import RunDirError
 from memfit.recipe import load_recipe
+from memfit import rundir
 from memfit.rundir import is_run, run_name
 
 ASSET = Path(__file__).parent / "assets" / "shakespeare.txt"
@@ -37,6 +38,7 @@ def run_quickstart(output: Path, steps: int, console: Console) -> None:
     earlier = run_name(output) if output.is_dir() and is_run(output) else None
     if earlier not in (None, recipe.name):
         raise RunDirError(f"{output} holds the run '{earlier}', not a quickstart; choose another --output")
+    rundir.check(output, overwrite=earlier is not None)  # refuse before printing anything
     console.print(f"[bold]memfit quickstart[/]: {recipe.model.preset} on {ASSET.name}, {steps} steps")
     result = train(recipe, output, console=console, overwrite=earlier is not None)
     print_result(result, console)

@@ -90,6 +90,13 @@ class TrainConfig(_Strict):
         return self
 
 
+class DistributedConfig(_Strict):
+    """Multi-process training on FSDP2 (`memfit.distributed`): `memfit train R --nproc N` or torchrun."""
+
+    nproc: int = Field(1, ge=1)  # ranks `memfit train` launches on this machine (torchrun sets its own)
+    reshard_after_forward: bool = True  # True: ZeRO-3 (blocks re-gathered in backward); False: ZeRO-2
+
+
 class Recipe(_Strict):
     name: str = "run"
     seed: int = 0
@@ -103,6 +110,7 @@ class Recipe(_Strict):
     activations: list[str | dict[str, Any]] = Field(default_factory=list)
     step: str | dict[str, Any] = "backprop"
     kv: str | dict[str, Any] | None = None
+    distributed: DistributedConfig = DistributedConfig()
     output_dir: str = "runs"
 
     @model_validator(mode="after")

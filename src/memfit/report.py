@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from memfit.errors import RunDirError
-from memfit.memory.breakdown import CATEGORIES, MemoryBreakdown
+from memfit.memory.breakdown import TENSOR_CATEGORIES, MemoryBreakdown
 from memfit.progress import note
 from memfit.rundir import METRICS, read_log, write_text_atomic, writing
 
@@ -42,6 +42,19 @@ def final_line(metrics: dict[str, float], tokens_per_s: float, trainable: int, t
     return f"final: {shown}  |  {tokens_per_s:.0f} tokens/s  |  trainable {trainable:,} / {total:,} params"
 
 
+def rank_lines(notes: dict[str, Any]) -> list[str]:
+    """One line per rank of a distributed run (`memfit train --nproc N`): its tensor peak, the part of it that is
+    parameters + gradients + optimizer state + FSDP2's gathered blocks and buffers, and its process peak."""
+    from memfit.memory.breakdown import format_bytes
+
+    lines = []
+    for r in notes.get("ranks", []):
+        process = f", process peak {format_bytes(r['process_peak'])}" if r.get("process_peak") else ""
+        lines.append(f"rank {r['rank']}: tensor peak {format_bytes(r['tensor_peak'])} (model state peak "
+                     f"{format_bytes(r['model_state_peak'])}){process}")
+    return lines
+
+
 def memory_table(summary: dict[str, Any]):
     """The measured-vs-estimate table of a summary (memory.json), or None when the run measured nothing."""
     from memfit.memory.measure import MemoryReport
@@ -57,6 +70,8 @@ def print_result(result, console) -> None:
     """The memory table and the final line of a `RunResult`, then where its files are."""
     if result.memory is not None:
         console.print(result.memory.table(result.estimate, estimate_peak=result.estimate_peak or None))
+        for line in rank_lines(result.memory.notes):
+            console.print(line)
     console.print(final_line(result.metrics, result.tokens_per_s, result.trainable_params, result.total_params))
     if result.run_dir is not None:
         console.print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'report.html'})")
@@ -88,7 +103,14 @@ def plot_loss(history: list[dict], path: Path) -> None:
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    _save(fig, ax, "loss", path)
+
+
+def _save(fig, ax, ylabel: str, path: Path) -> None:
+    """Label, lay out and write a figure atomically, then free it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     with writing(path):
@@ -107,7 +129,7 @@ def plot_memory(summary: dict, path: Path) -> None:
     estimate = MemoryBreakdown.from_dict(summary["estimate"])
     run = summary.get("measured") or {}
     measured = MemoryBreakdown.from_dict(run.get("category_peaks") or run["peak"]) if run else None
-    cats = [c for c in CATEGORIES if getattr(estimate, c) or (measured and getattr(measured, c))]
+    cats = [c for c in TENSOR_CATEGORIES if getattr(estimate, c) or (measured and getattr(measured, c))]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = range(len(cats))
     ax.bar([x - 0.2 for x in xs], [getattr(estimate, c) / 2**20 for c in cats], 0.4, label="estimate")
@@ -115,12 +137,7 @@ def plot_memory(summary: dict, path: Path) -> None:
         ax.bar([x + 0.2 for x in xs], [getattr(measured, c) / 2**20 for c in cats], 0.4,
                label="measured (category max)")
     ax.set_xticks(list(xs), cats, rotation=30)
-    ax.set_ylabel("MiB")
-    ax.legend()
-    fig.tight_layout()
-    with writing(path):
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, "MiB", path)
 
 
 def _table_html(table) -> str:

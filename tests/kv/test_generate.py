@@ -81,6 +81,8 @@ def test_library_errors(model_dir):
     (["--kv", "snapkv", "--kv-budget", "8", "--attn", "sdpa"], "eager"),
     (["--kv", "kivi", "--kv-bits", "3"], "bits"),
     (["--max-new-tokens", "0"], "max-new-tokens"),
+    (["--kv", "h2o", "--kv-budget", "1B"], "below the smallest 'h2o' cache"),
+    (["--kv", "full", "--kv-budget", "1MiB"], "takes no budget"),
 ])
 def test_cli_bad_input_is_one_clear_error(model_dir, args, match):
     result = CliRunner().invoke(app, ["generate", str(model_dir), "--prompt", "the fox", *args])

@@ -17,6 +17,7 @@ POLICIES = [
     {"name": "kivi", "bits": 2, "residual": 8},
     {"name": "kivi", "bits": 4, "residual": 16, "value_group": 8},
     {"name": "kivi", "bits": 8, "residual": 16},
+    {"name": "kivi", "bits": 4, "residual": 8, "budget": 20},
 ]
 
 
@@ -38,7 +39,7 @@ def test_measured_kv_bytes_equal_estimate(model, spec):
 def test_budget_bytes_scale_with_budget_not_length(model):
     run = RunSpec.from_model(model, batch=1)
     h2o = build_policy("h2o", budget=64)
-    assert h2o.kv_bytes(run.with_(seq=10_000)) == h2o.kv_bytes(run.with_(seq=64))
+    assert h2o.kv_bytes(run.with_(seq=10_000)) == h2o.kv_bytes(run.with_(seq=65))  # 64 kept + the next slot
     full = build_policy("full").kv_bytes(run.with_(seq=10_000))
     assert full == 2 * 2 * 2 * 16 * 10_000 * 4  # 2·layers·kv_heads·head_dim·tokens·bytes
 
@@ -89,3 +90,54 @@ def test_chunked_prefill_peak_below_full_prefill_peak(model):
     streamed = peak(lambda: chunked_prefill(model, ids, build_policy("streaming_llm", budget=32).make_cache(model),
                                             chunk=32))
     assert chunked < full / 4 and streamed < full / 4, (full, chunked, streamed)
+
+
+def test_kivi_budget_evicts_whole_groups_and_keeps_the_sinks(model):
+    """KIVI + StreamingLLM-style eviction: never more than `budget` tokens, the first group (sinks) kept as it
+    was quantized, the newest tokens exact in the residual; without a budget the same run keeps every group."""
+    ids = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(4))
+    capped = build_policy("kivi", bits=4, residual=8, budget=20).make_cache(model)
+    free = build_policy("kivi", bits=4, residual=8).make_cache(model)
+    with torch.no_grad():
+        model(ids[:, :8], past_key_values=capped)
+        sinks = capped.layers[0].kq.clone()
+        for cache in (capped, free):
+            for t in range(8 if cache is capped else 0, 70):
+                model(ids[:, t:t + 1], past_key_values=cache)
+                assert cache is free or max(cache.stored_lengths()) <= 20
+    layer = capped.layers[0]
+    assert layer.stored == 8 + 6 and layer.quantized == 8  # 70 = 8 groups + 6: only the sinks group fits with 6
+    assert torch.equal(layer.kq[:, :, :8], sinks)
+    assert free.layers[0].stored == 70 and capped.nbytes() < free.nbytes() / 2
+
+
+def test_byte_budget_buys_the_most_tokens_that_fit(model):
+    """`--kv-budget 16KiB`: the largest token budget whose fullest cache fits; one more token would not; a 2-bit
+    KIVI cache buys more tokens with the same bytes than StreamingLLM's full-precision one."""
+    from memfit.kv.budget import fullest_bytes, parse_size, tokens_for_bytes
+
+    spec = RunSpec.from_model(model)
+    nbytes = parse_size("16KiB")
+    assert nbytes == 16384 and parse_size("256") is None and parse_size("1.5MiB") == 1572864
+    got = {}
+    for name, extra in [("streaming_llm", {}), ("h2o", {}), ("snapkv", {"window": 4}),
+                        ("kivi", {"bits": 2, "residual": 8})]:
+        make = lambda b: build_policy(name, budget=b, **extra)  # noqa: E731
+        b = tokens_for_bytes(make, spec, nbytes, name)
+        assert fullest_bytes(make(b), spec, b) <= nbytes < fullest_bytes(make(b + 1), spec, b + 1)
+        got[name] = b
+    assert got["kivi"] > 2 * got["streaming_llm"] > 2 * got["h2o"] / 1.5
+    from memfit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="below the smallest 'snapkv' cache"):
+        tokens_for_bytes(lambda b: build_policy("snapkv", budget=b, window=4), spec, 100, "snapkv")
+
+
+def test_generate_with_a_byte_budget_holds_it(model):
+    from memfit.generate import generate
+
+    prompt = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(5))
+    for kv, options in [("h2o", {}), ("kivi", {"bits": 4, "residual": 8})]:
+        result = generate(model, prompt, 8, kv=kv, kv_budget="8KiB", kv_options=options)
+        assert result.memory.kv_cache == result.kv_estimate <= 8192
+        assert result.memory.kv_cache > 8192 * 0.8  # the budget is used, not just respected

@@ -4,7 +4,8 @@ import torch
 from memfit.errors import CompatError, ConfigError
 from memfit.kv import build_policy
 from memfit.kv import base
-from memfit.kv.base import AccumulatedScoreLayer, ObservationWindowLayer
+from memfit.kv.accumulated import AccumulatedScoreLayer
+from memfit.kv.base import ObservationWindowLayer
 from memfit.kv.prefill import chunked_prefill
 from memfit.kv.pyramid import pyramid_budgets
 from memfit.models import build_llama
@@ -44,8 +45,11 @@ def test_keeps_exactly_its_budget_per_layer_and_head(model, prompt, name):
     cache = policy.make_cache(model)
     greedy(model, prompt, cache, n=40)
     budgets = pyramid_budgets(2, 10, 20.0, 5) if name == "pyramid" else [10, 10]
+    in_place = name in ("streaming_llm", "h2o", "keyformer")  # + the slot the next decoded token is written to
     for layer, budget in zip(cache.layers, budgets):
-        assert layer.keys.shape == (1, 2, budget, 16) and layer.values.shape == (1, 2, budget, 16)
+        slots = budget + in_place
+        assert layer.stored == budget
+        assert layer.keys.shape == (1, 2, slots, 16) and layer.values.shape == (1, 2, slots, 16)
     assert cache.get_seq_length() == prompt.shape[1] + 39
 
 
@@ -88,7 +92,8 @@ def _synthetic(layer, n, steps, h=2):
         keys, _ = layer.update(k, k.clone())
         probs = torch.softmax(torch.randn(1, h, 2, q, keys.shape[2]) * 3, dim=-1)
         layer.observe_attention(probs)
-        yield keys[0, :, :, 0].long(), probs, layer.keys[0, :, :, 0].long()
+        kept = layer.kept()[0] if isinstance(layer, AccumulatedScoreLayer) else layer.keys[0, :, :, 0].long()
+        yield keys[0, :, :, 0].long(), probs, kept
 
 
 def test_h2o_keeps_recent_plus_heaviest_accumulated(prompt):
@@ -103,12 +108,13 @@ def test_h2o_keeps_recent_plus_heaviest_accumulated(prompt):
             if len(toks) <= 8:
                 assert kept[head].tolist() == toks
                 continue
-            recent = toks[-3:]
-            heavy = sorted(toks[:-3], key=lambda t: -acc[head, t])[:5]
+            by_position = sorted(toks)  # in-place decode steps leave keys in slot order
+            recent = by_position[-3:]
+            heavy = sorted(by_position[:-3], key=lambda t: -acc[head, t])[:5]
             assert kept[head].tolist() == sorted(recent + heavy)
             for t in set(toks) - set(kept[head].tolist()):
                 del acc[head, t]
-    assert layer.scores.shape == (1, 2, 8)
+    assert layer.scores.shape == (1, 2, 9) and layer.stored == 8  # 8 kept + the slot the next token goes to
 
 
 def test_snapkv_ranks_by_observation_window():
@@ -206,3 +212,18 @@ def test_chunked_prefill_into_a_cache_the_model_ignores_fails_loudly(model, prom
     with pytest.raises(CompatError, match=r"took 0 of 23 prompt tokens.*transformers \d"):
         chunked_prefill(lambda **kw: model(**{k: v for k, v in kw.items() if k not in ("cache", "past_key_values")}),
                         prompt[:, :-1], cache, chunk=5)
+
+
+@pytest.mark.parametrize("name", ["streaming_llm", "h2o", "keyformer"])
+def test_decode_steps_write_in_place_once_full(model, prompt, name):
+    """Once a ring / scored cache is full, a decode step writes into the evicted slot: the key and value storages
+    stay the same tensors (no torch.cat per token), and the cache keeps budget + 1 slots."""
+    cache = build_policy(name, budget=10, **EVICTING[name]).make_cache(model)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache)
+        ptrs = [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
+        token = prompt[:, -1:]
+        for _ in range(15):
+            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == ptrs
+    assert cache.stored_lengths() == [10, 10] and cache.get_seq_length() == prompt.shape[1] + 15

@@ -158,6 +158,7 @@ OPTIMIZERS = [
     {"name": "sgd", "momentum": 0.9},
     "lomo",
     "adalomo",
+    {"name": "q_galore", "rank": 8},
 ]
 ACTIVATIONS = [
     (["checkpointing"], ""),
@@ -176,9 +177,12 @@ ACTIVATIONS = [
     ([{"name": "checkpointing", "every": 2}, "mesa", {"name": "chunked_ce", "chunk_size": 64}], "causal"),
     (["offload", "checkpointing"], ""),
     (["offload", "mesa"], ""),
+    ([{"name": "wta_crs", "budget": 0.3}], "llama"),
+    ([{"name": "wta_crs", "budget": 0.1}, {"name": "chunked_ce", "chunk_size": 64}], "llama"),
 ]
 WEIGHTS = ["int8", {"name": "int4", "group_size": 32}, "nf4", {"name": "nf4", "group_size": 0}, "awq",
-           {"name": "awq", "bits": 3, "group_size": 32}]
+           {"name": "awq", "bits": 3, "group_size": 32}, {"name": "int8", "embeddings": True},
+           {"name": "nf4", "embeddings": True}, "dfloat11", {"name": "bitstack", "blocks": 2, "rank": 4}]
 ADAPTERS = [
     {"name": "lora", "r": 4},
     {"name": "lora", "r": 2, "target": ["q_proj", "v_proj"]},
@@ -195,8 +199,20 @@ ADAPTERS = [
     {"name": "ist", "layers": 1, "r": 4},
     "lst",
     {"name": "lst", "reduction": 4, "train_head": True},
+    "unipt",
+    {"name": "unipt", "reduction": 4, "train_head": True},
+    "sherl",
+    {"name": "sherl", "late": 1, "reduction": 4, "train_head": True},
+    {"name": "slimfit", "freeze_ratio": 0.5},
+    {"name": "slimfit", "freeze_ratio": 0.5, "bits": None},
+    "meft",
+    {"name": "meft", "reduction": 4, "lam": 0.5, "train_head": True},
+    {"name": "switchlora", "r": 4},
+    {"name": "switchlora", "r": 2, "candidates": 8, "target": ["q_proj", "v_proj"]},
+    "sketchtune",
+    {"name": "sketchtune", "bits": 2, "group_size": 32},
 ]
-STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}]
+STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}, "zo2"]
 KV = ["full", {"name": "streaming_llm", "budget": 32}, {"name": "h2o", "budget": 32},
       {"name": "snapkv", "budget": 32}, {"name": "keyformer", "budget": 32}, {"name": "pyramid", "budget": 64},
       {"name": "kivi", "bits": 2}]
@@ -294,7 +310,8 @@ def compute() -> dict[str, dict]:
         spec = _spec(shape, models[shape.model])
         try:
             breakdown, peak = estimate_step(spec, _techniques(shape, combo))
-            out[key] = {**breakdown.to_dict(), "step_peak": peak}
+            tensors = {k: v for k, v in breakdown.to_dict().items() if k != "runtime"}  # 0: tensors only
+            out[key] = {**tensors, "step_peak": peak}
         except Exception as exc:  # a refusal is behaviour too
             out[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from memfit.memory.estimate import estimate_run, step_peak
@@ -56,3 +57,28 @@ def test_estimate_run_applies_the_optimizer_technique_only_to_its_category():
     with_adamw = estimate_run(spec, [AdamWTechnique()])
     assert base.optimizer == 0
     assert with_adamw.with_(optimizer=0) == base
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_transients_measured_equal_the_estimate(fused):
+    """The fused kernel makes no temporaries; the for-loop one two of the largest parameter's size."""
+    from memfit.memory.estimate import optimizer_step_transients
+    from memfit.optim.adamw import AdamWConfig
+
+    model = tiny_llama()
+    spec = spec_for(model, "causal_lm", 2, 64, "fp32", "sdpa")
+    tech = AdamWTechnique(AdamWConfig(name="adamw", fused=fused))
+    optimizer = tech.build_optimizer(Context(model=model, spec=spec))
+    batch = batch_for(model, "causal_lm", 2, 64)
+    model(**batch).loss.backward()
+    optimizer.step()  # the state exists before the measured step
+    meter = MemoryMeter(model, optimizer)
+    with meter.region():
+        optimizer.step()
+    report = meter.report()
+    state = sum(v.nbytes for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor))
+    held = report.peak.parameters + report.peak.buffers + report.peak.gradients + state
+    spec = tech.transform_spec(spec)
+    expected = optimizer_step_transients(spec, estimate_run(spec, [tech]))
+    assert report.tensor_peak - held == expected
+    assert (expected == 0) == fused

@@ -1,7 +1,10 @@
-"""The planner: predicted peaks per candidate, the choice respects the budget and fidelity order, and the
-chosen plan's measured peak stays within its prediction (and the budget)."""
+"""The planner: the space is what the techniques declare, the choice goes by expected quality then speed within the
+budget (process peak by default, tensors with scope="tensors"), and the chosen plan measures within its
+prediction."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from typer.testing import CliRunner
@@ -26,52 +29,83 @@ def _toy(data_dir):
     recipe = toy_recipe("pretrain", data_dir)
     recipe["model"] = {"preset": "llama-tiny"}
     recipe["data"].update({"block_size": 128, "vocab_size": 512})
-    recipe["train"]["batch_size"] = 8
+    recipe["train"].update({"batch_size": 8, "device": "cpu"})
     return recipe
 
 
-def test_plan_orders_by_fidelity_then_memory(data_dir):
+def _by_label(result):
+    return {r.label: r for r in result.rows}
+
+
+def test_from_scratch_never_plans_adapters_and_full_adamw_wins_when_it_fits(data_dir):
+    result = plan(_toy(data_dir), budget=2**40)
+    names = {n for r in result.rows for n in r.candidate.names}
+    assert not names & {"lora", "qlora", "dora", "lisa", "lst"}  # needs_pretrained, declared by the adapters
+    assert {"adamw", "galore", "checkpointing", "chunked_ce", "streambp", "mezo"} <= names
+    assert result.pruned > 0
+    assert result.chosen.label == "adamw (32-true)"
+    assert result.seconds < 5  # CPU seconds choosing among every combination (about 1 s on this machine)
+
+
+def test_declared_conflicts_prune_the_space(data_dir):
+    result = plan(_toy(data_dir), budget=2**40)
+    for r in result.rows:
+        names = r.candidate.names
+        assert not ("streambp" in names and ("checkpointing" in names or "chunked_ce" in names))
+        assert not ("mezo" in names and any(t.slot == "activations" for t in r.candidate.techniques))
+        if "streambp" in names:
+            assert not any(getattr(t.config, "layerwise", False) for t in r.candidate.techniques)
+
+
+def test_fine_tuning_ranks_full_then_lora_then_qlora(data_dir):
     recipe = _toy(data_dir)
-    rows = plan(recipe, budget=2**40)  # everything fits: the baseline (exact, no recompute) wins
-    assert choose(rows, 2**40).candidate.label == "AdamW (baseline)"
-    baseline = next(r for r in rows if r.candidate.label == "AdamW (baseline)")
-    tight = baseline.peak - 1
-    rows = plan(recipe, budget=tight)
-    chosen = choose(rows, tight)
-    assert chosen.peak <= tight and chosen.candidate.label != "AdamW (baseline)"
-    fitting = [r for r in rows if r.fits]
-    assert all(r.candidate.fidelity >= chosen.candidate.fidelity for r in fitting)
-    with pytest.raises(BudgetError, match="smallest plan"):
-        choose(plan(recipe, budget=1000), 1000)
+    recipe["model"] = {"preset": "llama-20m"}  # large enough that LoRA saves more than peft's own RSS
+    result = plan(recipe, budget=2**40, pretrained=True)
+    rows = _by_label(result)
+    full, lora, qlora = rows["adamw (32-true)"], rows["lora r=16 + adamw (32-true)"], rows["qlora r=16 + adamw (32-true)"]
+    assert full.quality > lora.quality > qlora.quality
+    assert result.chosen is full
+    # a budget LoRA fits and full fine-tuning does not: LoRA (not the smaller QLoRA) wins
+    budget = (lora.process_peak + full.process_peak) // 2
+    assert lora.process_peak < full.process_peak
+    result = plan(recipe, budget=budget, pretrained=True)
+    assert result.chosen.quality >= lora.quality - 1e-9 and "qlora" not in result.chosen.label
+    assert rows["lora r=16 + adamw (32-true)"].recipe["optimizer"]["lr"] == pytest.approx(10 * recipe["optimizer"]["lr"])
+    galore = next(r for r in result.rows if "galore" in r.candidate.names)
+    assert galore.recipe["optimizer"]["scale"] == 4.0  # GaLore's fine-tuning scale on pretrained weights
 
 
-def test_adapter_plans_scale_the_users_learning_rate(data_dir):
+def test_budget_scope_process_includes_the_runtime(data_dir):
     recipe = _toy(data_dir)
-    user_lr = recipe["optimizer"]["lr"]
-    rows = {r.candidate.label: r for r in plan(recipe, budget=2**40)}
-    assert rows["LoRA r=16"].recipe["optimizer"]["lr"] == pytest.approx(10 * user_lr)
-    assert rows["GaLore r=16"].recipe["optimizer"]["lr"] == user_lr
-    assert "scale" not in rows["GaLore r=16"].recipe["optimizer"]  # pre-training from a preset: GaLore's default
+    tensors = plan(recipe, budget=2**40, scope="tensors")
+    baseline = _by_label(tensors)["adamw (32-true)"]
+    assert baseline.process_peak - baseline.peak == baseline.breakdown.runtime > 100 * 2**20
+    budget = baseline.peak + 1
+    assert plan(recipe, budget=budget, scope="tensors").chosen.label == "adamw (32-true)"
+    with pytest.raises(BudgetError, match="process peak"):
+        plan(recipe, budget=budget).chosen
+    with pytest.raises(ConfigError, match="scope"):
+        plan(recipe, budget=budget, scope="gpu")
 
 
-def test_fine_tune_plans_use_galores_fine_tuning_scale():
-    from memfit.memory.spec import ModelShape, ParamInfo
-    from memfit.plan.planner import GALORE_FINE_TUNE_SCALE, candidates
-
-    shape = ModelShape(params=(ParamInfo("w", (64, 64), 4.0, True),), hidden=64, n_layers=1, n_heads=1,
-                       n_kv_heads=1, head_dim=64, intermediate=128, vocab=100, family="bert")
-    galore = [c for c in candidates("seq_cls", shape, fine_tune=True) if c.label.startswith("GaLore")]
-    assert galore and all(c.slots["optimizer"]["scale"] == GALORE_FINE_TUNE_SCALE for c in galore)
+def test_pareto_set_and_why(data_dir):
+    result = plan(_toy(data_dir), budget=2**40)
+    front = result.pareto()
+    assert result.chosen in front
+    for r in front:  # nobody fitting beats a Pareto plan on all three axes
+        assert not any(o.process_peak < r.process_peak and o.tokens_per_s > r.tokens_per_s and o.quality > r.quality
+                       for o in result.fitting)
+    assert "highest expected quality" in result.why()
 
 
 def test_chosen_plan_measures_within_prediction(data_dir):
     recipe = _toy(data_dir)
-    rows = plan(recipe, budget=2**40)
-    baseline = next(r for r in rows if r.candidate.label == "AdamW (baseline)")
-    chosen = choose(plan(recipe, budget=baseline.peak - 1), baseline.peak - 1)
-    result = verify(chosen, steps=2)
-    assert result.memory.tensor_peak <= chosen.peak * 1.10
-    assert result.memory.tensor_peak <= baseline.peak
+    full = _by_label(plan(recipe, budget=2**40, scope="tensors"))["adamw (32-true)"]
+    result = plan(recipe, budget=full.peak - 1, scope="tensors")
+    chosen = result.chosen
+    run = verify(chosen, steps=2)
+    assert run.memory.tensor_peak <= chosen.peak * 1.10
+    assert run.memory.tensor_peak <= full.peak
 
 
 def test_plan_cli(tmp_path, data_dir):
@@ -80,8 +114,25 @@ def test_plan_cli(tmp_path, data_dir):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_toy(data_dir)))
     out = tmp_path / "chosen.yaml"
-    result = CliRunner().invoke(app, ["plan", str(path), "--budget", "1GiB", "--write", str(out)])
+    result = CliRunner().invoke(app, ["plan", str(path), "--budget", "4GiB", "--write", str(out)])
     assert result.exit_code == 0, result.output
-    assert "chosen:" in result.output and out.exists()
+    assert "chosen:" in result.output and "why:" in result.output and "Pareto" in result.output and out.exists()
+    assert yaml.safe_load(out.read_text())["optimizer"]["name"] == "adamw"
     result = CliRunner().invoke(app, ["plan", str(path), "--budget", "10KiB"])
     assert result.exit_code == 2 and "no plan fits" in result.output
+
+
+def test_plan_cli_for_a_named_model_config(tmp_path):
+    config = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["plan", "--model", str(path), "--task", "finetune-causal", "--budget", "24GiB",
+                                      "--seq", "256", "--batch", "2", "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["task_kind"] == "finetune" and data["chosen"]["plan"] == "adamw (32-true)"
+    assert data["recipe"]["model"]["path"] == str(path) and data["recipe"]["train"]["batch_size"] == 2
+    assert any("lora" in r["plan"] for r in data["rows"])
+    result = CliRunner().invoke(app, ["plan", "--model", str(path), "--task", "sing", "--budget", "1GiB"])
+    assert result.exit_code == 2 and "--task" in result.output

@@ -37,6 +37,7 @@ def test_quickstart_never_deletes_files_it_did_not_write(tmp_path):
     (mine / "thesis.tex").write_text("years of work")
     result = _cli("quickstart", "--steps", "1", "-o", str(mine))
     assert result.exit_code == 2 and "not a memfit run" in result.output, result.output
+    assert "memfit quickstart" not in result.output  # refused before it announced a run
     assert _snapshot(mine) == {mine.joinpath("thesis.tex").relative_to(mine): b"years of work"}
 
 

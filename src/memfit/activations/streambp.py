@@ -224,6 +224,9 @@ class StreamBP(Technique):
     and step phases, which plain backprop's would overstate (the full sequence's logits never exist)."""
 
     name = "streambp"
+    plan_options = ({"chunk_size": 256},)
+    tasks = ("causal_lm",)
+    conflicts = ("checkpointing", "chunked_ce", "offload", "mesa", "s2a", "layerwise")
     slot = "activations"
     Config = StreamBPConfig
     needs_gradients = True

@@ -11,3 +11,6 @@ from memfit.adapters.peft_tuner import LoraLike
 
 class LoRA(LoraLike):
     name = "lora"
+    plan_options = ({"r": 16},)
+    needs_pretrained = True
+    plan_lr_scale = 10.0  # on SST-2, LoRA at 1e-3 matched full fine-tuning at 1e-4 (bench fewer-params)

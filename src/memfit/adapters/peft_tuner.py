@@ -157,6 +157,7 @@ class PeftTuner(Technique):
     slot = "adapter"
     needs_gradients = True
     Config = PeftTunerConfig
+    libraries = ("peft",)
 
     # --- what each tuner states ---------------------------------------------------------------------
     def peft_config(self, target_modules: list[str], task_type: str | None, save: list[str] | None):

@@ -20,6 +20,13 @@ RECIPES = Path(__file__).resolve().parents[3] / "recipes"
 WORKLOADS = {"pretrain": "pretrain", "finetune-cls": "finetune-cls", "finetune-ner": "finetune-ner"}
 SHARED_PREFIX = "../shared/data"
 
+# the speed suites' model (training and decode rows share it)
+SPEED_PRESET = "llama-20m"
+SPEED_MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
+               "num_key_value_heads": 4}  # 7.4 M parameters with the 8192-token vocabulary
+SPEED_QUICK_MODEL = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 4}
+
 
 def _rebase(path: str, data_dir: Path) -> str:
     return str(data_dir / Path(path).relative_to(SHARED_PREFIX)) if path.startswith(SHARED_PREFIX) else path

@@ -21,15 +21,30 @@ def train(
                                 "checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --output (removes only the files "
                                    "memfit wrote there)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train on N processes of this machine with "
+                                        "FSDP2 (torchrun; gloo on CPU, NCCL on CUDA); default: distributed.nproc. "
+                                        "Under torchrun the world size is torchrun's."),
 ) -> None:
     """Train or fine-tune from a recipe; writes metrics, checkpoints and a memory report to the run directory."""
+    from memfit.distributed.runtime import launch, under_torchrun
     from memfit.recipe import load_recipe
     from memfit.report import print_result
     from memfit.train import train as run_train
 
     rec = load_recipe(recipe, overrides or [])
     run_dir = output or Path(rec.output_dir) / rec.name
-    print_result(run_train(rec, run_dir, resume=resume, overwrite=overwrite, console=console), console)
+    ranks = nproc or rec.distributed.nproc
+    if not under_torchrun() and (nproc is not None or ranks > 1):  # this process only launches the ranks
+        argv = ["train", str(recipe), *(overrides or []), "--output", str(run_dir)]
+        argv += ["--resume"] * resume + ["--overwrite"] * overwrite
+        raise typer.Exit(launch(argv, ranks))
+    result = run_train(rec, run_dir, resume=resume, overwrite=overwrite, console=console)
+    if result.extras.get("rank", 0) == 0:
+        print_result(result, console)
+    if under_torchrun():
+        from memfit.distributed.runtime import shutdown
+
+        shutdown()
 
 
 @app.command()
@@ -44,7 +59,7 @@ def estimate(
     from memfit.plan import estimate_recipe
 
     breakdown, peak = estimate_recipe(recipe, overrides or [])
-    from memfit.memory.breakdown import CATEGORIES, format_bytes
+    from memfit.memory.breakdown import TENSOR_CATEGORIES, format_bytes
     from rich.table import Table
 
     if as_json:
@@ -54,68 +69,23 @@ def estimate(
 
         rec = load_recipe(recipe, overrides or [])
         print(json.dumps({"recipe": str(recipe), "precision": rec.train.precision, "model_dtype": rec.model_dtype,
-                          "categories": {c: getattr(breakdown, c) for c in CATEGORIES},
-                          "sum_of_category_peaks": breakdown.total, "step_peak": peak, "unit": "bytes"}, indent=2))
+                          "categories": {c: getattr(breakdown, c) for c in TENSOR_CATEGORIES},
+                          "sum_of_category_peaks": breakdown.total, "step_peak": peak,
+                          "runtime": breakdown.runtime, "process_peak": peak + breakdown.runtime, "unit": "bytes"},
+                         indent=2))
         return
 
     table = Table(title=f"estimate for {recipe}")
     table.add_column("category")
     table.add_column("peak bytes", justify="right")
-    for c in CATEGORIES:
+    for c in TENSOR_CATEGORIES:
         if getattr(breakdown, c):
             table.add_row(c, format_bytes(getattr(breakdown, c)))
-    table.add_row("sum of category peaks", format_bytes(breakdown.total))
-    table.add_row("[bold]predicted step peak", format_bytes(peak))
+    table.add_row("sum of tensor category peaks", format_bytes(breakdown.total))
+    table.add_row("[bold]predicted step peak (tensors)", format_bytes(peak))
+    table.add_row("runtime (libraries, allocator; CUDA context)", format_bytes(breakdown.runtime))
+    table.add_row("[bold]predicted process peak", format_bytes(peak + breakdown.runtime))
     console.print(table)
-
-
-@app.command()
-@handles_errors
-def plan(
-    recipe: Path = typer.Argument(..., help="Recipe YAML: the model, data and batch/sequence to plan for."),
-    overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
-    budget: str = typer.Option(..., "--budget", "-b", help="Tensor memory budget, e.g. 2GiB or 800MiB."),
-    verify: bool = typer.Option(False, "--verify", help="Run two measured steps of the chosen plan."),
-    write: Optional[Path] = typer.Option(None, "--write", help="Write the chosen plan as a recipe YAML."),
-) -> None:
-    """Predict every candidate plan's peak by category, pick the best that fits the budget, optionally prove it."""
-    import yaml
-    from rich.table import Table
-
-    from memfit.memory.breakdown import format_bytes
-    from memfit.plan import FIDELITY, choose, parse_bytes
-    from memfit.plan import plan as make_plan
-    from memfit.plan.planner import load_recipe_dict
-
-    limit = parse_bytes(budget)
-    rows = make_plan(load_recipe_dict(recipe, overrides or []), limit)
-    table = Table(title=f"plans for {recipe} within {format_bytes(limit)} (predicted tensor peak of a step)")
-    for col in ("plan", "tier", "params", "grads", "optimizer", "activations", "step peak", "fits"):
-        table.add_column(col, justify="left" if col in ("plan", "tier") else "right")
-    for r in rows:
-        if r.breakdown is None:
-            table.add_row(r.candidate.label, FIDELITY[r.candidate.fidelity], "", "", "", "", "-",
-                          f"n/a: {r.problem[:60]}")
-            continue
-        b = r.breakdown
-        table.add_row(r.candidate.label, FIDELITY[r.candidate.fidelity], format_bytes(b.parameters),
-                      format_bytes(b.gradients), format_bytes(b.optimizer), format_bytes(b.activations),
-                      format_bytes(r.peak), "[green]yes" if r.fits else "[red]no")
-    console.print(table)
-    chosen = choose(rows, limit)
-    console.print(f"[bold]chosen:[/] {chosen.candidate.label} — predicted peak {format_bytes(chosen.peak)}")
-    if write:
-        write.write_text(yaml.safe_dump(chosen.recipe, sort_keys=False))
-        console.print(f"wrote {write}")
-    if verify:
-        from memfit.plan import verify as run_verify
-
-        result = run_verify(chosen)
-        measured = result.memory.tensor_peak
-        console.print(result.memory.table(result.estimate, estimate_peak=result.estimate_peak))
-        verdict = "[green]within budget" if measured <= limit else "[red]OVER budget"
-        console.print(f"measured tensor peak {format_bytes(measured)} vs predicted {format_bytes(chosen.peak)} "
-                      f"({measured / chosen.peak:.2f}×): {verdict}")
 
 
 @app.command()
@@ -164,6 +134,8 @@ def bench(
 
 
 from memfit.cli import generate as _generate  # noqa: E402,F401  (registers `memfit generate`, listed last)
+from memfit.cli import plan as _plan  # noqa: E402,F401  (registers `memfit plan`)
+from memfit.cli import predict as _predict  # noqa: E402,F401  (registers `memfit predict`)
 
 
 def main() -> None:

@@ -21,16 +21,21 @@ def generate_command(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate."),
     kv: str = typer.Option("full", "--kv", help="KV policy: full, streaming_llm, h2o, snapkv, keyformer, pyramid, "
                            "kivi."),
-    kv_budget: Optional[str] = typer.Option(None, "--kv-budget", help="Tokens kept per layer and head (e.g. 256) "
-                                            "or a share of the prompt (e.g. 20%)."),
+    kv_budget: Optional[str] = typer.Option(None, "--kv-budget", help="Tokens kept per layer and head (e.g. 256), "
+                                            "a share of the prompt (e.g. 20%), or the cache's bytes (e.g. 64MiB: "
+                                            "the most tokens whose cache fits). kivi: optional."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="kivi: 2, 4 or 8 bits."),
     kv_window: Optional[int] = typer.Option(None, "--kv-window", help="snapkv/pyramid: observation window."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weight format: int8, int4, nf4, awq."),
+    quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings", help="With --weights: store the "
+                                             "embedding table and the output layer in the format too."),
     stream: bool = typer.Option(False, "--stream", help="Stream layers from disk (weights beyond memory)."),
     attn: str = typer.Option("auto", "--attn", help="auto (eager when the policy needs attention scores), eager, "
                              "sdpa."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Feed the prompt in chunks of this "
-                                                "many tokens so the cache compresses during prefill."),
+                                                "many tokens so the cache compresses during prefill (default: "
+                                                "chosen from the budget for every evicting or quantizing policy; "
+                                                "0: the whole prompt in one forward)."),
     sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(1.0, "--temperature"),
     seed: int = typer.Option(0, "--seed"),
@@ -47,7 +52,7 @@ def generate_command(
         prompt = read_utf8(existing_file(prompt_file, "prompt file", "--prompt-file"), "prompt file")
     options = {"bits": kv_bits, "window": kv_window}
     result = generate(model, prompt, max_new_tokens, kv=kv, kv_budget=kv_budget, kv_options=options,
-                      weights=weights, stream=stream, attn=attn, prefill_chunk=prefill_chunk, do_sample=sample,
+                      weights=weights, quantize_embeddings=quantize_embeddings, stream=stream, attn=attn, prefill_chunk=prefill_chunk, do_sample=sample,
                       temperature=temperature, seed=seed)
     console.print(result.text, markup=False, highlight=False)
     console.print(result.table())

@@ -108,6 +108,7 @@ class RankMeter:
         if isinstance(optimizer, LayerwiseOptimizer):  # its updates run in the inner optimizer's step
             optimizer = optimizer.optimizer
         self._tracker = _Tracker(model, optimizer)
+        self._model = model
         self.device = next(model.parameters()).device
         self.rank = rank
         self._peak: dict[str, int] | None = None
@@ -120,7 +121,14 @@ class RankMeter:
         process.reset_peak(self.device)
         self._tracker.reset_mod_stats()
         with self._tracker:
-            yield self
+            # FSDPMemTracker refuses a second forward of the root in one tracked region (gradient accumulation)
+            # over its per-module stats; this meter reads only the global snapshots, so those are cleared before
+            # each root forward (a hook prepended after the tracker's own, so it runs first)
+            handle = self._model.register_forward_pre_hook(lambda *_: self._tracker.reset_mod_stats(), prepend=True)
+            try:
+                yield self
+            finally:
+                handle.remove()
         peak = _categories(_device(self._tracker.get_tracker_snapshot("peak")))
         if self._peak is None or sum(peak.values()) > sum(self._peak.values()):
             self._peak = peak

@@ -9,7 +9,6 @@ joins one process group — NCCL when CUDA is available, gloo on CPU — and bui
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import uuid
 from collections.abc import Callable
@@ -93,8 +92,24 @@ def launch_command(argv: list[str], nproc: int, module: str = "memfit") -> list[
 
 
 def launch(argv: list[str], nproc: int, module: str = "memfit") -> int:
-    """Run `launch_command` and wait; returns torchrun's exit code (non-zero if any rank failed)."""
-    return subprocess.call(launch_command(argv, nproc, module))
+    """Run `python -m <module> <argv>` on `nproc` local ranks as `launch_command` would (torch's elastic agent,
+    in this process) and wait; returns 0, or the failed rank's exit code after one line naming it (each rank has
+    printed its own error already, so torchrun's traceback of the agent is left out)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"memfit-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+                          start_method="spawn", local_addr="localhost")
+    try:
+        elastic_launch(config, sys.executable)("-m", module, *argv)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        print(f"rank {rank} of {nproc} failed with exit code {failure.exitcode}", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
 
 
 def spawn(fn: Callable[..., Any], nproc: int, *args: Any, env: dict[str, str] | None = None) -> list[Any]:

@@ -53,13 +53,19 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index)
 
 
-def keep_recent_and_top(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
-    """Indices (B, H, budget), ascending, of the `recent` last tokens plus the best-scored others."""
-    if recent > 0:
-        scores = scores.clone()
-        scores[..., -recent:] = float("inf")
+def keep_top(scores: torch.Tensor, budget: int, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (B, H, budget), ascending, of the `protected` tokens (a mask broadcastable to `scores`) plus the
+    best-scored others."""
+    if protected is not None:
+        scores = scores.masked_fill(protected, float("inf"))
     idx = scores.topk(budget, dim=-1).indices
     return idx.sort(dim=-1).values
+
+
+def keep_recent_and_top(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
+    """Indices (B, H, budget), ascending, of the `recent` last tokens plus the best-scored others."""
+    n = scores.shape[-1]
+    return keep_top(scores, budget, torch.arange(n, device=scores.device) >= n - recent if recent > 0 else None)
 
 
 class PolicyLayer(DynamicLayer):
@@ -311,6 +317,8 @@ class KVPolicy(Technique):
 
     slot = "kv"
     needs_attention: ClassVar[bool] = False
+    compresses: ClassVar[bool] = True  # evicts or quantizes: prefill runs in chunks by default (`kv.peak.auto_chunk`)
+    score_copies: ClassVar[int] = 0  # float32 tensors of the attention probabilities' size built to rank tokens
 
     def check(self, ctx: Context) -> None:
         self.check_model(ctx.model)
@@ -351,69 +359,27 @@ class KVPolicy(Technique):
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         return base.with_(kv_cache=self.kv_bytes(spec))
 
+    def budget_of(self, layer_idx: int, n_layers: int) -> int | None:
+        """Tokens layer `layer_idx` keeps per head (None: all of them)."""
+        return getattr(self.config, "budget", None)
+
+    def default_chunk(self) -> int:
+        """Prefill chunk of a compressing policy without a token budget (`kv.peak.auto_chunk`)."""
+        return 256
+
+    def update_overshoot(self, layer_idx: int, n_layers: int, past: int, chunk: int, batch: int, kv_heads: int,
+                         head_dim: int, elem: int) -> int:
+        """Bytes the updating layer holds during its forward beyond its steady size: the `chunk` new tokens not yet
+        evicted, and the copy `torch.cat` (then the eviction's gather) makes while the old tensor is alive."""
+        budget = self.budget_of(layer_idx, n_layers)
+        grown = past + chunk
+        steady = grown if budget is None else min(grown, budget)
+        return dense_bytes(2 * grown - steady, batch, kv_heads, head_dim, elem)
+
 
 def dense_bytes(tokens: int, batch: int, kv_heads: int, head_dim: int, elem: int) -> int:
     """2 (K and V) · batch · kv_heads · head_dim · tokens · bytes: one layer of an uncompressed cache."""
     return 2 * batch * kv_heads * head_dim * tokens * elem
-
-
-class AccumulatedScoreLayer(PolicyLayer):
-    """Keeps the `recent` last tokens plus the tokens with the largest accumulated score (H2O, Keyformer).
-
-    `scores` (B, H_kv, stored) float32 grows by `row_scores(probs)` summed over the queries of every step and the
-    query heads that share a KV head.
-    """
-
-    needs_attention = True
-
-    def __init__(self, budget: int, recent: int) -> None:
-        super().__init__(budget)
-        self.recent = recent
-        self.scores: torch.Tensor | None = None
-
-    def row_scores(self, probs: torch.Tensor) -> torch.Tensor:
-        return probs
-
-    def on_append(self, n: int) -> None:
-        b, h = self.keys.shape[:2]
-        new = torch.zeros(b, h, n, dtype=torch.float32, device=self.keys.device)
-        self.scores = new if self.scores is None else torch.cat([self.scores, new], dim=-1)
-
-    def observe_attention(self, probs: torch.Tensor) -> None:
-        self.scores = self.scores + self.row_scores(probs).sum(dim=(2, 3))
-        self.evict()
-
-    def select(self, budget: int) -> torch.Tensor:
-        return keep_recent_and_top(self.scores, budget, min(self.recent, budget))
-
-    def gather_stats(self, idx: torch.Tensor) -> None:
-        self.scores = self.scores.gather(2, idx)
-
-    def reset_stats(self) -> None:
-        self.scores = None
-
-    def stats_tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.scores,)
-
-
-def scored_bytes(tokens: int, budget: int, batch: int, kv_heads: int, head_dim: int, elem: int) -> int:
-    """Keys and values of the kept tokens plus one float32 score per kept token and head."""
-    kept = min(tokens, budget)
-    return dense_bytes(kept, batch, kv_heads, head_dim, elem) + batch * kv_heads * kept * SCORE_BYTES
-
-
-class AccumulatedScorePolicy(KVPolicy):
-    """A recent window plus the best-scored other tokens (`AccumulatedScoreLayer`; H2O, Keyformer): `budget`
-    tokens per layer and head, `config.recent_ratio` of them the most recent (at least one if the ratio is > 0)."""
-
-    needs_attention = True
-
-    def recent(self) -> int:
-        budget, ratio = self.config.budget, self.config.recent_ratio
-        return min(budget, max(1, round(budget * ratio))) if ratio > 0 else 0
-
-    def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
-        return scored_bytes(tokens, self.config.budget, batch, kv_heads, head_dim, elem)
 
 
 class ObservationWindowLayer(PolicyLayer):

@@ -24,6 +24,7 @@ class FullKV(KVPolicy):
 
     name = "full"
     Config = FullConfig
+    compresses = False
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
         return FullLayer()

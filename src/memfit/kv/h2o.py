@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from memfit.kv.base import AccumulatedScoreLayer, AccumulatedScorePolicy, BudgetConfig, PolicyLayer
+from memfit.kv.accumulated import AccumulatedScoreLayer, AccumulatedScorePolicy
+from memfit.kv.base import BudgetConfig, PolicyLayer
 
 
 class H2OConfig(BudgetConfig):

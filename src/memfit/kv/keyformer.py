@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from memfit.kv.base import AccumulatedScoreLayer, AccumulatedScorePolicy, BudgetConfig, PolicyLayer
+from memfit.kv.accumulated import AccumulatedScoreLayer, AccumulatedScorePolicy
+from memfit.kv.base import BudgetConfig, PolicyLayer
 
 
 class KeyformerConfig(BudgetConfig):
@@ -57,6 +58,7 @@ class Keyformer(AccumulatedScorePolicy):
 
     name = "keyformer"
     Config = KeyformerConfig
+    score_copies = 3  # uniform noise → Gumbel noise, log-probabilities, their softmax
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
         c = self.config

@@ -8,21 +8,24 @@ structure and are quantized per token over groups of `value_group` channels. The
 stay in full precision until a whole group is complete; then the group is quantized and packed (8, 4 or 2 bits: 1, 2
 or 4 codes per byte). Every step dequantizes the packed part into a temporary for attention, so the *stored* cache is
 ~bits/16 of a half-precision one. The paper reports 2-bit KIVI keeps LLaMA/Falcon/Mistral quality within a few
-tenths of a point and cuts peak memory 2.6×. (Unlike `transformers`' `QuantizedCache`, which quantizes both keys and
+tenths of a point and cuts peak memory 2.6×. With `budget` set, KIVI composes with StreamingLLM-style eviction
+at group granularity: beyond `budget` tokens per layer and head the oldest quantized groups after the first (which
+holds the attention sinks) are dropped — a quantized group's per-channel key scales stay valid for its tokens, so
+eviction never requantizes. (Unlike `transformers`' `QuantizedCache`, which quantizes both keys and
 values per channel, this follows the paper's asymmetric layout.)
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from memfit.errors import ConfigError
 from memfit.kv import quant
-from memfit.kv.base import KVPolicy, PolicyCache, PolicyLayer, kv_geometry, tensor_bytes
+from memfit.kv.base import KVPolicy, PolicyCache, PolicyLayer, dense_bytes, kv_geometry, tensor_bytes
 from memfit.techniques.base import TechniqueConfig
 
 
@@ -31,13 +34,22 @@ class KIVIConfig(TechniqueConfig):
     bits: Literal[2, 4, 8] = 4
     residual: int = Field(32, gt=0, description="full-precision recent tokens; also the key quantization group")
     value_group: int = Field(32, gt=0, description="channels per value quantization group (capped at head_dim)")
+    budget: Optional[int] = Field(None, gt=0, description="tokens kept per layer and head (None: all): beyond it the "
+                                  "oldest quantized groups after the first (the attention sinks) are evicted")
+
+    @model_validator(mode="after")
+    def _budget_fits(self):
+        if self.budget is not None and self.budget < 2 * self.residual:
+            raise ValueError(f"budget ({self.budget}) must be at least 2 × residual ({2 * self.residual}): the first "
+                             "quantized group (attention sinks), one more group and the full-precision residual")
+        return self
 
 
 class KIVILayer(PolicyLayer):
     """Packed quantized past (`kq`, `vq` + scales/minimums) and a full-precision residual (`keys`, `values`)."""
 
-    def __init__(self, bits: int, residual: int, value_group: int) -> None:
-        super().__init__(budget=None)
+    def __init__(self, bits: int, residual: int, value_group: int, budget: int | None = None) -> None:
+        super().__init__(budget=budget)
         self.bits, self.residual, self.value_group = bits, residual, value_group
         self.kq = self.k_scale = self.k_min = None
         self.vq = self.v_scale = self.v_min = None
@@ -64,7 +76,20 @@ class KIVILayer(PolicyLayer):
         else:
             out_k, out_v = self.keys, self.values
         self._flush()
+        self._evict_groups()
         return out_k, out_v
+
+    def _evict_groups(self) -> None:
+        """Over budget: drop the oldest quantized groups after the first (StreamingLLM's sinks, group-wise)."""
+        if self.budget is None or self.stored <= self.budget:
+            return
+        r = self.residual
+        drop = -(-(self.stored - self.budget) // r)  # whole groups
+        keep_tokens = lambda t: torch.cat([t[:, :, :r], t[:, :, r * (1 + drop):]], dim=2)  # noqa: E731
+        keep_groups = lambda t: torch.cat([t[:, :, :1], t[:, :, 1 + drop:]], dim=2)  # noqa: E731
+        self.kq, self.vq = keep_tokens(self.kq), keep_tokens(self.vq)
+        self.v_scale, self.v_min = keep_tokens(self.v_scale), keep_tokens(self.v_min)
+        self.k_scale, self.k_min = keep_groups(self.k_scale), keep_groups(self.k_min)
 
     def _flush(self) -> None:
         n = (self.keys.shape[-2] // self.residual) * self.residual
@@ -124,15 +149,26 @@ class KIVI(KVPolicy):
         self.check_model(model)
         n_layers, _, head_dim = kv_geometry(model)
         c = self.config
-        return PolicyCache([KIVILayer(c.bits, c.residual, self._value_group(head_dim)) for _ in range(n_layers)])
+        return PolicyCache([KIVILayer(c.bits, c.residual, self._value_group(head_dim), c.budget)
+                            for _ in range(n_layers)])
+
+    def default_chunk(self) -> int:
+        return max(256 // self.config.residual, 1) * self.config.residual
+
+    def update_overshoot(self, layer_idx, n_layers, past, chunk, batch, kv_heads, head_dim, elem) -> int:
+        """The dequantized past, the concatenated keys/values attention reads, and the unpacked codes."""
+        grown = past + chunk
+        return 2 * dense_bytes(grown, batch, kv_heads, head_dim, elem) + 2 * batch * kv_heads * past * head_dim
 
     def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
         c = self.config
         group = self._value_group(head_dim)
         quantized = (tokens // c.residual) * c.residual
+        if c.budget is not None:  # whole groups evicted until the groups and the residual fit the budget
+            quantized = min(quantized, (c.budget - tokens % c.residual) // c.residual * c.residual)
         rows = batch * kv_heads
         codes = 2 * rows * quantized * head_dim * c.bits // 8
         key_scales = 2 * rows * (quantized // c.residual) * head_dim * elem
         value_scales = 2 * rows * quantized * (head_dim // group) * elem
-        residual = 2 * rows * (tokens - quantized) * head_dim * elem
+        residual = 2 * rows * (tokens % c.residual) * head_dim * elem
         return codes + key_scales + value_scales + residual

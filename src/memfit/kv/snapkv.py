@@ -43,9 +43,6 @@ class SnapKV(KVPolicy):
     Config = SnapKVConfig
     needs_attention = True
 
-    def budget_of(self, layer_idx: int, n_layers: int) -> int:
-        return self.config.budget
-
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
         c = self.config
         return ObservationWindowLayer(self.budget_of(layer_idx, n_layers), c.window, c.kernel, c.pooling)

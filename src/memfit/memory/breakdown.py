@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
-CATEGORIES = (
+TENSOR_CATEGORIES = (
     "parameters",
     "buffers",
     "gradients",
@@ -14,6 +14,9 @@ CATEGORIES = (
     "kv_cache",
     "other",
 )
+CATEGORIES = (*TENSOR_CATEGORIES, "runtime")
+"""`runtime` is what the process holds besides tensors (interpreter, libraries, allocator slack; on CUDA the
+context and the caching allocator's reserve): `memfit.memory.runtime`. Estimates of tensors leave it 0."""
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,17 @@ class MemoryBreakdown:
     temporaries: int = 0
     kv_cache: int = 0
     other: int = 0
+    runtime: int = 0
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, f.name) for f in fields(self))
+        """Tensor bytes: the sum of every category but `runtime`."""
+        return sum(getattr(self, c) for c in TENSOR_CATEGORIES)
+
+    @property
+    def process_total(self) -> int:
+        """Tensors plus the runtime: what the process (or the device) holds."""
+        return self.total + self.runtime
 
     def __add__(self, other: MemoryBreakdown) -> MemoryBreakdown:
         return MemoryBreakdown(**{c: getattr(self, c) + getattr(other, c) for c in CATEGORIES})

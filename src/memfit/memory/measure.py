@@ -27,7 +27,7 @@ except ImportError as exc:
                "torch.distributed._tools.mem_tracker.MemTracker and _MemRefType", ("torch",)) from exc
 
 from memfit.memory import process
-from memfit.memory.breakdown import CATEGORIES, MemoryBreakdown, format_bytes
+from memfit.memory.breakdown import CATEGORIES, TENSOR_CATEGORIES, MemoryBreakdown, format_bytes
 
 _CATEGORY_OF = {
     _MemRefType.PARAM: "parameters",
@@ -108,7 +108,7 @@ class MemoryReport:
         if estimate is not None:
             table.add_column("estimate", justify="right")
             table.add_column("max/est", justify="right")
-        for c in CATEGORIES:
+        for c in TENSOR_CATEGORIES:
             measured, cmax = getattr(self.peak, c), getattr(self.category_peaks, c)
             est = getattr(estimate, c) if estimate is not None else 0
             if measured == 0 and cmax == 0 and est == 0:
@@ -124,8 +124,21 @@ class MemoryReport:
             total += [format_bytes(predicted), ratio]
         table.add_row(*total)
         if self.process_peak is not None:
-            table.add_row("process peak", format_bytes(self.process_peak), "", *([""] * (2 if estimate else 0)))
-            table.add_row("  minus tensors", format_bytes(self.overhead), "", *([""] * (2 if estimate else 0)))
+            runtime = estimate.runtime if estimate is not None else 0
+            if runtime and self.device.startswith("cuda"):  # measured: max reserved, which holds no context
+                from memfit.memory.runtime import CUDA_CONTEXT
+
+                runtime -= CUDA_CONTEXT
+            pad = [""] * (2 if estimate is not None else 0)
+            if runtime:
+                predicted = (estimate_peak if estimate_peak is not None else estimate.total) + runtime
+                table.add_row("runtime (process − tensors)", format_bytes(self.overhead), "", format_bytes(runtime),
+                              f"{self.overhead / runtime:.2f}")
+                table.add_row("[bold]process peak", format_bytes(self.process_peak), "", format_bytes(predicted),
+                              f"{self.process_peak / predicted:.2f}")
+            else:
+                table.add_row("process peak", format_bytes(self.process_peak), "", *pad)
+                table.add_row("  minus tensors", format_bytes(self.overhead), "", *pad)
         return table
 
 

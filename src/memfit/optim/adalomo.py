@@ -97,6 +97,8 @@ class AdaLomoTechnique(FusedTechnique):
     """`optimizer: {name: adalomo, lr: 0.001}` — factored second moment, in backward."""
 
     name = "adalomo"
+    plan_options = ({},)
+    full_weights_only = True
     Config = AdaLomoConfig
 
     def make_rule(self, groups: list[dict]) -> FusedRule:

@@ -131,6 +131,7 @@ class AdamMiniTechnique(MemfitOptimizerTechnique):
     """`optimizer: {name: adam_mini}` (hidden size and heads read from the model config unless given)."""
 
     name = "adam_mini"
+    plan_options = ({},)
     Config = AdamMiniConfig
     exclude = ()
 

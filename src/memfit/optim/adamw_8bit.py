@@ -57,6 +57,7 @@ class AdamW8bitTechnique(MemfitOptimizerTechnique):
     """`optimizer: {name: adamw_8bit, block_size: 256, min_8bit_size: 4096}`."""
 
     name = "adamw_8bit"
+    plan_options = ({}, {"layerwise": True})
     Config = AdamW8bitConfig
     exclude = ()
 

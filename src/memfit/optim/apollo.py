@@ -109,6 +109,12 @@ class APOLLOTechnique(MemfitOptimizerTechnique):
 
     name = "apollo"
     Config = APOLLOConfig
+    full_weights_only = True  # projects whole weight matrices
+
+    @classmethod
+    def plan_variants(cls, spec: RunSpec, pretrained: bool = False) -> list[dict[str, Any]]:
+        """Rank hidden/4, as GaLore (APOLLO-Mini keeps its rank 1)."""
+        return [{"name": cls.name, **({} if cls.Config(name=cls.name).rank == 1 else {"rank": max(4, spec.model.hidden // 4)})}]
 
     def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
         c = self.config

@@ -12,7 +12,7 @@ Optimizer state per projected (m >= n) parameter: projector r*n + moments 2*m*r 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -171,6 +171,18 @@ class GaLoreTechnique(MemfitOptimizerTechnique):
     name = "galore"
     Config = GaLoreConfig
     quantized = False
+    full_weights_only = True  # projects whole weight matrices
+
+    FINE_TUNE_SCALE: ClassVar[float] = 4.0
+    """Update scale when fine-tuning pretrained weights (the pre-training default 0.25 barely moves them: on CoNLL
+    with MiniLM, GaLore at scale 1 reached 0 entity F1 after 60 steps, at scale 4 0.32, AdamW 0.46)."""
+
+    @classmethod
+    def plan_variants(cls, spec: RunSpec, pretrained: bool = False) -> list[dict[str, Any]]:
+        """Rank hidden/4 (the GaLore/APOLLO papers' ratio on small models), with and without layer-wise updates."""
+        base = {"name": cls.name, "rank": max(4, spec.model.hidden // 4),
+                **({"scale": cls.FINE_TUNE_SCALE} if pretrained else {})}
+        return [base, {**base, "layerwise": True}]
 
     def _kwargs(self) -> dict[str, Any]:
         c = self.config

@@ -36,6 +36,7 @@ class SGDTechnique(MemfitOptimizerTechnique):
     """`optimizer: {name: sgd, lr: 0.01, momentum: 0.9}`."""
 
     name = "sgd"
+    plan_options = ({"momentum": 0.9},)
     Config = SGDConfig
 
     def make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:

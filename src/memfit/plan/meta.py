@@ -29,6 +29,8 @@ def meta_model(recipe: Recipe) -> nn.Module:
             return transformers.LlamaForCausalLM(config).to(dtype)
         if recipe.model.config is not None:
             config = config_file(recipe.model.config)
+        elif Path(recipe.model.path).suffix == ".json":  # a config.json named as the model (`plan --model`)
+            config = config_file(recipe.model.path)
         else:
             source, local = resolve_model_path(recipe.model.path)
             config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
@@ -53,10 +55,25 @@ def config_file(path: str):
         raise ModelError(f"model.config {path} is not a transformers config: {str(exc).splitlines()[0]}") from None
 
 
-def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tuple[MemoryBreakdown, int]:
-    """(per-category peaks, predicted tensor peak of a step) for a recipe."""
+def spec_for(recipe: Recipe, model: nn.Module, precision: str | None = None, device: torch.device | None = None):
+    """The run's `RunSpec` for `model`, at `precision` (default: the recipe's), on `device` (default: the
+    recipe's, resolved on this machine; pass one to plan for a device this machine lacks)."""
     from memfit.train.build import resolve_device, run_spec
 
+    if precision is not None and precision != recipe.train.precision:
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": precision})})
+    return run_spec(recipe, model, device if device is not None else resolve_device(recipe.train.device))
+
+
+def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tuple[MemoryBreakdown, int]:
+    """(per-category peaks with `runtime` filled, predicted tensor peak of a step) for a recipe; the predicted
+    process peak is `peak + breakdown.runtime`."""
+    from memfit.memory.runtime import with_runtime
+
     recipe = load_recipe(source, list(overrides))
-    spec = run_spec(recipe, meta_model(recipe), resolve_device(recipe.train.device))
-    return estimate_step(spec, recipe.techniques())
+    spec = spec_for(recipe, meta_model(recipe))
+    techniques = recipe.techniques()
+    breakdown, peak = estimate_step(spec, techniques)
+    libraries = tuple(sorted({lib for t in techniques for lib in getattr(t, "libraries", ())}))
+    breakdown, _ = with_runtime(breakdown, peak, spec.extra.get("device", "cpu"), libraries)
+    return breakdown, peak

@@ -1,49 +1,112 @@
-"""The planner: for a recipe and a memory budget, predict every candidate plan's peak by category, keep those
-that fit, rank them, and optionally prove the choice by measuring a few real steps.
+"""The planner: for a run and a memory budget, predict the peak of every compatible combination of techniques
+(`plan/space.py`), keep those that fit, and rank them by expected quality for the task, then predicted speed
+(`plan/quality.py`); print the Pareto set and say why the winner won; optionally prove the choice by measuring.
 
-A candidate is a set of technique-slot values laid over the user's recipe. Ranking prefers *fidelity* first —
-exact full training, then exact math with compressed storage, then low-rank optimizer state, then fewer trainable
-parameters, then zeroth order — and, within a tier, plans that recompute less and then take less memory.
+The budget is the process's peak by default (tensors + the `runtime` category, `memory/runtime.py`: on CPU the
+RSS high-water mark, on CUDA what the device holds); `scope="tensors"` compares the tensor peak alone.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from memfit.errors import BudgetError, ConfigError, MemfitError
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.spec import ModelShape
+from memfit.plan.space import Combination
 
-FIDELITY = {
-    0: "exact full training",
-    1: "exact, compressed optimizer state",
-    2: "low-rank optimizer state",
-    3: "fewer trainable parameters",
-    4: "zeroth order (no backprop)",
-}
+QUALITY_RESOLUTION = 0.01
+"""Expected-quality differences below 1 % are ties (the measured tables' own noise is larger); speed decides."""
 
-
-@dataclass(frozen=True)
-class Candidate:
-    label: str
-    fidelity: int
-    slots: dict[str, Any]
-    recompute: int = 0  # rough extra forward work (1: checkpointing, 2: StreamBP's per-chunk recompute)
-    lr_scale: float = 1.0  # multiplies the user's learning rate
+SCOPES = ("process", "tensors")
 
 
 @dataclass
 class PlanRow:
-    candidate: Candidate
-    breakdown: MemoryBreakdown | None
-    peak: int | None
+    candidate: Combination
+    breakdown: MemoryBreakdown | None  # by category, `runtime` filled
+    peak: int | None  # predicted tensor peak of a step
+    process_peak: int | None  # tensors + runtime
     fits: bool
-    problem: str = ""  # why the candidate does not apply to this recipe
+    quality: float = 0.0  # expected, relative to exact full training (1.0)
+    tokens_per_s: float = 0.0  # predicted
+    problem: str = ""  # why the candidate cannot be estimated for this run
     recipe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.candidate.label
+
+    def scoped(self, scope: str) -> int | None:
+        return self.peak if scope == "tensors" else self.process_peak
+
+    @property
+    def rank_key(self) -> tuple:
+        return (-round(self.quality / QUALITY_RESOLUTION), -self.tokens_per_s, self.process_peak or 0)
+
+
+@dataclass
+class Plan:
+    rows: list[PlanRow]  # fitting ones first, in rank order
+    budget: int
+    scope: str
+    pruned: int  # combinations the techniques' declared rules excluded
+    seconds: float  # CPU time spent choosing (enumerate + estimate + rank): not inflated by other processes
+    task_kind: str
+    wall_seconds: float = 0.0
+
+    @property
+    def fitting(self) -> list[PlanRow]:
+        return [r for r in self.rows if r.fits]
+
+    @property
+    def chosen(self) -> PlanRow:
+        return choose(self.rows, self.budget, self.scope)
+
+    def pareto(self) -> list[PlanRow]:
+        """Fitting plans no other fitting plan beats on all of peak, tokens/s and expected quality."""
+        fit = self.fitting
+
+        def dominated(r: PlanRow) -> bool:
+            return any(o is not r and o.process_peak <= r.process_peak and o.tokens_per_s >= r.tokens_per_s
+                       and o.quality >= r.quality and (o.process_peak, -o.tokens_per_s, -o.quality)
+                       != (r.process_peak, -r.tokens_per_s, -r.quality) for o in fit)
+        return sorted((r for r in fit if not dominated(r)), key=lambda r: r.rank_key)
+
+    def why(self) -> str:
+        """One sentence: why the chosen plan won."""
+        win = self.chosen
+        fit = self.fitting
+        same_q = [r for r in fit if r.rank_key[0] == win.rank_key[0]]
+        text = (f"{win.label} has the highest expected quality for {self.task_kind} ({win.quality:.3f} of exact "
+                f"full training) among {len(fit)} plans that fit")
+        if len(same_q) > 1:
+            text += f"; of the {len(same_q)} within {QUALITY_RESOLUTION:.0%} of it, it is the fastest " \
+                    f"({win.tokens_per_s:,.0f} predicted tokens/s)"
+        better = [r for r in self.rows if not r.fits and r.peak is not None and r.rank_key < win.rank_key]
+        if better:
+            b = min(better, key=lambda r: r.rank_key)
+            text += (f"; {b.label} would rank higher (quality {b.quality:.3f}) but needs "
+                     f"{b.scoped(self.scope) / 2**20:,.0f} MiB")
+        return text + "."
+
+    def to_dict(self) -> dict[str, Any]:
+        def row(r: PlanRow) -> dict[str, Any]:
+            return {"plan": r.label, "fits": r.fits, "quality": round(r.quality, 4),
+                    "tokens_per_s": round(r.tokens_per_s, 1), "tensor_peak": r.peak, "process_peak": r.process_peak,
+                    "breakdown": r.breakdown.to_dict() if r.breakdown else None, "problem": r.problem or None}
+        chosen = choose(self.rows, self.budget, self.scope) if self.fitting else None
+        return {"budget": self.budget, "scope": self.scope, "task_kind": self.task_kind,
+                "combinations": len(self.rows), "pruned_by_rules": self.pruned, "choosing_cpu_s": round(self.seconds, 3),
+                "choosing_wall_s": round(self.wall_seconds, 3),
+                "chosen": row(chosen) if chosen else None, "why": self.why() if chosen else None,
+                "recipe": chosen.recipe if chosen else None, "pareto": [row(r) for r in self.pareto()],
+                "rows": [row(r) for r in self.rows]}
 
 
 def parse_bytes(text: str) -> int:
@@ -55,62 +118,15 @@ def parse_bytes(text: str) -> int:
     return int(value * 1024 ** " KMGT".index(unit or " "))
 
 
-ADAPTER_LR_SCALE = 10.0
-"""Adapters train few weights with larger steps: on SST-2 (bench fewer-params) LoRA at 1e-3 matched full
-fine-tuning at 1e-4."""
-
-
-GALORE_FINE_TUNE_SCALE = 4.0
-"""GaLore's update scale when fine-tuning pretrained weights (its pre-training default 0.25 barely moves them: on
-CoNLL with MiniLM, GaLore at scale 1 reached 0 entity F1 after 60 steps, at scale 4 0.32, AdamW 0.46)."""
-
-
-def candidates(task: str, shape: ModelShape, fine_tune: bool = False) -> list[Candidate]:
-    """Curated plans for a task; ranks scale with the model (GaLore/APOLLO papers use ~hidden/4 on small models).
-    `fine_tune`: the recipe starts from pretrained weights (GaLore then uses its fine-tuning scale)."""
-    rank = max(4, shape.hidden // 4)
-    galore = {"name": "galore", "rank": rank, **({"scale": GALORE_FINE_TUNE_SCALE} if fine_tune else {})}
-    ckpt = {"name": "checkpointing"}
-    lm = task == "causal_lm"
-    act_exact = [ckpt, {"name": "chunked_ce"}] if lm else [ckpt]
-    plans = [
-        Candidate("AdamW (baseline)", 0, {}),
-        Candidate("AdamW, layer-wise updates", 0, {"optimizer": {"name": "adamw", "layerwise": True}}),
-        Candidate("AdamW + checkpointing", 0, {"activations": [ckpt]}, recompute=1),
-        Candidate("AdamW layer-wise + checkpointing" + (" + chunked CE" if lm else ""), 0,
-                  {"optimizer": {"name": "adamw", "layerwise": True}, "activations": act_exact}, recompute=1),
-        *([Candidate("AdamW + StreamBP", 0, {"activations": [{"name": "streambp", "chunk_size": 256}]},
-                     recompute=2)] if lm else []),
-        Candidate("8-bit AdamW", 1, {"optimizer": "adamw_8bit"}),
-        Candidate("Adam-mini", 1, {"optimizer": "adam_mini"}),
-        Candidate("8-bit AdamW layer-wise + checkpointing", 1,
-                  {"optimizer": {"name": "adamw_8bit", "layerwise": True}, "activations": act_exact}, recompute=1),
-        Candidate(f"GaLore r={rank}", 2, {"optimizer": galore}),
-        Candidate("APOLLO-Mini", 2, {"optimizer": "apollo_mini"}),
-        Candidate(f"GaLore r={rank} layer-wise + checkpointing", 2,
-                  {"optimizer": {**galore, "layerwise": True}, "activations": act_exact},
-                  recompute=1),
-        Candidate("LoRA r=16", 3, {"adapter": {"name": "lora", "r": 16}}, lr_scale=ADAPTER_LR_SCALE),
-        Candidate("LoRA r=16 + checkpointing", 3, {"adapter": {"name": "lora", "r": 16}, "activations": act_exact},
-                  recompute=1, lr_scale=ADAPTER_LR_SCALE),
-        Candidate("QLoRA r=16 + checkpointing", 3, {"adapter": {"name": "qlora", "r": 16}, "activations": act_exact},
-                  recompute=1, lr_scale=ADAPTER_LR_SCALE),
-        Candidate("MeZO (full model)", 4, {"step": {"name": "mezo"}}),
-        Candidate("MeZO on LoRA r=16", 4, {"step": {"name": "mezo"}, "adapter": {"name": "lora", "r": 16}}),
-    ]
-    return plans
-
-
-def _with_slots(recipe: dict[str, Any], slots: dict[str, Any], lr_scale: float = 1.0) -> dict[str, Any]:
-    """The user's recipe with its technique slots replaced by the candidate's (the user's LR is kept, times
-    the candidate's `lr_scale`)."""
+def _with_slots(recipe: dict[str, Any], cand: Combination, lr_scale: float = 1.0) -> dict[str, Any]:
+    """The user's recipe with its technique slots replaced by the candidate's, its precision set (the user's LR is
+    kept, times the techniques' declared `plan_lr_scale`)."""
     out = {k: copy.deepcopy(v) for k, v in recipe.items()
            if k not in ("optimizer", "adapter", "weights", "activations", "step")}
+    out["train"] = {**out.get("train", {}), "precision": cand.precision}
     user_opt = recipe.get("optimizer")
     lr = user_opt.get("lr") if isinstance(user_opt, dict) else None
-    for key, value in {"optimizer": "adamw", **copy.deepcopy(slots)}.items():
-        if key == "optimizer" and "step" in slots:
-            continue  # a zeroth-order step is its own optimizer (its lr is under `step:`)
+    for key, value in copy.deepcopy(cand.slots).items():
         if key == "optimizer" and lr is not None:
             value = {"name": value} if isinstance(value, str) else value
             value.setdefault("lr", lr * lr_scale)
@@ -118,44 +134,101 @@ def _with_slots(recipe: dict[str, Any], slots: dict[str, Any], lr_scale: float =
     return out
 
 
-def plan(recipe: dict[str, Any], budget: int) -> list[PlanRow]:
-    """Every candidate's predicted step peak, fitting ones first in rank order."""
+def precisions() -> list[str]:
+    """The precisions a recipe accepts (`memory/precision.py`, Lightning's names) that the quality prior knows."""
+    from memfit.memory.precision import PRECISIONS
+    from memfit.plan.quality import PRECISION_QUALITY
+
+    return [p for p in PRECISIONS if p in PRECISION_QUALITY]
+
+
+def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained: bool | None = None,
+         model=None) -> Plan:
+    """Every compatible combination's predicted peak, quality and speed; fitting ones first in rank order.
+    `model`: a model (meta or real) to plan for instead of building the recipe's on the meta device."""
+    if scope not in SCOPES:
+        raise ConfigError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
     from memfit.memory.estimate import estimate_step
-    from memfit.plan.meta import meta_model
+    from memfit.memory.runtime import with_runtime
+    from memfit.plan.meta import meta_model, spec_for
+    from memfit.plan.quality import PRECISION_QUALITY, task_kind
+    from memfit.plan.space import combinations
     from memfit.recipe import load_recipe
-    from memfit.train.build import resolve_device, run_spec
 
     base = load_recipe(recipe)
-    spec = run_spec(base, meta_model(base), resolve_device(base.train.device))
+    model = model if model is not None else meta_model(base)
+    pretrained = base.model.path is not None if pretrained is None else pretrained
+    kind = task_kind(base.task, pretrained)
+    t0, w0 = time.process_time(), time.perf_counter()
+    specs = {p: spec_for(base, model, p) for p in precisions()}
+    device = next(iter(specs.values())).extra.get("device", "cpu")
+    combos, pruned = combinations(next(iter(specs.values())), pretrained, list(specs))
     rows = []
-    for cand in candidates(base.task, spec.model, fine_tune=base.model.preset is None):
-        candidate_recipe = _with_slots(recipe, cand.slots, cand.lr_scale)
+    for cand in combos:
+        quality = _quality(cand, kind, PRECISION_QUALITY)
+        if quality is None:
+            pruned += 1  # a technique the prior does not plan for this kind of task (adapters from scratch)
+            continue
+        lr_scale = math.prod(t.plan_lr_scale for t in cand.techniques)
+        spec = specs[cand.precision]
         try:
-            rec = load_recipe(candidate_recipe)
-            breakdown, peak = estimate_step(spec, rec.techniques())
-        except MemfitError as exc:
-            rows.append(PlanRow(cand, None, None, False, str(exc).splitlines()[0], candidate_recipe))
+            breakdown, peak = estimate_step(spec, list(cand.techniques))
+        except (MemfitError, ValueError, NotImplementedError, KeyError) as exc:
+            rows.append(PlanRow(cand, None, None, None, False, quality, 0.0, str(exc).splitlines()[0]))
             continue
-        except Exception as exc:  # a technique whose estimate cannot handle this model: show it, don't crash
-            rows.append(PlanRow(cand, None, None, False, f"cannot estimate: {exc}", candidate_recipe))
-            continue
-        rows.append(PlanRow(cand, breakdown, peak, peak <= budget, "", candidate_recipe))
-    return sorted(rows, key=lambda r: (not r.fits, r.peak is None, r.candidate.fidelity if r.fits else 0,
-                                       r.candidate.recompute if r.fits else 0, r.peak or 0))
+        breakdown, process_peak = with_runtime(breakdown, peak, device, _libraries(cand))
+        row = PlanRow(cand, breakdown, peak, process_peak, False, quality, _tokens_per_s(spec, cand, device))
+        row.fits = row.scoped(scope) <= budget
+        rows.append(row)
+    rows.sort(key=lambda r: (not r.fits, r.peak is None, r.rank_key if r.fits else (), r.process_peak or 0))
+    seconds, wall = time.process_time() - t0, time.perf_counter() - w0
+    for r in rows:
+        r.recipe = _with_slots(recipe, r.candidate, math.prod(t.plan_lr_scale for t in r.candidate.techniques))
+    return Plan(rows, budget, scope, pruned, seconds, kind, wall)
 
 
-def choose(rows: list[PlanRow], budget: int) -> PlanRow:
+def _quality(cand: Combination, kind: str, precision_quality: dict[str, float]) -> float | None:
+    from memfit.plan.quality import technique_quality
+
+    q = precision_quality[cand.precision]
+    for t in cand.techniques:
+        tq = technique_quality(t.name, kind)
+        if tq is None:
+            return None
+        q *= tq
+    return q
+
+
+def _libraries(cand: Combination) -> tuple[str, ...]:
+    return tuple(sorted({lib for t in cand.techniques for lib in getattr(t, "libraries", ())}))
+
+
+def _tokens_per_s(spec, cand: Combination, device: str) -> float:
+    from memfit.plan.quality import NOMINAL_FLOPS, NOMINAL_MFU, SPEED, precision_speed
+
+    m = spec.model
+    flops_per_token = 6 * m.n_params + 6 * m.n_layers * m.hidden * spec.seq  # Kaplan et al. 2020 (bench/mfu.py)
+    slowdown = precision_speed(cand.precision, device)
+    for t in cand.techniques:
+        slowdown *= SPEED.get(t.name, 1.0)
+        if getattr(t.config, "layerwise", False) and t.slot == "optimizer":
+            slowdown *= SPEED["layerwise"]
+    return NOMINAL_FLOPS.get(device, NOMINAL_FLOPS["cpu"]) * NOMINAL_MFU / flops_per_token / slowdown
+
+
+def choose(rows: list[PlanRow], budget: int, scope: str = "process") -> PlanRow:
     fitting = [r for r in rows if r.fits]
     if not fitting:
-        smallest = min((r for r in rows if r.peak is not None), key=lambda r: r.peak, default=None)
-        hint = (f"; the smallest plan, {smallest.candidate.label}, needs {smallest.peak / 2**20:.0f} MiB — lower "
-                f"train.batch_size or the sequence length, or raise the budget") if smallest else ""
-        raise BudgetError(f"no plan fits {budget / 2**20:.0f} MiB{hint}")
-    return fitting[0]
+        smallest = min((r for r in rows if r.peak is not None), key=lambda r: r.scoped(scope), default=None)
+        hint = (f"; the smallest plan, {smallest.label}, needs {smallest.scoped(scope) / 2**20:,.0f} MiB "
+                f"({'tensors' if scope == 'tensors' else 'process peak'}) — lower train.batch_size or the sequence "
+                f"length, or raise the budget") if smallest else ""
+        raise BudgetError(f"no plan fits {budget / 2**20:,.0f} MiB{hint}")
+    return min(fitting, key=lambda r: r.rank_key)
 
 
 def verify(row: PlanRow, steps: int = 2):
-    """Run the chosen plan for a few measured steps; return the measured report and the run result."""
+    """Run the chosen plan for a few measured steps; return the run result (measured report inside)."""
     from memfit.recipe import load_recipe
     from memfit.train import train
 

@@ -16,6 +16,8 @@ from memfit.sampling.layers import LayerSampler, seeded_generator
 
 class LISA(LayerSampler):
     name = "lisa"
+    plan_options = ({},)
+    needs_pretrained = True
 
     def select(self, k: int, n_layers: int) -> list[int]:
         perm = torch.randperm(n_layers, generator=seeded_generator(self.seed, k))

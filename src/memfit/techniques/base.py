@@ -90,6 +90,29 @@ class Technique:
     needs_gradients: ClassVar[bool] = False  # True where the method only makes sense with backprop
     trains_base: ClassVar[bool] = False  # an adapter-slot technique that trains the model's own weights (LISA)
 
+    # --- what `memfit plan` may combine: each technique declares it (memfit.plan.space enumerates) ---
+    plan_options: ClassVar[tuple[dict[str, Any], ...]] = ()  # option sets the planner tries; () = never planned
+    tasks: ClassVar[tuple[str, ...] | None] = None  # tasks it applies to (None: every task)
+    conflicts: ClassVar[tuple[str, ...]] = ()  # names of techniques it cannot run with; "layerwise": in-backward
+    # optimizer updates; "activations": every activation technique
+    needs_pretrained: ClassVar[bool] = False  # only sensible on pretrained weights (never planned from scratch)
+    plan_lr_scale: ClassVar[float] = 1.0  # the planner multiplies the user's learning rate by this
+    libraries: ClassVar[tuple[str, ...]] = ()  # optional packages it imports (their RSS: `memory/runtime.py`)
+
+    @classmethod
+    def plan_variants(cls, spec: RunSpec, pretrained: bool = False) -> list[dict[str, Any]]:
+        """Recipe values (`{name, ...options}`) the planner tries for this run (`pretrained`: it starts from
+        pretrained weights); from `plan_options` by default."""
+        return [{"name": cls.name, **options} for options in cls.plan_options]
+
+    def conflict_with(self, other: Technique) -> str | None:
+        """Why this technique cannot run with `other` (by the declared `conflicts` of either), or None."""
+        for a, b in ((self, other), (other, self)):
+            for c in a.conflicts:
+                if (c == b.name or c == b.slot or (c == "layerwise" and getattr(b.config, "layerwise", False))):
+                    return f"{a.name} cannot run with {b.name if c != 'layerwise' else 'layer-wise updates'}"
+        return None
+
     def __init__(self, config: TechniqueConfig | None = None) -> None:
         self.config = config if config is not None else self.Config(name=self.name)
 
@@ -148,6 +171,7 @@ class OptimizerTechnique(Technique):
 
     slot = "optimizer"
     needs_gradients = True
+    full_weights_only: ClassVar[bool] = False  # True: works on whole weight matrices; never planned with an adapter
 
     def build_optimizer(self, ctx: Context) -> torch.optim.Optimizer:
         raise NotImplementedError

@@ -18,6 +18,8 @@ SLOTS: dict[str, dict[str, str]] = {
         "int8": "memfit.weights.int8:Int8Weights",
         "int4": "memfit.weights.int4:Int4Weights",
         "nf4": "memfit.weights.nf4:NF4Weights",
+        "dfloat11": "memfit.weights.dfloat11:DFloat11Weights",
+        "bitstack": "memfit.weights.bitstack:BitStackWeights",
         "awq": "memfit.weights.awq:AWQWeights",
     },
     "adapter": {
@@ -31,6 +33,12 @@ SLOTS: dict[str, dict[str, str]] = {
         "badam": "memfit.sampling.badam:BAdam",
         "ist": "memfit.sampling.ist:IST",
         "lst": "memfit.adapters.lst:LST",
+        "unipt": "memfit.adapters.unipt:UniPT",
+        "sherl": "memfit.adapters.sherl:SHERL",
+        "slimfit": "memfit.sampling.slimfit:SlimFit",
+        "meft": "memfit.adapters.meft:MEFT",
+        "switchlora": "memfit.adapters.switchlora:SwitchLoRA",
+        "sketchtune": "memfit.weights.sketch:SketchTune",
     },
     "activations": {
         "checkpointing": "memfit.activations.checkpointing:Checkpointing",
@@ -39,11 +47,13 @@ SLOTS: dict[str, dict[str, str]] = {
         "offload": "memfit.activations.offload:Offload",
         "mesa": "memfit.activations.mesa:Mesa",
         "s2a": "memfit.activations.s2a:S2A",
+        "wta_crs": "memfit.activations.wta_crs:WTACRS",
     },
     "optimizer": {
         "adamw": "memfit.optim.adamw:AdamWTechnique",
         "galore": "memfit.optim.galore:GaLoreTechnique",
         "galore_8bit": "memfit.optim.galore:GaLore8bitTechnique",
+        "q_galore": "memfit.optim.q_galore:QGaLoreTechnique",
         "apollo": "memfit.optim.apollo:APOLLOTechnique",
         "apollo_mini": "memfit.optim.apollo:APOLLOMiniTechnique",
         "adam_mini": "memfit.optim.adam_mini:AdamMiniTechnique",
@@ -63,6 +73,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "zo-adam": "memfit.zo.zo_adam:ZOAdamStep",
         "forward-grad": "memfit.zo.forward_grad:ForwardGradStep",
         "zo-block": "memfit.zo.zo_block:ZOBlockStep",
+        "zo2": "memfit.zo.zo2:ZO2Step",
     },
     "kv": {
         "full": "memfit.kv.full:FullKV",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ class BuiltRun:
     spec: RunSpec  # the shapes before techniques transform them (estimate_run applies the transforms)
     device: torch.device
     extras: dict = field(default_factory=dict)
+    par: Any = None  # memfit.train.parallel.Parallel in a distributed run
 
     @property
     def model(self) -> nn.Module:
@@ -130,11 +132,14 @@ def by_slot(techniques: list[Technique], slot: str) -> list[Technique]:
     return [t for t in techniques if t.slot == slot]
 
 
-def build_run(recipe: Recipe, loss_fn: LossFn = model_loss) -> BuiltRun:
+def build_run(recipe: Recipe, loss_fn: LossFn = model_loss, par=None) -> BuiltRun:
     """Everything the loop needs, with every technique applied through the plug-in protocol (`loss_fn`: the
-    loss the techniques wrap; the model's own by default)."""
+    loss the techniques wrap; the model's own by default).
+
+    `par` (a `memfit.train.parallel.Parallel`): this rank of a distributed run — the model is sharded with FSDP2
+    after the techniques are applied, and the optimizer built on the shards."""
     torch.manual_seed(recipe.seed)
-    device = resolve_device(recipe.train.device)
+    device = par.ctx.device if par is not None else resolve_device(recipe.train.device)
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
     model, data = build_model_and_data(recipe)
@@ -148,10 +153,17 @@ def build_run(recipe: Recipe, loss_fn: LossFn = model_loss) -> BuiltRun:
     cast_trainable(ctx.model, recipe.train.policy)
     ctx.model.to(device)
     ctx.model.train()
+    if par is not None:
+        from memfit.train import parallel
+
+        parallel.shard(ctx, recipe, par)
     if not step_tech.owns_optimizer:
         opt_tech = by_slot(techniques, "optimizer")[0]
         assert isinstance(opt_tech, OptimizerTechnique)
-        ctx.optimizer = build_optimizer(opt_tech, ctx)
+        if par is not None:
+            ctx.optimizer = parallel.build_optimizer(opt_tech, ctx)
+        else:
+            ctx.optimizer = build_optimizer(opt_tech, ctx)
     ctx.grad_scaler = make_grad_scaler(recipe.train.policy, device) if not step_tech.owns_optimizer else None
     from memfit.optim.layerwise import LayerwiseOptimizer
 
@@ -164,7 +176,7 @@ def build_run(recipe: Recipe, loss_fn: LossFn = model_loss) -> BuiltRun:
     if ctx.optimizer is None:
         raise ConfigError(f"step '{step_tech.name}' built no optimizer")
     return BuiltRun(recipe=recipe, ctx=ctx, data=data, techniques=techniques, train_step=train_step, forward_backward=fb, spec=spec,
-                    device=device)
+                    device=device, par=par)
 
 
 def apply_techniques(ctx: Context) -> None:

@@ -145,6 +145,9 @@ def resumable_checkpoint(run_dir: Path) -> tuple[Path, list[tuple[Path, str]]]:
     """(the newest intact checkpoint, the newer ones skipped as corrupt with the reason for each)."""
     skipped: list[tuple[Path, str]] = []
     for path in reversed(checkpoints(run_dir)):
+        if (path / "memfit.json").exists():  # memfit.distributed.checkpoint.META: not corrupt, another format
+            raise CheckpointError(f"{path} was written by a distributed run (memfit train --nproc N); resume it "
+                                  "with --nproc (any number of ranks)")
         reason = problem(path)
         if reason is None:
             return path, skipped

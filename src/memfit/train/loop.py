@@ -21,10 +21,12 @@ from memfit import rundir
 from memfit.errors import RunDirError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import estimate_step
+from memfit.memory.runtime import with_runtime
 from memfit.memory.measure import MemoryMeter, MemoryReport, state_bytes
 from memfit.progress import Ticker, note
 from memfit.recipe import Recipe
 import memfit.train.checkpoint as ckpt
+from memfit.train import parallel
 from memfit.train.build import BuiltRun, build_run
 from memfit.train.data_order import BatchStream
 from memfit.train.evaluate import evaluate
@@ -76,7 +78,10 @@ class _LoopState:
         data = built.data
         eval_stream = (BatchStream(data.eval, cfg.batch_size, data.collate, drop_last=False)
                        if data.eval is not None and len(data.eval) else None)
-        meter = MemoryMeter(built.ctx.model, built.ctx.optimizer, device=built.device) if cfg.measure_steps else None
+        meter = None
+        if cfg.measure_steps:
+            meter = (parallel.meter(built.ctx.model, built.ctx.optimizer, built.par) if built.par is not None
+                     else MemoryMeter(built.ctx.model, built.ctx.optimizer, device=built.device))
         return cls(train_stream=BatchStream(data.train, cfg.batch_size, data.collate, seed=built.recipe.seed),
                    eval_stream=eval_stream,
                    multiplier=lr_multiplier(cfg.schedule, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio,
@@ -91,10 +96,18 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
     `resume` continues the run in `run_dir` from its newest intact checkpoint; `overwrite` replaces the run there
     (only the files memfit wrote). A folder memfit did not write is never used (`memfit.rundir`)."""
     run_dir = Path(run_dir) if run_dir is not None else None
+    par = parallel.start(recipe.train.device)  # None unless started by torchrun (`memfit train --nproc N`)
+    if par is not None:
+        parallel.check(recipe, par)
+        quiet = quiet or not par.is_main
     if run_dir is not None:  # before the (possibly long) build, and before anything is written
         rundir.check(run_dir, resume=resume, overwrite=overwrite, has_checkpoint=ckpt.has_checkpoint(run_dir))
-    built = build_run(recipe)
+        if par is not None:
+            par.barrier()  # every rank checked before rank 0 creates anything
+    built = build_run(recipe, par=par)
     estimate, estimate_peak = estimate_step(built.spec, built.techniques)
+    libraries = tuple(sorted({lib for t in built.techniques for lib in t.libraries}))
+    estimate, _ = with_runtime(estimate, estimate_peak, built.device.type, libraries)
     state = _LoopState.new(built)
     if run_dir is not None:
         _open_run_dir(run_dir, built, state, resume)
@@ -108,16 +121,19 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
 
 
 def _open_run_dir(run_dir: Path, built: BuiltRun, state: _LoopState, resume: bool) -> None:
-    rundir.create(run_dir, built.recipe.name, fresh=not resume)
-    rundir.write_text_atomic(run_dir / "recipe.yaml",
-                             yaml.safe_dump(built.recipe.model_dump(mode="json"), sort_keys=False))
+    if _main(built):
+        rundir.create(run_dir, built.recipe.name, fresh=not resume)
+        rundir.write_text_atomic(run_dir / "recipe.yaml",
+                                 yaml.safe_dump(built.recipe.model_dump(mode="json"), sort_keys=False))
+    if built.par is not None:
+        built.par.barrier()
     if resume:
         state.start_step, state.history = _resume(run_dir, built)
 
 
 def _run_steps(built: BuiltRun, state: _LoopState, run_dir: Path | None, console: Console, quiet: bool) -> None:
     cfg = built.recipe.train
-    metrics = run_dir / rundir.METRICS if run_dir is not None else None
+    metrics = run_dir / rundir.METRICS if run_dir is not None and _main(built) else None
     with _StepProgress(built.recipe.name, cfg.steps, state.start_step, console, quiet) as progress:
         for step in range(state.start_step, cfg.steps):
             record = _train_step(built, state, step)
@@ -139,8 +155,8 @@ def _train_step(built: BuiltRun, state: _LoopState, step: int) -> dict[str, Any]
     ctx, cfg = built.ctx, built.recipe.train
     ctx.step = step
     lr = set_lr(ctx.optimizer, state.multiplier(step))
-    batches = [_to(state.train_stream.shuffled(step * cfg.grad_accum + i), built.device)
-               for i in range(cfg.grad_accum)]
+    batches = [state.train_stream.shuffled(step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
+    batches = [_to(built.par.rows(b) if built.par is not None else b, built.device) for b in batches]
     for t in built.techniques:
         t.on_step_start(ctx)
     t0 = time.perf_counter()
@@ -152,6 +168,8 @@ def _train_step(built: BuiltRun, state: _LoopState, step: int) -> dict[str, Any]
         loss = built.train_step(batches)
         state.train_time += time.perf_counter() - t0
         state.train_tokens += sum(_count_tokens(b) for b in batches)
+    if built.par is not None:
+        loss = built.par.mean(loss)  # every rank's mean over its rows: the global batch's mean
     record: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": lr}
     for t in built.techniques:
         t.on_step_end(ctx, record)
@@ -172,21 +190,37 @@ def _result(built: BuiltRun, state: _LoopState, final: dict[str, float], estimat
     if state.history:
         state.history[-1].update(final)
     measured = state.meter is not None and state.measured_left < cfg.measure_steps
-    report = state.meter.report(spec=f"batch={built.spec.batch} seq={built.spec.seq}") if measured else None
+    spec = f"batch={built.spec.batch} seq={built.spec.seq}"
+    tokens, seconds = state.train_tokens, state.train_time
+    if built.par is not None:
+        report = parallel.memory_report(state.meter, built.par, spec) if measured else None
+        tokens = built.par.total(tokens)  # every rank's rows; ranks run in parallel, so the time is one rank's
+    else:
+        report = state.meter.report(spec=spec) if measured else None
     return RunResult(metrics=final, history=state.history, memory=report, estimate=estimate,
-                     tokens_per_s=state.train_tokens / state.train_time if state.train_time > 0 else 0.0,
+                     tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
                      run_dir=run_dir, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                      total_params=sum(p.numel() for p in model.parameters()),
-                     optimizer_state_bytes=state_bytes(built.ctx.optimizer), estimate_peak=estimate_peak)
+                     optimizer_state_bytes=state_bytes(built.ctx.optimizer), estimate_peak=estimate_peak,
+                     extras={} if built.par is None else {"rank": built.par.ctx.rank, "world_size": built.par.world})
 
 
 def _finish_run_dir(run_dir: Path, built: BuiltRun, result: RunResult) -> None:
     steps = built.recipe.train.steps
-    if result.metrics:
+    if result.metrics and _main(built):
         rundir.append_line(run_dir / rundir.METRICS, json.dumps({"step": steps, "final": True, **result.metrics}))
     _save(run_dir, built, steps, result.history)
-    _export(run_dir, built)
-    write_summary(run_dir, result)
+    if built.par is not None:
+        parallel.export(run_dir, built, built.par)
+    else:
+        _export(run_dir, built)
+    if _main(built):
+        write_summary(run_dir, result)
+
+
+def _main(built: BuiltRun) -> bool:
+    """True on the one process that writes the run directory (rank 0 of a distributed run)."""
+    return built.par is None or built.par.is_main
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -194,6 +228,9 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 
 def _save(run_dir: Path, built: BuiltRun, step: int, history: list) -> None:
+    if built.par is not None:
+        parallel.save(run_dir, built, step, len(history), built.par)
+        return
     state = {t.name: t.state_dict() for t in built.techniques}
     if built.ctx.grad_scaler is not None:  # 16-mixed: the loss scale and its growth tracker resume exactly
         state[GRAD_SCALER_KEY] = built.ctx.grad_scaler.state_dict()
@@ -204,24 +241,29 @@ def _save(run_dir: Path, built: BuiltRun, step: int, history: list) -> None:
 
 def _resume(run_dir: Path, built: BuiltRun) -> tuple[int, list]:
     """Load the newest intact checkpoint (newer corrupt ones are set aside and named) and the metrics up to it."""
-    path, corrupt = ckpt.resumable_checkpoint(run_dir)
-    for bad, reason in corrupt:
-        aside = ckpt.set_aside(bad)
-        note(f"checkpoint {bad.name} is corrupt ({reason}); moved it to {aside} and resuming from {path.name}")
-    loaded = ckpt.load_checkpoint(path, built.model, built.ctx.optimizer)
-    for t in built.techniques:
-        t.load_state_dict(loaded["techniques"].get(t.name, {}))
-    if built.ctx.grad_scaler is not None and GRAD_SCALER_KEY in loaded["techniques"]:
-        built.ctx.grad_scaler.load_state_dict(loaded["techniques"][GRAD_SCALER_KEY])
-    step = loaded["meta"]["step"]
+    if built.par is not None:
+        step = parallel.resume(run_dir, built, built.par)
+        name = f"step-{step:07d}"
+    else:
+        path, corrupt = ckpt.resumable_checkpoint(run_dir)
+        for bad, reason in corrupt:
+            aside = ckpt.set_aside(bad)
+            note(f"checkpoint {bad.name} is corrupt ({reason}); moved it to {aside} and resuming from {path.name}")
+        loaded = ckpt.load_checkpoint(path, built.model, built.ctx.optimizer)
+        for t in built.techniques:
+            t.load_state_dict(loaded["techniques"].get(t.name, {}))
+        if built.ctx.grad_scaler is not None and GRAD_SCALER_KEY in loaded["techniques"]:
+            built.ctx.grad_scaler.load_state_dict(loaded["techniques"][GRAD_SCALER_KEY])
+        step, name = loaded["meta"]["step"], path.name
     metrics = run_dir / rundir.METRICS
     records, torn = rundir.read_log(metrics)
     if torn:
         note(f"{metrics} ended in a line cut short (the run stopped while writing it); dropped that line")
     # keep what was logged up to the checkpoint, drop what came after
     history = [r for r in records if r.get("step", 0) <= step and not r.get("final")]
-    rundir.write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in history))
-    note(f"resuming {built.recipe.name} from {path.name} (step {step} of {built.recipe.train.steps})")
+    if _main(built):
+        rundir.write_text_atomic(metrics, "".join(json.dumps(r) + "\n" for r in history))
+        note(f"resuming {built.recipe.name} from {name} (step {step} of {built.recipe.train.steps})")
     return step, history
 
 

@@ -52,6 +52,7 @@ class BackpropStep(StepTechnique):
     """Plain backpropagation: accumulate gradients over micro-batches, clip, step, free gradients."""
 
     name = "backprop"
+    plan_options = ({},)
     needs_gradients = True
 
     def make_train_step(self, ctx: Context, forward_backward: ForwardBackward) -> TrainStep:

@@ -22,6 +22,7 @@ from torch import nn
 
 from memfit.errors import ConfigError
 from memfit.weights.awq import awq_quantize
+from memfit.weights.embedding import quantize_embeddings
 from memfit.weights.io import load_quantized, save_quantized
 from memfit.weights.quant import (
     DEFAULT_SKIP,
@@ -40,17 +41,23 @@ WEIGHT_FORMATS = (*FORMATS, *CALIBRATED)
 
 def apply_weights(model: nn.Module, fmt: str, group_size: int | None = None,
                   calibration: torch.Tensor | Iterable | None = None,
-                  skip: Iterable[str] = DEFAULT_SKIP) -> nn.Module:
+                  skip: Iterable[str] = DEFAULT_SKIP, embeddings: bool = False) -> nn.Module:
     """Quantize `model`'s linear layers in place to the format `fmt`, or with a calibrated quantizer (`awq`)
-    that searches its constants on `calibration` token ids."""
+    that searches its constants on `calibration` token ids. `embeddings=True` also stores the embedding tables
+    and the output layer in the format (AWQ: its plain int4 format)."""
     calibrated = CALIBRATED.get(fmt)
     if calibrated is not None:
         if calibration is None:
             raise ConfigError(f"weights '{fmt}' needs calibration text (token ids); pass calibration=...")
-        return calibrated(model, calibration, group_size=group_size, skip=tuple(skip))
-    if fmt not in FORMATS:
+        calibrated(model, calibration, group_size=group_size, skip=tuple(skip))
+        fmt = "int4"
+    elif fmt not in FORMATS:
         raise ConfigError(f"unknown weight format '{fmt}'; choose one of: {', '.join(WEIGHT_FORMATS)}")
-    return quantize_model(model, fmt, group_size, skip=tuple(skip))
+    else:
+        quantize_model(model, fmt, group_size, skip=tuple(skip))
+    if embeddings:
+        quantize_embeddings(model, fmt, group_size)
+    return model
 
 
 __all__ = [

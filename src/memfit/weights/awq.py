@@ -177,7 +177,8 @@ class AWQWeights(WeightQuantTechnique):
         c = self.config
         awq_quantize(ctx.model, ctx.data, c.group_size, c.bits, c.skip, c.target, c.n_grid, c.calib_tokens,
                      c.calib_seq)
+        self.apply_embeddings(ctx)  # tables and head in the plain format: a lookup has no input channels to scale
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
         c = self.config
-        return quantize_spec(spec, self.format, c.group_size, c.skip, c.target, awq=True)
+        return quantize_spec(spec, self.format, c.group_size, c.skip, c.target, awq=True, embeddings=c.embeddings)

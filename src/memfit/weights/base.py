@@ -16,6 +16,7 @@ from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import parameter_bytes
 from memfit.memory.spec import ParamInfo, RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
+from memfit.weights.embedding import quantize_embeddings
 from memfit.weights.format import WeightFormat
 from memfit.weights.linear import DEFAULT_SKIP, matches, quantizable_linears, quantize_model
 
@@ -26,6 +27,7 @@ class WeightQuantConfig(TechniqueConfig):
     group_size: int | None = Field(None, ge=0)  # None = the format's default; 0 = one group per output row
     skip: tuple[str, ...] = DEFAULT_SKIP  # module names / name parts left in full precision
     target: tuple[str, ...] | None = None  # only these modules (default: every nn.Linear not skipped)
+    embeddings: bool = False  # also store the embedding tables and the output layer in the format (embedding.py)
 
 
 def quantized_param_infos(p: ParamInfo, fmt: WeightFormat, group_size: int | None, awq: bool = False,
@@ -54,12 +56,26 @@ def is_linear_weight(p: ParamInfo, skip: tuple[str, ...], target: tuple[str, ...
     return target is None or module in target or matches(module, target)
 
 
+HEAD_NAMES = ("lm_head", "embed_out")
+"""Output layers `quantize_embeddings` replaces (transformers' `get_output_embeddings`), by name for estimates."""
+
+
+def is_embedding_weight(p: ParamInfo) -> bool:
+    """Shape-level guess of the tables and output layer `quantize_embeddings` replaces."""
+    if len(p.shape) != 2 or not p.name.endswith(".weight"):
+        return False
+    module = p.name[: -len(".weight")]
+    return any(e in module.split(".")[-1] for e in EMBEDDING_NAMES) or matches(module, HEAD_NAMES)
+
+
 def quantize_spec(spec: RunSpec, fmt: WeightFormat, group_size: int | None, skip: tuple[str, ...],
                   target: tuple[str, ...] | None, awq: bool = False, trainable_scale: bool = False,
-                  only_suffix: str = ".weight") -> RunSpec:
+                  only_suffix: str = ".weight", embeddings: bool = False) -> RunSpec:
     params: list[ParamInfo] = []
     for p in spec.model.params:
-        if is_linear_weight(p, skip, target, only_suffix):
+        if embeddings and is_embedding_weight(p):
+            params.extend(quantized_param_infos(p, fmt, group_size))
+        elif is_linear_weight(p, skip, target, only_suffix):
             params.extend(quantized_param_infos(p, fmt, group_size, awq, trainable_scale))
         else:
             params.append(p)
@@ -81,9 +97,16 @@ class WeightQuantTechnique(Technique):
 
     def apply(self, ctx: Context) -> None:
         quantize_model(ctx.model, self.format, self.config.group_size, self.config.skip, self.config.target)
+        self.apply_embeddings(ctx)
+
+    def apply_embeddings(self, ctx: Context) -> None:
+        """With `embeddings: true`, the embedding tables and the output layer in the same format."""
+        if self.config.embeddings:
+            quantize_embeddings(ctx.model, self.format, self.config.group_size)
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
-        return quantize_spec(spec, self.format, self.config.group_size, self.config.skip, self.config.target)
+        return quantize_spec(spec, self.format, self.config.group_size, self.config.skip, self.config.target,
+                             embeddings=self.config.embeddings)
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         return base.with_(parameters=parameter_bytes(spec))

@@ -44,6 +44,12 @@ class WeightFormat:
     """The stored per-group float scale a method may train (PEQA), or None."""
     untrainable_scale: ClassVar[str] = "this format has no per-group float scale to train"
     """Why `scale_name` is None, for the error a method that trains scales raises."""
+    stacked: ClassVar[tuple[str, ...]] = ()
+    """Stored tensors stacked along their first dimension by importance (BitStack): any prefix is a weight, so
+    `load_quantized(dir, stack=k)` reads only the first k entries."""
+    variable_size: ClassVar[bool] = False
+    """True when the stored sizes depend on the weight's values (entropy coding): `layout` and `storage_bytes`
+    then predict them, and the stored shapes travel with checkpoints."""
 
     def effective_group(self, in_features: int, group_size: int | None) -> int:
         """The group size used for a weight with `in_features` columns (`ConfigError` if the format refuses it)."""
@@ -63,6 +69,16 @@ class WeightFormat:
     def error_bound(self, t: dict[str, torch.Tensor], out: int, inp: int) -> torch.Tensor:
         """Per-element bound on |W − decode(encode(W))|, derived from the stored tensors."""
         raise NotImplementedError
+
+    def decode_rows(self, t: dict[str, torch.Tensor], rows: torch.Tensor, out: int, inp: int) -> torch.Tensor:
+        """Rows `rows` (1-D int64) of the decoded weight, as (len(rows), inp) float32: what an embedding lookup
+        reads. This default decodes the whole weight; a format that can decode single rows overrides it."""
+        return self.decode(t, out, inp).index_select(0, rows)
+
+    def fused_linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], out: int, inp: int) -> torch.Tensor | None:
+        """x·Wᵀ straight from the stored tensors with a kernel of torch's, for inference; None where the format
+        has none for this input (then `QuantLinear` decodes W and calls `F.linear`)."""
+        return None
 
     def storage_bytes(self, out: int, inp: int, group_size: int | None) -> int:
         """Exact bytes the stored tensors of an (out, in) weight take (the estimate of record)."""
@@ -131,6 +147,22 @@ class GroupwiseFormat(WeightFormat):
         padded = self.padded_width(t)
         w = self.unit_codes(t, out).mul_(self.group_scale(t)[..., None]).view(out, padded)
         return w if padded == inp else w[:, :inp]
+
+    def select_rows(self, t: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored tensors of the weight's rows `rows`: every tensor with one row per output row is gathered,
+        the others (block constants) are passed through."""
+        out = t["qweight"].shape[0]
+        return {k: v.index_select(0, rows) if v.dim() == 2 and v.shape[0] == out else v for k, v in t.items()}
+
+    def row_scale(self, t: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """The per-group scale of rows `rows` as (len(rows), n_groups) float32 (a format whose scales are stored
+        in blocks across rows overrides it)."""
+        return self.group_scale(self.select_rows(t, rows))
+
+    def decode_rows(self, t: dict[str, torch.Tensor], rows: torch.Tensor, out: int, inp: int) -> torch.Tensor:
+        n = rows.numel()
+        w = self.unit_codes(self.select_rows(t, rows), n).mul_(self.row_scale(t, rows)[..., None]).view(n, -1)
+        return w if w.shape[1] == inp else w[:, :inp]
 
     def error_bound(self, t: dict[str, torch.Tensor], out: int, inp: int) -> torch.Tensor:
         per_group = self.group_error(t)

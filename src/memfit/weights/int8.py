@@ -4,9 +4,20 @@ Dettmers, Lewis, Belkada & Zettlemoyer 2022, "LLM.int8(): 8-bit Matrix Multiplic
 (vector-wise absmax quantization; memfit keeps the weights in int8 and dequantizes per forward, without the
 outlier decomposition). Bound: |W − Ŵ| ≤ s/2 with s = absmax/127 per group. ≈1 byte per parameter:
 int8 codes + one fp32 scale per group (1 + 4/g bytes per parameter; per channel by default).
+
+Inference (no gradient) with per-channel scales runs torch's CPU int8 weight-only kernel
+`torch._weight_int8pack_mm` on the codes, then multiplies by the fp32 scales: the activations enter the kernel
+in bf16 (its fp32 path is several times slower than a dense fp32 matmul; the bf16 one is faster), which adds
+a relative error of about 2⁻⁸ per output on top of the weights' — the same order as the int8 weights' own and
+finer than llama.cpp's Q8_0, which rounds activations to 8 bits. The kernel reads out of bounds when the input
+width is not a multiple of 16 or an operand is not 64-byte aligned (torch 2.13, checked), so such layers decode
+instead (`load_quantized` copies the stored tensors out of the file buffer, aligned); a torch without the kernel,
+or one whose result disagrees with the decoded weight on a probe, falls back to decoding with one warning.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -33,6 +44,60 @@ class Int8Format(GroupwiseFormat):
 
     def group_scale(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return t["scale"].float()
+
+    def fused_linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], out: int, inp: int) -> torch.Tensor | None:
+        w = t["qweight"]
+        if (x.device.type != "cpu" or t["scale"].shape[1] != 1 or inp % KERNEL_WIDTH or not aligned(w)
+                or not int8_kernel_works()):
+            return None
+        x2 = x.reshape(-1, inp).to(torch.bfloat16)
+        if not (x2.is_contiguous() and aligned(x2)):
+            x2 = x2.clone(memory_format=torch.contiguous_format)
+        y = torch._weight_int8pack_mm(x2, w, _ones(out))
+        return (y.float() * t["scale"].view(1, out)).view(*x.shape[:-1], out).to(x.dtype)
+
+
+KERNEL_WIDTH = 16
+"""`_weight_int8pack_mm` is correct for input widths that are multiples of 16 (other widths: wrong or crash)."""
+ALIGN = 64
+"""...and for operands whose data starts 64-byte aligned (an int8 weight at an 8-byte offset, e.g. inside a
+safetensors file buffer, crashes it with several input rows); torch's CPU allocator aligns to 64."""
+
+
+def aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % ALIGN == 0
+
+_KERNEL: dict[str, bool] = {}
+_ONES: dict[int, torch.Tensor] = {}
+
+
+def _ones(n: int) -> torch.Tensor:
+    """Unit bf16 scales for the kernel (the fp32 scales are applied after it, without bf16 rounding)."""
+    if n not in _ONES:
+        _ONES[n] = torch.ones(n, dtype=torch.bfloat16)
+    return _ONES[n]
+
+
+def int8_kernel_works() -> bool:
+    """Whether torch's CPU int8 weight-only kernel exists and agrees with the decoded weight on a probe (once
+    per process); otherwise warn once, naming the torch version, and decode instead."""
+    if "ok" not in _KERNEL:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (24, 48), dtype=torch.int8, generator=gen)
+        x = torch.randn(3, 48, generator=gen)
+        try:
+            y = torch._weight_int8pack_mm(x.bfloat16(), w, torch.ones(24, dtype=torch.bfloat16)).float()
+            ok = bool((y - x.bfloat16().float() @ w.float().t()).abs().max() <= 2**-7 * y.abs().max())
+        except (AttributeError, RuntimeError, NotImplementedError) as exc:
+            ok, why = False, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "its result disagrees with the decoded weight"
+        if not ok:
+            logging.getLogger("memfit").warning(
+                "int8 weights: torch %s's int8 matmul kernel (torch._weight_int8pack_mm) is unusable (%s); "
+                "decoding the weights per forward instead (slower)", torch.__version__, why)
+        _KERNEL["ok"] = ok
+    return _KERNEL["ok"]
 
 
 INT8 = register(Int8Format())

@@ -57,9 +57,13 @@ class QuantLinear(nn.Module):
     """
 
     memfit_quantized_weight = True  # techniques.base.QUANTIZED_WEIGHT_MARK: adapters refuse to wrap it
+    fused = True
+    """Use the format's fused kernel (`WeightFormat.fused_linear`) when no gradient is needed; False: always
+    decode, then `F.linear` (the reference the kernels are tested against)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str | WeightFormat, group_size: int | None = None,
-                 bias: bool = False, in_scale: bool = False, device: torch.device | str | None = None) -> None:
+                 bias: bool = False, in_scale: bool = False, device: torch.device | str | None = None,
+                 shapes: dict[str, tuple[int, ...]] | None = None) -> None:
         super().__init__()
         self.format = get_format(fmt)
         self.fmt = self.format.name
@@ -68,7 +72,9 @@ class QuantLinear(nn.Module):
         layout = self.format.layout(out_features, in_features, group_size)
         self.group_size, self.padded_in = layout.group_size, layout.padded_in
         self._tensor_names = tuple(layout.tensors)
+        shapes = shapes or {}  # a data-dependent format's stored shapes (from a checkpoint)
         for name, (shape, dtype) in layout.tensors.items():
+            shape = tuple(shapes.get(name, shape))
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device),
                                                        requires_grad=False))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
@@ -97,8 +103,10 @@ class QuantLinear(nn.Module):
     def load_tensors(self, t: dict[str, torch.Tensor]) -> None:
         for name, value in t.items():
             param = getattr(self, name)
+            # a data-dependent format (entropy-coded) stores tensors whose size the layout only predicts
+            shape = value.shape if self.format.variable_size else param.shape
             # clone: a slice of a padded buffer would keep the whole padded storage alive
-            param.data = value.to(device=param.device, dtype=param.dtype).reshape(param.shape).clone()
+            param.data = value.to(device=param.device, dtype=param.dtype).reshape(shape).clone()
 
     def scale_param(self) -> torch.Tensor | None:
         """The per-group float scale (int8/int4/int3), the tensor PEQA trains; None where the format has none."""
@@ -134,7 +142,12 @@ class QuantLinear(nn.Module):
         scale = self.scale_param()
         if scale is None:
             scale = torch.empty(0, device=x.device)
-        y = _DequantLinear.apply(x.to(dtype), scale, self)
+        y = None
+        if self.fused and not (torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad)):
+            xs = x.to(dtype) if self.in_scale is None else x.to(dtype) / self.in_scale.to(dtype)
+            y = self.format.fused_linear(xs, self.tensors(), self.out_features, self.in_features)
+        if y is None:
+            y = _DequantLinear.apply(x.to(dtype), scale, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:

@@ -71,6 +71,13 @@ class NF4Format(GroupwiseFormat):
         blocks = F.pad(flat, (0, pad)).reshape(-1, DQ_BLOCK) * t["absmax_scale"][:, None]
         return (blocks.flatten()[: flat.numel()] + t["absmax_mean"]).reshape(t["absmax_q"].shape)
 
+    def row_scale(self, t: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """`group_scale` of rows `rows` only: each constant's int8 code times its 256-block's scale, plus the mean."""
+        n_groups = t["absmax_q"].shape[1]
+        flat = rows[:, None] * n_groups + torch.arange(n_groups, device=rows.device)
+        codes = t["absmax_q"].flatten()[flat].float()
+        return codes * t["absmax_scale"][flat // DQ_BLOCK] + t["absmax_mean"]
+
     def group_error(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """|v·a − c(v)·â| ≤ a·(max code gap)/2 + |a − â|, with |a − â| ≤ s₂/2 from the int8 double
         quantization."""

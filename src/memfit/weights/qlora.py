@@ -45,6 +45,9 @@ def _lora_layer_for_quant():
 
 class QLoRA(LoraLike):
     name = "qlora"
+    plan_options = ({"r": 16},)
+    needs_pretrained = True
+    plan_lr_scale = 10.0
     Config = QLoRAConfig
 
     @property

@@ -6,6 +6,8 @@ tests call with a name. Each format is one class in its own file; the algorithm 
 | int8   | int8, symmetric absmax       | fp32 scale                                           | 1 + 4/g              |
 | int4   | packed uint4 (2 per byte)    | fp16 scale (rounded up) + uint8 zero point, min/max  | 0.5 + 3/g  = 0.547   |
 | nf4    | packed NF4 (QLoRA code book) | int8 absmax; fp32 scale per 256 groups + fp32 mean   | 0.5 + 1/g … = 0.516 |
+| dfloat11 | raw sign + mantissa, Huffman-coded exponents (lossless bf16) | int32 offset per 256 codes | ≈ 1.4 (data-dependent) |
+| bitstack | K residual sign blocks (1 bit) × rank-r fp16 factors of |residual| | fp16 residual max per row and block | K·(1/8 + 2r(out+in)/(out·in)) |
 
 A new format (DFloat11, BitStack, ...) is a `WeightFormat` subclass in its own file, registered there with
 `register(...)`, and imported in `FORMAT_TYPES` below.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from memfit.weights.bitstack import BITSTACK
+from memfit.weights.dfloat11 import DFLOAT11
 from memfit.weights.format import WeightFormat, get_format, pack_nibbles, unpack_nibbles
 from memfit.weights.int4 import INT3, INT4
 from memfit.weights.int8 import INT8
@@ -29,7 +33,7 @@ from memfit.weights.linear import (
 )
 from memfit.weights.nf4 import NF4, NF4_CODE
 
-FORMAT_TYPES: tuple[WeightFormat, ...] = (INT8, INT4, INT3, NF4)
+FORMAT_TYPES: tuple[WeightFormat, ...] = (INT8, INT4, INT3, NF4, DFLOAT11, BITSTACK)
 FORMATS: tuple[str, ...] = tuple(f.name for f in FORMAT_TYPES)
 
 

@@ -30,8 +30,7 @@ import torch
 from torch import nn
 
 from memfit.errors import BudgetError, CheckpointError, ConfigError
-from memfit.weights.io import QUANT_FILE, materialize_meta_buffers, meta_model
-from memfit.weights.linear import QuantLinear, set_submodule
+from memfit.weights.io import QUANT_FILE, materialize_meta_buffers, meta_model, own_and_tie, quantized_skeleton
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -54,6 +53,7 @@ class SafetensorsReader:
                                   "save_pretrained(safe_serialization=True) or memfit.weights.save_quantized")
         self.entries: dict[str, tuple[int, int, torch.dtype, tuple[int, ...], int]] = {}
         self._fds: list[int] = []
+        self.reads = 0  # pread calls that completed a tensor or a layer
         for name in files:
             fd = os.open(directory / name, os.O_RDONLY)
             self._fds.append(fd)
@@ -75,14 +75,42 @@ class SafetensorsReader:
     def read_into(self, key: str, buf: torch.Tensor) -> torch.Tensor:
         """Fill a uint8 buffer of `nbytes(key)` with the tensor's bytes; return it viewed as the tensor."""
         fd, offset, dtype, shape, nbytes = self.entries[key]
+        self._pread(fd, offset, buf, nbytes, key)
+        return buf.view(dtype).reshape(shape)
+
+    def span(self, keys: list[str]) -> tuple[int, int, int] | None:
+        """(file, start, end) when `keys` fill one contiguous byte range of one file (a layer saved by
+        transformers or memfit: its tensors are adjacent), else None."""
+        entries = [self.entries[k] for k in keys]
+        if len({e[0] for e in entries}) != 1:
+            return None
+        start = min(e[1] for e in entries)
+        end = max(e[1] + e[4] for e in entries)
+        return (entries[0][0], start, end) if end - start == sum(e[4] for e in entries) else None
+
+    def read_span(self, keys: list[str], buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors of `keys` (a `span`) with one large read into `buf` (uint8, the span's size), as views;
+        a tensor whose offset does not suit its dtype is copied out."""
+        fd, start, end = self.span(keys)
+        self._pread(fd, start, buf, end - start, ",".join(keys[:2]))
+        out = {}
+        for k in keys:
+            _, offset, dtype, shape, nbytes = self.entries[k]
+            part = buf[offset - start: offset - start + nbytes]
+            if (offset - start) % dtype.itemsize:
+                part = part.clone()
+            out[k] = part.view(dtype).reshape(shape)
+        return out
+
+    def _pread(self, fd: int, offset: int, buf: torch.Tensor, nbytes: int, what: str) -> None:
         view = memoryview(buf.numpy())
         done = 0
         while done < nbytes:
             chunk = os.preadv(self._fds[fd], [view[done:]], offset + done)
             if chunk <= 0:
-                raise CheckpointError(f"checkpoint truncated while reading '{key}'")
+                raise CheckpointError(f"checkpoint truncated while reading '{what}'")
             done += chunk
-        return buf.view(dtype).reshape(shape)
+        self.reads += 1
 
     def close(self) -> None:
         for fd in self._fds:
@@ -135,7 +163,7 @@ def return_freed_memory_to_os(threshold: int = 128 * 1024) -> bool:
 class StreamedModel(nn.Module):
     """A transformers model whose decoder layers are streamed from a safetensors checkpoint during forward."""
 
-    def __init__(self, model: nn.Module, reader: SafetensorsReader, window: int = 2) -> None:
+    def __init__(self, model: nn.Module, reader: SafetensorsReader, window: int = 2, resident: int = 0) -> None:
         super().__init__()
         if window < 1:
             raise ConfigError(f"streaming window must be ≥ 1 layer, got {window}")
@@ -143,7 +171,11 @@ class StreamedModel(nn.Module):
         self.reader = reader
         self.layers_name, self.layers = find_layers(model)
         self.n_layers = len(self.layers)
-        self.window = min(window, self.n_layers)
+        if not 0 <= resident <= self.n_layers:
+            raise ConfigError(f"resident layers must be in [0, {self.n_layers}], got {resident}")
+        self.resident_layers = resident  # layers 0 … resident-1 stay loaded once read
+        self.streamed = list(range(resident, self.n_layers))
+        self.window = min(window, len(self.streamed)) if self.streamed else 0
         self.layer_keys = [
             [f"{self.layers_name}.{i}.{k}" for k in layer.state_dict()] for i, layer in enumerate(self.layers)
         ]
@@ -166,10 +198,13 @@ class StreamedModel(nn.Module):
     # --- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, window: int = 2, budget_bytes: int | None = None,
-                        attn_implementation: str | None = None, release_to_os: bool = True) -> StreamedModel:
+                        attn_implementation: str | None = None, release_to_os: bool = True,
+                        resident: int | None = None) -> StreamedModel:
         """Build the model on the meta device, load only the non-layer weights, stream the layers on demand.
 
-        `budget_bytes`: refuse (BudgetError) when resident weights + `window` layers would exceed it.
+        `budget_bytes`: keep as many layers resident (read once, never released) as fit next to the non-layer
+        weights and `window` streamed layers (`resident=None`), and refuse (BudgetError) when even none fit.
+        `resident`: that many first layers resident, whatever the budget (default without a budget: none).
         `release_to_os`: see `return_freed_memory_to_os` (without it glibc may keep freed layers resident).
         """
         from transformers import AutoConfig
@@ -185,22 +220,20 @@ class StreamedModel(nn.Module):
             config._attn_implementation = attn_implementation
         model = meta_model(config)
         qfile = directory / QUANT_FILE
-        if qfile.exists():
-            for name, m in json.loads(qfile.read_text())["modules"].items():
-                set_submodule(model, name, QuantLinear(m["in_features"], m["out_features"], m["fmt"],
-                                                       m["group_size"], bias=m["bias"], in_scale=m["awq"],
-                                                       device="meta"))
+        modules = json.loads(qfile.read_text())["modules"] if qfile.exists() else {}
+        quantized_skeleton(model, modules)
         reader = SafetensorsReader(directory)
         layers_name, _ = find_layers(model)
         static = {k: reader.get(k) for k in reader.entries if not k.startswith(layers_name + ".")}
         model.load_state_dict(static, strict=False, assign=True)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
+        own_and_tie(model, {n: m for n, m in modules.items() if not n.startswith(layers_name + ".")})
         materialize_meta_buffers(model)
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
-        streamed = cls(model, reader, window)
+        streamed = cls(model, reader, window, resident or 0)
+        if resident is None and budget_bytes is not None:
+            streamed.set_resident(streamed.most_resident(budget_bytes))
         still_meta = [n for n, p in model.named_parameters()
                       if p.is_meta and not n.startswith(layers_name + ".")]
         if still_meta:
@@ -213,18 +246,39 @@ class StreamedModel(nn.Module):
                 f"layers × {max(streamed.layer_bytes)}); budget is {budget_bytes}: lower the window or quantize")
         return streamed
 
+    def planned_peak_for(self, resident: int) -> int:
+        """Non-layer weights + the first `resident` layers + `window` of the largest streamed layers."""
+        streamed = sorted(self.layer_bytes[resident:], reverse=True)
+        window = min(max(self.window, 1), len(streamed))
+        return self.static_bytes + sum(self.layer_bytes[:resident]) + sum(streamed[:window])
+
     @property
     def planned_peak_bytes(self) -> int:
-        """Resident weights + `window` of the largest layers: the most this model ever holds."""
-        return self.static_bytes + sum(sorted(self.layer_bytes, reverse=True)[: self.window])
+        """The most this model ever holds (see `planned_peak_for`)."""
+        return self.planned_peak_for(self.resident_layers)
+
+    def most_resident(self, budget_bytes: int) -> int:
+        """The most first layers that can stay resident with the streamed window still under the budget."""
+        fits = [k for k in range(self.n_layers + 1) if self.planned_peak_for(k) <= budget_bytes]
+        return max(fits) if fits else 0
+
+    def set_resident(self, resident: int) -> None:
+        """Keep layers 0 … resident-1 loaded once read (before the first forward)."""
+        window = self.window or 1
+        self.resident_layers = resident
+        self.streamed = list(range(resident, self.n_layers))
+        self.window = min(window, len(self.streamed)) if self.streamed else 0
 
     @property
     def total_weight_bytes(self) -> int:
         return self.static_bytes + sum(self.layer_bytes)
 
     # --- streaming ---------------------------------------------------------------------------------------------
-    def _read_layer(self, i: int, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _read_layer(self, i: int, buffers: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
         prefix = f"{self.layers_name}.{i}."
+        if isinstance(buffers, torch.Tensor):  # the layer is one contiguous range: one large read
+            tensors = self.reader.read_span(self.layer_keys[i], buffers)
+            return {k[len(prefix):]: t for k, t in tensors.items()}
         return {k[len(prefix):]: self.reader.read_into(k, buffers[k]) for k in self.layer_keys[i]}
 
     def _prefetch(self, i: int) -> None:
@@ -232,8 +286,20 @@ class StreamedModel(nn.Module):
             return
         self._account(self.layer_bytes[i])
         # allocate on the calling thread (one malloc arena for all layer buffers); the thread only does the reads
-        buffers = {k: torch.empty(self.reader.nbytes(k), dtype=torch.uint8) for k in self.layer_keys[i]}
+        keys = self.layer_keys[i]
+        buffers: dict[str, torch.Tensor] | torch.Tensor
+        if self.reader.span(keys) is not None:
+            buffers = torch.empty(self.layer_bytes[i], dtype=torch.uint8)
+        else:
+            buffers = {k: torch.empty(self.reader.nbytes(k), dtype=torch.uint8) for k in keys}
         self._pending[i] = self._pool.submit(self._read_layer, i, buffers)
+
+    def _next_streamed(self, i: int, count: int) -> list[int]:
+        """The `count` streamed layers that run after layer `i` (cyclically: the next token starts over)."""
+        if not self.streamed or count <= 0:
+            return []
+        after = [j for j in self.streamed if j > i] + self.streamed
+        return after[:count]
 
     def _account(self, nbytes: int) -> None:
         self.resident_bytes += nbytes
@@ -252,14 +318,17 @@ class StreamedModel(nn.Module):
     def _make_pre_hook(self, i: int):
         def hook(module: nn.Module, args: Any) -> None:
             self._ensure(i)
-            for j in range(1, self.window):
-                self._prefetch((i + j) % self.n_layers)
+            # read ahead while this layer computes: the next window-1 streamed layers (a resident layer
+            # computing lets the first streamed one after it start reading)
+            ahead = self.window - 1 if i >= self.resident_layers else self.window
+            for j in self._next_streamed(i, ahead):
+                self._prefetch(j)
 
         return hook
 
     def _make_post_hook(self, i: int):
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self.window < self.n_layers:
+            if i >= self.resident_layers and self.window < len(self.streamed):
                 _release(self.layers[i])
                 self._loaded.discard(i)
                 self.resident_bytes -= self.layer_bytes[i]

@@ -23,6 +23,8 @@ class ZOSGD(ZOOptimizer):
 
 class MeZOStep(ZOStepTechnique):
     name = "mezo"
+    plan_options = ({},)
+    conflicts = ("activations",)  # no backward: nothing saved for it to change
 
     def build_optimizer(self, ctx: Context) -> torch.optim.Optimizer:
         return ZOSGD([p for _, p in trainable_named(ctx.model)], **self._common(ctx))

@@ -36,6 +36,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "s2a+chunked_ce": {"activations": [{"name": "s2a"}, {"name": "chunked_ce", "chunk_size": 512}]},
     "offload(cpu: no-op)": {"activations": [{"name": "offload"}]},
     "streambp": {"activations": [{"name": "streambp", "chunk_size": 256}]},
+    "wta_crs(0.3)": {"activations": [{"name": "wta_crs", "budget": 0.3}]},
     "ckpt+chunked_ce+layerwise": {"activations": [{"name": "checkpointing"}, {"name": "chunked_ce", "chunk_size": 512}],
                                   "optimizer": {"name": "adamw", "lr": 2.0e-3, "layerwise": True}},
 }
@@ -44,6 +45,7 @@ BUDGET_SPECS = {"streambp": {"activations": [{"name": "streambp", "chunk_size": 
 """On CPU, SDPA with a chunk mask keeps (chunk × sequence) fp32 scores, so long sequences want small chunks."""
 LONG_METHODS = ["baseline", "ckpt+chunked_ce", "streambp"]
 PAPER_RATIO = "2.8–5.5×"
+WTA_PAPER = "up to 2.7× lower peak memory, accuracy within ~1 point (T5/BERT + LoRA, budget 0.3)"
 
 
 def _recipe(opts: BenchOptions, method: str, seq: int, steps: int) -> dict[str, Any]:
@@ -145,10 +147,49 @@ def budget_rows(opts: BenchOptions, cap: int) -> list[dict]:
     return rows
 
 
+def wta_gradient_rows(draws: int, seq: int = 256) -> list[dict]:
+    """WTA-CRS's weight-gradient estimate against exact backprop on the sweep's model: the relative error of one
+    draw and of the mean of `draws` draws (an unbiased estimate's mean error falls as 1/√draws)."""
+    from memfit.models import build_llama
+    from memfit.memory.spec import RunSpec
+    from memfit.techniques.base import Context
+    from memfit.techniques.registry import build_technique
+    from memfit.train.build import apply_techniques, wrap_forward_backward
+
+    ids = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+
+    def grads(model, fb) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        fb(model, batch, 1.0)
+        return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "layers" in n and p.ndim == 2])
+
+    exact_model = build_llama(PRESET, VOCAB)
+    exact = grads(exact_model, wrap_forward_backward(Context(model=exact_model, spec=RunSpec.from_model(exact_model))))
+    rows = []
+    for budget in (0.1, 0.3):
+        model = build_llama(PRESET, VOCAB)
+        ctx = Context(model=model, spec=RunSpec.from_model(model, batch=1, seq=seq),
+                      techniques=[build_technique("activations", {"name": "wta_crs", "budget": budget})])
+        apply_techniques(ctx)
+        fb = wrap_forward_backward(ctx)
+        total, first = torch.zeros_like(exact), None
+        for _ in range(draws):
+            g = grads(model, fb)
+            first = g if first is None else first
+            total += g
+        rel = lambda g: round(float((g - exact).norm() / exact.norm()), 4)  # noqa: E731
+        rows.append({"method": f"wta_crs({budget}) gradient", "seq": seq, "draws": draws,
+                     "rel_err_one_draw": rel(first), f"rel_err_mean_of_{draws}": rel(total / draws)})
+    return rows
+
+
 def run(opts: BenchOptions) -> list[dict]:
     t0 = time.perf_counter()
     seqs = [256, 1024] if opts.quick else [256, 1024, 4096]
     rows = [{"part": "budget", **r} for r in budget_rows(opts, cap=4096 if opts.quick else 8192)]
     rows += [{"part": "sweep", **r} for r in sweep(opts, seqs, steps=3)]
+    if opts.wants("wta_crs(0.3)"):
+        rows += [{"part": "wta-gradient", **r, "paper": WTA_PAPER} for r in wta_gradient_rows(16 if opts.quick else 64)]
     rows.append({"part": "meta", "seconds": round(time.perf_counter() - t0, 1), "model": PRESET, "batch": 1})
     return rows

@@ -5,7 +5,9 @@ tokens under `MemoryMeter`; rows give measured/estimated ratios for activations 
 the temporaries peak, and the step's tensor peak (`step_peak`), next to the naive sum of category peaks.
 
 `--only families`: the Llama/BERT/MiniLM rows; `--only architectures`: every block family of `memory/arch/`,
-tiny from config (`ARCHITECTURES`), in both precisions and attention implementations (a minute or two).
+tiny from config (`ARCHITECTURES`), in both precisions and attention implementations (a minute or two);
+`--only process`: predicted vs measured *process* peaks, each configuration in a fresh process
+(`memfit.bench.process_grid`).
 """
 
 from __future__ import annotations
@@ -154,6 +156,11 @@ def run(opts: BenchOptions) -> list[dict]:
         rows += precision_rows(opts)
     if opts.wants("families"):
         rows += _family_rows(opts)
+    if opts.wants("process"):
+        from memfit.bench import process_grid
+
+        grid_rows = process_grid.rows(opts)
+        rows += grid_rows + [{"model": "summary", **process_grid.summary(grid_rows)}]
     return rows
 
 

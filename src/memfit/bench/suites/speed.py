@@ -32,12 +32,8 @@ import torch
 from torch import nn
 
 from memfit.bench.harness import BenchOptions, record_partial
+from memfit.bench.workloads import SPEED_MODEL, SPEED_PRESET, SPEED_QUICK_MODEL
 
-PRESET = "llama-20m"
-MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "num_key_value_heads": 4}  # 7.4 M parameters with the 8192-token vocabulary
-QUICK_MODEL = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 4}
 VOCAB = 8192
 LR = 1e-3
 RANK = 64
@@ -70,7 +66,7 @@ class Variant:
 def _model(quick: bool) -> nn.Module:
     from memfit.models import build_llama
 
-    return build_llama(PRESET, VOCAB, seed=0, **(QUICK_MODEL if quick else MODEL))
+    return build_llama(SPEED_PRESET, VOCAB, seed=0, **(SPEED_QUICK_MODEL if quick else SPEED_MODEL))
 
 
 def _loss_backward(model: nn.Module) -> Callable[[torch.Tensor], None]:
@@ -333,4 +329,6 @@ def run(opts: BenchOptions) -> list[dict]:
             row["wall_s"] = round(time.perf_counter() - t0, 1)
             record_partial(opts, {"workload": "speed", "method": f"{technique} vs {row['reference']}", **row})
             rows.append(row)
-    return rows
+    from memfit.bench.suites import decode_speed
+
+    return rows + decode_speed.run(opts, _model)

@@ -10,7 +10,11 @@ Sections (rows):
 - `stream`: a llama-20m-shaped model (random weights; memory does not depend on training) saved as safetensors and
   generating 16 tokens, each mode in a fresh subprocess: transformers' in-memory `from_pretrained` vs
   `StreamedModel` (window 1/2/4) vs an int4 checkpoint streamed; process peak (VmHWM) above the pre-load RSS,
-  resident weight bytes counted by the streamer, tokens/s, and token-for-token equality with in-memory.
+  resident weight bytes counted by the streamer, tokens/s, and token-for-token equality with in-memory. With a
+  budget (the non-layer weights + half or a quarter of the layers + the window of 2), as many first layers as fit
+  stay resident and the rest stream.
+- `encoder`: SST-2 accuracy / CoNLL F1 per weight format (`weights_encoder.py`; needs MEMFIT_CLS_RUN /
+  MEMFIT_NER_RUN).
 """
 
 from __future__ import annotations
@@ -85,7 +89,16 @@ FORMATS: list[tuple[str, str, int | None]] = [
     ("awq-int4-channel", "awq", 0),
     ("int3-g64", "int3", 64),
     ("awq-int3-g64", "awq3", 64),
+    ("bf16", "bf16", None),  # the reference DFloat11 must reproduce exactly
+    ("dfloat11", "dfloat11", None),  # on the bf16 model: lossless with respect to it
+    ("bitstack-k2", "bitstack", 2),  # group_size column: blocks kept (rank BITSTACK_RANK)
+    ("bitstack-k4", "bitstack", 4),
+    ("bitstack-k8", "bitstack", 8),
 ]
+BITSTACK_RANK = 8
+EMBED = "+embed"
+"""Suffix of the rows that also store the embedding table and the output layer in the format."""
+FORMATS += [(m + EMBED, f, g) for m, f, g in FORMATS if m in ("int8", "int4-g64", "nf4-g64", "awq-int4-g64", "dfloat11")]
 
 
 OWN_CACHE = Path("~/.cache/memfit/models/weights-bench-lm").expanduser()
@@ -109,6 +122,9 @@ def format_rows(opts: BenchOptions) -> list[dict]:
     from memfit.generate import load_causal_lm
     from memfit.weights import apply_weights, weight_bytes
     from memfit.weights.awq import awq_quantize
+    from memfit.weights.bitstack import BitStackFormat
+    from memfit.weights.embedding import quantize_embeddings
+    from memfit.weights.linear import quantize_model
 
     data_dir = Path(opts.data_dir)
     path = lm_dir(opts)
@@ -135,8 +151,16 @@ def format_rows(opts: BenchOptions) -> list[dict]:
             _bnb_nf4(model)
         elif fmt in ("awq", "awq3"):
             awq_quantize(model, calib_ids, group_size=group, bits=3 if fmt == "awq3" else 4)
+        elif fmt in ("bf16", "dfloat11"):
+            model = model.to(torch.bfloat16)
+            if fmt == "dfloat11":
+                apply_weights(model, fmt)
+        elif fmt == "bitstack":
+            quantize_model(model, BitStackFormat(blocks=group, rank=BITSTACK_RANK))
         else:
             apply_weights(model, fmt, group_size=group)
+        if method.endswith(EMBED):
+            quantize_embeddings(model, "int4" if fmt == "awq" else fmt, None if fmt == "bitstack" else group)
         q_s = time.perf_counter() - t
         ppl = perplexity(model, windows)
         if fmt == "bnb":  # reference quality only: the weights were dequantized back to fp32 in place
@@ -177,17 +201,19 @@ def _stream_child(args: dict[str, Any]) -> None:
     elif args["mode"] == "memory-quantized":
         model = load_quantized(args["dir"]).eval()
     else:
-        model = StreamedModel.from_pretrained(args["dir"], window=args["window"])
+        model = StreamedModel.from_pretrained(args["dir"], window=args["window"], budget_bytes=args.get("budget"))
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=args["new"], do_sample=False, pad_token_id=0)
     gen_s = time.perf_counter() - t0
+    layers = None
     if args["mode"] == "stream":
-        resident = model.peak_resident_bytes
+        resident, layers = model.peak_resident_bytes, model.resident_layers
         model.close()
     print("RESULT" + json.dumps({"rss0": rss0, "peak": process.peak(), "tokens": out[0].tolist(),
-                                 "resident": resident, "load_s": load_s, "gen_s": gen_s}))
+                                 "resident": resident, "load_s": load_s, "gen_s": gen_s,
+                                 "resident_layers": layers}))
 
 
 def _run_child(args: dict[str, Any]) -> dict[str, Any]:
@@ -212,6 +238,10 @@ def stream_rows(opts: BenchOptions) -> list[dict]:
         dense_dir, q_dir = Path(tmp) / "dense", Path(tmp) / "int4"
         model = build_llama(preset, vocab, seed=0).eval()
         total = weight_bytes(model)
+        layers = [weight_bytes(layer) for layer in model.model.layers]
+        static = total - sum(layers)
+        budgets = {f"stream budget {k}/{len(layers)} layers resident w=2": static + sum(layers[:k]) + 2 * max(layers)
+                   for k in (len(layers) // 2, len(layers) // 4)}
         model.save_pretrained(dense_dir)
         apply_weights(model, "int4", group_size=64)
         q_total = weight_bytes(model)
@@ -221,14 +251,16 @@ def stream_rows(opts: BenchOptions) -> list[dict]:
                  ("stream w=1", "stream", dense_dir, 1, total),
                  ("stream w=2", "stream", dense_dir, 2, total),
                  ("stream w=4", "stream", dense_dir, 4, total),
+                 *[(method, "stream", dense_dir, 2, total) for method in budgets],
                  ("int4 in-memory", "memory-quantized", q_dir, None, q_total),
                  ("int4 stream w=2", "stream", q_dir, 2, q_total)]
         refs: dict[str, dict] = {}  # in-memory result per checkpoint: what streaming must reproduce
         for method, mode, path, window, wbytes in modes:
             if not opts.wants(method):
                 continue
+            budget = budgets.get(method)
             res = _run_child({"mode": mode, "dir": str(path), "window": window, "vocab": vocab, "prompt": 32,
-                              "new": new})
+                              "new": new, "budget": budget})
             if mode != "stream":
                 refs[str(path)] = res
             ref = refs.get(str(path))
@@ -239,14 +271,19 @@ def stream_rows(opts: BenchOptions) -> list[dict]:
                          "process_peak_above_start_mib": peak / MIB,
                          "process_peak_ratio": None if base is None else peak / (base["peak"] - base["rss0"]),
                          "tokens_per_s": new / res["gen_s"], "load_s": res["load_s"],
+                         "resident_layers": res.get("resident_layers"),
+                         "speed_vs_in_memory": None if base is None else base["gen_s"] / res["gen_s"],
                          "same_tokens": None if ref is None else res["tokens"] == ref["tokens"]})
     return rows
 
 
 def run(opts: BenchOptions) -> list[dict]:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    from memfit.bench.suites import weights_encoder
+
     rows = format_rows(opts)
     rows += stream_rows(opts)
+    rows += weights_encoder.rows(opts)
     return rows
 
 

@@ -1,0 +1,129 @@
+"""Accumulated-score eviction (H2O, Keyformer) with in-place decode steps.
+
+A layer keeps the `recent` most recent tokens plus the tokens with the largest accumulated score: `scores`
+(B, H_kv, slots) float32 grows by `row_scores(probs)` summed over the queries of every step and the query heads that
+share a KV head; `pos` (B, H_kv, slots) int32 is each slot's absolute position, so recency does not depend on where
+a token sits.
+
+Decoding adds one token and evicts one, so after the cache is full it stores `budget + 1` slots: the `budget` kept
+tokens and the slot of the token evicted last (`stale`, one index per batch row and head). A decode step writes the
+new token into that slot (`scatter_`, no copy of the cache), attention reads all `budget + 1` slots — the kept
+tokens and the new one, as with an append — and eviction only picks the next stale slot (an `argmin` over the
+tokens outside the recent window). Keys are then in slot order, not position order; attention does not depend on
+the order of the keys it reads (they carry their rotary position), so outputs equal the append-and-gather ones up
+to float summation order. A forward of several tokens (chunked prefill) takes the general path: drop the stale
+slot, append, keep the top `budget + 1` (recent window protected) and mark the worst of them stale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memfit.kv.base import SCORE_BYTES, KVPolicy, PolicyLayer, dense_bytes, gather_tokens, keep_top
+
+POS_BYTES = 4  # int32 position per slot and head
+
+
+class AccumulatedScoreLayer(PolicyLayer):
+    """Recent window + best accumulated score; `budget + 1` slots once full, decode steps in place."""
+
+    needs_attention = True
+
+    def __init__(self, budget: int, recent: int) -> None:
+        super().__init__(budget)
+        self.recent = recent
+        self.scores: torch.Tensor | None = None
+        self.pos: torch.Tensor | None = None
+        self.stale: torch.Tensor | None = None  # (B, H_kv) slot of the token evicted last, or None
+
+    def row_scores(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs
+
+    @property
+    def stored(self) -> int:
+        return super().stored - (self.stale is not None)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if key_states.shape[-2] != 1 or self.stale is None:
+            self._drop_stale()
+            return super().update(key_states, value_states)
+        slot = self.stale[..., None]
+        index = slot[..., None].expand(-1, -1, 1, key_states.shape[-1])
+        self.keys.scatter_(2, index, key_states)
+        self.values.scatter_(2, index, value_states)
+        self.scores.scatter_(2, slot, 0.0)
+        self.pos.scatter_(2, slot, self.seen)
+        self.seen += 1
+        self.stale = None
+        return self.keys, self.values
+
+    def _drop_stale(self) -> None:
+        """Compact the slots without the stale one (before a multi-token forward)."""
+        if self.stale is None:
+            return
+        slots = super().stored
+        ar = torch.arange(slots - 1, device=self.keys.device)
+        idx = torch.where(ar >= self.stale[..., None], ar + 1, ar)
+        self.stale = None
+        self._gather(idx)
+
+    def _gather(self, idx: torch.Tensor) -> None:
+        self.keys, self.values = gather_tokens(self.keys, idx), gather_tokens(self.values, idx)
+        self.scores, self.pos = self.scores.gather(2, idx), self.pos.gather(2, idx)
+
+    def on_append(self, n: int) -> None:
+        b, h = self.keys.shape[:2]
+        device = self.keys.device
+        new = torch.zeros(b, h, n, dtype=torch.float32, device=device)
+        pos = torch.arange(self.seen - n, self.seen, dtype=torch.int32, device=device).expand(b, h, n)
+        self.scores = new if self.scores is None else torch.cat([self.scores, new], dim=-1)
+        self.pos = pos.contiguous() if self.pos is None else torch.cat([self.pos, pos], dim=-1)
+
+    def observe_attention(self, probs: torch.Tensor) -> None:
+        self.scores += self.row_scores(probs).sum(dim=(2, 3))
+        self.evict()
+
+    def _protected(self) -> torch.Tensor:
+        return self.pos >= self.seen - min(self.recent, self.budget)
+
+    def evict(self) -> None:
+        slots = super().stored
+        if slots <= self.budget:
+            return
+        if slots > self.budget + 1:
+            self._gather(keep_top(self.scores, self.budget + 1, self._protected()))
+        self.stale = self.scores.masked_fill(self._protected(), float("inf")).argmin(dim=-1)
+
+    def kept(self) -> torch.Tensor:
+        """Positions (B, H_kv, stored) of the tokens kept, ascending (the stale slot left out)."""
+        pos = self.pos if self.stale is None else self.pos.scatter(2, self.stale[..., None], -1)
+        return pos.sort(dim=-1).values[..., int(self.stale is not None):]
+
+    def reset_stats(self) -> None:
+        self.scores = self.pos = self.stale = None
+
+    def stats_tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.scores, self.pos)
+
+
+def scored_bytes(tokens: int, budget: int, batch: int, kv_heads: int, head_dim: int, elem: int) -> int:
+    """Keys and values of the slots (the kept tokens, plus the stale slot once full) and a float32 score and an
+    int32 position per slot and head."""
+    slots = min(tokens, budget + 1)
+    return dense_bytes(slots, batch, kv_heads, head_dim, elem) + batch * kv_heads * slots * (SCORE_BYTES + POS_BYTES)
+
+
+class AccumulatedScorePolicy(KVPolicy):
+    """A recent window plus the best-scored other tokens (`AccumulatedScoreLayer`; H2O, Keyformer): `budget`
+    tokens per layer and head, `config.recent_ratio` of them the most recent (at least one if the ratio is > 0)."""
+
+    needs_attention = True
+
+    def recent(self) -> int:
+        budget, ratio = self.config.budget, self.config.recent_ratio
+        return min(budget, max(1, round(budget * ratio))) if ratio > 0 else 0
+
+    def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
+        return scored_bytes(tokens, self.config.budget, batch, kv_heads, head_dim, elem)

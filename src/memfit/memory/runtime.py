@@ -1,0 +1,153 @@
+"""The `runtime` category: what a training process holds besides its tensors.
+
+`memfit.memory.estimate` predicts tensors; a process's peak (`VmHWM` on CPU) or a device's (nvidia-smi) adds:
+
+- **CPU**: the interpreter and the libraries a run imports (torch, transformers, tokenizers, memfit's own
+  modules: *measured once*, in a fresh interpreter that imports what `memfit train` imports, and cached per
+  library versions in `$MEMFIT_CACHE/runtime.json`), plus what a run adds on top (`CPU_RUN_EXTRA`: kernels paged
+  in by the first forward/backward, the data pipeline, the tokenizer) and the allocator's slack
+  (`CPU_SLACK` × the tensor peak: glibc keeps freed chunks of a step's transients in its arenas). Both constants
+  are fitted on `memfit bench memory-model --only process` (fresh processes; docs/benchmarks.md, "Planner").
+- **CUDA**: the context (driver, cuBLAS / cuDNN handles, torch's kernels, loaded lazily: `CUDA_CONTEXT`), the
+  cuBLAS workspace (`CUBLAS_WORKSPACE`) and the caching allocator's reserve over what tensors allocate
+  (`CUDA_RESERVE_FRACTION`) — documented constants with their sources below, to be refined by
+  `memfit bench cuda` where a GPU is available. `max_memory_allocated` is the tensor peak,
+  `max_memory_reserved` = tensor peak + reserve + workspace, the device's peak = that + the context.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from memfit.memory.breakdown import MemoryBreakdown
+
+MiB = 2**20
+
+CPU_RUN_EXTRA = 110 * MiB
+"""Bytes a training run adds to the libraries' RSS besides tensors: kernels and library pages touched by the
+first step, the tokenized data, the tokenizer, the meter. Fitted on the process grid (docs/benchmarks.md)."""
+
+CPU_SLACK = 0.12
+"""Fraction of the tensor peak the process holds on top of it (freed chunks glibc's arenas keep). Fitted on the
+process grid (docs/benchmarks.md)."""
+
+CUDA_CONTEXT = 520 * MiB
+"""The CUDA context with torch's kernels loaded lazily (`CUDA_MODULE_LOADING=LAZY`, the default since CUDA 11.7 /
+torch 1.13): about 300–600 MiB depending on GPU, driver and libraries (PyTorch docs, "CUDA semantics → Memory
+management": memory the allocator does not manage — the context — shows in nvidia-smi but not in
+`memory_reserved`; NVIDIA CUDA C++ Programming Guide, "Lazy Loading"). 520 MiB is the middle of what torch 2.x
+reports on A100/H100 (`torch.cuda.mem_get_info` before and after `torch.cuda.init()` + the first matmul); refine
+it with `memfit bench cuda`."""
+
+CUBLAS_WORKSPACE = 32 * MiB
+"""cuBLAS workspace torch allocates per handle/stream through the caching allocator: 32 MiB on Hopper (sm90),
+4096 KiB × 2 + 16 KiB × 8 elsewhere (`CUBLAS_WORKSPACE_CONFIG` default; torch `CublasHandlePool.cpp`,
+`getChosenWorkspaceSize`). The larger is used: it only errs high."""
+
+CUDA_BLOCK_ROUNDING = 512
+"""The caching allocator rounds every request up to a multiple of 512 bytes (`kMinBlockSize`); requests of
+1–10 MiB are carved from 20 MiB segments (`kLargeBuffer`), larger ones rounded to 2 MiB (`kRoundLarge`)
+(c10/cuda/CUDACachingAllocator.cpp)."""
+
+CUDA_RESERVE_FRACTION = 0.06
+"""`max_memory_reserved` over `max_memory_allocated` for a training step: segments rounded up (above) and cached
+blocks split by differently sized transients. Assumed 6 % (typical of torch ≥ 2.1 with expandable segments off);
+measured by `memfit bench cuda`."""
+
+_CACHE_NAME = "runtime.json"
+OPTIONAL_LIBRARIES = ("peft",)
+"""Packages only some techniques import; each one's RSS is measured on top of the base (`Technique.libraries`)."""
+
+_PROBE = ("import importlib, json, torch, transformers, memfit.train.build, memfit.train.loop\n"
+          "from memfit.memory.process import current_rss\n"
+          "out = {'base': current_rss()}\n"
+          "for lib in {libs!r}:\n"
+          "    before = current_rss()\n"
+          "    try:\n        importlib.import_module(lib)\n    except ImportError:\n        continue\n"
+          "    out[lib] = current_rss() - before\n"
+          "print(json.dumps(out))")
+
+
+@functools.cache
+def _versions() -> str:
+    import torch
+
+    try:
+        import transformers
+        tv = transformers.__version__
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        tv = "none"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mv = version("memfit")
+    except PackageNotFoundError:  # pragma: no cover - a source checkout without metadata
+        mv = "source"
+    return f"python {sys.version.split()[0]} torch {torch.__version__} transformers {tv} memfit {mv}"
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")) / _CACHE_NAME
+
+
+_measured: dict[str, dict[str, int]] = {}
+
+
+def library_rss() -> dict[str, int]:
+    """{"base": RSS of a fresh interpreter once it imported what a training run imports, then each optional
+    library: the RSS importing it adds} — measured once per library versions (a subprocess, a few seconds) and
+    cached on disk."""
+    key = _versions()
+    if key in _measured:
+        return _measured[key]
+    path = _cache_file()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached.get(key), dict):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        code = _PROBE.replace("{libs!r}", repr(OPTIONAL_LIBRARIES))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        lines = out.stdout.strip().splitlines()
+        try:
+            cached[key] = {k: int(v) for k, v in json.loads(lines[-1]).items()}
+        except (IndexError, ValueError, AttributeError):
+            raise RuntimeError(f"measuring the libraries' memory failed: {out.stderr.strip().splitlines()[-1:]}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cached, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass  # unwritable cache: measured again next time
+    _measured[key] = cached[key]
+    return cached[key]
+
+
+def runtime_bytes(device: str, tensor_peak: int, libraries: tuple[str, ...] = ()) -> int:
+    """Bytes the process (CPU: its RSS high-water mark) or the device (CUDA: what nvidia-smi shows) holds on top
+    of a step whose tensors peak at `tensor_peak`; `libraries`: optional packages the run's techniques import
+    (declared as `Technique.libraries`), each adding its measured RSS on CPU."""
+    if device == "cuda":
+        return CUDA_CONTEXT + CUBLAS_WORKSPACE + int(CUDA_RESERVE_FRACTION * tensor_peak)
+    measured = library_rss()
+    return measured["base"] + sum(measured.get(lib, 0) for lib in libraries) + CPU_RUN_EXTRA + int(
+        CPU_SLACK * tensor_peak)
+
+
+def cuda_reserved(tensor_peak: int) -> int:
+    """Predicted `torch.cuda.max_memory_reserved` of a step whose allocated peak is `tensor_peak`."""
+    return tensor_peak + CUBLAS_WORKSPACE + int(CUDA_RESERVE_FRACTION * tensor_peak)
+
+
+def with_runtime(breakdown: MemoryBreakdown, tensor_peak: int, device: str,
+                 libraries: tuple[str, ...] = ()) -> tuple[MemoryBreakdown, int]:
+    """(`breakdown` with its `runtime` category filled, predicted process / device peak)."""
+    runtime = runtime_bytes(device, tensor_peak, libraries)
+    return breakdown.with_(runtime=runtime), tensor_peak + runtime
