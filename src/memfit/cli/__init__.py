@@ -71,9 +71,9 @@ def estimate(
 
         rec = load_recipe(recipe, overrides or [])
         print(json.dumps({"recipe": str(recipe), "precision": rec.train.precision, "model_dtype": rec.model_dtype,
-                          "categories": {c: getattr(breakdown, c) for c in CATEGORIES},
+                          "categories": {c: getattr(breakdown, c) for c in TENSOR_CATEGORIES},
                           "sum_of_category_peaks": breakdown.total, "step_peak": peak,
-                          "process_peak": peak + breakdown.runtime, "unit": "bytes",
+                          "runtime": breakdown.runtime, "process_peak": peak + breakdown.runtime, "unit": "bytes",
                           "nproc": nproc}, indent=2))
         return
 
