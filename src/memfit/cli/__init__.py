@@ -61,7 +61,7 @@ def estimate(
     from memfit.plan import estimate_recipe
 
     breakdown, peak = estimate_recipe(recipe, overrides or [], nproc=nproc)
-    from memfit.memory.breakdown import CATEGORIES, TENSOR_CATEGORIES, format_bytes
+    from memfit.memory.breakdown import TENSOR_CATEGORIES, format_bytes
     from rich.table import Table
 
     if as_json:
