@@ -76,8 +76,9 @@ class MemoryCallback(TrainerCallback):
         spec = RunSpec.from_model(model, batch=args.per_device_train_batch_size, seq=self.seq, task="causal_lm",
                                   compute_dtype="bf16" if args.bf16 else "fp32", attn_impl=attn,
                                   grad_accum=args.gradient_accumulation_steps, extra={"device": device.type})
-        breakdown, peak = estimate_step(spec, [build_technique("optimizer", "adamw")])
-        self.predicted, _ = with_runtime(breakdown, peak, device.type)
+        techniques = [build_technique("optimizer", "adamw")]
+        breakdown, peak = estimate_step(spec, techniques)
+        self.predicted, _ = with_runtime(breakdown, peak, spec, techniques)
         self.predicted_peak = peak
 
     def _rows(self) -> list[dict[str, Any]]:

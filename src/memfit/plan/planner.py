@@ -184,7 +184,7 @@ def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained
         except (MemfitError, ValueError, NotImplementedError, KeyError) as exc:
             rows.append(PlanRow(cand, None, None, None, False, quality, 0.0, str(exc).splitlines()[0]))
             continue
-        breakdown, process_peak = with_runtime(breakdown, peak, device, _libraries(cand))
+        breakdown, process_peak = with_runtime(breakdown, peak, spec, cand.techniques)
         row = PlanRow(cand, breakdown, peak, process_peak, False, quality, _tokens_per_s(spec, cand, device))
         row.fits = row.scoped(scope) <= budget
         rows.append(row)
@@ -205,10 +205,6 @@ def _quality(cand: Combination, kind: str, precision_quality: dict[str, float]) 
             return None
         q *= tq
     return q
-
-
-def _libraries(cand: Combination) -> tuple[str, ...]:
-    return tuple(sorted({lib for t in cand.techniques for lib in getattr(t, "libraries", ())}))
 
 
 def _tokens_per_s(spec, cand: Combination, device: str) -> float:

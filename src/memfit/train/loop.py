@@ -92,8 +92,7 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
         rundir.check(run_dir, resume=resume, overwrite=overwrite, has_checkpoint=ckpt.has_checkpoint(run_dir))
     built = build_run(recipe)
     estimate, estimate_peak = estimate_step(built.spec, built.techniques)
-    libraries = tuple(sorted({lib for t in built.techniques for lib in t.libraries}))
-    estimate, _ = with_runtime(estimate, estimate_peak, built.device.type, libraries)
+    estimate, _ = with_runtime(estimate, estimate_peak, built.spec, built.techniques)
     state = _LoopState.new(built)
     if run_dir is not None:
         _open_run_dir(run_dir, built, state, resume)
