@@ -26,8 +26,11 @@ from pathlib import Path
 
 from collections.abc import Sequence
 
+from typing import Any
+
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.spec import RunSpec
+
+RunSpec = Any  # memfit.memory.spec.RunSpec; not imported: spec -> arch -> measure -> runtime would be a cycle
 
 MiB = 2**20
 
