@@ -12,4 +12,13 @@ from memfit.errors import MemfitError
 quiet_import_noise()
 
 __version__ = "0.1.0"
-__all__ = ["MemfitError", "__version__"]
+__all__ = ["MemfitError", "__version__", "plan"]
+
+
+def __getattr__(name: str):
+    """`memfit.plan(model_or_config, task=..., budget=...)` (and `memfit.integrations`) load on first use."""
+    if name in ("plan", "integrations"):
+        import importlib
+
+        return importlib.import_module(f"memfit.{name}")
+    raise AttributeError(f"module 'memfit' has no attribute '{name}'")

@@ -158,6 +158,7 @@ class PeftTuner(Technique):
     needs_gradients = True
     Config = PeftTunerConfig
     libraries = ("peft",)
+    allocator_churn = 2.5  # peft's per-target dropout copies and low-rank path (process grid, LoRA rows)
 
     # --- what each tuner states ---------------------------------------------------------------------
     def peft_config(self, target_modules: list[str], task_type: str | None, save: list[str] | None):

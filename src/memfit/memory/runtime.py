@@ -5,9 +5,9 @@
 - **CPU**: the interpreter and the libraries a run imports (torch, transformers, tokenizers, memfit's own
   modules: *measured once*, in a fresh interpreter that imports what `memfit train` imports, and cached per
   library versions in `$MEMFIT_CACHE/runtime.json`), plus what a run adds on top (`CPU_RUN_EXTRA`: kernels paged
-  in by the first forward/backward, the data pipeline, the tokenizer) and the allocator's slack
-  (`CPU_SLACK` × the tensor peak: glibc keeps freed chunks of a step's transients in its arenas). Both constants
-  are fitted on `memfit bench memory-model --only process` (fresh processes; docs/benchmarks.md, "Planner").
+  in by the first forward/backward, the data pipeline, the tokenizer) and the allocator's churn
+  (`CPU_CHURN` × `transient_volume`: glibc keeps freed chunks of a step's transients in its arenas; techniques
+  that allocate more per layer declare `Technique.allocator_churn`). Both constants are fitted on `memfit bench memory-model --only process` (fresh processes; docs/benchmarks.md, "Planner").
 - **CUDA**: the context (driver, cuBLAS / cuDNN handles, torch's kernels, loaded lazily: `CUDA_CONTEXT`), the
   cuBLAS workspace (`CUBLAS_WORKSPACE`) and the caching allocator's reserve over what tensors allocate
   (`CUDA_RESERVE_FRACTION`) — documented constants with their sources below, to be refined by
@@ -24,17 +24,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+from collections.abc import Sequence
+
+from typing import Any
+
 from memfit.memory.breakdown import MemoryBreakdown
+
+RunSpec = Any  # memfit.memory.spec.RunSpec; not imported: spec -> arch -> measure -> runtime would be a cycle
 
 MiB = 2**20
 
-CPU_RUN_EXTRA = 110 * MiB
-"""Bytes a training run adds to the libraries' RSS besides tensors: kernels and library pages touched by the
-first step, the tokenized data, the tokenizer, the meter. Fitted on the process grid (docs/benchmarks.md)."""
+CPU_RUN_EXTRA = 43 * MiB
+"""Bytes a training run adds to the libraries' RSS besides tensors and allocator churn: kernels and library pages
+touched by the first step, the tokenized data, the tokenizer. Fitted on the process grid (docs/benchmarks.md)."""
 
-CPU_SLACK = 0.12
-"""Fraction of the tensor peak the process holds on top of it (freed chunks glibc's arenas keep). Fitted on the
-process grid (docs/benchmarks.md)."""
+CPU_CHURN = 3.6
+"""Resident bytes glibc keeps from a step's transients, per byte of `transient_volume(spec)` (B·S·(H+I)·L·4:
+one fp32 copy of every block's widest tensors). The fit on the process grid gave 3.58 for it and ~0 for a
+fraction of the tensor peak: what the process keeps beyond its tensors grows with the tokens a step pushes
+through the blocks, not with the weights or optimizer state (docs/benchmarks.md, "Planner")."""
 
 CUDA_CONTEXT = 520 * MiB
 """The CUDA context with torch's kernels loaded lazily (`CUDA_MODULE_LOADING=LAZY`, the default since CUDA 11.7 /
@@ -130,15 +138,23 @@ def library_rss() -> dict[str, int]:
     return cached[key]
 
 
-def runtime_bytes(device: str, tensor_peak: int, libraries: tuple[str, ...] = ()) -> int:
+def transient_volume(spec: RunSpec) -> int:
+    """B·S·(H+I)·L·4 bytes: the scale of what a step allocates and frees in the blocks (CPU allocator churn)."""
+    m = spec.model
+    return spec.tokens * (m.hidden + m.intermediate) * m.n_layers * 4
+
+
+def runtime_bytes(spec: RunSpec, tensor_peak: int, techniques: Sequence = ()) -> int:
     """Bytes the process (CPU: its RSS high-water mark) or the device (CUDA: what nvidia-smi shows) holds on top
-    of a step whose tensors peak at `tensor_peak`; `libraries`: optional packages the run's techniques import
-    (declared as `Technique.libraries`), each adding its measured RSS on CPU."""
-    if device == "cuda":
+    of a step whose tensors peak at `tensor_peak`. On CPU, `techniques` add the optional libraries they import
+    (`Technique.libraries`, each one's RSS measured) and their declared `allocator_churn`."""
+    if spec.extra.get("device", "cpu") == "cuda":
         return CUDA_CONTEXT + CUBLAS_WORKSPACE + int(CUDA_RESERVE_FRACTION * tensor_peak)
     measured = library_rss()
-    return measured["base"] + sum(measured.get(lib, 0) for lib in libraries) + CPU_RUN_EXTRA + int(
-        CPU_SLACK * tensor_peak)
+    libraries = {lib for t in techniques for lib in getattr(t, "libraries", ())}
+    churn = CPU_CHURN + sum(getattr(t, "allocator_churn", 0.0) for t in techniques)
+    return (measured["base"] + sum(measured.get(lib, 0) for lib in libraries) + CPU_RUN_EXTRA
+            + int(churn * transient_volume(spec)))
 
 
 def cuda_reserved(tensor_peak: int) -> int:
@@ -146,8 +162,8 @@ def cuda_reserved(tensor_peak: int) -> int:
     return tensor_peak + CUBLAS_WORKSPACE + int(CUDA_RESERVE_FRACTION * tensor_peak)
 
 
-def with_runtime(breakdown: MemoryBreakdown, tensor_peak: int, device: str,
-                 libraries: tuple[str, ...] = ()) -> tuple[MemoryBreakdown, int]:
+def with_runtime(breakdown: MemoryBreakdown, tensor_peak: int, spec: RunSpec,
+                 techniques: Sequence = ()) -> tuple[MemoryBreakdown, int]:
     """(`breakdown` with its `runtime` category filled, predicted process / device peak)."""
-    runtime = runtime_bytes(device, tensor_peak, libraries)
+    runtime = runtime_bytes(spec, tensor_peak, techniques)
     return breakdown.with_(runtime=runtime), tensor_peak + runtime

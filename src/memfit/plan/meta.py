@@ -82,6 +82,5 @@ def estimate_recipe(source: str | Path | dict, overrides: list[str] = (), nproc:
         breakdown, peak = rank.breakdown, rank.peak
     else:
         breakdown, peak = estimate_step(spec, techniques)
-    libraries = tuple(sorted({lib for t in techniques for lib in getattr(t, "libraries", ())}))
-    breakdown, _ = with_runtime(breakdown, peak, spec.extra.get("device", "cpu"), libraries)
+    breakdown, _ = with_runtime(breakdown, peak, spec, techniques)
     return breakdown, peak

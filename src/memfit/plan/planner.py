@@ -134,7 +134,7 @@ def _with_slots(recipe: dict[str, Any], cand: Combination, lr_scale: float = 1.0
     return out
 
 
-def precisions() -> list[str]:
+def recipe_precisions() -> list[str]:
     """The precisions a recipe accepts (`memory/precision.py`, Lightning's names) that the quality prior knows."""
     from memfit.memory.precision import PRECISIONS
     from memfit.plan.quality import PRECISION_QUALITY
@@ -143,9 +143,11 @@ def precisions() -> list[str]:
 
 
 def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained: bool | None = None,
-         model=None) -> Plan:
+         model=None, precisions: list[str] | None = None, keep=None) -> Plan:
     """Every compatible combination's predicted peak, quality and speed; fitting ones first in rank order.
-    `model`: a model (meta or real) to plan for instead of building the recipe's on the meta device."""
+    `model`: a model (meta or real) to plan for instead of building the recipe's on the meta device;
+    `precisions`: the ones to try (default: every one the recipe takes); `keep(technique) -> bool`: only plans
+    whose every technique passes (the Python API keeps those that work in the user's own loop)."""
     if scope not in SCOPES:
         raise ConfigError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
     from memfit.memory.estimate import estimate_step
@@ -160,11 +162,14 @@ def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained
     pretrained = base.model.path is not None if pretrained is None else pretrained
     kind = task_kind(base.task, pretrained)
     t0, w0 = time.process_time(), time.perf_counter()
-    specs = {p: spec_for(base, model, p) for p in precisions()}
+    specs = {p: spec_for(base, model, p) for p in (precisions or recipe_precisions())}
     device = next(iter(specs.values())).extra.get("device", "cpu")
     combos, pruned = combinations(next(iter(specs.values())), pretrained, list(specs))
     rows = []
     for cand in combos:
+        if keep is not None and not all(keep(t) for t in cand.techniques):
+            pruned += 1
+            continue
         quality = _quality(cand, kind, PRECISION_QUALITY)
         if quality is None:
             pruned += 1  # a technique the prior does not plan for this kind of task (adapters from scratch)
@@ -176,7 +181,7 @@ def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained
         except (MemfitError, ValueError, NotImplementedError, KeyError) as exc:
             rows.append(PlanRow(cand, None, None, None, False, quality, 0.0, str(exc).splitlines()[0]))
             continue
-        breakdown, process_peak = with_runtime(breakdown, peak, device, _libraries(cand))
+        breakdown, process_peak = with_runtime(breakdown, peak, spec, cand.techniques)
         row = PlanRow(cand, breakdown, peak, process_peak, False, quality, _tokens_per_s(spec, cand, device))
         row.fits = row.scoped(scope) <= budget
         rows.append(row)
@@ -197,10 +202,6 @@ def _quality(cand: Combination, kind: str, precision_quality: dict[str, float]) 
             return None
         q *= tq
     return q
-
-
-def _libraries(cand: Combination) -> tuple[str, ...]:
-    return tuple(sorted({lib for t in cand.techniques for lib in getattr(t, "libraries", ())}))
 
 
 def _tokens_per_s(spec, cand: Combination, device: str) -> float:

@@ -98,6 +98,7 @@ class Technique:
     needs_pretrained: ClassVar[bool] = False  # only sensible on pretrained weights (never planned from scratch)
     plan_lr_scale: ClassVar[float] = 1.0  # the planner multiplies the user's learning rate by this
     libraries: ClassVar[tuple[str, ...]] = ()  # optional packages it imports (their RSS: `memory/runtime.py`)
+    allocator_churn: ClassVar[float] = 0.0  # extra CPU allocator churn per byte of `runtime.transient_volume`
 
     @classmethod
     def plan_variants(cls, spec: RunSpec, pretrained: bool = False) -> list[dict[str, Any]]:

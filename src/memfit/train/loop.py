@@ -111,8 +111,7 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
     else:  # what each rank holds and peaks at
         rank = estimate_rank(built.spec, built.techniques, par.world, recipe.distributed.reshard_after_forward)
         estimate, estimate_peak = rank.breakdown, rank.peak
-    libraries = tuple(sorted({lib for t in built.techniques for lib in t.libraries}))
-    estimate, _ = with_runtime(estimate, estimate_peak, built.device.type, libraries)
+    estimate, _ = with_runtime(estimate, estimate_peak, built.spec, built.techniques)
     state = _LoopState.new(built)
     if run_dir is not None:
         _open_run_dir(run_dir, built, state, resume)

@@ -108,7 +108,7 @@ def predict(recipe: dict) -> dict[str, int]:
     spec = spec_for(rec, meta_model(rec), device=torch.device("cuda"))
     techniques = rec.techniques()
     breakdown, tensors = estimate_step(spec, techniques)
-    _, device = with_runtime(breakdown, tensors, "cuda")
+    _, device = with_runtime(breakdown, tensors, spec, techniques)
     return {"tensors": tensors, "reserved": cuda_reserved(tensors), "device": device}
 
 
