@@ -69,6 +69,8 @@ class TrainConfig(_Strict):
     measure_steps: int = Field(2, ge=0)  # steps measured by category (the first ones; 0 turns it off)
     device: str = "auto"
     num_threads: int | None = Field(None, gt=0)
+    compile: bool = False  # torch.compile each decoder block after the techniques apply (memfit/train/compile.py)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # aot_eager/eager: debugging, tests
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -1,0 +1,43 @@
+"""`train.compile: true` — torch.compile each decoder block of the model, after the techniques are applied.
+
+Why per block and not the whole model: `nn.Module.compile()` on each block compiles in place, so the module tree,
+parameter names and state_dict keys stay the same (checkpoints, resume, adapters' merge, `memfit report` see the
+eager names); the blocks are identical, so one graph serves them all (compile time ~ one block, not the model);
+and what techniques put around the blocks — the chunked loss, embeddings, forward/backward wrappers, parameter
+hooks of in-backward optimizers — runs eager, exactly as without compile. Inside a block, inductor fuses the
+element-wise ops, so the tensors saved for backward are not the eager ones the activation estimate models
+(`memfit.memory` counts eager autograd's saved tensors): the run's report carries `COMPILE_NOTE`.
+
+Techniques whose mechanism does not survive compilation of the blocks declare `conflicts = ("compile",)` and are
+refused by `check_compile` with one ConfigError naming them (each decided by trying it on a toy recipe).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from memfit.errors import ConfigError
+
+COMPILE_NOTE = ("train.compile: decoder blocks are compiled (inductor); the activation estimate models eager "
+                "autograd's saved tensors, so the measured activations of a compiled run may differ from it")
+
+
+def check_compile(techniques) -> None:
+    """One ConfigError naming every technique that declares it cannot run compiled."""
+    refused = [t.name for t in techniques if "compile" in getattr(t, "conflicts", ())]
+    if refused:
+        raise ConfigError(f"train.compile: true cannot run with {', '.join(refused)} (its hooks do not survive "
+                          f"torch.compile); set train.compile: false")
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
+    """Compile each decoder block in place (`nn.Module.compile`); returns how many were compiled."""
+    from memfit.activations._common import decoder_layers
+
+    try:
+        layers = decoder_layers(model)
+    except ConfigError as exc:
+        raise ConfigError(f"train.compile: {exc}") from None
+    for block in layers:
+        block.compile(backend=backend, dynamic=False)
+    return len(layers)
