@@ -125,6 +125,9 @@ class Recipe(_Strict):
                               f"{self.model.dtype} weights that the precision stores in {storage}; use precision "
                               f"{'bf16-true' if self.model.dtype == 'bf16' else '16-true' if self.model.dtype == 'fp16' else '32-true'}"
                               f", drop model.dtype, or freeze the base with an adapter (lora, qlora, ...)")
+        if self.train.compile and self.distributed.nproc > 1:
+            raise ConfigError("train.compile: true is not built for distributed runs (FSDP2 wraps the blocks); "
+                              "set train.compile: false or distributed.nproc: 1")
         return self
 
     @property

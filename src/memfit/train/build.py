@@ -154,12 +154,11 @@ def build_run(recipe: Recipe, loss_fn: LossFn = model_loss, par=None) -> BuiltRu
     ctx.model.to(device)
     ctx.model.train()
     if recipe.train.compile:
-        from memfit.train.compile import check_compile, compile_blocks
+        from memfit.train.compile import compile_blocks
 
         if par is not None:
             raise ConfigError("train.compile: true is not built for distributed runs (FSDP2 shards the blocks "
                               "after this point); set train.compile: false")
-        check_compile(techniques)
         compile_blocks(ctx.model, recipe.train.compile_backend)
     if par is not None:
         from memfit.train import parallel
