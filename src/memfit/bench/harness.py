@@ -92,7 +92,7 @@ def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload:
     fpt = train_flops_per_token(n_params, shape[0], shape[1], seq, backward=backprop,
                                 trainable_fraction=result.trainable_params / max(n_params, 1))
     row["mfu"] = round(mfu(result.tokens_per_s, fpt, opts.peak(rec.train.precision)), 4)
-    row["peak_tflops"] = round(opts.peak(rec.train.precision) / 1e12, 4)  # this run's matmul peak, its dtype
+    row["matmul_tflops"] = round(opts.peak(rec.train.precision) / 1e12, 4)  # this run's matmul peak, its dtype
     if rec.train.compile:
         row["compile_s"] = round(result.extras.get("compile_s") or 0.0, 1)
     row.update(extra)

@@ -2,7 +2,7 @@
 
 Why per block and not the whole model: `nn.Module.compile()` on each block compiles in place, so the module tree,
 parameter names and state_dict keys stay the same (checkpoints, resume, adapters' merge, `memfit report` see the
-eager names); the blocks are identical, so one graph serves them all (compile time ~ one block, not the model);
+eager names); the blocks are identical, so inductor's compiled kernels are cached across them;
 and what techniques put around the blocks — the chunked loss, embeddings, forward/backward wrappers, parameter
 hooks of in-backward optimizers — runs eager, exactly as without compile. Inside a block, inductor fuses the
 element-wise ops, so the tensors saved for backward are not the eager ones the activation estimate models
@@ -18,6 +18,7 @@ refused; distributed runs are (FSDP2 wraps the blocks after this point; not buil
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from memfit.errors import ConfigError
@@ -34,6 +35,12 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> int:
         layers = decoder_layers(model)
     except ConfigError as exc:
         raise ConfigError(f"train.compile: {exc}") from None
+    # a fresh dynamo cache per built run: a process that builds several runs (benches, tests) would otherwise hit
+    # the recompile limit on the shared block code and silently run later runs' blocks eager
+    torch._dynamo.reset()
+    # dynamo specializes each block on its `layer_idx` (one graph per block and grad mode): past the recompile
+    # limit (8) the remaining blocks would run eager without a word
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(layers))
     for block in layers:
         block.compile(backend=backend, dynamic=False)
     return len(layers)
