@@ -97,6 +97,7 @@ class DistributedConfig(_Strict):
 
     nproc: int = Field(1, ge=1)  # ranks `memfit train` launches on this machine (torchrun sets its own)
     reshard_after_forward: bool = True  # True: ZeRO-3 (blocks re-gathered in backward); False: ZeRO-2
+    offload: Literal["none", "cpu"] = "none"  # cpu: FSDP2's CPUOffloadPolicy (GPU runs: shards, gradients, state on the host)
 
 
 class Recipe(_Strict):

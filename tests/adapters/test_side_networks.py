@@ -118,3 +118,16 @@ def test_sherl_without_early_taps_is_a_compat_error():
         tech._inject(None, (torch.zeros(2, 16, 64),), {})
     with pytest.raises(CompatError, match="never reached"):
         tech.on_step_end(ctx, {})
+
+
+@pytest.mark.parametrize("name", ["sherl", "meft"])
+def test_training_a_tied_lm_head_is_refused(name):
+    """SHERL's and MEFT's backbone forward keeps a graph: a trained tied head would train the embeddings below."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    tech = build_technique("adapter", {"name": name, "train_head": True})
+    with pytest.raises(ConfigError, match="ties its LM head"):
+        tech.check(Context(model=model, spec=RunSpec.from_model(model)))
+    build_technique("adapter", name).check(Context(model=model, spec=RunSpec.from_model(model)))

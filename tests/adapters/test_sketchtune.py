@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from memfit.errors import ConfigError
-from memfit.memory.estimate import estimate_run
+from memfit.memory.estimate import estimate_step
 from memfit.memory.measure import MemoryMeter, state_bytes
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context
@@ -61,13 +61,16 @@ def test_memory_equals_estimate_and_only_tables_train(task):
     trained = {n for n, p in ctx.model.named_parameters() if p.requires_grad}
     assert trained and all(n.endswith(".sketch") or "classifier" in n for n in trained)
     opt = torch.optim.AdamW([p for p in ctx.model.parameters() if p.requires_grad])
-    meter = MemoryMeter(ctx.model)
+    meter = MemoryMeter(ctx.model, opt)
     with meter.region():
         loss = ctx.model(**data).loss
         kept = meter.current().activations
         loss.backward()
-    opt.step()
-    est = estimate_run(spec, [tech, build_technique("optimizer", "adamw")])
+        opt.step()
+    est, peak = estimate_step(spec, [tech, build_technique("optimizer", "adamw")])
+    # the step peak is conservative: on this tiny model the frozen-base activation bound (+16 %) and a layer's
+    # temporaries charged on top of every activation add up to 1.6x; on MiniLM (bench) it is 1.0-1.1x
+    assert 1.0 <= peak / meter.report().tensor_peak < 1.7
     grads = sum(p.grad.nbytes for p in ctx.model.parameters() if p.grad is not None)
     assert (meter.report().peak.parameters, grads, state_bytes(opt)) == (est.parameters, est.gradients,
                                                                          est.optimizer)

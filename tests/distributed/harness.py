@@ -109,3 +109,27 @@ def sharded_model(ctx, reshard_after_forward: bool = True, precision: str = "32-
 def sharded_losses(ctx, name: str, steps: int) -> list[float]:
     model = sharded_model(ctx)
     return train_steps(model, build_optimizer(model, OPTIMIZERS[name], sharded=True), range(steps), True)
+
+
+TECHNIQUE_RUNS: dict[str, dict] = {
+    "lora": {"adapter": {"name": "lora", "r": 4}},
+    "dora": {"adapter": {"name": "dora", "r": 4}},
+    "qlora_int8": {"adapter": {"name": "qlora", "r": 4, "format": "int8"}},
+    "lora_bf16_checkpointing_chunked_ce": {"adapter": {"name": "lora", "r": 4},
+                                           "activations": [{"name": "checkpointing"}, {"name": "chunked_ce"}],
+                                           "train": {"precision": "bf16"}},
+    "checkpointing_galore": {"activations": [{"name": "checkpointing"}],
+                             "optimizer": {"name": "galore", "lr": 1e-3, "rank": 8, "update_proj_gap": 2}},
+}
+"""Adapters and activation techniques through the whole run path (`memfit.train.train`) under FSDP2."""
+
+
+def technique_recipe(name: str, data: str) -> dict:
+    """The toy pretraining recipe (3 steps, one measured) with the techniques of `TECHNIQUE_RUNS[name]`."""
+    from pathlib import Path
+
+    from tests.train.recipes import toy_recipe
+
+    extra = dict(TECHNIQUE_RUNS[name])
+    recipe = toy_recipe("pretrain", Path(data), steps=3, eval_every=0, **extra.pop("train", {}))
+    return {**recipe, **extra}

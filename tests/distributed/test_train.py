@@ -26,7 +26,7 @@ PARITY = 1e-5
 
 
 def _recipe(data_dir) -> dict:
-    return toy_recipe("pretrain", data_dir, steps=6, save_every=3, grad_accum=2, eval_every=0, measure_steps=1)
+    return toy_recipe("pretrain", data_dir, steps=6, save_every=3, grad_accum=2, eval_every=0, measure_steps=2)
 
 
 def _memfit(*args: str) -> subprocess.Popen:
@@ -89,11 +89,15 @@ def test_rank0_writes_the_run_dir_with_every_ranks_peak(runs):
     summary = json.loads((run / "memory.json").read_text())
     ranks = summary["measured"]["notes"]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
-    params = summary["estimate"]["parameters"]  # one process's parameters, fp32
+    params = 4 * summary["total_params"]  # one process's parameters, fp32
+    assert summary["estimate"]["parameters"] == ranks[0]["held"]["sharded_params"]  # the per-rank estimate
     for r in ranks:  # each rank holds about half the parameters between steps (padded shards)
         assert 0.5 * params <= r["held"]["sharded_params"] <= 0.55 * params, (r["held"], params)
         assert r["tensor_peak"] > r["model_state_peak"] > 0
     assert "rank 1: tensor peak" in runs["stdout"]
+    # memory.sharding.estimate_rank: each rank's measured tensor peak (the second step: optimizer state alive)
+    for r in ranks:
+        assert 0.95 <= r["tensor_peak"] / summary["estimate_peak"] <= 1.05, (r["tensor_peak"], summary["estimate_peak"])
     assert (run / "checkpoints" / "step-0000006" / "memfit.json").exists()  # a DCP checkpoint
 
 
@@ -129,3 +133,12 @@ def test_global_batch_must_split_over_ranks(data_dir):
                                mesh=None))
     with pytest.raises(ConfigError, match="multiple of 3"):
         check(load_recipe(_recipe(data_dir)), par)
+
+
+def test_cpu_offload_is_refused_off_gpu(data_dir):
+    """FSDP2's CPUOffloadPolicy moves a GPU run's shards to the host; on a CPU run it is one clear error."""
+    recipe = load_recipe({**_recipe(data_dir), "distributed": {"offload": "cpu"}})
+    par = Parallel(DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                               mesh=None))
+    with pytest.raises(ConfigError, match="offload: cpu"):
+        check(recipe, par)

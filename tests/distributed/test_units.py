@@ -9,7 +9,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from memfit.distributed.collectives import row_range
-from memfit.distributed.estimate import sharded_bytes, unit_bytes, units_from_params
+from memfit.memory.sharding import sharded_bytes, unit_bytes, units_from_params
 from memfit.distributed.optim import LOCAL, OWNER, _eight_bit, rule_for
 from memfit.distributed.runtime import init_distributed, launch_command
 from memfit.distributed.shard import find_blocks, precision_policy, shard_model

@@ -64,10 +64,16 @@ def one_rank_after(folder: str) -> dict:
     return {name: _guard(_resume_from, ctx, name, Path(folder), 2) for name in CHECKPOINT_OPTIMIZERS}
 
 
-def two_ranks(folder: str, steps: int, memory_layers: dict[bool, int]) -> dict:
-    """World size 2: parity of every optimizer, frozen dtypes, per-rank memory, checkpoints (2 -> 2, 1 -> 2)."""
+def two_ranks(folder: str, steps: int, memory_layers: dict[bool, int], data: str | None = None) -> dict:
+    """World size 2: parity of every optimizer, frozen dtypes, per-rank memory, checkpoints (2 -> 2, 1 -> 2), and
+    (with the shared data) adapters and activation techniques through the run loop."""
     ctx = init_distributed()
-    out: dict = {"parity": {name: _guard(H.sharded_losses, ctx, name, steps) for name in H.OPTIMIZERS}}
+    out: dict = {}
+    if data is not None:  # first: after the harness's own runs in this process, a LoRA run's second loss moved by
+        # ~1e-3 (not explained yet; a CLI run is one run per process, and these match one process there)
+        out["techniques"] = {name: _guard(_technique_run, name, data) for name in H.TECHNIQUE_RUNS}
+        out["qlora_dtypes"] = _guard(_qlora_dtypes, ctx, data)
+    out["parity"] = {name: _guard(H.sharded_losses, ctx, name, steps) for name in H.OPTIMIZERS}
     out["same_gradients"] = {name: _guard(_same_gradients, ctx, name) for name in SAME_GRADIENTS}
     out["frozen"] = _guard(_frozen_dtypes, ctx)
     out["memory"] = {str(reshard): _guard(_memory, ctx, layers, reshard) for reshard, layers in memory_layers.items()}
@@ -75,6 +81,25 @@ def two_ranks(folder: str, steps: int, memory_layers: dict[bool, int]) -> dict:
     out["from_one"] = {name: _guard(_resume_from, ctx, name, Path(folder), 1) for name in CHECKPOINT_OPTIMIZERS}
     out["refused"] = _guard(_refused, ctx)
     return out
+
+
+def _technique_run(name: str, data: str) -> list[float]:
+    from memfit.recipe import load_recipe
+    from memfit.train import train
+
+    return [r["loss"] for r in train(load_recipe(H.technique_recipe(name, data)), None, quiet=True).history]
+
+
+def _qlora_dtypes(ctx, data: str) -> dict:
+    """QLoRA's int8 base through the run path: each frozen shard keeps its storage dtype (never upcast)."""
+    from memfit.distributed.shard import local_dtypes
+    from memfit.recipe import load_recipe
+    from memfit.train.build import build_run
+    from memfit.train.parallel import Parallel
+
+    built = build_run(load_recipe(H.technique_recipe("qlora_int8", data)), Parallel(ctx))
+    trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
+    return {n: str(d) for n, d in local_dtypes(built.model).items() if n not in trainable}
 
 
 def _same_gradients(ctx, name: str, steps: int = 5) -> float:
@@ -104,7 +129,7 @@ def _same_gradients(ctx, name: str, steps: int = 5) -> float:
 
 def _frozen_dtypes(ctx) -> dict:
     """LoRA on a bf16 base under bf16-mixed: frozen weights stay bf16 in their shards (accelerate #3844)."""
-    from memfit.distributed.estimate import unit_bytes
+    from memfit.memory.sharding import unit_bytes
     from memfit.distributed.shard import local_dtypes, shard_model
     from memfit.memory.spec import RunSpec, model_shape
     from memfit.techniques.base import Context
@@ -140,7 +165,7 @@ def _frozen_dtypes(ctx) -> dict:
 
 def _memory(ctx, layers: int, reshard: bool) -> dict:
     """Measured per-rank model state (AdamW) next to `sharded_bytes`' prediction."""
-    from memfit.distributed.estimate import sharded_bytes, units_from_params
+    from memfit.memory.sharding import sharded_bytes, units_from_params
     from memfit.distributed.measure import RankMeter
     from memfit.distributed.shard import find_blocks, shard_model
     from memfit.memory.spec import model_shape

@@ -6,27 +6,8 @@ from typer.testing import CliRunner
 from memfit.cli import app
 from memfit.errors import ConfigError, ModelError
 from memfit.generate import generate, resolve_budget
-from memfit.models import build_llama
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A saved llama-tiny with a byte-level BPE tokenizer trained on a sentence: a local HF model folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
-    path = tmp_path_factory.mktemp("tiny-lm")
-    build_llama("llama-tiny", len(fast), seed=0).save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
 
 
 def test_generate_reports_kv_bytes_equal_to_estimate(model_dir):
@@ -43,6 +24,7 @@ def test_generate_reports_kv_bytes_equal_to_estimate(model_dir):
     # kivi: 45 prompt tokens flush one 32-token group at prefill and none while decoding, so the most the cache
     # held is what it holds at the end, which is what the estimate describes
     ("pyramid", 10, {"window": 4}), ("kivi", None, {"bits": 2, "residual": 32}),
+    ("kivi", 40, {"bits": 4, "residual": 16}),
 ])
 def test_every_policy_shrinks_the_cache_to_its_estimate(model_dir, kv, budget, options):
     """memfit generate's measured KV bytes == the policy's estimate, well below the full cache's: fails if the

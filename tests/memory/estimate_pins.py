@@ -215,7 +215,7 @@ ADAPTERS = [
 STEPS = ["mezo", "zo-sign", "zo-momentum", "zo-adam", "forward-grad", "zo-block", {"name": "mezo", "n_spsa": 2}, "zo2"]
 KV = ["full", {"name": "streaming_llm", "budget": 32}, {"name": "h2o", "budget": 32},
       {"name": "snapkv", "budget": 32}, {"name": "keyformer", "budget": 32}, {"name": "pyramid", "budget": 64},
-      {"name": "kivi", "bits": 2}]
+      {"name": "kivi", "bits": 2}, {"name": "gear", "bits": 2}, {"name": "kivi", "bits": 4, "budget": 64}]
 
 
 def _name(value) -> str:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import pytest
 import torch
 
@@ -80,25 +77,11 @@ def test_lisa_with_master_weights_keeps_masters_of_active_layers_only(data_dir):
     assert abs(row["optimizer_ratio"] - 1) <= 1e-3 and row["step_peak_ratio"] <= 1.02, row
 
 
-def _losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
-
-
 @pytest.mark.parametrize("master", ["none", "fp32"])
 def test_bf16_true_resumes_bit_identically(master, data_dir, tmp_path):
     from memfit.recipe import load_recipe
-    from memfit.train import train
-    from train.recipes import toy_recipe
+    from train.recipes import resumed_losses_match, toy_recipe
 
     recipe = load_recipe(toy_recipe("pretrain", data_dir, steps=6, save_every=3, measure_steps=0, eval_every=0,
                                     precision="bf16-true", master_weights=master))
-    full = tmp_path / "full"
-    train(recipe, full, quiet=True)
-    part = tmp_path / "part"
-    shutil.copytree(full, part)
-    shutil.rmtree(part / "checkpoints" / "step-0000006")
-    (part / "checkpoints" / "latest").write_text("step-0000003")
-    train(recipe, part, resume=True, quiet=True)
-    a, b = _losses(full), _losses(part)
-    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)]
+    assert resumed_losses_match(recipe, tmp_path)

@@ -43,7 +43,7 @@ def test_from_scratch_never_plans_adapters_and_full_adamw_wins_when_it_fits(data
     assert not names & {"lora", "qlora", "dora", "lisa", "lst"}  # needs_pretrained, declared by the adapters
     assert {"adamw", "galore", "checkpointing", "chunked_ce", "streambp", "mezo"} <= names
     assert result.pruned > 0
-    assert result.chosen.label == "adamw (fp32)"
+    assert result.chosen.label == "adamw (32-true)"
     assert result.seconds < 5  # CPU seconds choosing among every combination (about 1 s on this machine)
 
 
@@ -62,7 +62,7 @@ def test_fine_tuning_ranks_full_then_lora_then_qlora(data_dir):
     recipe["model"] = {"preset": "llama-20m"}  # large enough that LoRA saves more than peft's own RSS
     result = plan(recipe, budget=2**40, pretrained=True)
     rows = _by_label(result)
-    full, lora, qlora = rows["adamw (fp32)"], rows["lora r=16 + adamw (fp32)"], rows["qlora r=16 + adamw (fp32)"]
+    full, lora, qlora = rows["adamw (32-true)"], rows["lora r=16 + adamw (32-true)"], rows["qlora r=16 + adamw (32-true)"]
     assert full.quality > lora.quality > qlora.quality
     assert result.chosen is full
     # a budget LoRA fits and full fine-tuning does not: LoRA (not the smaller QLoRA) wins
@@ -70,7 +70,7 @@ def test_fine_tuning_ranks_full_then_lora_then_qlora(data_dir):
     assert lora.process_peak < full.process_peak
     result = plan(recipe, budget=budget, pretrained=True)
     assert result.chosen.quality >= lora.quality - 1e-9 and "qlora" not in result.chosen.label
-    assert rows["lora r=16 + adamw (fp32)"].recipe["optimizer"]["lr"] == pytest.approx(10 * recipe["optimizer"]["lr"])
+    assert rows["lora r=16 + adamw (32-true)"].recipe["optimizer"]["lr"] == pytest.approx(10 * recipe["optimizer"]["lr"])
     galore = next(r for r in result.rows if "galore" in r.candidate.names)
     assert galore.recipe["optimizer"]["scale"] == 4.0  # GaLore's fine-tuning scale on pretrained weights
 
@@ -78,10 +78,10 @@ def test_fine_tuning_ranks_full_then_lora_then_qlora(data_dir):
 def test_budget_scope_process_includes_the_runtime(data_dir):
     recipe = _toy(data_dir)
     tensors = plan(recipe, budget=2**40, scope="tensors")
-    baseline = _by_label(tensors)["adamw (fp32)"]
+    baseline = _by_label(tensors)["adamw (32-true)"]
     assert baseline.process_peak - baseline.peak == baseline.breakdown.runtime > 100 * 2**20
     budget = baseline.peak + 1
-    assert plan(recipe, budget=budget, scope="tensors").chosen.label == "adamw (fp32)"
+    assert plan(recipe, budget=budget, scope="tensors").chosen.label == "adamw (32-true)"
     with pytest.raises(BudgetError, match="process peak"):
         plan(recipe, budget=budget).chosen
     with pytest.raises(ConfigError, match="scope"):
@@ -100,7 +100,7 @@ def test_pareto_set_and_why(data_dir):
 
 def test_chosen_plan_measures_within_prediction(data_dir):
     recipe = _toy(data_dir)
-    full = _by_label(plan(recipe, budget=2**40, scope="tensors"))["adamw (fp32)"]
+    full = _by_label(plan(recipe, budget=2**40, scope="tensors"))["adamw (32-true)"]
     result = plan(recipe, budget=full.peak - 1, scope="tensors")
     chosen = result.chosen
     run = verify(chosen, steps=2)
@@ -131,7 +131,7 @@ def test_plan_cli_for_a_named_model_config(tmp_path):
                                       "--seq", "256", "--batch", "2", "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert data["task_kind"] == "finetune" and data["chosen"]["plan"] == "adamw (fp32)"
+    assert data["task_kind"] == "finetune" and data["chosen"]["plan"] == "adamw (32-true)"
     assert data["recipe"]["model"]["path"] == str(path) and data["recipe"]["train"]["batch_size"] == 2
     assert any("lora" in r["plan"] for r in data["rows"])
     result = CliRunner().invoke(app, ["plan", "--model", str(path), "--task", "sing", "--budget", "1GiB"])

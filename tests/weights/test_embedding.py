@@ -110,3 +110,16 @@ def test_scaled_embedding_keeps_its_scale():
     q = QuantEmbedding.from_embedding(emb, get_format("int8"))
     ids = torch.tensor([[1, 2, 3]])
     assert torch.allclose(q(ids), emb(ids) * 4.0, atol=4.0 * emb.weight.abs().max().item() / 127)
+
+
+def test_generate_quantize_embeddings_is_wired():
+    from memfit.generate import generate
+
+    ids = torch.randint(0, 256, (1, 8))
+    linears = generate(llama(False), ids, 3, weights="int8")
+    everything = generate(llama(False), ids, 3, weights="int8", quantize_embeddings=True)
+    saved = 2 * (256 * 64 * 4 - storage_bytes("int8", 256, 64, None))
+    assert everything.memory.parameters == linears.memory.parameters - saved
+    assert everything.options["quantize_embeddings"] is True
+    with pytest.raises(ConfigError, match="--weights"):
+        generate(llama(False), ids, 3, quantize_embeddings=True)

@@ -12,12 +12,14 @@ The gradient is exact (the same sums, in chunks); the price is one extra LM-head
 
 from __future__ import annotations
 
+import types
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from memfit.activations import _common as c
@@ -113,6 +115,28 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor
 
 
 def chunked_causal_lm_loss(model: nn.Module, batch: Batch, chunk_size: int) -> torch.Tensor:
+    if isinstance(model, FSDPModule):
+        return _through_root_forward(model, batch, chunk_size)
+    return _causal_lm_loss(model, batch, chunk_size)
+
+
+def _through_root_forward(model: nn.Module, batch: Batch, chunk_size: int) -> torch.Tensor:
+    """Under FSDP2 (`memfit train --nproc N`) the root's parameters (embeddings, final norm, head) are gathered only
+    around a call of the root, and the body and head here are called directly; so the loss runs as the root's
+    forward for this one call (FSDP2's hooks, and a memory tracker's, then run as for any forward)."""
+    had = "forward" in model.__dict__
+    saved = model.__dict__.get("forward")
+    model.forward = types.MethodType(lambda self, b: _causal_lm_loss(self, b, chunk_size), model)
+    try:
+        return model(batch)
+    finally:
+        if had:
+            model.forward = saved
+        else:
+            del model.forward
+
+
+def _causal_lm_loss(model: nn.Module, batch: Batch, chunk_size: int) -> torch.Tensor:
     body, head = c.causal_lm_parts(model)
     kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     out = body(**kwargs, use_cache=False)

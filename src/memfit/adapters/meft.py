@@ -33,7 +33,16 @@ from torch import nn
 
 from memfit.activations._common import decoder_layers
 from memfit.adapters.sherl import FINAL_NORMS, final_norm
-from memfit.adapters.side import HEAD_MODULES, SideConfig, backbone_head_bytes, side_param_infos, text_config
+from memfit.adapters.side import (
+    SideConfig,
+    backbone_head_bytes,
+    check_tied_head,
+    is_head_param,
+    side_param_infos,
+    text_config,
+    unfreeze_head,
+    wants_head,
+)
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import backprop_phases, fixed_bytes, layer_components
@@ -181,7 +190,7 @@ class MEFT(Technique):
         self.reversible = True  # False: the same network through ordinary autograd (the gradient test's reference)
 
     def train_head(self, task: str) -> bool:
-        return self.config.train_head if self.config.train_head is not None else task != "causal_lm"
+        return wants_head(self.config.train_head, task)
 
     def width(self, hidden: int) -> int:
         return max(hidden // self.config.reduction, 4)
@@ -198,6 +207,7 @@ class MEFT(Technique):
                               " of depth); remove the layer-level 'activations' technique (checkpointing, offload, "
                               "mesa, s2a, streambp)")
         decoder_layers(ctx.model)
+        check_tied_head(ctx.model, ctx.spec.task, self.train_head(ctx.spec.task), self.name)
 
     def apply(self, ctx: Context) -> None:
         model = ctx.model
@@ -212,9 +222,7 @@ class MEFT(Technique):
         for p in final_norm(model):
             p.requires_grad_(True)
         if self.train_head(ctx.spec.task):
-            for n in ("lm_head",) if ctx.spec.task == "causal_lm" else HEAD_MODULES:
-                for p in getattr(model, n).parameters() if hasattr(model, n) else ():
-                    p.requires_grad_(True)
+            unfreeze_head(model, ctx.spec.task)
         forwards = [type(layer).forward.__get__(layer) for layer in layers]
         lam, beta = self.config.lam, self.config.beta
 
@@ -244,13 +252,12 @@ class MEFT(Technique):
     # --- estimating ---------------------------------------------------------------------------------
     def transform_spec(self, spec: RunSpec) -> RunSpec:
         m = spec.model
-        heads = ("lm_head",) if spec.task == "causal_lm" else HEAD_MODULES
         train_head = self.train_head(spec.task)
 
         def trains(name: str) -> bool:
             parts = name.split(".")
             return (len(parts) >= 2 and parts[-2] in FINAL_NORMS and not any(p.isdigit() for p in parts)) or (
-                train_head and any(h in parts for h in heads))
+                train_head and is_head_param(name, spec.task))
 
         params = tuple(replace(p, trainable=trains(p.name)) for p in m.params)
         prefix, bpe = _layer_prefix(m.params)

@@ -28,7 +28,16 @@ from pydantic import Field
 from torch import nn
 
 from memfit.activations._common import decoder_layers
-from memfit.adapters.side import HEAD_MODULES, SideConfig, backbone_head_bytes, side_param_infos, text_config
+from memfit.adapters.side import (
+    SideConfig,
+    backbone_head_bytes,
+    check_tied_head,
+    is_head_param,
+    side_param_infos,
+    text_config,
+    unfreeze_head,
+    wants_head,
+)
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import layer_components
@@ -107,7 +116,7 @@ class SHERL(Technique):
         return EarlyRoute(split_at(n_layers, c.late), hidden, max(hidden // c.reduction, 4), c.temperature)
 
     def train_head(self, task: str) -> bool:
-        return self.config.train_head if self.config.train_head is not None else task != "causal_lm"
+        return wants_head(self.config.train_head, task)
 
     def check(self, ctx: Context) -> None:
         if not hasattr(ctx.model, "config"):
@@ -116,6 +125,7 @@ class SHERL(Technique):
             raise ConfigError("adapter sherl fine-tunes the late layers in full precision; remove the 'weights' "
                               "technique (or use adapter: qlora)")
         split_at(len(decoder_layers(ctx.model)), self.config.late)
+        check_tied_head(ctx.model, ctx.spec.task, self.train_head(ctx.spec.task), self.name)
 
     def apply(self, ctx: Context) -> None:
         model = ctx.model
@@ -129,10 +139,7 @@ class SHERL(Technique):
         for p in final_norm(model):
             p.requires_grad_(True)
         if self.train_head(ctx.spec.task):
-            names = ("lm_head",) if ctx.spec.task == "causal_lm" else HEAD_MODULES
-            for n in names:
-                for p in getattr(model, n).parameters() if hasattr(model, n) else ():
-                    p.requires_grad_(True)
+            unfreeze_head(model, ctx.spec.task)
         route = self._build(len(layers), text_config(model).hidden_size).to(next(model.parameters()).device)
         model.add_module(ROUTE, route)
         self._route = route
@@ -168,7 +175,6 @@ class SHERL(Technique):
     def transform_spec(self, spec: RunSpec) -> RunSpec:
         m = spec.model
         n_early = split_at(m.n_layers, self.config.late)
-        heads = ("lm_head",) if spec.task == "causal_lm" else HEAD_MODULES
         train_head = self.train_head(spec.task)
 
         def trains(name: str) -> bool:
@@ -177,7 +183,7 @@ class SHERL(Technique):
                 return True
             if not idx and len(name.split(".")) >= 2 and name.split(".")[-2] in FINAL_NORMS:
                 return True
-            return train_head and any(h in name.split(".") for h in heads)
+            return train_head and is_head_param(name, spec.task)
 
         params = tuple(replace(p, trainable=trains(p.name)) for p in m.params)
         with torch.device("meta"):

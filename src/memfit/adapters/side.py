@@ -41,6 +41,36 @@ class SideConfig(TechniqueConfig):
     train_head: bool | None = Field(None, description="default: true for classification, false for causal LM")
 
 
+def head_names(task: str) -> tuple[str, ...]:
+    return ("lm_head",) if task == "causal_lm" else HEAD_MODULES
+
+
+def wants_head(train_head: bool | None, task: str) -> bool:
+    """A classification head (new) trains by default; a causal LM head only when asked."""
+    return train_head if train_head is not None else task != "causal_lm"
+
+
+def unfreeze_head(model: nn.Module, task: str) -> None:
+    for name in head_names(task):
+        for p in getattr(model, name).parameters() if hasattr(model, name) else ():
+            p.requires_grad_(True)
+
+
+def check_tied_head(model: nn.Module, task: str, train_head: bool, who: str) -> None:
+    """For methods whose backbone forward keeps a graph (SHERL, MEFT): training a causal LM head tied to the input
+    embeddings would train the embeddings too, and every frozen layer above them would keep its activations."""
+    if task != "causal_lm" or not train_head:
+        return
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        raise ConfigError(f"adapter {who}: this model ties its LM head to the input embeddings; training the head "
+                          "would train the embeddings below the frozen layers — set train_head: false")
+
+
+def is_head_param(name: str, task: str) -> bool:
+    return any(h in name.split(".") for h in head_names(task))
+
+
 def text_config(model: nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -153,12 +183,7 @@ def side_param_infos(side: nn.Module, prefix: str = "side.") -> list[ParamInfo]:
 
 def freeze_backbone_spec(spec: RunSpec, train_head: bool, extra: list[ParamInfo]) -> RunSpec:
     """The spec of a wrapped model: backbone parameters under `backbone.`, frozen except a trainable head."""
-    heads = ("lm_head",) if spec.task == "causal_lm" else HEAD_MODULES
-
-    def is_head(name: str) -> bool:
-        return any(h in name.split(".") for h in heads)
-
-    params = tuple(replace(p, name="backbone." + p.name, trainable=train_head and is_head(p.name))
+    params = tuple(replace(p, name="backbone." + p.name, trainable=train_head and is_head_param(p.name, spec.task))
                    for p in spec.model.params)
     return spec.with_(model=replace(spec.model, params=params + tuple(extra)))
 
@@ -176,7 +201,7 @@ class SideTechnique(Technique):
         raise NotImplementedError
 
     def train_head(self, task: str) -> bool:
-        return self.config.train_head if self.config.train_head is not None else task != "causal_lm"
+        return wants_head(self.config.train_head, task)
 
     def check(self, ctx: Context) -> None:
         model = ctx.model

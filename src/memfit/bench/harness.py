@@ -100,6 +100,13 @@ def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload:
     return row
 
 
+def record_all(opts: BenchOptions, rows: list[dict], new: list[dict]) -> None:
+    """`rows += new`, each new row recorded as it is (`record_partial`) — for sections that return their rows."""
+    for row in new:
+        rows.append(row)
+        record_partial(opts, row)
+
+
 def record_partial(opts: BenchOptions, row: dict) -> None:
     """Append a finished row to `<out>/<suite>.partial.jsonl` and say so on stderr, so a long suite that is
     stopped keeps what it measured."""

@@ -52,13 +52,15 @@ def train(
 def estimate(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.path=value overrides"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Predict one rank of an FSDP2 run on N "
+                                        "processes (train.batch_size is the global batch)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object: bytes of every category, their "
                                  "sum, the predicted step peak, precision and model dtype."),
 ) -> None:
     """Predict peak memory by category for a recipe without training (the model is built on the meta device)."""
     from memfit.plan import estimate_recipe
 
-    breakdown, peak = estimate_recipe(recipe, overrides or [])
+    breakdown, peak = estimate_recipe(recipe, overrides or [], nproc=nproc)
     from memfit.memory.breakdown import TENSOR_CATEGORIES, format_bytes
     from rich.table import Table
 
@@ -69,11 +71,13 @@ def estimate(
 
         rec = load_recipe(recipe, overrides or [])
         print(json.dumps({"recipe": str(recipe), "precision": rec.train.precision, "model_dtype": rec.model_dtype,
-                          "categories": {c: getattr(breakdown, c) for c in CATEGORIES},
-                          "sum_of_category_peaks": breakdown.total, "step_peak": peak, "unit": "bytes"}, indent=2))
+                          "categories": {c: getattr(breakdown, c) for c in TENSOR_CATEGORIES},
+                          "sum_of_category_peaks": breakdown.total, "step_peak": peak,
+                          "runtime": breakdown.runtime, "process_peak": peak + breakdown.runtime, "unit": "bytes",
+                          "nproc": nproc}, indent=2))
         return
 
-    table = Table(title=f"estimate for {recipe}")
+    table = Table(title=f"estimate for {recipe}" + (f", each of {nproc} ranks (FSDP2)" if nproc else ""))
     table.add_column("category")
     table.add_column("peak bytes", justify="right")
     for c in TENSOR_CATEGORIES:
@@ -139,6 +143,7 @@ def bench(
 from memfit.cli import generate as _generate  # noqa: E402,F401  (registers `memfit generate`, listed last)
 from memfit.cli import plan as _plan  # noqa: E402,F401  (registers `memfit plan`)
 from memfit.cli import predict as _predict  # noqa: E402,F401  (registers `memfit predict`)
+from memfit.cli import plan_generate as _plan_generate  # noqa: E402,F401  (registers `memfit plan-generate`)
 
 
 def main() -> None:

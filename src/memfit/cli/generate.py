@@ -20,11 +20,11 @@ def generate_command(
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate."),
     kv: str = typer.Option("full", "--kv", help="KV policy: full, streaming_llm, h2o, snapkv, keyformer, pyramid, "
-                           "kivi."),
+                           "kivi, gear."),
     kv_budget: Optional[str] = typer.Option(None, "--kv-budget", help="Tokens kept per layer and head (e.g. 256), "
                                             "a share of the prompt (e.g. 20%), or the cache's bytes (e.g. 64MiB: "
                                             "the most tokens whose cache fits). kivi: optional."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="kivi: 2, 4 or 8 bits."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="kivi/gear: 2, 4 or 8 bits."),
     kv_window: Optional[int] = typer.Option(None, "--kv-window", help="snapkv/pyramid: observation window."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weight format: int8, int4, nf4, awq."),
     quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings", help="With --weights: store the "

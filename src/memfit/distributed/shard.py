@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from memfit.errors import ConfigError
@@ -39,6 +39,19 @@ def precision_policy(precision: str | MixedPrecisionPolicy) -> MixedPrecisionPol
         raise ConfigError(f"unknown precision '{precision}'; choose one of: {', '.join(PRECISIONS)}")
     # FSDP2 skips the cast for parameters already stored in param_dtype and for non-float (quantized) ones
     return MixedPrecisionPolicy(param_dtype=PRECISIONS[precision], reduce_dtype=torch.float32)
+
+
+def offload_policy(offload: str, device_type: str) -> CPUOffloadPolicy | None:
+    """FSDP2's offload policy for `distributed.offload` (none | cpu) on a `device_type` run; one clear error for
+    what cannot work."""
+    if offload == "none":
+        return None
+    if offload != "cpu":
+        raise ConfigError(f"unknown distributed.offload '{offload}'; choose none or cpu")
+    if device_type != "cuda":
+        raise ConfigError("distributed.offload: cpu keeps a GPU run's shards in host memory; this run is on "
+                          f"{device_type}, where everything already is; remove it")
+    return CPUOffloadPolicy(pin_memory=True)
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -65,11 +78,13 @@ def _outermost(model: nn.Module, match) -> list[tuple[str, nn.Module]]:
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool | int = True,
-                mp_policy: str | MixedPrecisionPolicy = "32-true") -> list[str]:
+                mp_policy: str | MixedPrecisionPolicy = "32-true", offload: str = "none") -> list[str]:
     """`fully_shard` each block and then the root, in place; returns the names of the sharded blocks.
 
     The model must already be on this rank's device and in its storage dtypes (the precision setup runs first);
-    sharding keeps every parameter's dtype and checks it did."""
+    sharding keeps every parameter's dtype and checks it did. `offload="cpu"`: FSDP2's `CPUOffloadPolicy` —
+    parameter shards, gradient shards and hence the optimizer state live in host memory, each unit is copied to
+    the GPU for its all-gather (CUDA only; not run on a GPU in this project's tests)."""
     if isinstance(model, FSDPModule):
         raise ConfigError("the model is already sharded with FSDP2")
     blocks = find_blocks(model)
@@ -77,10 +92,12 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool 
         raise ConfigError(f"{type(model).__name__} has no repeated blocks (no ModuleList of layers) to shard one "
                           "by one; FSDP2 needs per-block units to free gathered parameters between blocks")
     policy = precision_policy(mp_policy)
+    host = offload_policy(offload, mesh.device_type)
+    extra = {"offload_policy": host} if host is not None else {}
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
     for _, block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy, **extra)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy, **extra)
     _check_sharded(model, dtypes)
     return [name for name, _ in blocks]
 

@@ -58,7 +58,7 @@ class Keyformer(AccumulatedScorePolicy):
 
     name = "keyformer"
     Config = KeyformerConfig
-    score_copies = 3  # uniform noise → Gumbel noise, log-probabilities, their softmax
+    score_copies = 6  # uniform noise, the two logs of the Gumbel noise, log-probabilities, their sum / tau, softmax
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
         c = self.config

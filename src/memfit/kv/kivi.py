@@ -60,12 +60,15 @@ class KIVILayer(PolicyLayer):
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized past as (B, H, quantized, D) tensors in the cache dtype (a temporary)."""
-        b, h, n, _ = self.kq.shape
+        return self._dequantize(self.kq, self.k_scale, self.k_min, self.vq, self.v_scale, self.v_min)
+
+    def _dequantize(self, kq, k_scale, k_min, vq, v_scale, v_min) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, n, _ = kq.shape
         d = self.keys.shape[-1]
-        kc = quant.unpack(self.kq, self.bits).view(b, h, n // self.residual, self.residual, d)
-        keys = quant.dequantize(kc, self.k_scale, self.k_min).view(b, h, n, d)
-        vc = quant.unpack(self.vq, self.bits).view(b, h, n, d // self.value_group, self.value_group)
-        values = quant.dequantize(vc, self.v_scale, self.v_min).view(b, h, n, d)
+        kc = quant.unpack(kq, self.bits).view(b, h, n // self.residual, self.residual, d)
+        keys = quant.dequantize(kc, k_scale, k_min).view(b, h, n, d)
+        vc = quant.unpack(vq, self.bits).view(b, h, n, d // self.value_group, self.value_group)
+        values = quant.dequantize(vc, v_scale, v_min).view(b, h, n, d)
         return keys, values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -95,22 +98,26 @@ class KIVILayer(PolicyLayer):
         n = (self.keys.shape[-2] // self.residual) * self.residual
         if n == 0:
             return
-        k, v = self.keys[:, :, :n], self.values[:, :, :n]
-        b, h, _, d = k.shape
+        self._compress(self.keys[:, :, :n], self.values[:, :, :n])
+        self.keys, self.values = self.keys[:, :, n:].clone(), self.values[:, :, n:].clone()
+
+    def _quantize(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Packed codes and scales of whole groups: keys per channel over `residual` tokens, values per token."""
+        b, h, n, d = k.shape
         kc, ks, km = quant.quantize(k.reshape(b, h, n // self.residual, self.residual, d), self.bits, dim=3)
         kc = quant.pack(kc.view(b, h, n, d), self.bits)
         vc, vs, vm = quant.quantize(v.reshape(b, h, n, d // self.value_group, self.value_group), self.bits, dim=4)
         vc = quant.pack(vc.view(b, h, n, d), self.bits)
-        if self.kq is None:
-            self.kq, self.k_scale, self.k_min, self.vq, self.v_scale, self.v_min = kc, ks, km, vc, vs, vm
-        else:
-            self.kq = torch.cat([self.kq, kc], dim=2)
-            self.k_scale = torch.cat([self.k_scale, ks], dim=2)
-            self.k_min = torch.cat([self.k_min, km], dim=2)
-            self.vq = torch.cat([self.vq, vc], dim=2)
-            self.v_scale = torch.cat([self.v_scale, vs], dim=2)
-            self.v_min = torch.cat([self.v_min, vm], dim=2)
-        self.keys, self.values = self.keys[:, :, n:].clone(), self.values[:, :, n:].clone()
+        return kc, ks, km, vc, vs, vm
+
+    def _compress(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize whole groups of tokens (B, H, n, D) and append them to the packed past."""
+        self._append_packed(self._quantize(k, v))
+
+    def _append_packed(self, packed: tuple[torch.Tensor, ...]) -> None:
+        for name, t in zip(("kq", "k_scale", "k_min", "vq", "v_scale", "v_min"), packed):
+            old = getattr(self, name)
+            setattr(self, name, t if old is None else torch.cat([old, t], dim=2))
 
     @property
     def stored(self) -> int:

@@ -31,18 +31,18 @@ import torch
 from torch import nn
 
 from memfit.optim.base import named_trainable
+from memfit.optim.wrapped import WrappedOptimizer
 from memfit.techniques.base import Context
 
 # MemTracker's own post-accumulate hook runs after ours and finds the gradient already freed; it only warns.
 warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass of tensor")
 
 
-class LayerwiseOptimizer(torch.optim.Optimizer):
+class LayerwiseOptimizer(WrappedOptimizer):
     """Runs `optimizer`'s update for each parameter inside backward; `step()` only closes the step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None) -> None:
-        # The Optimizer base __init__ is not called: groups, state and defaults are the wrapped optimizer's.
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.max_grad_norm = max_grad_norm
         self.clips_in_backward = max_grad_norm is not None
         self.accumulating = False
@@ -50,37 +50,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._sq_norm = 0.0
         self._handles = []
         self._hooks: dict[Any, Any] = {}
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
-        self._optimizer_state_dict_pre_hooks: dict = {}
-        self._optimizer_state_dict_post_hooks: dict = {}
-        self._optimizer_load_state_dict_pre_hooks: dict = {}
-        self._optimizer_load_state_dict_post_hooks: dict = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.requires_grad:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
-
-    # --- the surface a train loop / LR scheduler / checkpoint uses -------------------------------------------
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict:
-        return self.optimizer.defaults
 
     def set_accumulating(self, accumulating: bool) -> None:
         """True during the backward of a non-final micro-batch: gradients accumulate, nothing is updated."""
@@ -98,9 +71,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self.last_grad_norm = math.sqrt(self._sq_norm)
         self._sq_norm = 0.0
         return loss
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()

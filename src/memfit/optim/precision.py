@@ -30,6 +30,7 @@ from memfit.memory.arch.parts import F32
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.precision import TORCH_DTYPES
 from memfit.memory.spec import DTYPE_BYTES, RunSpec
+from memfit.optim.wrapped import WrappedOptimizer
 from memfit.techniques.base import Context, OptimizerTechnique
 
 
@@ -54,35 +55,20 @@ ROUNDING_BYTES = {"bf16": 12, "fp16": 12}
 pattern (measured on llama-1m and llama-tiny at batch 1, where the optimizer step holds the peak)."""
 
 
-class PrecisionOptimizer(torch.optim.Optimizer):
+class PrecisionOptimizer(WrappedOptimizer):
     """Runs `optimizer` one parameter at a time on an fp32 view of it (see the module docstring)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, master_weights: bool = False, stochastic: bool = True,
                  state_dtype: str | None = None, seed: int = 0) -> None:
-        # Optimizer.__init__ is not called: groups, defaults and state are the wrapped optimizer's
-        self.optimizer = optimizer
+        super().__init__(optimizer)
         self.master_weights = master_weights
         self.stochastic = stochastic and not master_weights
         self.state_dtype = TORCH_DTYPES[state_dtype] if state_dtype else None
         self.generator = torch.Generator().manual_seed(seed)
         self.master: dict[torch.Tensor, torch.Tensor] = {}
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
-        self._optimizer_state_dict_pre_hooks: dict = {}
-        self._optimizer_state_dict_post_hooks: dict = {}
-        self._optimizer_load_state_dict_pre_hooks: dict = {}
-        self._optimizer_load_state_dict_post_hooks: dict = {}
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict]) -> None:
-        self.optimizer.param_groups = value
 
     @property
     def state(self):
@@ -96,13 +82,6 @@ class PrecisionOptimizer(torch.optim.Optimizer):
     @state.setter
     def state(self, value) -> None:
         self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict:
-        return self.optimizer.defaults
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def _moments(self, p: torch.Tensor) -> list[str]:
         return [k for k, v in self.optimizer.state.get(p, {}).items()

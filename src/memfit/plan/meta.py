@@ -65,15 +65,23 @@ def spec_for(recipe: Recipe, model: nn.Module, precision: str | None = None, dev
     return run_spec(recipe, model, device if device is not None else resolve_device(recipe.train.device))
 
 
-def estimate_recipe(source: str | Path | dict, overrides: list[str] = ()) -> tuple[MemoryBreakdown, int]:
+def estimate_recipe(source: str | Path | dict, overrides: list[str] = (), nproc: int | None = None,
+                    ) -> tuple[MemoryBreakdown, int]:
     """(per-category peaks with `runtime` filled, predicted tensor peak of a step) for a recipe; the predicted
-    process peak is `peak + breakdown.runtime`."""
+    process peak is `peak + breakdown.runtime`. With `nproc`: one rank of an FSDP2 run on that many processes
+    (`memfit.memory.sharding.estimate_rank`)."""
     from memfit.memory.runtime import with_runtime
 
     recipe = load_recipe(source, list(overrides))
     spec = spec_for(recipe, meta_model(recipe))
     techniques = recipe.techniques()
-    breakdown, peak = estimate_step(spec, techniques)
+    if nproc:
+        from memfit.memory.sharding import estimate_rank
+
+        rank = estimate_rank(spec, techniques, nproc, recipe.distributed.reshard_after_forward)
+        breakdown, peak = rank.breakdown, rank.peak
+    else:
+        breakdown, peak = estimate_step(spec, techniques)
     libraries = tuple(sorted({lib for t in techniques for lib in getattr(t, "libraries", ())}))
     breakdown, _ = with_runtime(breakdown, peak, spec.extra.get("device", "cpu"), libraries)
     return breakdown, peak

@@ -135,14 +135,11 @@ def _with_slots(recipe: dict[str, Any], cand: Combination, lr_scale: float = 1.0
 
 
 def precisions() -> list[str]:
-    """The precisions a recipe accepts that the quality prior knows (read off the recipe schema)."""
-    import typing
-
+    """The precisions a recipe accepts (`memory/precision.py`, Lightning's names) that the quality prior knows."""
+    from memfit.memory.precision import PRECISIONS
     from memfit.plan.quality import PRECISION_QUALITY
-    from memfit.recipe import TrainConfig
 
-    allowed = typing.get_args(TrainConfig.model_fields["precision"].annotation)
-    return [p for p in allowed if p in PRECISION_QUALITY]
+    return [p for p in PRECISIONS if p in PRECISION_QUALITY]
 
 
 def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained: bool | None = None,

@@ -122,6 +122,7 @@ class LayerSampler(Technique):
 
     slot = "adapter"
     needs_gradients = True
+    trains_base = True  # the model's own layers train (in the precision's storage dtype)
     Config = LayerSamplerConfig
     outside: ClassVar[Literal["all", "cls_head"]] = "all"
     """Which parameters outside the transformer layers always train: all (embeddings, norms, head) or only a

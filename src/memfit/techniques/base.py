@@ -88,6 +88,7 @@ class Technique:
     slot: ClassVar[str]
     Config: ClassVar[type[TechniqueConfig]] = TechniqueConfig
     needs_gradients: ClassVar[bool] = False  # True where the method only makes sense with backprop
+    trains_base: ClassVar[bool] = False  # an adapter-slot technique that trains the model's own weights (LISA)
 
     # --- what `memfit plan` may combine: each technique declares it (memfit.plan.space enumerates) ---
     plan_options: ClassVar[tuple[dict[str, Any], ...]] = ()  # option sets the planner tries; () = never planned

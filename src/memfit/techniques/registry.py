@@ -83,6 +83,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "keyformer": "memfit.kv.keyformer:Keyformer",
         "pyramid": "memfit.kv.pyramid:PyramidKV",
         "kivi": "memfit.kv.kivi:KIVI",
+        "gear": "memfit.kv.gear:GEAR",
     },
 }
 

@@ -149,6 +149,9 @@ def build_run(recipe: Recipe, loss_fn: LossFn = model_loss, par=None) -> BuiltRu
     assert isinstance(step_tech, StepTechnique)
     ctx = Context(model=model, spec=spec, device=device, loss_fn=loss_fn, grad_clip=recipe.train.clip_grad_norm,
                   seed=recipe.seed, techniques=techniques, data=data)
+    # techniques initialise (LoRA's A, projections) from the recipe's seed, whatever building the data drew
+    # before (the first build in a process reads caches and draws differently from later ones)
+    torch.manual_seed(recipe.seed)
     apply_techniques(ctx)
     cast_trainable(ctx.model, recipe.train.policy)
     ctx.model.to(device)

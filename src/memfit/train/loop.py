@@ -22,6 +22,7 @@ from memfit import rundir
 from memfit.errors import RunDirError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import estimate_step
+from memfit.memory.sharding import estimate_rank
 from memfit.memory.runtime import with_runtime
 from memfit.memory.measure import MemoryMeter, MemoryReport, state_bytes
 from memfit.progress import Ticker, note
@@ -107,7 +108,11 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
         if par is not None:
             par.barrier()  # every rank checked before rank 0 creates anything
     built = build_run(recipe, par=par)
-    estimate, estimate_peak = estimate_step(built.spec, built.techniques)
+    if par is None:
+        estimate, estimate_peak = estimate_step(built.spec, built.techniques)
+    else:  # what each rank holds and peaks at
+        rank = estimate_rank(built.spec, built.techniques, par.world, recipe.distributed.reshard_after_forward)
+        estimate, estimate_peak = rank.breakdown, rank.peak
     libraries = tuple(sorted({lib for t in built.techniques for lib in t.libraries}))
     estimate, _ = with_runtime(estimate, estimate_peak, built.device.type, libraries)
     state = _LoopState.new(built)

@@ -97,8 +97,32 @@ def start(device: str = "auto") -> Parallel | None:
     return par
 
 
+SUPPORTED = {
+    "step": {"backprop"},
+    "adapter": {"lora", "dora", "qlora"},
+    "activations": {"checkpointing", "chunked_ce"},
+}
+"""Techniques verified under FSDP2 in a full run (tests/distributed); optimizers are checked by `ShardedOptimizer`
+(every one with a sharding rule). Anything else is refused rather than run unverified."""
+WHY_NOT = {
+    "lisa": "layer samplers switch parameters' requires_grad between steps, and FSDP2 fixes it per parameter at its "
+            "first all-gather (the gathered copy keeps the old flag), so deactivated layers would still train",
+    "weights": "the weights slot is for frozen (inference) models",
+}
+WHY_NOT.update({name: WHY_NOT["lisa"] for name in ("badam", "owlore", "ist")})
+
+
 def check(recipe, par: Parallel) -> None:
     """Refuse what cannot run sharded, before building anything (one clear error on every rank)."""
+    for t in recipe.techniques():
+        if t.slot in SUPPORTED and t.name not in SUPPORTED[t.slot] or t.slot == "weights":
+            why = WHY_NOT.get(t.name) or WHY_NOT.get(t.slot) or "not verified under FSDP2 yet"
+            allowed = ", ".join(sorted(SUPPORTED.get(t.slot, ()))) or "none"
+            raise ConfigError(f"{t.slot} '{t.name}' cannot run on several processes (memfit train --nproc): {why}; "
+                              f"supported there: {allowed}")
+    from memfit.distributed.shard import offload_policy
+
+    offload_policy(recipe.distributed.offload, par.ctx.device.type)
     cfg = recipe.train
     if cfg.batch_size % par.world:
         raise ConfigError(f"train.batch_size {cfg.batch_size} is the global batch and must split evenly over "
@@ -116,15 +140,22 @@ def shard(ctx, recipe, par: Parallel) -> None:
     from memfit.distributed.shard import shard_model
 
     shard_model(ctx.model, par.ctx.mesh, reshard_after_forward=recipe.distributed.reshard_after_forward,
-                mp_policy=precision_name(recipe.train.precision))
+                mp_policy=precision_name(recipe.train.precision), offload=recipe.distributed.offload)
 
 
 def build_optimizer(opt_tech, ctx):
     """The optimizer slot's optimizer on the sharded parameters (`ShardedOptimizer`; layer-wise outermost)."""
-    from memfit.distributed.optim import ShardedOptimizer
+    from memfit.distributed.optim import OWNER, ShardedOptimizer
     from memfit.optim.layerwise import make_layerwise
 
     sharded = ShardedOptimizer(opt_tech.build_optimizer(ctx), ctx.model)
+    slots = list(sharded.slots.values())
+    on_host = sharded.mesh.device_type == "cuda" and any(s.param.to_local().device.type == "cpu" for s in slots)
+    owned = [s.name for s in slots if s.placement == OWNER]
+    if on_host and owned:  # owner steps gather whole matrices over NCCL, which cannot move host tensors
+        raise ConfigError(f"optimizer '{opt_tech.name}' steps {len(owned)} matrices whole on one rank (e.g. "
+                          f"{owned[0]}), which distributed.offload: cpu cannot feed over NCCL; use adamw or "
+                          "adamw_8bit with offload, or offload: none")
     if getattr(opt_tech.config, "layerwise", False):
         return make_layerwise(sharded, ctx.model, max_grad_norm=ctx.grad_clip)
     return sharded

@@ -19,6 +19,13 @@ from memfit.errors import ConfigError
 from memfit.weights.format import WeightFormat, get_format
 
 
+def padded_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """∂L/∂W (out, padded in) in fp32 from a layer's output gradient and saved input: what a trainable part of the
+    stored format (PEQA's scales, SketchTune's tables) reduces to its own shape."""
+    gw = grad_out.reshape(-1, grad_out.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
+    return F.pad(gw, (0, layer.padded_in - layer.in_features))
+
+
 class _DequantLinear(torch.autograd.Function):
     """y = x·dequant(W)ᵀ + b that saves the packed weight, not the dequantized one, for backward.
 
@@ -41,8 +48,7 @@ class _DequantLinear(torch.autograd.Function):
             grad_x = grad_out @ layer.dequantize(grad_out.dtype)
         if ctx.scale_grad:
             (x,) = ctx.saved_tensors
-            gw = grad_out.reshape(-1, grad_out.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
-            gw = F.pad(gw, (0, layer.padded_in - layer.in_features))
+            gw = padded_weight_grad(grad_out, x, layer)
             codes = layer.format.unit_codes(layer.tensors(), layer.out_features)
             grad_scale = (gw.reshape_as(codes) * codes).sum(-1).to(layer.scale_param().dtype)
         return grad_x, grad_scale, None

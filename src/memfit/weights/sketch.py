@@ -28,12 +28,12 @@ from pydantic import Field
 
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
-from memfit.memory.estimate import parameter_bytes
+from memfit.memory.estimate import backprop_phases, fixed_bytes, parameter_bytes
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
 from memfit.weights.base import quantize_spec
 from memfit.weights.format import StorageLayout, WeightFormat, grouped, pack_nibbles, register, unpack_nibbles
-from memfit.weights.linear import DEFAULT_SKIP, QuantLinear, quantizable_linears, set_submodule
+from memfit.weights.linear import DEFAULT_SKIP, QuantLinear, padded_weight_grad, quantizable_linears, set_submodule
 
 LLOYD_ITERATIONS = 10
 
@@ -109,9 +109,7 @@ class _SketchMatmul(torch.autograd.Function):
             grad_x = grad_out @ layer.dequantize(grad_out.dtype)
         if ctx.needs_input_grad[1]:
             (x,) = ctx.saved_tensors
-            gw = grad_out.reshape(-1, grad_out.shape[-1]).t().float() @ x.reshape(-1, x.shape[-1]).float()
-            gw = F.pad(gw, (0, layer.padded_in - layer.in_features)).reshape(layer.out_features,
-                                                                             layer.sketch.shape[1], -1)
+            gw = padded_weight_grad(grad_out, x, layer).reshape(layer.out_features, layer.sketch.shape[1], -1)
             index = layer.format.indices(layer.tensors(), layer.out_features)
             grad_sketch = torch.zeros_like(layer.sketch).scatter_add_(-1, index, gw)
         return grad_x, grad_sketch, None
@@ -190,3 +188,11 @@ class SketchTune(Technique):
         largest = max((p.shape[0] * p.shape[1] * 2 for p in spec.model.params if p.name.endswith(".index")),
                       default=0)
         return base.with_(parameters=parameter_bytes(spec), temporaries=base.temporaries + 16 * largest)
+
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+        """Plain backprop's phases plus a sketched layer's backward with every activation still held (the
+        top layer's, conservatively): weights, state, activations, gradients and the temporaries above."""
+        phases = backprop_phases(spec, breakdown)
+        phases["sketch_backward"] = (fixed_bytes(breakdown) + breakdown.activations + breakdown.gradients
+                                     + breakdown.temporaries)
+        return phases

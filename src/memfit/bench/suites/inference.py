@@ -14,6 +14,8 @@ Rows:
   (`MEMFIT_KVPRESS_PYTHON`, default /work/kvpress-venv/bin/python) as a subprocess.
 - `prefill`: tensor peak (PyTorch MemTracker, under memfit's MemoryMeter) of a long prefill, full vs chunked with
   eviction, and kvpress's prefill with and without a press (same tracker inside kvpress's venv).
+- `peaks`, `speed`, `speculative`: `memfit generate`'s default path per policy, decode speed vs transformers'
+  sliding window, self-speculative decoding (`bench/suites/inference_kv.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any
 
 import torch
 
-from memfit.bench.harness import BenchOptions
+from memfit.bench.harness import BenchOptions, record_all, record_partial
+from memfit.bench.suites import inference_kv
 from memfit.bench.workloads import pretrained_lm, small_lm_recipe
 from memfit.compat import cache_keyword
 from memfit.kv import build_policy
@@ -118,6 +121,7 @@ def run(opts: BenchOptions) -> list[dict]:
         rows.append({"section": section, "method": method, "source": source, "budget_pct": round(100 * ratio),
                      "budget_tokens": round(ratio * context), "ppl": ppl, "ppl_vs_full": ppl / base_ppl,
                      "peak_kv": kv, "kv_vs_full": kv / base_kv if base_kv else None, "seconds": seconds, **extra})
+        record_partial(opts, rows[-1])
 
     full = build_policy("full")
     t = time.perf_counter()
@@ -143,9 +147,15 @@ def run(opts: BenchOptions) -> list[dict]:
             ppl, kv = context_ppl(eager, policy, windows, context)
             row("context", f"kivi-{bits}bit", "memfit", 1.0, ppl, base_ppl, kv, base_kv, time.perf_counter() - t)
     if opts.wants("kvpress"):
-        rows += kvpress_rows(path, windows, context, ratios, base_ppl, base_kv, (1024 if opts.quick else 2048))
+        record_all(opts, rows, kvpress_rows(path, windows, context, ratios, base_ppl, base_kv, (1024 if opts.quick else 2048)))
     if opts.wants("prefill"):
-        rows += prefill_rows(path, 1024 if opts.quick else 2048)
+        record_all(opts, rows, prefill_rows(path, 1024 if opts.quick else 2048))
+    if opts.wants("peaks"):
+        record_all(opts, rows, inference_kv.peak_rows(path, 1024 if opts.quick else 2048))
+    if opts.wants("speed"):
+        record_all(opts, rows, inference_kv.speed_rows(path, reps=3 if opts.quick else 5))
+    if opts.wants("speculative"):
+        record_all(opts, rows, inference_kv.speculative_rows(path))
     return rows
 
 

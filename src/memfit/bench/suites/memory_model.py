@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import torch
 
-from memfit.bench.harness import BenchOptions
+from memfit.bench.harness import BenchOptions, record_all
 from memfit.progress import note
 from memfit.memory.estimate import baseline, step_peak
 from memfit.memory.measure import MemoryMeter
@@ -151,16 +151,18 @@ def architecture_rows(seq: int = 32) -> list[dict]:
 
 
 def run(opts: BenchOptions) -> list[dict]:
-    rows: list[dict] = architecture_rows() if opts.wants("architectures") else []
+    rows: list[dict] = []
+    if opts.wants("architectures"):
+        record_all(opts, rows, architecture_rows())
     if opts.wants("precision"):
-        rows += precision_rows(opts)
+        record_all(opts, rows, precision_rows(opts))
     if opts.wants("families"):
-        rows += _family_rows(opts)
+        record_all(opts, rows, _family_rows(opts))
     if opts.wants("process"):
         from memfit.bench import process_grid
 
         grid_rows = process_grid.rows(opts)
-        rows += grid_rows + [{"model": "summary", **process_grid.summary(grid_rows)}]
+        record_all(opts, rows, grid_rows + [{"model": "summary", **process_grid.summary(grid_rows)}])
     return rows
 
 

@@ -15,7 +15,6 @@ resident, a data-dependent sequence length taken as `ASSUMED_SEQ`, option keys m
 from __future__ import annotations
 
 import statistics
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +38,13 @@ SUPPORTED = {"model.config", "runtime.cuda", "arch.opt"}
 UNIT_BYTES = {"GiB": 2**30, "G": 2**30, "GB": 10**9}
 """Bytes per unit when the source does not fix it (`unit_base: unknown`): "G" as torch's GiB, "GB" as 10⁹."""
 
-LIGHTNING_TO_MEMFIT = {"32-true": "fp32", "bf16-mixed": "bf16"}
-"""Lightning precision names memfit spelled differently before it took Lightning's names."""
-
-
-def _precisions() -> tuple[str, ...]:
-    from memfit.recipe import TrainConfig
-
-    return typing.get_args(TrainConfig.model_fields["precision"].annotation)
 
 
 def memfit_precision(name: str) -> str | None:
     """The recipe's `train.precision` for a Lightning precision name, or None when memfit does not take it."""
-    allowed = _precisions()
-    if name in allowed:
-        return name
-    alias = LIGHTNING_TO_MEMFIT.get(name)
-    return alias if alias in allowed else None
+    from memfit.memory.precision import PRECISIONS
+
+    return name if name in PRECISIONS else None
 
 
 def _slot_value(slot: str, value: Any, approx: list[str]) -> Any:

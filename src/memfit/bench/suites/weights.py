@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from memfit.bench.harness import BenchOptions
+from memfit.bench.harness import BenchOptions, record_all
 from memfit.bench.workloads import pretrained_lm, small_lm_recipe
 
 MIB = 2**20
@@ -281,9 +281,9 @@ def run(opts: BenchOptions) -> list[dict]:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     from memfit.bench.suites import weights_encoder
 
-    rows = format_rows(opts)
-    rows += stream_rows(opts)
-    rows += weights_encoder.rows(opts)
+    rows: list[dict] = []
+    for section in (format_rows, stream_rows, weights_encoder.rows):
+        record_all(opts, rows, section(opts))
     return rows
 
 

@@ -1,4 +1,7 @@
-"""What one rank holds under FSDP2, from shapes alone: the sharding rule the estimator will use.
+"""What one rank holds under FSDP2, from shapes alone (`memfit train --nproc N`; `memfit estimate --nproc N`).
+
+Lives in `memory/` (it needs only shapes), so the estimator and the planner use it without importing the
+distributed runtime; `memfit.distributed` measures what it predicts.
 
 ZeRO (Rajbhandari et al. 2020) splits parameters, gradients and optimizer state across N ranks; FSDP2 does it per
 unit (each decoder block, and the root with embeddings, final norm and head). Per rank, between steps:
@@ -27,10 +30,13 @@ an owner-rank optimizer step's gathered matrix (`memfit.distributed.optim`: one 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 
-from memfit.memory.spec import ParamInfo
+from memfit.errors import ConfigError
+from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.spec import ParamInfo, RunSpec
 
 
 @dataclass(frozen=True)
@@ -121,3 +127,77 @@ def sharded_bytes(root: list[ParamInfo], blocks: list[list[ParamInfo]], world: i
     phase = max(phases, key=phases.__getitem__)
     return {"parameters": shards, "gradients": grad_shards, "optimizer": optimizer_bytes,
             "model_state_peak": phases[phase], "peak_phase": phase}
+
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")
+
+
+def block_names(params: Iterable[ParamInfo]) -> list[str]:
+    """The FSDP2 units `shard_model` makes, read off parameter names: each child of the outermost numbered list
+    (`model.layers.3`, `base_model.model.model.layers.3`), in order."""
+    names: list[str] = []
+    for p in params:
+        m = _BLOCK.match(p.name)
+        if m and m.group(1) not in names:
+            names.append(m.group(1))
+    return names
+
+
+@dataclass(frozen=True)
+class RankEstimate:
+    """One rank's predicted memory in an FSDP2 run of N ranks."""
+
+    world: int
+    breakdown: MemoryBreakdown  # per-rank category peaks: shards, state / N, activations at the per-rank batch,
+    # FSDP2's gathered units and buffers in `other`
+    peak: int  # predicted tensor peak of a step on one rank
+    model_state_peak: int  # shards + state + gathered units + buffers at their worst moment
+    peak_phase: str
+    whole: MemoryBreakdown  # one process, the whole batch (what the ranks split)
+
+    def to_dict(self) -> dict:
+        return {"world": self.world, "breakdown": self.breakdown.to_dict(), "peak": self.peak,
+                "model_state_peak": self.model_state_peak, "peak_phase": self.peak_phase,
+                "whole": self.whole.to_dict()}
+
+
+def estimate_rank(spec: RunSpec, parts: Sequence, world: int, reshard_after_forward: bool = True) -> RankEstimate:
+    """Per-rank memory of `spec` (global batch `spec.batch`) with `parts` applied, sharded over `world` ranks.
+
+    Each rank runs the step on `batch / world` rows, holding padded shards of parameters and gradients, 1/N of
+    the optimizer state (elementwise state is sharded with its parameter; an owner-rank matrix's state sits on
+    one rank, balanced greedily — averaged here), and FSDP2's units in flight (`sharded_bytes`). The step peak is
+    the single-process step peak at the per-rank batch with its whole parameters, gradients and state replaced
+    by the sharded model-state peak (they coincide in a step's backward, where both peak)."""
+    from memfit.memory.estimate import estimate_step, fixed_bytes, step_phases
+
+    if world < 1 or spec.batch % world:
+        raise ConfigError(f"the global batch {spec.batch} must split evenly over {world} ranks")
+    whole, _ = estimate_step(spec, parts)
+    ordered = sorted(parts, key=lambda p: p.order)
+    local = replace(spec, batch=spec.batch // world)
+    for part in ordered:
+        local = part.transform_spec(local)
+    per_rank, _ = estimate_step(replace(spec, batch=spec.batch // world), parts)
+    phases = step_phases(local, per_rank, ordered)
+    root, blocks = units_from_params(local.model.params, block_names(local.model.params))
+    compute = 2 if spec.compute_dtype in ("bf16", "fp16") else None
+    optimizer = math.ceil(whole.optimizer / world)
+    rank = sharded_bytes(root, blocks, world, optimizer, reshard_after_forward, compute_bytes=compute,
+                         reduce_bytes=4 if compute else None)
+    # the loss head (end of forward, start of backward): the single-process phase at the per-rank batch with its
+    # whole weights and state replaced by this rank's shards + state, the gathered root, and the last block
+    # gathered (ZeRO-3: its parameters and its all-gather output; ZeRO-2: every block's parameters)
+    r = unit_bytes(root, world, compute, 4 if compute else None)
+    units = [unit_bytes(b, world, compute, 4 if compute else None) for b in blocks]
+    gathered = (units[-1].params + units[-1].all_gather if reshard_after_forward
+                else sum(u.params for u in units)) if units else 0
+    held = rank["parameters"] + optimizer + per_rank.buffers + per_rank.kv_cache + per_rank.other
+    head = max((phases[k] for k in ("forward_head", "backward_start") if k in phases), default=0)
+    head_phase = head - fixed_bytes(per_rank) + held + r.params + gathered
+    if spec.grad_accum > 1:  # earlier micro-batches' gradients: reduce-scattered, so held as shards
+        head_phase += rank["gradients"] - per_rank.gradients
+    peak = max(head_phase, rank["model_state_peak"] + per_rank.buffers)
+    breakdown = replace(per_rank, parameters=rank["parameters"], gradients=rank["gradients"], optimizer=optimizer,
+                        other=per_rank.other + r.params + gathered)
+    return RankEstimate(world, breakdown, peak, rank["model_state_peak"], rank["peak_phase"], whole)

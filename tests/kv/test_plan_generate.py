@@ -1,0 +1,36 @@
+import pytest
+from typer.testing import CliRunner
+
+from memfit.cli import app
+from memfit.plan.generate import measure_plan, plan_generation
+
+
+@pytest.mark.parametrize("pick", [lambda r: r.kv == "full" and r.weights.startswith("fp"),
+                                  lambda r: r.kv == "h2o" and r.weights.startswith("fp"),
+                                  lambda r: r.kv == "kivi" and r.kv_options["bits"] == 4 and r.weights == "int8"],
+                         ids=["full", "h2o", "int8+kivi4"])
+def test_predicted_peak_bounds_the_measured_one(sdpa_model, pick):
+    plan = next(r for r in plan_generation(sdpa_model, 200, 8) if pick(r))
+    import copy
+
+    measured = measure_plan(copy.deepcopy(sdpa_model), None, plan, 200, 8)
+    assert measured <= plan.peak <= 1.5 * measured, (plan.label(), measured, plan.peak)
+
+
+def test_rows_cover_every_combination_and_compression_lowers_the_peak(sdpa_model):
+    rows = plan_generation(sdpa_model, 2000, 100)
+    assert len(rows) == 4 * 7
+    full = next(r for r in rows if r.kv == "full" and r.weights.startswith("fp"))
+    h2o = next(r for r in rows if r.kv == "h2o" and r.weights == "int8")
+    assert h2o.peak < full.peak / 4 and rows[0] is full
+
+
+def test_cli_recommends_and_refuses(model_dir):
+    ok = CliRunner().invoke(app, ["plan-generate", str(model_dir), "--measure", "--prompt-tokens", "300", "--new-tokens", "8",
+                                  "--budget", "2MiB"])
+    assert ok.exit_code == 0, ok.output
+    assert "recommended:" in ok.output
+    assert "measured tensor peak" in ok.output
+    tiny = CliRunner().invoke(app, ["plan-generate", str(model_dir), "--prompt-tokens", "300", "--new-tokens", "8",
+                                    "--budget", "1KiB"])
+    assert tiny.exit_code == 2 and "nothing fits" in tiny.output and "Traceback" not in tiny.output
