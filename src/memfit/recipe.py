@@ -69,6 +69,8 @@ class TrainConfig(_Strict):
     measure_steps: int = Field(2, ge=0)  # steps measured by category (the first ones; 0 turns it off)
     device: str = "auto"
     num_threads: int | None = Field(None, gt=0)
+    compile: bool = False  # torch.compile each decoder block after the techniques apply (memfit/train/compile.py)
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"  # aot_eager/eager: debugging, tests
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -124,6 +126,9 @@ class Recipe(_Strict):
                               f"{self.model.dtype} weights that the precision stores in {storage}; use precision "
                               f"{'bf16-true' if self.model.dtype == 'bf16' else '16-true' if self.model.dtype == 'fp16' else '32-true'}"
                               f", drop model.dtype, or freeze the base with an adapter (lora, qlora, ...)")
+        if self.train.compile and self.distributed.nproc > 1:
+            raise ConfigError("train.compile: true is not built for distributed runs (FSDP2 wraps the blocks); "
+                              "set train.compile: false or distributed.nproc: 1")
         return self
 
     @property

@@ -72,6 +72,8 @@ def print_result(result, console) -> None:
         console.print(result.memory.table(result.estimate, estimate_peak=result.estimate_peak or None))
         for line in rank_lines(result.memory.notes):
             console.print(line)
+        if result.memory.notes.get("compile"):
+            console.print(f"note: {result.memory.notes['compile']}")
     console.print(final_line(result.metrics, result.tokens_per_s, result.trainable_params, result.total_params))
     if result.run_dir is not None:
         console.print(f"run directory: {result.run_dir}  (report: {result.run_dir / 'report.html'})")

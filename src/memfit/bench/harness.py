@@ -32,6 +32,8 @@ class BenchOptions:
     only: list[str] = field(default_factory=list)  # method names to run (empty: all)
     peak_flops: dict[str, float] = field(default_factory=dict)  # measured once per run, per dtype
     suite: str = ""  # set by `run_suite`; names the partial-results file
+    precisions: list[str] = field(default_factory=list)  # train precisions to run (empty: each recipe's own)
+    compile: bool = False  # also run rows with train.compile: true (suites that support it)
 
     def wants(self, method: str) -> bool:
         return not self.only or method in self.only
@@ -90,6 +92,9 @@ def train_row(recipe: dict[str, Any], method: str, opts: BenchOptions, workload:
     fpt = train_flops_per_token(n_params, shape[0], shape[1], seq, backward=backprop,
                                 trainable_fraction=result.trainable_params / max(n_params, 1))
     row["mfu"] = round(mfu(result.tokens_per_s, fpt, opts.peak(rec.train.precision)), 4)
+    row["matmul_tflops"] = round(opts.peak(rec.train.precision) / 1e12, 4)  # this run's matmul peak, its dtype
+    if rec.train.compile:
+        row["compile_s"] = round(result.extras.get("compile_s") or 0.0, 1)
     row.update(extra)
     record_partial(opts, row)
     return row

@@ -121,6 +121,10 @@ def bench(
     data_dir: Path = typer.Option(Path("../shared/data"), "--data", help="Folder with the shared data sets."),
     only: Optional[list[str]] = typer.Option(None, "--only", help="Run only these methods (repeatable)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
+    precision: Optional[list[str]] = typer.Option(None, "--precision", help="Train precisions to run (repeatable; "
+                                                  "32-true, bf16-mixed, bf16-true...; suites that support it)."),
+    compile_: bool = typer.Option(False, "--compile", help="Also run each row with train.compile: true "
+                                  "(suites that support it)."),
 ) -> None:
     """Run a benchmark suite side by side and write JSON + a markdown table."""
     import torch
@@ -129,7 +133,8 @@ def bench(
 
     if threads:
         torch.set_num_threads(threads)
-    opts = BenchOptions(quick=quick, out_dir=out, data_dir=data_dir, only=list(only or []))
+    opts = BenchOptions(quick=quick, out_dir=out, data_dir=data_dir, only=list(only or []),
+                        precisions=list(precision or []), compile=compile_)
     rows, json_path, md_path = run_suite(suite, opts)
     console.print(markdown_table(rows), markup=False, soft_wrap=True)
     console.print(f"wrote {json_path} and {md_path}")

@@ -156,6 +156,13 @@ def build_run(recipe: Recipe, loss_fn: LossFn = model_loss, par=None) -> BuiltRu
     cast_trainable(ctx.model, recipe.train.policy)
     ctx.model.to(device)
     ctx.model.train()
+    if recipe.train.compile:
+        from memfit.train.compile import compile_blocks
+
+        if par is not None:
+            raise ConfigError("train.compile: true is not built for distributed runs (FSDP2 shards the blocks "
+                              "after this point); set train.compile: false")
+        compile_blocks(ctx.model, recipe.train.compile_backend)
     if par is not None:
         from memfit.train import parallel
 

@@ -3,6 +3,7 @@ through `build_run`; the loop only schedules the LR, steps, evaluates, logs, che
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -72,6 +73,7 @@ class _LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_time: float = 0.0  # seconds of unmeasured steps (the tracker slows measured ones down)
     train_tokens: int = 0
+    compile_s: float | None = None  # train.compile: seconds of the first compiled step (compiles; not timed)
 
     @classmethod
     def new(cls, built: BuiltRun) -> _LoopState:
@@ -165,13 +167,19 @@ def _train_step(built: BuiltRun, state: _LoopState, step: int) -> dict[str, Any]
         t.on_step_start(ctx)
     t0 = time.perf_counter()
     if state.meter is not None and state.measured_left > 0:
-        with state.meter.region():
+        # the tracker is a TorchDispatchMode: a compiled block first called under it is skipped by dynamo for
+        # good, so measured steps run eager (they measure what the estimate models; memfit/train/compile.py)
+        with state.meter.region(), (torch.compiler.set_stance("force_eager") if cfg.compile
+                                    else contextlib.nullcontext()):
             loss = built.train_step(batches)
         state.measured_left -= 1
     else:
         loss = built.train_step(batches)
-        state.train_time += time.perf_counter() - t0
-        state.train_tokens += sum(_count_tokens(b) for b in batches)
+        if cfg.compile and state.compile_s is None:  # the first compiled step compiles: not a step time
+            state.compile_s = time.perf_counter() - t0
+        else:
+            state.train_time += time.perf_counter() - t0
+            state.train_tokens += sum(_count_tokens(b) for b in batches)
     if built.par is not None:
         loss = built.par.mean(loss)  # every rank's mean over its rows: the global batch's mean
     record: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": lr}
@@ -201,12 +209,17 @@ def _result(built: BuiltRun, state: _LoopState, final: dict[str, float], estimat
         tokens = built.par.total(tokens)  # every rank's rows; ranks run in parallel, so the time is one rank's
     else:
         report = state.meter.report(spec=spec) if measured else None
+    if cfg.compile and report is not None:
+        from memfit.train.compile import COMPILE_NOTE
+
+        report.notes["compile"] = COMPILE_NOTE
     return RunResult(metrics=final, history=state.history, memory=report, estimate=estimate,
                      tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
                      run_dir=run_dir, trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                      total_params=sum(p.numel() for p in model.parameters()),
                      optimizer_state_bytes=state_bytes(built.ctx.optimizer), estimate_peak=estimate_peak,
-                     extras={} if built.par is None else {"rank": built.par.ctx.rank, "world_size": built.par.world})
+                     extras=({} if built.par is None else {"rank": built.par.ctx.rank, "world_size": built.par.world})
+                     | ({"compile_s": state.compile_s} if cfg.compile else {}))
 
 
 def _finish_run_dir(run_dir: Path, built: BuiltRun, result: RunResult) -> None:

@@ -1,4 +1,7 @@
-"""`memfit bench baseline`: full AdamW on the three standard workloads (pretrain, finetune-cls, finetune-ner)."""
+"""`memfit bench baseline`: full AdamW on the three standard workloads (pretrain, finetune-cls, finetune-ner).
+
+`--precision P` (repeatable) runs each workload in each train precision, its MFU against the matmul peak of that
+precision's compute dtype measured in the same run; `--compile` adds a `train.compile: true` row after each."""
 
 from __future__ import annotations
 
@@ -14,7 +17,13 @@ def run(opts: BenchOptions) -> list[dict]:
     for name, n in steps.items():
         if not opts.wants(name):
             continue
-        recipe = workload(name, opts.data_dir, steps=n, measure_steps=2, eval_every=0,
-                          **({"eval_batches": 4} if opts.quick else {}))
-        rows.append(train_row(recipe, "adamw", opts, workload=name))
+        for prec in opts.precisions or [None]:
+            for compiled in (False, True) if opts.compile else (False,):
+                extra = {"eval_batches": 4} if opts.quick else {}
+                if prec is not None:
+                    extra["precision"] = prec
+                recipe = workload(name, opts.data_dir, steps=n, measure_steps=2, eval_every=0, compile=compiled,
+                                  **extra)
+                rows.append(train_row(recipe, "adamw", opts, workload=name, precision=prec or recipe["train"].get(
+                    "precision", "32-true"), compile=compiled))
     return rows
