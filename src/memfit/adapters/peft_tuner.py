@@ -100,6 +100,10 @@ def modules_to_save(params: tuple[ParamInfo, ...], task: str) -> list[str]:
 _DTYPE_OF_BYTES = {4: torch.float32, 2: torch.bfloat16, 8: torch.float64}
 
 
+_ADAPTED: dict[tuple, tuple[ParamInfo, ...]] = {}
+"""`PeftTuner.adapted_params` by (tuner, config, parameters, task)."""
+
+
 def _skeleton(params: tuple[ParamInfo, ...], targets: list[str]) -> nn.Module:
     """A meta-device module tree with the spec's parameter names; targets are real `nn.Linear` layers."""
     root = nn.Module()
@@ -218,7 +222,16 @@ class PeftTuner(Technique):
 
     # --- estimating ---------------------------------------------------------------------------------
     def adapted_params(self, model: ModelShape, task: str) -> tuple[ParamInfo, ...]:
-        """Every parameter of the adapted model, named as peft names them, with trainability and bytes."""
+        """Every parameter of the adapted model, named as peft names them, with trainability and bytes (memoised:
+        building peft's skeleton takes ~0.5 s, and the planner asks for the same model in hundreds of plans)."""
+        key = (type(self), self.config.model_dump_json(), model.params, task)
+        if key not in _ADAPTED:
+            if len(_ADAPTED) >= 64:
+                _ADAPTED.clear()
+            _ADAPTED[key] = self._adapted_params(model, task)
+        return _ADAPTED[key]
+
+    def _adapted_params(self, model: ModelShape, task: str) -> tuple[ParamInfo, ...]:
         import peft
 
         targets = self._targets(model.params)

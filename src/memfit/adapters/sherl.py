@@ -101,6 +101,9 @@ def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
 
 class SHERL(Technique):
     name = "sherl"
+    plan_options = ({},)
+    needs_pretrained = True
+    plan_lr_scale = 10.0  # bench fewer-params ran it at 1e-3 against full fine-tuning's 1e-4
     slot = "adapter"
     needs_gradients = True
     Config = SHERLConfig

@@ -78,6 +78,9 @@ class UniPTModel(SideModel):
 
 class UniPT(SideTechnique):
     name = "unipt"
+    plan_options = ({},)
+    needs_pretrained = True
+    plan_lr_scale = 10.0  # bench fewer-params ran it at 1e-3 against full fine-tuning's 1e-4
     Config = UniPTConfig
     model_class = UniPTModel
 

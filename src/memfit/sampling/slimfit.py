@@ -48,6 +48,8 @@ class SlimFitConfig(LayerSamplerConfig):
 
 class SlimFit(LayerSampler):
     name = "slimfit"
+    plan_options = ({},)
+    needs_pretrained = True  # freezes layers by how far fine-tuning moves them
     Config = SlimFitConfig
 
     def __init__(self, config=None) -> None:

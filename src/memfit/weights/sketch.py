@@ -136,6 +136,9 @@ CLS_HEADS = ("classifier", "score")
 
 class SketchTune(Technique):
     name = "sketchtune"
+    plan_options = ({},)
+    needs_pretrained = True
+    plan_lr_scale = 10.0  # bench fewer-params ran it at 1e-3 against full fine-tuning's 1e-4
     slot = "adapter"
     needs_gradients = True
     Config = SketchTuneConfig
