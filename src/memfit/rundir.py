@@ -183,3 +183,25 @@ def read_log(path: Path) -> tuple[list[dict[str, Any]], bool]:
                 from None
         records.append(record)
     return records, False
+
+
+def write_model_folder(run_dir: Path, model, tokenizer, state_dict: dict | None = None) -> None:
+    """Save a loadable HF folder `run_dir/model` (model + tokenizer; `state_dict`: the weights to write, e.g. gathered
+    from shards), under a temporary name and renamed, so `model/` is complete or absent. A model transformers cannot
+    serialise (a technique's modules) is noted, not fatal: the checkpoints hold the weights."""
+    from memfit.progress import note
+
+    target, tmp = run_dir / "model", run_dir / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(target):
+            model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+            tokenizer.save_pretrained(tmp)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(tmp, target)
+    except RunDirError:
+        raise
+    except Exception as exc:  # techniques may leave modules transformers cannot serialise; checkpoints still exist
+        note(f"no model/ folder exported ({type(exc).__name__}: {exc}); the weights are in checkpoints/")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +17,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from memfit import rundir
-from memfit.errors import RunDirError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import estimate_step
 from memfit.memory.sharding import estimate_rank
@@ -291,20 +288,7 @@ def _export(run_dir: Path, built: BuiltRun) -> None:
     model = built.model
     if not (hasattr(model, "save_pretrained") and type(model).__module__.startswith("transformers")):
         return
-    target, tmp = run_dir / "model", run_dir / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with rundir.writing(target):
-            model.save_pretrained(tmp)
-            built.data.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-    except RunDirError:
-        raise
-    except Exception as exc:  # techniques may leave modules transformers cannot serialise; checkpoints still exist
-        note(f"no model/ folder exported ({type(exc).__name__}: {exc}); the weights are in checkpoints/")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    rundir.write_model_folder(run_dir, model, built.data.tokenizer)
 
 
 def write_summary(run_dir: Path, result: RunResult) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch.distributed as dist
 
 from memfit import rundir
 from memfit.distributed.runtime import DistContext, init_distributed, under_torchrun
-from memfit.errors import CheckpointError, ConfigError, RunDirError
+from memfit.errors import CheckpointError, ConfigError
 from memfit.memory.measure import MemoryReport
 from memfit.progress import note
 
@@ -255,17 +254,4 @@ def export(run_dir: Path, built, par: Parallel) -> None:
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not par.is_main:
         return
-    target, tmp = run_dir / "model", run_dir / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with rundir.writing(target):
-            model.save_pretrained(tmp, state_dict=full)
-            built.data.tokenizer.save_pretrained(tmp)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(tmp, target)
-    except RunDirError:
-        raise
-    except Exception as exc:  # techniques may leave modules transformers cannot serialise; checkpoints still exist
-        note(f"no model/ folder exported ({type(exc).__name__}: {exc}); the weights are in checkpoints/")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    rundir.write_model_folder(run_dir, model, built.data.tokenizer, state_dict=full)
