@@ -42,7 +42,7 @@ from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import layer_components
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import Context, Technique
+from memfit.techniques.base import AdapterTechnique, Context
 
 ROUTE = "sherl_route"
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -99,13 +99,8 @@ def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-class SHERL(Technique):
+class SHERL(AdapterTechnique):
     name = "sherl"
-    plan_options = ({},)
-    needs_pretrained = True
-    plan_lr_scale = 10.0  # bench fewer-params ran it at 1e-3 against full fine-tuning's 1e-4
-    slot = "adapter"
-    needs_gradients = True
     Config = SHERLConfig
 
     def __init__(self, config=None) -> None:

@@ -28,7 +28,7 @@ from memfit.adapters.peft_tuner import CLS_HEADS, PeftTunerConfig, resolve_targe
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import ParamInfo, RunSpec, model_shape
-from memfit.techniques.base import Context, Technique
+from memfit.techniques.base import AdapterTechnique, Context
 
 
 class SwitchLoRAConfig(PeftTunerConfig):
@@ -88,13 +88,9 @@ def _reset_state(optimizer: torch.optim.Optimizer | None, param: nn.Parameter, i
             value.select(dim, index).zero_()
 
 
-class SwitchLoRA(Technique):
+class SwitchLoRA(AdapterTechnique):
     name = "switchlora"
     plan_options = ({"r": 16},)
-    needs_pretrained = True
-    plan_lr_scale = 10.0  # bench fewer-params ran it at 1e-3 against full fine-tuning's 1e-4
-    slot = "adapter"
-    needs_gradients = True
     Config = SwitchLoRAConfig
 
     def __init__(self, config=None) -> None:

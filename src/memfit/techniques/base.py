@@ -167,6 +167,17 @@ class Technique:
         return f"{type(self).__name__}({self.config!r})"
 
 
+class AdapterTechnique(Technique):
+    """The `adapter` slot for a method that fine-tunes pretrained weights through backprop (never planned from
+    scratch), at the adapters' larger learning rate."""
+
+    slot = "adapter"
+    needs_gradients = True
+    needs_pretrained = True
+    plan_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    plan_lr_scale = 10.0  # bench fewer-params runs adapters at 1e-3 against full fine-tuning's 1e-4
+
+
 class OptimizerTechnique(Technique):
     """The `optimizer` slot: builds a `torch.optim.Optimizer` over the trainable parameters."""
 

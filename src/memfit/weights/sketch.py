@@ -30,7 +30,7 @@ from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import backprop_phases, fixed_bytes, parameter_bytes
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import Context, Technique, TechniqueConfig
+from memfit.techniques.base import AdapterTechnique, Context, TechniqueConfig
 from memfit.weights.base import quantize_spec
 from memfit.weights.format import StorageLayout, WeightFormat, grouped, pack_nibbles, register, unpack_nibbles
 from memfit.weights.linear import DEFAULT_SKIP, QuantLinear, padded_weight_grad, quantizable_linears, set_submodule
@@ -134,13 +134,8 @@ class SketchTuneConfig(TechniqueConfig):
 CLS_HEADS = ("classifier", "score")
 
 
-class SketchTune(Technique):
+class SketchTune(AdapterTechnique):
     name = "sketchtune"
-    plan_options = ({},)
-    needs_pretrained = True
-    plan_lr_scale = 10.0  # bench fewer-params ran it at 1e-3 against full fine-tuning's 1e-4
-    slot = "adapter"
-    needs_gradients = True
     Config = SketchTuneConfig
 
     @property
