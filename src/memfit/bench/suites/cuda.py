@@ -17,7 +17,7 @@ from typing import Any
 from memfit.errors import ConfigError
 
 SIZES = ("llama-60m", "llama-130m", "llama-350m")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("32-true", "bf16-true")  # Lightning names (memory/precision.py): fp32, and bf16 weights as users run them
 TECHNIQUES: dict[str, dict[str, Any]] = {
     "adamw": {},
     "adamw layer-wise": {"optimizer": {"name": "adamw", "layerwise": True}},
