@@ -1,0 +1,312 @@
+"""What every structured-pruning method shares: the model's anatomy, calibration data and passes, cutting heads and
+MLP channels out of a decoder layer, the config that describes the smaller model, and writing it as a plain
+Hugging Face folder.
+
+The pruned model must reload with `transformers.AutoModelForCausalLM.from_pretrained` alone, so every layer must keep
+the shapes one `LlamaConfig` describes: the same number of heads, key/value heads, MLP channels and hidden size in
+every layer. Methods that would choose a different width per layer (FLAP's adaptive structure, SliceGPT's per-layer
+rotations) are restricted to uniform widths here; each method's docstring says how.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memfit.errors import ConfigError, DataError, ModelError, RunDirError
+
+MARKER = ".memfit-pruned"
+"""File (JSON: method, sparsity, source, parameters) that marks a folder `memfit prune` wrote; only such a folder
+is ever replaced."""
+SUPPORTED = ("llama",)
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class PruneResult:
+    """A pruned model (still a transformers model, with a config describing its new shapes) and what it cost."""
+
+    model: nn.Module
+    method: str
+    sparsity: float
+    params_before: int
+    params_after: int
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> float:
+        return self.params_after / self.params_before
+
+
+# --- the model's anatomy ---------------------------------------------------------------------------------------
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a Llama-architecture causal LM; `ModelError` for anything else."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ModelError(f"structured pruning supports Llama-architecture causal LMs (model_type llama); this model "
+                         f"is '{model_type}'")
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        for owner, names in (("self_attn", ATTN), ("mlp", MLP)):
+            sub = getattr(layer, owner, None)
+            if sub is None or not all(isinstance(getattr(sub, n, None), nn.Linear) for n in names):
+                raise ModelError(f"layer {i} has no plain {owner} linears ({', '.join(names)}); a quantized or "
+                                 f"adapted model cannot be pruned: prune the dense model first")
+    return layers
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_groups(attn: nn.Module, config) -> tuple[int, int, int]:
+    """(key/value heads, query heads per key/value head, head_dim): a head group is one key/value head with the
+    query heads that share it, pruned together so the model keeps its grouped-query layout."""
+    head_dim = attn.head_dim
+    n_kv = attn.k_proj.out_features // head_dim
+    return n_kv, attn.q_proj.out_features // head_dim // n_kv, head_dim
+
+
+def group_slices(attn: nn.Module, config, group: int) -> dict[str, tuple[int, slice]]:
+    """{linear name: (dim, index range)} of one head group: q/k/v output rows and o_proj input columns."""
+    n_kv, rep, hd = kv_groups(attn, config)
+    q = slice(group * rep * hd, (group + 1) * rep * hd)
+    kv = slice(group * hd, (group + 1) * hd)
+    return {"q_proj": (0, q), "k_proj": (0, kv), "v_proj": (0, kv), "o_proj": (1, q)}
+
+
+def channel_slices() -> dict[str, int]:
+    """{linear name: dim} along which an MLP channel is one index: gate/up output rows, down_proj input columns."""
+    return {"gate_proj": 0, "up_proj": 0, "down_proj": 1}
+
+
+# --- cutting -------------------------------------------------------------------------------------------------
+
+def sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:
+    """A new `nn.Linear` holding only `rows` (output features) and `cols` (input features) of `lin`."""
+    w = lin.weight.data
+    b = lin.bias.data if lin.bias is not None else None
+    if rows is not None:
+        w = w[rows]
+        b = b[rows] if b is not None else None
+    if cols is not None:
+        w = w[:, cols]
+    new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    new.weight.data.copy_(w)
+    if b is not None:
+        new.bias.data.copy_(b)
+    return new
+
+
+def keep_head_groups(attn: nn.Module, config, keep: Iterable[int]) -> None:
+    """Keep only the head groups `keep` (indices of key/value heads) of one attention module, in place."""
+    n_kv, rep, hd = kv_groups(attn, config)
+    keep = sorted(set(int(g) for g in keep))
+    if not keep or keep[-1] >= n_kv:
+        raise ConfigError(f"cannot keep head groups {keep} of {n_kv}: at least one group must stay")
+    idx_q = torch.cat([torch.arange(g * rep * hd, (g + 1) * rep * hd) for g in keep])
+    idx_kv = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in keep])
+    attn.q_proj = sliced_linear(attn.q_proj, rows=idx_q)
+    attn.k_proj = sliced_linear(attn.k_proj, rows=idx_kv)
+    attn.v_proj = sliced_linear(attn.v_proj, rows=idx_kv)
+    attn.o_proj = sliced_linear(attn.o_proj, cols=idx_q)
+
+
+def keep_channels(mlp: nn.Module, keep: Iterable[int]) -> None:
+    """Keep only the MLP channels `keep` (gate/up rows, down_proj columns), in place."""
+    idx = torch.tensor(sorted(set(int(c) for c in keep)), dtype=torch.long)
+    if idx.numel() == 0:
+        raise ConfigError("cannot prune every MLP channel of a layer: at least one must stay")
+    mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=idx)
+    mlp.up_proj = sliced_linear(mlp.up_proj, rows=idx)
+    mlp.down_proj = sliced_linear(mlp.down_proj, cols=idx)
+
+
+def add_output_bias(lin: nn.Linear, delta: torch.Tensor) -> nn.Linear:
+    """`lin` with `delta` added to its bias (a zero bias created first when it has none)."""
+    if lin.bias is None:
+        new = nn.Linear(lin.in_features, lin.out_features, bias=True, device=lin.weight.device,
+                        dtype=lin.weight.dtype)
+        new.weight.data.copy_(lin.weight.data)
+        new.bias.data.zero_()
+        lin = new
+    lin.bias.data += delta.to(lin.bias.dtype)
+    return lin
+
+
+def _zero_biases(module: nn.Module, names: Iterable[str]) -> None:
+    for n in names:
+        lin = getattr(module, n)
+        if lin.bias is None:
+            setattr(module, n, add_output_bias(lin, torch.zeros(lin.out_features)))
+
+
+def sync_config(model: nn.Module) -> None:
+    """Rewrite the config from the layers' shapes (heads, key/value heads, MLP width, hidden size, bias flags),
+    refusing layers that differ from each other: a `LlamaConfig` describes one width for all layers.
+
+    Llama's `attention_bias` / `mlp_bias` switch biases on for all four attention or all three MLP linears, so a
+    bias added to o_proj or down_proj (FLAP) gives the other linears of every layer a zero bias."""
+    config = model.config
+    layers = decoder_layers(model)
+    first = layers[0].self_attn
+    hd = first.head_dim
+    shapes = set()
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        shapes.add((a.q_proj.out_features // hd, a.k_proj.out_features // hd, m.gate_proj.out_features,
+                    a.q_proj.in_features))
+    if len(shapes) != 1:
+        raise ModelError(f"pruned layers differ in shape ({sorted(shapes)}); a Llama config holds one width per "
+                         f"model, so every layer must be pruned alike")
+    heads, kv, inter, hidden = shapes.pop()
+    attn_bias = any(getattr(l.self_attn, n).bias is not None for l in layers for n in ATTN)
+    mlp_bias = any(getattr(l.mlp, n).bias is not None for l in layers for n in MLP)
+    for layer in layers:
+        if attn_bias:
+            _zero_biases(layer.self_attn, ATTN)
+        if mlp_bias:
+            _zero_biases(layer.mlp, MLP)
+    config.num_attention_heads, config.num_key_value_heads = heads, kv
+    config.intermediate_size, config.hidden_size, config.head_dim = inter, hidden, hd
+    config.attention_bias, config.mlp_bias = attn_bias, mlp_bias
+
+
+# --- calibration -------------------------------------------------------------------------------------------
+
+DEFAULT_SAMPLES, DEFAULT_LENGTH = 32, 128
+
+
+def calibration_ids(tokenizer, text: str, samples: int = DEFAULT_SAMPLES, length: int = DEFAULT_LENGTH) -> torch.Tensor:
+    """`samples` windows of `length` token ids from the start of `text` (samples × length)."""
+    if samples < 1 or length < 2:
+        raise ConfigError(f"calibration needs ≥ 1 sample of ≥ 2 tokens, got {samples} × {length}")
+    if tokenizer is None:
+        raise DataError("calibration text needs the model's tokenizer, and the model folder has none; save the "
+                        "tokenizer next to config.json")
+    ids = tokenizer(text)["input_ids"]
+    need = samples * length
+    if len(ids) < need:
+        if len(ids) < length:
+            raise DataError(f"calibration text has {len(ids)} tokens, fewer than one window of {length}; give a "
+                            f"longer --calib file or a smaller --calib-len")
+        samples = len(ids) // length
+        need = samples * length
+    return torch.tensor(ids[:need], dtype=torch.long).reshape(samples, length)
+
+
+def batches(ids: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
+    return list(ids.split(batch_size))
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, ids: torch.Tensor, hooks: dict[nn.Module, Callable], *, pre: bool = False,
+              batch_size: int = 8) -> None:
+    """Run the calibration windows through `model` with `hooks` ({module: fn(module, inputs[, output])}) attached
+    as forward (or forward-pre) hooks; `ModelError` if a hook never fired (the forward no longer calls it)."""
+    fired: dict[nn.Module, int] = {m: 0 for m in hooks}
+
+    def counted(m, fn):
+        def hook(*args):
+            fired[m] += 1
+            fn(*args)
+        return hook
+
+    handles = [(m.register_forward_pre_hook if pre else m.register_forward_hook)(counted(m, fn))
+               for m, fn in hooks.items()]
+    try:
+        device = next(model.parameters()).device
+        for batch in batches(ids, batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    silent = [type(m).__name__ for m, n in fired.items() if n == 0]
+    if silent:
+        from memfit.compat import fail
+
+        raise fail(f"calibration hooks on {len(silent)} modules ({silent[0]}, ...) never ran", "forward hooks")
+
+
+class InputStats:
+    """Per-feature mean and (unbiased) variance of a module's input over all calibration tokens, in float64."""
+
+    def __init__(self):
+        self.n, self.sum, self.sumsq = 0, None, None
+
+    def __call__(self, module, inputs, *_):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+        if self.sum is None:
+            self.sum, self.sumsq = torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1],
+                                                                                             dtype=torch.float64)
+        self.n += x.shape[0]
+        self.sum += x.sum(0).cpu()
+        self.sumsq += (x * x).sum(0).cpu()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.n
+
+    @property
+    def var(self) -> torch.Tensor:
+        return ((self.sumsq - self.n * self.mean ** 2) / max(1, self.n - 1)).clamp_min(0)
+
+
+# --- writing the folder --------------------------------------------------------------------------------------
+
+def check_output(out: Path, overwrite: bool = False) -> None:
+    """Refuse, before any work, an output memfit must not write: a file, a non-empty folder memfit prune did not
+    write, or (without `overwrite`) an earlier pruned model."""
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"output {out} is a file, not a folder; choose another -o")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise RunDirError(f"output {out} is not empty and was not written by `memfit prune`; memfit writes only "
+                              f"into new or empty folders: choose another -o")
+        if not overwrite:
+            raise RunDirError(f"{out} already holds a pruned model; pass --overwrite to replace it, or choose "
+                              f"another -o")
+
+
+def save_pruned(result: PruneResult, tokenizer, out: str | os.PathLike, *, source: str = "",
+                overwrite: bool = False) -> Path:
+    """Write the pruned model as a plain HF folder (config.json, model.safetensors, the tokenizer when there is one,
+    and the `.memfit-pruned` marker) under a temporary name, then rename it into place: `out` is complete or
+    untouched."""
+    from memfit.rundir import writing
+
+    out = Path(out)
+    check_output(out, overwrite)
+    tmp = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            result.model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            info = {"method": result.method, "sparsity": result.sparsity, "source": source,
+                    "params_before": result.params_before, "params_after": result.params_after,
+                    "details": result.details}
+            (tmp / MARKER).write_text(json.dumps(info, indent=1, default=str) + "\n", encoding="utf-8")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,120 @@
+"""FLAP (An et al. 2024, "Fluctuation-based Adaptive Structured Pruning for Large Language Models").
+
+Retraining-free. On calibration text, for each input channel j of o_proj and down_proj:
+- fluctuation metric (WIFV) S_j = Var_tokens(x_j) · ‖W[:, j]‖² — a channel whose input barely moves can be replaced
+  by its mean; for attention the metric is squared and averaged over a head's channels (as in the authors' code);
+- adaptive structure: every layer's scores are standardized ((s − mean) / std within the layer), then heads and
+  channels of all layers are ranked together, a head weighing its parameter count against a channel's, and the
+  lowest-ranked units up to `sparsity` of the layers' parameters are removed;
+- bias compensation: a removed channel is replaced by its calibration mean, b += W[:, removed] · mean(x_removed),
+  so o_proj and down_proj gain a bias (Llama's `attention_bias` / `mlp_bias`; q/k/v and gate/up get zero biases).
+
+What differs from the paper, so that the result stays a plain `LlamaConfig` model: the global ranking decides how
+many heads and how many MLP channels go in total (FLAP's split between attention and MLP), but every layer then
+loses the same number of each (its own lowest-scored ones), because one config holds one width for all layers. The
+per-layer counts FLAP would have chosen are reported in `details["adaptive_per_layer"]`. Heads are pruned by
+key/value group under grouped-query attention.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from memfit.errors import ConfigError
+from memfit.prune.common import (
+    InputStats,
+    PruneResult,
+    add_output_bias,
+    calibrate,
+    count_params,
+    decoder_layers,
+    keep_channels,
+    keep_head_groups,
+    kv_groups,
+    sync_config,
+)
+
+
+def _standardize(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std().clamp_min(1e-12)
+
+
+def fluctuation(stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
+    """WIFV: Var(x_j) · Σ_i W_ij² per input channel j."""
+    return stats.var * weight.double().pow(2).sum(0).cpu()
+
+
+def _split(total_heads: int, total_channels: int, n_layers: int, head_params: int, channel_params: int,
+           target: float, n_groups: int, n_channels: int) -> tuple[int, int]:
+    """Groups and channels to remove per layer: the heads' share of the global ranking, rounded to a whole number
+    per layer, and channels filling the rest of the parameter target."""
+    heads = min(n_groups - 1, round(total_heads / n_layers))
+    rest = target - n_layers * heads * head_params
+    channels = min(n_channels - 1, max(0, round(rest / (n_layers * channel_params))))
+    return heads, channels
+
+
+@torch.no_grad()
+def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True) -> PruneResult:
+    """Prune `sparsity` of the decoder layers' linear parameters with FLAP, in place (`bias`: compensate)."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"FLAP --sparsity is the fraction of the layers' parameters to remove, in [0, 1); got "
+                          f"{sparsity}")
+    t0 = time.perf_counter()
+    before = count_params(model)
+    config = model.config
+    layers = decoder_layers(model)
+    attn_stats = {l: InputStats() for l in layers}
+    mlp_stats = {l: InputStats() for l in layers}
+    hooks = {l.self_attn.o_proj: attn_stats[l] for l in layers} | {l.mlp.down_proj: mlp_stats[l] for l in layers}
+    calibrate(model, ids, hooks)
+
+    n_kv, rep, hd = kv_groups(layers[0].self_attn, config)
+    hidden = layers[0].self_attn.q_proj.in_features
+    n_channels = layers[0].mlp.gate_proj.out_features
+    head_params = (2 * rep + 2) * hd * hidden  # q and o rows/cols of the group's query heads, k and v of its kv head
+    channel_params = 3 * hidden
+    group_scores, channel_scores = [], []
+    for l in layers:
+        s_attn = fluctuation(attn_stats[l], l.self_attn.o_proj.weight) ** 2
+        group_scores.append(_standardize(s_attn).reshape(n_kv, rep * hd).mean(1))
+        channel_scores.append(_standardize(fluctuation(mlp_stats[l], l.mlp.down_proj.weight)))
+    g, c = torch.stack(group_scores), torch.stack(channel_scores)
+
+    # global ranking (FLAP's AL-AM): remove from the lowest score up until `sparsity` of the parameters is gone
+    scores = torch.cat([g.flatten(), c.flatten()])
+    weight = torch.cat([torch.full((g.numel(),), float(head_params)), torch.full((c.numel(),), float(channel_params))])
+    order = torch.argsort(scores)
+    target = sparsity * len(layers) * (n_kv * head_params + n_channels * channel_params)
+    removed = order[: int((torch.cumsum(weight[order], 0) <= target).sum())]
+    is_head = removed < g.numel()
+    adaptive_heads = torch.bincount(removed[is_head] // n_kv, minlength=len(layers))
+    adaptive_channels = torch.bincount((removed[~is_head] - g.numel()) // n_channels, minlength=len(layers))
+    heads, channels = _split(int(is_head.sum()), int((~is_head).sum()), len(layers), head_params, channel_params,
+                             target, n_kv, n_channels)
+
+    for i, l in enumerate(layers):
+        keep_g = torch.argsort(g[i], descending=True)[: n_kv - heads]
+        keep_c = torch.argsort(c[i], descending=True)[: n_channels - channels]
+        if heads:
+            drop = torch.ones(n_kv, dtype=torch.bool)
+            drop[keep_g] = False
+            cols = drop.repeat_interleave(rep * hd)
+            delta = l.self_attn.o_proj.weight.double()[:, cols] @ attn_stats[l].mean[cols].to(l.self_attn.o_proj.weight.device)
+            keep_head_groups(l.self_attn, config, keep_g.tolist())
+            if bias:
+                l.self_attn.o_proj = add_output_bias(l.self_attn.o_proj, delta)
+        if channels:
+            drop = torch.ones(n_channels, dtype=torch.bool)
+            drop[keep_c] = False
+            delta = l.mlp.down_proj.weight.double()[:, drop] @ mlp_stats[l].mean[drop].to(l.mlp.down_proj.weight.device)
+            keep_channels(l.mlp, keep_c.tolist())
+            if bias:
+                l.mlp.down_proj = add_output_bias(l.mlp.down_proj, delta)
+    sync_config(model)
+    details = {"head_groups_removed_per_layer": heads, "channels_removed_per_layer": channels,
+               "bias_compensation": bias,
+               "adaptive_per_layer": {"head_groups": adaptive_heads.tolist(), "channels": adaptive_channels.tolist()}}
+    return PruneResult(model, "flap", sparsity, before, count_params(model), time.perf_counter() - t0, details)

@@ -1,0 +1,124 @@
+"""LLM-Pruner (Ma et al. 2023, "LLM-Pruner: On the Structural Pruning of Large Language Models").
+
+Dependency groups: weights that must go together for the model to stay well formed. In a Llama layer they are
+- a head group: the q_proj rows of a key/value head's query heads, its k_proj and v_proj rows, and the o_proj
+  columns reading those query heads (one attention head under multi-head attention);
+- an MLP channel: row j of gate_proj and up_proj and column j of down_proj.
+Importance is first-order Taylor (the paper's element-wise estimate, summed over the group):
+I(group) = Σ_{w in group} |w · ∂L/∂w|, L the language-model loss summed over the calibration windows, i.e. how much
+the loss would change to first order if the group were zeroed. Each layer keeps its highest-scored groups.
+
+Uniform over layers: every layer loses round(sparsity · n) head groups and round(sparsity · n) MLP channels,
+because one `LlamaConfig` holds one width for all layers (the paper also prunes uniformly, but skips the first and
+last layers, which a single config cannot express). The paper's optional LoRA recovery training is not run here.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from memfit.errors import ConfigError
+from memfit.prune.common import (
+    ATTN,
+    MLP,
+    PruneResult,
+    batches,
+    channel_slices,
+    count_params,
+    decoder_layers,
+    group_slices,
+    keep_channels,
+    keep_head_groups,
+    kv_groups,
+    sync_config,
+)
+
+
+def accumulate_gradients(model, ids: torch.Tensor, batch_size: int = 8) -> None:
+    """Fill `.grad` of the decoder layers' linears with ∂(Σ_windows loss)/∂w; every other parameter is frozen."""
+    was = {p: p.requires_grad for p in model.parameters()}
+    linears = [getattr(getattr(l, owner), n) for l in decoder_layers(model)
+               for owner, names in (("self_attn", ATTN), ("mlp", MLP)) for n in names]
+    for p in model.parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    for lin in linears:
+        for p in lin.parameters():
+            p.requires_grad_(True)
+    device = next(model.parameters()).device
+    try:
+        for batch in batches(ids, batch_size):
+            batch = batch.to(device)
+            out = model(input_ids=batch, use_cache=False)
+            logits = out.logits[:, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                     reduction="sum") / (batch.shape[1] - 1)
+            loss.backward()
+    finally:
+        for p, flag in was.items():
+            p.requires_grad_(flag)
+    if any(lin.weight.grad is None for lin in linears):
+        from memfit.compat import fail
+
+        raise fail("no gradient reached a decoder linear", "every layer's linears in the loss's graph")
+
+
+def _taylor(lin) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = (lin.weight.data * lin.weight.grad).abs().double()
+    b = (lin.bias.data * lin.bias.grad).abs().double() if lin.bias is not None else None
+    return w, b
+
+
+def group_importance(layer, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ |w·g| per head group, Σ |w·g| per MLP channel) of one decoder layer, from the stored gradients."""
+    attn, mlp = layer.self_attn, layer.mlp
+    n_kv = kv_groups(attn, config)[0]
+    heads = torch.zeros(n_kv, dtype=torch.float64)
+    groups = [group_slices(attn, config, gi) for gi in range(n_kv)]
+    for name in ATTN:
+        w, b = _taylor(getattr(attn, name))
+        for gi, slices in enumerate(groups):
+            dim, sl = slices[name]
+            heads[gi] += (w[sl] if dim == 0 else w[:, sl]).sum().cpu()
+            if b is not None and dim == 0:
+                heads[gi] += b[sl].sum().cpu()
+    channels = torch.zeros(mlp.gate_proj.out_features, dtype=torch.float64)
+    for name, dim in channel_slices().items():
+        w, b = _taylor(getattr(mlp, name))
+        channels += w.sum(1 - dim).cpu()
+        if b is not None and dim == 0:
+            channels += b.cpu()
+    return heads, channels
+
+
+def llm_pruner(model, ids: torch.Tensor, sparsity: float) -> PruneResult:
+    """Remove `sparsity` of every layer's head groups and MLP channels by Taylor importance, in place."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"LLM-Pruner --sparsity is the fraction of each layer's heads and MLP channels to remove, "
+                          f"in [0, 1); got {sparsity}")
+    t0 = time.perf_counter()
+    before = count_params(model)
+    config = model.config
+    layers = decoder_layers(model)
+    n_kv = kv_groups(layers[0].self_attn, config)[0]
+    n_channels = layers[0].mlp.gate_proj.out_features
+    heads = min(n_kv - 1, round(sparsity * n_kv))
+    channels = min(n_channels - 1, round(sparsity * n_channels))
+    if heads or channels:
+        accumulate_gradients(model, ids)
+    with torch.no_grad():
+        for layer in layers:
+            if not (heads or channels):
+                break
+            h, c = group_importance(layer, config)
+            if heads:
+                keep_head_groups(layer.self_attn, config, torch.argsort(h, descending=True)[: n_kv - heads].tolist())
+            if channels:
+                keep_channels(layer.mlp, torch.argsort(c, descending=True)[: n_channels - channels].tolist())
+    for p in model.parameters():
+        p.grad = None
+    sync_config(model)
+    return PruneResult(model, "llm-pruner", sparsity, before, count_params(model), time.perf_counter() - t0,
+                       {"head_groups_removed_per_layer": heads, "channels_removed_per_layer": channels})

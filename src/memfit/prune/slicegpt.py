@@ -1,0 +1,126 @@
+"""SliceGPT (Ashkboos et al. 2024, "SliceGPT: Compress Large Language Models by Deleting Rows and Columns").
+
+Computational invariance: an RMSNorm whose scale is folded into the linears that read its output is
+x ↦ x / ‖x‖ · √d, and that commutes with any orthogonal Q of the residual stream (‖Qᵀx‖ = ‖x‖). So the embedding,
+and every linear writing to the residual (o_proj, down_proj) can be multiplied by Qᵀ on the output side and every
+linear reading from it (q/k/v, gate/up, lm_head) by Q on the input side without changing the function. With Q the
+eigenvectors of the residual stream's covariance on calibration text (sorted by eigenvalue), the last directions
+carry the least signal: deleting them (columns of the embedding, rows of o_proj/down_proj, columns of the readers)
+slices the hidden size from d to d' = round((1 - sparsity) · d).
+
+What differs from the paper, so that the result stays a plain `LlamaConfig` model:
+- **one Q for the whole residual stream** (PCA of the normalized residual at every point it is read: each layer's
+  two norms and the final norm, summed). The paper uses a Q per layer and puts Q_ℓᵀQ_ℓ₊₁ on the skip connection;
+  Llama has no module there, so a per-layer Q cannot be expressed without memfit code to load it.
+- the sliced RMSNorm averages over d' features instead of d: its weight becomes √(d/d') and its epsilon ε·d/d',
+  which reproduces x/‖x‖·√d on the kept features exactly (at 0 % slicing the model is the original, to rounding).
+- tied embeddings are untied (the head reads the final norm's folded scale, the embedding does not).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from memfit.errors import ConfigError
+from memfit.prune.common import PruneResult, calibrate, count_params, decoder_layers
+
+
+def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
+    """W ← W·diag(g) for every linear reading the norm's output; g ← 1."""
+    g = norm.weight.data.double()
+    for lin in readers:
+        lin.weight.data = (lin.weight.data.double() * g).to(lin.weight.dtype)
+    norm.weight.data.fill_(1.0)
+
+
+def _readers(model) -> list[tuple[nn.Module, list[nn.Linear]]]:
+    out = []
+    for layer in decoder_layers(model):
+        a, m = layer.self_attn, layer.mlp
+        out.append((layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj]))
+        out.append((layer.post_attention_layernorm, [m.gate_proj, m.up_proj]))
+    out.append((model.model.norm, [model.lm_head]))
+    return out
+
+
+def residual_covariance(model, ids: torch.Tensor) -> torch.Tensor:
+    """Σ over every norm input of the calibration tokens of x̂x̂ᵀ, x̂ = x / rms(x) (float64, d × d)."""
+    d = model.config.hidden_size
+    cov = torch.zeros(d, d, dtype=torch.float64)
+
+    def accumulate(module, inputs):
+        x = inputs[0].detach().reshape(-1, d).double()
+        x = x / x.pow(2).mean(-1, keepdim=True).add(module.variance_epsilon).sqrt()
+        cov.add_((x.T @ x).cpu())
+
+    calibrate(model, ids, {norm: accumulate for norm, _ in _readers(model)}, pre=True)
+    return cov
+
+
+def rotation(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q with eigenvectors of `cov` as columns, largest eigenvalue first; the eigenvalues)."""
+    evals, evecs = torch.linalg.eigh(cov)
+    order = torch.argsort(evals, descending=True)
+    return evecs[:, order], evals[order]
+
+
+def _rotate_in(lin: nn.Linear, q: torch.Tensor) -> None:
+    lin.weight.data = (lin.weight.data.double() @ q).to(lin.weight.dtype)
+    lin.in_features = q.shape[1]
+
+
+def _rotate_out(lin: nn.Linear, q: torch.Tensor) -> None:
+    lin.weight.data = (q.T @ lin.weight.data.double()).to(lin.weight.dtype)
+    if lin.bias is not None:
+        lin.bias.data = (q.T @ lin.bias.data.double()).to(lin.bias.dtype)
+    lin.out_features = q.shape[1]
+
+
+def sliced_dim(hidden: int, sparsity: float) -> int:
+    return max(1, round((1.0 - sparsity) * hidden))
+
+
+@torch.no_grad()
+def slicegpt(model, ids: torch.Tensor, sparsity: float) -> PruneResult:
+    """Slice `model`'s hidden size by `sparsity` (fraction of the d residual directions deleted), in place."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"SliceGPT --sparsity is the fraction of the hidden size to delete, in [0, 1); got "
+                          f"{sparsity}")
+    t0 = time.perf_counter()
+    before = count_params(model)
+    config = model.config
+    d = config.hidden_size
+    d_new = sliced_dim(d, sparsity)
+    if config.tie_word_embeddings or model.lm_head.weight is model.model.embed_tokens.weight:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.data.clone())
+        config.tie_word_embeddings = False
+    head_dim = decoder_layers(model)[0].self_attn.head_dim
+    norms = _readers(model)
+    for norm, readers in norms:
+        _fold_norm(norm, readers)
+    q, evals = rotation(residual_covariance(model, ids))
+    q = q[:, :d_new]
+
+    emb = model.model.embed_tokens
+    emb.weight.data = (emb.weight.data.double() @ q).to(emb.weight.dtype)
+    emb.embedding_dim = d_new
+    for layer in decoder_layers(model):
+        for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                    layer.mlp.up_proj):
+            _rotate_in(lin, q)
+        _rotate_out(layer.self_attn.o_proj, q)
+        _rotate_out(layer.mlp.down_proj, q)
+    _rotate_in(model.lm_head, q)
+    eps = config.rms_norm_eps * d / d_new
+    for norm, _ in norms:
+        norm.weight = nn.Parameter(torch.full((d_new,), math.sqrt(d / d_new), dtype=norm.weight.dtype,
+                                              device=norm.weight.device))
+        norm.variance_epsilon = eps
+    config.hidden_size, config.head_dim, config.rms_norm_eps = d_new, head_dim, eps
+    kept = float(evals[:d_new].sum() / evals.sum())
+    return PruneResult(model, "slicegpt", sparsity, before, count_params(model), time.perf_counter() - t0,
+                       {"hidden_size": [d, d_new], "variance_kept": kept})
