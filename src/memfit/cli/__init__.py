@@ -144,6 +144,7 @@ from memfit.cli import generate as _generate  # noqa: E402,F401  (registers `mem
 from memfit.cli import plan as _plan  # noqa: E402,F401  (registers `memfit plan`)
 from memfit.cli import predict as _predict  # noqa: E402,F401  (registers `memfit predict`)
 from memfit.cli import plan_generate as _plan_generate  # noqa: E402,F401  (registers `memfit plan-generate`)
+from memfit.cli import prune as _prune  # noqa: E402,F401  (registers `memfit prune`)
 
 
 def main() -> None:
