@@ -168,3 +168,20 @@ def test_refuses_other_architectures_and_bad_sparsity(base):
         prune_model(base, "slicegpt", 1.0, _ids(2, 0))
     with pytest.raises(ConfigError, match="unknown pruning method"):
         prune_model(base, "wanda", 0.2, _ids(2, 0))
+
+
+def test_head_counts_are_ones_llama_config_accepts():
+    """transformers' LlamaConfig refuses a hidden size that is not a multiple of the heads: 128 with 3 heads."""
+    from transformers import LlamaConfig
+
+    from memfit.prune.common import allocate, allowed_group_removals
+
+    with pytest.raises(Exception, match="multiple of the number of attention heads"):
+        LlamaConfig(hidden_size=128, num_attention_heads=3, num_key_value_heads=3, head_dim=32)
+    assert allowed_group_removals(128, 4, 1) == [0, 2, 3]
+    assert allowed_group_removals(96, 4, 1) == [0, 1, 2, 3]
+    assert allowed_group_removals(64, 2, 2) == [0, 1]  # 4 query heads in 2 groups
+    # 1 of 4 heads wanted, not allowed at hidden 128: none go, and MLP channels carry the whole target
+    groups, channels = allocate(target=2 * 3 * 128 * 50, wanted_groups=1, n_layers=2, hidden=128, n_kv=4, rep=1,
+                                head_dim=32, n_channels=352)
+    assert (groups, channels) == (0, 50)

@@ -80,7 +80,8 @@ def prune(model_dir: str | os.PathLike, method: str, sparsity: float, out: str |
     diff = None
     if verify:
         diff = max_logit_difference(result.model, out, ids[:1])
-        scale = float(result.model(input_ids=ids[:1], use_cache=False).logits.abs().max())
+        with torch.no_grad():
+            scale = float(result.model(input_ids=ids[:1], use_cache=False).logits.abs().max())
         if diff > 1e-4 * max(1.0, scale):
             raise ModelError(f"{out} reloaded by transformers gives logits {diff:.3g} away from the pruned model; "
                              f"the config does not describe it (please report)")

@@ -95,6 +95,28 @@ def channel_slices() -> dict[str, int]:
     return {"gate_proj": 0, "up_proj": 0, "down_proj": 1}
 
 
+def allowed_group_removals(hidden: int, n_kv: int, rep: int) -> list[int]:
+    """Head groups a layer may lose: at least one group stays, and transformers' `LlamaConfig` (5.x validates it)
+    needs the hidden size to be a multiple of the query heads left, (n_kv − removed) · rep."""
+    return [r for r in range(n_kv) if hidden % ((n_kv - r) * rep) == 0]
+
+
+def allocate(target: float, wanted_groups: float, n_layers: int, hidden: int, n_kv: int, rep: int, head_dim: int,
+             n_channels: int) -> tuple[int, int]:
+    """(head groups, MLP channels) every layer loses: the allowed group count nearest `wanted_groups`, then MLP
+    channels filling the rest of `target` (parameters to remove over all layers)."""
+    head_params, channel_params = group_params(hidden, rep, head_dim), 3 * hidden
+    groups = min(allowed_group_removals(hidden, n_kv, rep), key=lambda r: (abs(r - wanted_groups), r))
+    rest = target - n_layers * groups * head_params
+    channels = min(n_channels - 1, max(0, round(rest / (n_layers * channel_params))))
+    return groups, channels
+
+
+def group_params(hidden: int, rep: int, head_dim: int) -> int:
+    """Weights of one head group: q and o of its `rep` query heads, k and v of its key/value head."""
+    return (2 * rep + 2) * head_dim * hidden
+
+
 # --- cutting -------------------------------------------------------------------------------------------------
 
 def sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> nn.Linear:

@@ -10,10 +10,11 @@ Retraining-free. On calibration text, for each input channel j of o_proj and dow
   so o_proj and down_proj gain a bias (Llama's `attention_bias` / `mlp_bias`; q/k/v and gate/up get zero biases).
 
 What differs from the paper, so that the result stays a plain `LlamaConfig` model: the global ranking decides how
-many heads and how many MLP channels go in total (FLAP's split between attention and MLP), but every layer then
-loses the same number of each (its own lowest-scored ones), because one config holds one width for all layers. The
-per-layer counts FLAP would have chosen are reported in `details["adaptive_per_layer"]`. Heads are pruned by
-key/value group under grouped-query attention.
+many heads go in total (FLAP's split between attention and MLP), but every layer then loses the same number of head
+groups (its own lowest-scored ones), rounded to a count `LlamaConfig` accepts (the hidden size must stay a multiple
+of the query heads), and the same number of MLP channels, filling the rest of the parameter target — because one
+config holds one width for all layers. The per-layer counts FLAP would have chosen are reported in
+`details["adaptive_per_layer"]`. Heads are pruned by key/value group under grouped-query attention.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ from memfit.prune.common import (
     InputStats,
     PruneResult,
     add_output_bias,
+    allocate,
     calibrate,
     count_params,
     decoder_layers,
+    group_params,
     keep_channels,
     keep_head_groups,
     kv_groups,
@@ -44,16 +47,6 @@ def _standardize(x: torch.Tensor) -> torch.Tensor:
 def fluctuation(stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
     """WIFV: Var(x_j) · Σ_i W_ij² per input channel j."""
     return stats.var * weight.double().pow(2).sum(0).cpu()
-
-
-def _split(total_heads: int, total_channels: int, n_layers: int, head_params: int, channel_params: int,
-           target: float, n_groups: int, n_channels: int) -> tuple[int, int]:
-    """Groups and channels to remove per layer: the heads' share of the global ranking, rounded to a whole number
-    per layer, and channels filling the rest of the parameter target."""
-    heads = min(n_groups - 1, round(total_heads / n_layers))
-    rest = target - n_layers * heads * head_params
-    channels = min(n_channels - 1, max(0, round(rest / (n_layers * channel_params))))
-    return heads, channels
 
 
 @torch.no_grad()
@@ -74,8 +67,7 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True) -> PruneR
     n_kv, rep, hd = kv_groups(layers[0].self_attn, config)
     hidden = layers[0].self_attn.q_proj.in_features
     n_channels = layers[0].mlp.gate_proj.out_features
-    head_params = (2 * rep + 2) * hd * hidden  # q and o rows/cols of the group's query heads, k and v of its kv head
-    channel_params = 3 * hidden
+    head_params, channel_params = group_params(hidden, rep, hd), 3 * hidden
     group_scores, channel_scores = [], []
     for l in layers:
         s_attn = fluctuation(attn_stats[l], l.self_attn.o_proj.weight) ** 2
@@ -92,8 +84,8 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True) -> PruneR
     is_head = removed < g.numel()
     adaptive_heads = torch.bincount(removed[is_head] // n_kv, minlength=len(layers))
     adaptive_channels = torch.bincount((removed[~is_head] - g.numel()) // n_channels, minlength=len(layers))
-    heads, channels = _split(int(is_head.sum()), int((~is_head).sum()), len(layers), head_params, channel_params,
-                             target, n_kv, n_channels)
+    heads, channels = allocate(target, int(is_head.sum()) / len(layers), len(layers), hidden, n_kv, rep, hd,
+                               n_channels)
 
     for i, l in enumerate(layers):
         keep_g = torch.argsort(g[i], descending=True)[: n_kv - heads]

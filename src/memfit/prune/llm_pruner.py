@@ -8,9 +8,10 @@ Importance is first-order Taylor (the paper's element-wise estimate, summed over
 I(group) = Σ_{w in group} |w · ∂L/∂w|, L the language-model loss summed over the calibration windows, i.e. how much
 the loss would change to first order if the group were zeroed. Each layer keeps its highest-scored groups.
 
-Uniform over layers: every layer loses round(sparsity · n) head groups and round(sparsity · n) MLP channels,
-because one `LlamaConfig` holds one width for all layers (the paper also prunes uniformly, but skips the first and
-last layers, which a single config cannot express). The paper's optional LoRA recovery training is not run here.
+Uniform over layers: every layer loses `sparsity` of its head groups and MLP channels, because one `LlamaConfig`
+holds one width for all layers (the paper also prunes uniformly, but skips the first and last layers, which a
+single config cannot express). The head count is rounded to one `LlamaConfig` accepts (the hidden size must stay a
+multiple of the query heads); MLP channels then make up the parameter count `sparsity` asks for. The paper's optional LoRA recovery training is not run here.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from memfit.prune.common import (
     ATTN,
     MLP,
     PruneResult,
+    allocate,
     batches,
     channel_slices,
     count_params,
     decoder_layers,
+    group_params,
     group_slices,
     keep_channels,
     keep_head_groups,
@@ -102,10 +105,11 @@ def llm_pruner(model, ids: torch.Tensor, sparsity: float) -> PruneResult:
     before = count_params(model)
     config = model.config
     layers = decoder_layers(model)
-    n_kv = kv_groups(layers[0].self_attn, config)[0]
+    n_kv, rep, hd = kv_groups(layers[0].self_attn, config)
+    hidden = layers[0].self_attn.q_proj.in_features
     n_channels = layers[0].mlp.gate_proj.out_features
-    heads = min(n_kv - 1, round(sparsity * n_kv))
-    channels = min(n_channels - 1, round(sparsity * n_channels))
+    target = sparsity * len(layers) * (n_kv * group_params(hidden, rep, hd) + 3 * hidden * n_channels)
+    heads, channels = allocate(target, sparsity * n_kv, len(layers), hidden, n_kv, rep, hd, n_channels)
     if heads or channels:
         accumulate_gradients(model, ids)
     with torch.no_grad():

@@ -6,7 +6,8 @@ and every linear writing to the residual (o_proj, down_proj) can be multiplied b
 linear reading from it (q/k/v, gate/up, lm_head) by Q on the input side without changing the function. With Q the
 eigenvectors of the residual stream's covariance on calibration text (sorted by eigenvalue), the last directions
 carry the least signal: deleting them (columns of the embedding, rows of o_proj/down_proj, columns of the readers)
-slices the hidden size from d to d' = round((1 - sparsity) · d).
+slices the hidden size from d to d' = (1 - sparsity) · d, rounded to a multiple of the attention heads (transformers'
+`LlamaConfig` refuses a hidden size that is not).
 
 What differs from the paper, so that the result stays a plain `LlamaConfig` model:
 - **one Q for the whole residual stream** (PCA of the normalized residual at every point it is read: each layer's
@@ -80,8 +81,9 @@ def _rotate_out(lin: nn.Linear, q: torch.Tensor) -> None:
     lin.out_features = q.shape[1]
 
 
-def sliced_dim(hidden: int, sparsity: float) -> int:
-    return max(1, round((1.0 - sparsity) * hidden))
+def sliced_dim(hidden: int, sparsity: float, heads: int) -> int:
+    """(1 − sparsity) · hidden, rounded to a multiple of the attention heads (`LlamaConfig` requires it)."""
+    return heads * max(1, round((1.0 - sparsity) * hidden / heads))
 
 
 @torch.no_grad()
@@ -94,7 +96,7 @@ def slicegpt(model, ids: torch.Tensor, sparsity: float) -> PruneResult:
     before = count_params(model)
     config = model.config
     d = config.hidden_size
-    d_new = sliced_dim(d, sparsity)
+    d_new = sliced_dim(d, sparsity, config.num_attention_heads)
     if config.tie_word_embeddings or model.lm_head.weight is model.model.embed_tokens.weight:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.data.clone())
         config.tie_word_embeddings = False

@@ -1,0 +1,61 @@
+"""`memfit prune`: writes a plain HF folder with the tokenizer, and never overwrites what memfit did not write."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from typer.testing import CliRunner
+
+from memfit.cli import app
+from memfit.data.tokenizer import train_bpe, wrap
+from memfit.models.presets import llama_config
+from memfit.prune import DEFAULT_CALIB
+from memfit.prune.common import MARKER
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    text = DEFAULT_CALIB.read_text(encoding="utf-8")[:20_000]
+    tokenizer = wrap(train_bpe([text], 300))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config("llama-tiny", len(tokenizer))).eval()
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _prune(model_dir, out, *extra):
+    return CliRunner().invoke(app, ["prune", str(model_dir), "--method", "llm-pruner", "--sparsity", "0.5", "-o",
+                                    str(out), "--calib-samples", "4", "--calib-len", "32", *extra])
+
+
+def test_cli_writes_a_folder_transformers_loads(model_dir, tmp_path):
+    out = tmp_path / "pruned"
+    res = _prune(model_dir, out)
+    assert res.exit_code == 0, res.output
+    assert "parameters" in res.output and "reloaded by transformers" in res.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.intermediate_size == 88 and model.config.num_key_value_heads == 1
+    assert len(AutoTokenizer.from_pretrained(out)) == model.config.vocab_size
+    assert (out / MARKER).is_file() and (out / "model.safetensors").is_file()
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+    res = _prune(model_dir, out)  # an earlier output: only with --overwrite
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert _prune(model_dir, out, "--overwrite").exit_code == 0
+
+
+def test_cli_refuses_folders_it_did_not_write_and_bad_input(model_dir, tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    res = _prune(model_dir, other, "--overwrite")
+    assert res.exit_code == 2 and "not written by `memfit prune`" in res.output
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    res = CliRunner().invoke(app, ["prune", str(model_dir), "-m", "magnitude", "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "unknown pruning method" in res.output
+    res = _prune(model_dir, tmp_path / "y", "--calib", str(tmp_path / "missing.txt"))
+    assert res.exit_code == 2 and "calibration text not found" in res.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
