@@ -13,7 +13,6 @@ from memfit.models import build_llama
 from memfit.models.presets import llama_config
 from memfit.prune import max_logit_difference, prune_model
 from memfit.prune.common import MARKER, save_pruned
-from memfit.prune.flap import flap
 from memfit.prune.llm_pruner import accumulate_gradients, group_importance
 
 VOCAB = 256
@@ -116,7 +115,7 @@ def test_flap_bias_compensation_reduces_output_error(base):
     ref = _logits(base, held_out)
     errors = {}
     for bias in (True, False):
-        result = flap(copy.deepcopy(base), calib, 0.3, bias=bias)
+        result = prune_model(copy.deepcopy(base), "flap", 0.3, calib, bias=bias)
         assert result.model.config.mlp_bias is bias
         errors[bias] = (_logits(result.model, held_out) - ref).pow(2).mean().item()
     assert errors[True] < 0.75 * errors[False], errors  # measured: 0.49×

@@ -13,6 +13,7 @@ check the logits.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,22 +26,35 @@ from memfit.prune.common import (
     PruneResult,
     calibration_ids,
     check_output,
+    count_params,
+    decoder_layers,
     save_pruned,
 )
 from memfit.prune.flap import flap
 from memfit.prune.llm_pruner import llm_pruner
 from memfit.prune.slicegpt import slicegpt
 
-METHODS: dict[str, Callable[..., PruneResult]] = {"slicegpt": slicegpt, "flap": flap, "llm-pruner": llm_pruner}
+METHODS: dict[str, tuple[Callable[..., dict], str]] = {
+    # name: (function(model, ids, sparsity, **options) -> details, what --sparsity means)
+    "slicegpt": (slicegpt, "the fraction of the hidden size to delete"),
+    "flap": (flap, "the fraction of the layers' parameters to remove"),
+    "llm-pruner": (llm_pruner, "the fraction of each layer's heads and MLP channels to remove"),
+}
 DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "assets" / "shakespeare.txt"
 
 
-def prune_model(model, method: str, sparsity: float, ids: torch.Tensor) -> PruneResult:
-    """Prune `model` (a Llama-architecture transformers causal LM) in place with `method` on calibration `ids`."""
+def prune_model(model, method: str, sparsity: float, ids: torch.Tensor, **options) -> PruneResult:
+    """Prune `model` (a Llama-architecture transformers causal LM) in place with `method` on calibration `ids`
+    (`options`: the method's own, e.g. FLAP's `bias=False`)."""
     if method not in METHODS:
         raise ConfigError(f"unknown pruning method '{method}'; choose one of: {', '.join(METHODS)}")
-    model.eval()
-    return METHODS[method](model, ids, sparsity)
+    fn, meaning = METHODS[method]
+    if not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"{method} --sparsity is {meaning}, in [0, 1); got {sparsity}")
+    decoder_layers(model)
+    before, t0 = count_params(model), time.perf_counter()
+    details = fn(model.eval(), ids, sparsity, **options)
+    return PruneResult(model, method, sparsity, before, count_params(model), time.perf_counter() - t0, details)
 
 
 @torch.no_grad()

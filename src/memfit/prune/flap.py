@@ -19,18 +19,13 @@ config holds one width for all layers. The per-layer counts FLAP would have chos
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from memfit.errors import ConfigError
 from memfit.prune.common import (
     InputStats,
-    PruneResult,
     add_output_bias,
     allocate,
     calibrate,
-    count_params,
     decoder_layers,
     group_params,
     keep_channels,
@@ -50,13 +45,9 @@ def fluctuation(stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True) -> PruneResult:
-    """Prune `sparsity` of the decoder layers' linear parameters with FLAP, in place (`bias`: compensate)."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ConfigError(f"FLAP --sparsity is the fraction of the layers' parameters to remove, in [0, 1); got "
-                          f"{sparsity}")
-    t0 = time.perf_counter()
-    before = count_params(model)
+def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True) -> dict:
+    """Prune `sparsity` of the decoder layers' linear parameters with FLAP, in place (`bias`: compensate); the
+    choices made."""
     config = model.config
     layers = decoder_layers(model)
     attn_stats = {l: InputStats() for l in layers}
@@ -106,7 +97,5 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True) -> PruneR
             if bias:
                 l.mlp.down_proj = add_output_bias(l.mlp.down_proj, delta)
     sync_config(model)
-    details = {"head_groups_removed_per_layer": heads, "channels_removed_per_layer": channels,
-               "bias_compensation": bias,
-               "adaptive_per_layer": {"head_groups": adaptive_heads.tolist(), "channels": adaptive_channels.tolist()}}
-    return PruneResult(model, "flap", sparsity, before, count_params(model), time.perf_counter() - t0, details)
+    return {"head_groups_removed_per_layer": heads, "channels_removed_per_layer": channels, "bias_compensation": bias,
+            "adaptive_per_layer": {"head_groups": adaptive_heads.tolist(), "channels": adaptive_channels.tolist()}}

@@ -16,19 +16,14 @@ multiple of the query heads); MLP channels then make up the parameter count `spa
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from memfit.errors import ConfigError
 from memfit.prune.common import (
     ATTN,
     MLP,
-    PruneResult,
     allocate,
     batches,
     channel_slices,
-    count_params,
     decoder_layers,
     group_params,
     group_slices,
@@ -96,13 +91,9 @@ def group_importance(layer, config) -> tuple[torch.Tensor, torch.Tensor]:
     return heads, channels
 
 
-def llm_pruner(model, ids: torch.Tensor, sparsity: float) -> PruneResult:
-    """Remove `sparsity` of every layer's head groups and MLP channels by Taylor importance, in place."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ConfigError(f"LLM-Pruner --sparsity is the fraction of each layer's heads and MLP channels to remove, "
-                          f"in [0, 1); got {sparsity}")
-    t0 = time.perf_counter()
-    before = count_params(model)
+def llm_pruner(model, ids: torch.Tensor, sparsity: float) -> dict:
+    """Remove `sparsity` of every layer's head groups and MLP channels by Taylor importance, in place; the choices
+    made."""
     config = model.config
     layers = decoder_layers(model)
     n_kv, rep, hd = kv_groups(layers[0].self_attn, config)
@@ -124,5 +115,4 @@ def llm_pruner(model, ids: torch.Tensor, sparsity: float) -> PruneResult:
     for p in model.parameters():
         p.grad = None
     sync_config(model)
-    return PruneResult(model, "llm-pruner", sparsity, before, count_params(model), time.perf_counter() - t0,
-                       {"head_groups_removed_per_layer": heads, "channels_removed_per_layer": channels})
+    return {"head_groups_removed_per_layer": heads, "channels_removed_per_layer": channels}

@@ -21,13 +21,11 @@ What differs from the paper, so that the result stays a plain `LlamaConfig` mode
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 from torch import nn
 
-from memfit.errors import ConfigError
-from memfit.prune.common import PruneResult, calibrate, count_params, decoder_layers
+from memfit.prune.common import calibrate, decoder_layers
 
 
 def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
@@ -87,13 +85,9 @@ def sliced_dim(hidden: int, sparsity: float, heads: int) -> int:
 
 
 @torch.no_grad()
-def slicegpt(model, ids: torch.Tensor, sparsity: float) -> PruneResult:
-    """Slice `model`'s hidden size by `sparsity` (fraction of the d residual directions deleted), in place."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ConfigError(f"SliceGPT --sparsity is the fraction of the hidden size to delete, in [0, 1); got "
-                          f"{sparsity}")
-    t0 = time.perf_counter()
-    before = count_params(model)
+def slicegpt(model, ids: torch.Tensor, sparsity: float) -> dict:
+    """Slice `model`'s hidden size by `sparsity` (fraction of the d residual directions deleted), in place; the
+    choices made."""
     config = model.config
     d = config.hidden_size
     d_new = sliced_dim(d, sparsity, config.num_attention_heads)
@@ -124,5 +118,4 @@ def slicegpt(model, ids: torch.Tensor, sparsity: float) -> PruneResult:
         norm.variance_epsilon = eps
     config.hidden_size, config.head_dim, config.rms_norm_eps = d_new, head_dim, eps
     kept = float(evals[:d_new].sum() / evals.sum())
-    return PruneResult(model, "slicegpt", sparsity, before, count_params(model), time.perf_counter() - t0,
-                       {"hidden_size": [d, d_new], "variance_kept": kept})
+    return {"hidden_size": [d, d_new], "variance_kept": kept}

@@ -30,12 +30,9 @@ METHODS = ("slicegpt", "flap", "flap-nobias", "llm-pruner")
 
 def _prune(model, method: str, sparsity: float, ids: torch.Tensor):
     from memfit.prune import prune_model
-    from memfit.prune.flap import flap
 
     if method == "flap-nobias":
-        result = flap(model, ids, sparsity, bias=False)
-        result.method = method
-        return result
+        return prune_model(model, "flap", sparsity, ids, bias=False)
     return prune_model(model, method, sparsity, ids)
 
 
