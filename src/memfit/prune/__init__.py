@@ -74,7 +74,8 @@ def prune(model_dir: str | os.PathLike, method: str, sparsity: float, out: str |
           calib: str | os.PathLike | None = None, samples: int = DEFAULT_SAMPLES, length: int = DEFAULT_LENGTH,
           overwrite: bool = False, verify: bool = True) -> tuple[PruneResult, float | None]:
     """`memfit prune`: (the result, the largest logit difference after reloading the folder, None if not
-    verified). The model is loaded in fp32; `calib` is a UTF-8 text file (default: the bundled Shakespeare)."""
+    verified). The model keeps the dtype it is stored in (statistics and rotations are computed in float64);
+    `calib` is a UTF-8 text file (default: the bundled Shakespeare)."""
     from memfit.data.io import existing_file, read_utf8
     from memfit.generate import load_causal_lm
     from memfit.progress import note
@@ -85,7 +86,6 @@ def prune(model_dir: str | os.PathLike, method: str, sparsity: float, out: str |
     check_output(out, overwrite)
     text = read_utf8(existing_file(calib or DEFAULT_CALIB, "calibration text", "--calib"), "calibration text")
     model, tokenizer = load_causal_lm(model_dir, "sdpa")
-    model.float()
     ids = calibration_ids(tokenizer, text, samples, length)
     note(f"pruning {model_dir} with {method} at sparsity {sparsity} on {ids.shape[0]}×{ids.shape[1]} calibration "
          f"tokens")

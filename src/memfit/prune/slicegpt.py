@@ -99,7 +99,7 @@ def slicegpt(model, ids: torch.Tensor, sparsity: float) -> dict:
     for norm, readers in norms:
         _fold_norm(norm, readers)
     q, evals = rotation(residual_covariance(model, ids))
-    q = q[:, :d_new]
+    q = q[:, :d_new].to(model.model.embed_tokens.weight.device)
 
     emb = model.model.embed_tokens
     emb.weight.data = (emb.weight.data.double() @ q).to(emb.weight.dtype)
