@@ -12,7 +12,8 @@ slices the hidden size from d to d' = (1 - sparsity) · d, rounded to a multiple
 What differs from the paper, so that the result stays a plain `LlamaConfig` model:
 - **one Q for the whole residual stream** (PCA of the normalized residual at every point it is read: each layer's
   two norms and the final norm, summed). The paper uses a Q per layer and puts Q_ℓᵀQ_ℓ₊₁ on the skip connection;
-  Llama has no module there, so a per-layer Q cannot be expressed without memfit code to load it.
+  Llama has no module there, so a per-layer Q cannot be expressed without memfit code to load it. Q comes from one
+  calibration pass of the unsliced model (the paper feeds each layer the outputs of the already sliced ones).
 - the sliced RMSNorm averages over d' features instead of d: its weight becomes √(d/d') and its epsilon ε·d/d',
   which reproduces x/‖x‖·√d on the kept features exactly (at 0 % slicing the model is the original, to rounding).
 - tied embeddings are untied (the head reads the final norm's folded scale, the embedding does not).
@@ -25,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from memfit.prune.common import calibrate, decoder_layers
+from memfit.prune.common import calibrate, decoder_layers, sync_config
 
 
 def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
@@ -94,7 +95,6 @@ def slicegpt(model, ids: torch.Tensor, sparsity: float) -> dict:
     if config.tie_word_embeddings or model.lm_head.weight is model.model.embed_tokens.weight:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.data.clone())
         config.tie_word_embeddings = False
-    head_dim = decoder_layers(model)[0].self_attn.head_dim
     norms = _readers(model)
     for norm, readers in norms:
         _fold_norm(norm, readers)
@@ -116,6 +116,7 @@ def slicegpt(model, ids: torch.Tensor, sparsity: float) -> dict:
         norm.weight = nn.Parameter(torch.full((d_new,), math.sqrt(d / d_new), dtype=norm.weight.dtype,
                                               device=norm.weight.device))
         norm.variance_epsilon = eps
-    config.hidden_size, config.head_dim, config.rms_norm_eps = d_new, head_dim, eps
+    config.rms_norm_eps = eps
+    sync_config(model)
     kept = float(evals[:d_new].sum() / evals.sum())
     return {"hidden_size": [d, d_new], "variance_kept": kept}
