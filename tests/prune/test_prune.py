@@ -184,3 +184,18 @@ def test_head_counts_are_ones_llama_config_accepts():
     groups, channels = allocate(target=2 * 3 * 128 * 50, wanted_groups=1, n_layers=2, hidden=128, n_kv=4, rep=1,
                                 head_dim=32, n_channels=352)
     assert (groups, channels) == (0, 50)
+
+
+def test_flap_adaptive_widths_run_in_memory_but_are_not_saved(base, tmp_path):
+    """The paper's per-layer widths: a working model, which no single LlamaConfig describes, so saving refuses."""
+    from memfit.errors import ModelError
+
+    held_out = _ids(4, 1)
+    result = prune_model(copy.deepcopy(base), "flap", 0.5, _ids(16, 0), uniform=False)
+    widths = [layer.mlp.gate_proj.out_features for layer in result.model.model.layers]
+    assert len(set(widths)) > 1 and result.details["channels_removed_per_layer"] == [176 - w for w in widths]
+    assert result.params_after < 0.75 * result.params_before
+    assert torch.isfinite(_logits(result.model, held_out)).all()
+    with pytest.raises(ModelError, match="differ in shape"):
+        save_pruned(result, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -314,6 +314,7 @@ def save_pruned(result: PruneResult, tokenizer, out: str | os.PathLike, *, sourc
 
     out = Path(out)
     check_output(out, overwrite)
+    sync_config(result.model)  # refuses layers of different widths, which no config can describe
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

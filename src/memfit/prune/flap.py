@@ -44,10 +44,16 @@ def fluctuation(stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
     return stats.var * weight.double().pow(2).sum(0).cpu()
 
 
+def _removed_mean_output(lin, stats: InputStats, removed: torch.Tensor) -> torch.Tensor:
+    """W[:, removed] · mean(x_removed): what the removed input channels add to the output on average."""
+    return lin.weight.double()[:, removed] @ stats.mean[removed].to(lin.weight.device)
+
+
 @torch.no_grad()
-def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True) -> dict:
+def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True, uniform: bool = True) -> dict:
     """Prune `sparsity` of the decoder layers' linear parameters with FLAP, in place (`bias`: compensate); the
-    choices made."""
+    choices made. `uniform=False` cuts each layer to the width the global ranking gave it, as the paper does: the
+    model runs in memory, but no `LlamaConfig` describes it, so it cannot be saved (a reference for benchmarks)."""
     config = model.config
     layers = decoder_layers(model)
     attn_stats = {l: InputStats() for l in layers}
@@ -75,27 +81,35 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True) -> dict:
     is_head = removed < g.numel()
     adaptive_heads = torch.bincount(removed[is_head] // n_kv, minlength=len(layers))
     adaptive_channels = torch.bincount((removed[~is_head] - g.numel()) // n_channels, minlength=len(layers))
-    heads, channels = allocate(target, int(is_head.sum()) / len(layers), len(layers), hidden, n_kv, rep, hd,
-                               n_channels)
+    if uniform:
+        per_layer = [allocate(target, int(is_head.sum()) / len(layers), len(layers), hidden, n_kv, rep, hd,
+                              n_channels)] * len(layers)
+    else:
+        per_layer = [(min(int(h), n_kv - 1), min(int(k), n_channels - 1))
+                     for h, k in zip(adaptive_heads, adaptive_channels)]
 
     for i, l in enumerate(layers):
+        heads, channels = per_layer[i]
         keep_g = torch.argsort(g[i], descending=True)[: n_kv - heads]
         keep_c = torch.argsort(c[i], descending=True)[: n_channels - channels]
         if heads:
             drop = torch.ones(n_kv, dtype=torch.bool)
             drop[keep_g] = False
             cols = drop.repeat_interleave(rep * hd)
-            delta = l.self_attn.o_proj.weight.double()[:, cols] @ attn_stats[l].mean[cols].to(l.self_attn.o_proj.weight.device)
+            delta = _removed_mean_output(l.self_attn.o_proj, attn_stats[l], cols)
             keep_head_groups(l.self_attn, config, keep_g.tolist())
             if bias:
                 l.self_attn.o_proj = add_output_bias(l.self_attn.o_proj, delta)
         if channels:
             drop = torch.ones(n_channels, dtype=torch.bool)
             drop[keep_c] = False
-            delta = l.mlp.down_proj.weight.double()[:, drop] @ mlp_stats[l].mean[drop].to(l.mlp.down_proj.weight.device)
+            delta = _removed_mean_output(l.mlp.down_proj, mlp_stats[l], drop)
             keep_channels(l.mlp, keep_c.tolist())
             if bias:
                 l.mlp.down_proj = add_output_bias(l.mlp.down_proj, delta)
-    sync_config(model)
-    return {"head_groups_removed_per_layer": heads, "channels_removed_per_layer": channels, "bias_compensation": bias,
+    if uniform:
+        sync_config(model)
+    return {"head_groups_removed_per_layer": per_layer[0][0] if uniform else [h for h, _ in per_layer],
+            "channels_removed_per_layer": per_layer[0][1] if uniform else [k for _, k in per_layer],
+            "bias_compensation": bias,
             "adaptive_per_layer": {"head_groups": adaptive_heads.tolist(), "channels": adaptive_channels.tolist()}}
