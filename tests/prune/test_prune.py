@@ -142,7 +142,7 @@ def test_llm_pruner_importance_is_the_taylor_score(base):
     for p in model.parameters():
         p.grad = None
     accumulate_gradients(model, ids, batch_size=4)  # two batches: gradients must add up
-    got_heads, got_channels = group_importance(layer, model.config)
+    got_heads, got_channels = group_importance(layer)
     torch.testing.assert_close(got_heads, heads, rtol=1e-4, atol=0)
     torch.testing.assert_close(got_channels, channels, rtol=1e-4, atol=1e-12)
     assert model.model.embed_tokens.weight.grad is None  # only the layers' linears take gradients

@@ -33,7 +33,8 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 @dataclass
 class PruneResult:
-    """A pruned model (still a transformers model, with a config describing its new shapes) and what it cost."""
+    """A pruned model (still a transformers model; its config rewritten to its new shapes when they are uniform)
+    and what it cost."""
 
     model: nn.Module
     method: str
@@ -74,7 +75,7 @@ def param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def kv_groups(attn: nn.Module, config) -> tuple[int, int, int]:
+def kv_groups(attn: nn.Module) -> tuple[int, int, int]:
     """(key/value heads, query heads per key/value head, head_dim): a head group is one key/value head with the
     query heads that share it, pruned together so the model keeps its grouped-query layout."""
     head_dim = attn.head_dim
@@ -82,9 +83,9 @@ def kv_groups(attn: nn.Module, config) -> tuple[int, int, int]:
     return n_kv, attn.q_proj.out_features // head_dim // n_kv, head_dim
 
 
-def group_slices(attn: nn.Module, config, group: int) -> dict[str, tuple[int, slice]]:
+def group_slices(attn: nn.Module, group: int) -> dict[str, tuple[int, slice]]:
     """{linear name: (dim, index range)} of one head group: q/k/v output rows and o_proj input columns."""
-    n_kv, rep, hd = kv_groups(attn, config)
+    n_kv, rep, hd = kv_groups(attn)
     q = slice(group * rep * hd, (group + 1) * rep * hd)
     kv = slice(group * hd, (group + 1) * hd)
     return {"q_proj": (0, q), "k_proj": (0, kv), "v_proj": (0, kv), "o_proj": (1, q)}
@@ -135,9 +136,9 @@ def sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.
     return new
 
 
-def keep_head_groups(attn: nn.Module, config, keep: Iterable[int]) -> None:
+def keep_head_groups(attn: nn.Module, keep: Iterable[int]) -> None:
     """Keep only the head groups `keep` (indices of key/value heads) of one attention module, in place."""
-    n_kv, rep, hd = kv_groups(attn, config)
+    n_kv, rep, hd = kv_groups(attn)
     keep = sorted(set(int(g) for g in keep))
     if not keep or keep[-1] >= n_kv:
         raise ConfigError(f"cannot keep head groups {keep} of {n_kv}: at least one group must stay")

@@ -54,14 +54,13 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True, uniform: 
     """Prune `sparsity` of the decoder layers' linear parameters with FLAP, in place (`bias`: compensate); the
     choices made. `uniform=False` cuts each layer to the width the global ranking gave it, as the paper does: the
     model runs in memory, but no `LlamaConfig` describes it, so it cannot be saved (a reference for benchmarks)."""
-    config = model.config
     layers = decoder_layers(model)
     attn_stats = {l: InputStats() for l in layers}
     mlp_stats = {l: InputStats() for l in layers}
     hooks = {l.self_attn.o_proj: attn_stats[l] for l in layers} | {l.mlp.down_proj: mlp_stats[l] for l in layers}
     calibrate(model, ids, hooks)
 
-    n_kv, rep, hd = kv_groups(layers[0].self_attn, config)
+    n_kv, rep, hd = kv_groups(layers[0].self_attn)
     hidden = layers[0].self_attn.q_proj.in_features
     n_channels = layers[0].mlp.gate_proj.out_features
     head_params, channel_params = group_params(hidden, rep, hd), 3 * hidden
@@ -97,7 +96,7 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True, uniform: 
             drop[keep_g] = False
             cols = drop.repeat_interleave(rep * hd)
             delta = _removed_mean_output(l.self_attn.o_proj, attn_stats[l], cols)
-            keep_head_groups(l.self_attn, config, keep_g.tolist())
+            keep_head_groups(l.self_attn, keep_g.tolist())
             if bias:
                 l.self_attn.o_proj = add_output_bias(l.self_attn.o_proj, delta)
         if channels:

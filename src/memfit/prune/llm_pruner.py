@@ -69,12 +69,12 @@ def _taylor(lin) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, b
 
 
-def group_importance(layer, config) -> tuple[torch.Tensor, torch.Tensor]:
+def group_importance(layer) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ |w·g| per head group, Σ |w·g| per MLP channel) of one decoder layer, from the stored gradients."""
     attn, mlp = layer.self_attn, layer.mlp
-    n_kv = kv_groups(attn, config)[0]
+    n_kv = kv_groups(attn)[0]
     heads = torch.zeros(n_kv, dtype=torch.float64)
-    groups = [group_slices(attn, config, gi) for gi in range(n_kv)]
+    groups = [group_slices(attn, gi) for gi in range(n_kv)]
     for name in ATTN:
         w, b = _taylor(getattr(attn, name))
         for gi, slices in enumerate(groups):
@@ -94,9 +94,8 @@ def group_importance(layer, config) -> tuple[torch.Tensor, torch.Tensor]:
 def llm_pruner(model, ids: torch.Tensor, sparsity: float) -> dict:
     """Remove `sparsity` of every layer's head groups and MLP channels by Taylor importance, in place; the choices
     made."""
-    config = model.config
     layers = decoder_layers(model)
-    n_kv, rep, hd = kv_groups(layers[0].self_attn, config)
+    n_kv, rep, hd = kv_groups(layers[0].self_attn)
     hidden = layers[0].self_attn.q_proj.in_features
     n_channels = layers[0].mlp.gate_proj.out_features
     target = sparsity * len(layers) * (n_kv * group_params(hidden, rep, hd) + 3 * hidden * n_channels)
@@ -107,9 +106,9 @@ def llm_pruner(model, ids: torch.Tensor, sparsity: float) -> dict:
         for layer in layers:
             if not (heads or channels):
                 break
-            h, c = group_importance(layer, config)
+            h, c = group_importance(layer)
             if heads:
-                keep_head_groups(layer.self_attn, config, torch.argsort(h, descending=True)[: n_kv - heads].tolist())
+                keep_head_groups(layer.self_attn, torch.argsort(h, descending=True)[: n_kv - heads].tolist())
             if channels:
                 keep_channels(layer.mlp, torch.argsort(c, descending=True)[: n_channels - channels].tolist())
     for p in model.parameters():
