@@ -8,7 +8,8 @@ from memfit.bench.suites import pruning
 
 def test_rows_score_the_reloaded_folder(model_dir, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MEMFIT_INFERENCE_MODEL", str(model_dir))
-    opts = BenchOptions(quick=True, out_dir=tmp_path, data_dir=data_dir, only=["slicegpt-0.5", "flap-nobias-0.0", "flap-nobias-0.5"])
+    only = ["slicegpt-0.5", "flap-nobias-0.0", "flap-nobias-0.5"]
+    opts = BenchOptions(quick=True, out_dir=tmp_path, data_dir=data_dir, only=only)
     rows = {(r["method"], r["sparsity"]): r for r in pruning.rows(opts)}
     assert set(rows) == {("dense", 0.0), ("slicegpt", 0.5), ("flap-nobias", 0.0), ("flap-nobias", 0.5)}
     dense, sliced = rows["dense", 0.0], rows["slicegpt", 0.5]

@@ -187,8 +187,7 @@ def sync_config(model: nn.Module) -> None:
     bias added to o_proj or down_proj (FLAP) gives the other linears of every layer a zero bias."""
     config = model.config
     layers = decoder_layers(model)
-    first = layers[0].self_attn
-    hd = first.head_dim
+    hd = layers[0].self_attn.head_dim
     shapes = set()
     for layer in layers:
         a, m = layer.self_attn, layer.mlp
@@ -241,7 +240,7 @@ def batches(ids: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
 def calibrate(model: nn.Module, ids: torch.Tensor, hooks: dict[nn.Module, Callable], *, pre: bool = False,
               batch_size: int = 8) -> None:
     """Run the calibration windows through `model` with `hooks` ({module: fn(module, inputs[, output])}) attached
-    as forward (or forward-pre) hooks; `ModelError` if a hook never fired (the forward no longer calls it)."""
+    as forward (or forward-pre) hooks; `CompatError` if a hook never fired (the forward no longer calls it)."""
     fired: dict[nn.Module, int] = {m: 0 for m in hooks}
 
     def counted(m, fn):
@@ -263,7 +262,8 @@ def calibrate(model: nn.Module, ids: torch.Tensor, hooks: dict[nn.Module, Callab
     if silent:
         from memfit.compat import fail
 
-        raise fail(f"calibration hooks on {len(silent)} modules ({silent[0]}, ...) never ran", "forward hooks")
+        raise fail(f"calibration hooks on {len(silent)} modules ({silent[0]}, ...) never ran",
+                   "the model's forward to call every norm and projection it hooks")
 
 
 class InputStats:
@@ -275,8 +275,8 @@ class InputStats:
     def __call__(self, module, inputs, *_):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
         if self.sum is None:
-            self.sum, self.sumsq = torch.zeros(x.shape[1], dtype=torch.float64), torch.zeros(x.shape[1],
-                                                                                             dtype=torch.float64)
+            self.sum = torch.zeros(x.shape[1], dtype=torch.float64)
+            self.sumsq = torch.zeros(x.shape[1], dtype=torch.float64)
         self.n += x.shape[0]
         self.sum += x.sum(0).cpu()
         self.sumsq += (x * x).sum(0).cpu()

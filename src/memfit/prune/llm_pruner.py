@@ -5,13 +5,15 @@ Dependency groups: weights that must go together for the model to stay well form
   columns reading those query heads (one attention head under multi-head attention);
 - an MLP channel: row j of gate_proj and up_proj and column j of down_proj.
 Importance is first-order Taylor (the paper's element-wise estimate, summed over the group):
-I(group) = Σ_{w in group} |w · ∂L/∂w|, L the language-model loss summed over the calibration windows, i.e. how much
-the loss would change to first order if the group were zeroed. Each layer keeps its highest-scored groups.
+I(group) = Σ_{w in group} |w · ∂L/∂w|, L the language-model loss summed over the calibration windows; each term
+estimates, to first order, how much the loss changes when that weight is zeroed. Each layer keeps its
+highest-scored groups.
 
 Uniform over layers: every layer loses `sparsity` of its head groups and MLP channels, because one `LlamaConfig`
 holds one width for all layers (the paper also prunes uniformly, but skips the first and last layers, which a
 single config cannot express). The head count is rounded to one `LlamaConfig` accepts (the hidden size must stay a
-multiple of the query heads); MLP channels then make up the parameter count `sparsity` asks for. The paper's optional LoRA recovery training is not run here.
+multiple of the query heads); MLP channels then make up the parameter count `sparsity` asks for. The paper's
+optional LoRA recovery training is not run here.
 """
 
 from __future__ import annotations
