@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from memfit.errors import ConfigError
 from memfit.memory.estimate import head_components
@@ -173,6 +172,8 @@ class SideModel(nn.Module):
         states, last = backbone_states(self._core(), self.n_states, self.who, input_ids, attention_mask, **kwargs)
         final = self.side_forward(states, last, attention_mask)
         logits, loss = head_loss(self.backbone, self._core(), self.task, final, attention_mask, labels)
+        from transformers.modeling_outputs import SequenceClassifierOutput  # on use: transformers loads for seconds
+
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 

@@ -83,20 +83,18 @@ _PROBE = ("import importlib, json, torch, transformers, memfit.train.build, memf
 
 @functools.cache
 def _versions() -> str:
-    import torch
-
-    try:
-        import transformers
-        tv = transformers.__version__
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        tv = "none"
+    """The library versions the measurement is cached under (read from package metadata: importing transformers
+    to ask would cost seconds)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        mv = version("memfit")
-    except PackageNotFoundError:  # pragma: no cover - a source checkout without metadata
-        mv = "source"
-    return f"python {sys.version.split()[0]} torch {torch.__version__} transformers {tv} memfit {mv}"
+    def of(name: str, missing: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # pragma: no cover - transformers is a dependency; memfit from source
+            return missing
+
+    return (f"python {sys.version.split()[0]} torch {of('torch', 'none')} transformers {of('transformers', 'none')} "
+            f"memfit {of('memfit', 'source')}")
 
 
 def _cache_file() -> Path:

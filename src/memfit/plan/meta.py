@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -55,14 +56,94 @@ def config_file(path: str):
         raise ModelError(f"model.config {path} is not a transformers config: {str(exc).splitlines()[0]}") from None
 
 
-def spec_for(recipe: Recipe, model: nn.Module, precision: str | None = None, device: torch.device | None = None):
-    """The run's `RunSpec` for `model`, at `precision` (default: the recipe's), on `device` (default: the
-    recipe's, resolved on this machine; pass one to plan for a device this machine lacks)."""
+def spec_for(recipe: Recipe, model, precision: str | None = None, device: torch.device | None = None):
+    """The run's `RunSpec` for `model` (a module, or its `ModelFacts`), at `precision` (default: the recipe's), on
+    `device` (default: the recipe's, resolved on this machine; pass one to plan for a device this machine lacks)."""
     from memfit.train.build import resolve_device, run_spec
 
     if precision is not None and precision != recipe.train.precision:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": precision})})
     return run_spec(recipe, model, device if device is not None else resolve_device(recipe.train.device))
+
+
+# --- the model's facts, cached ---
+#
+# Building the meta model needs transformers' modeling code, whose import (torch.distributed.tensor, torch._dynamo,
+# scipy, torchao via the quantizers) is most of `memfit plan`'s wall time. What an estimate reads off the model is
+# pure data (`ModelFacts`: every parameter's shape and the block family's facts, some probed by running the
+# model's own norm and activation modules), so it is cached per model description: the preset, or the bytes of
+# the local config.json, with the task, label count and dtype, the torch and transformers versions, and the source
+# of memfit's code that reads the facts. Hub ids are not cached (their config is not read before the model).
+
+_FACTS_SOURCES = ("memory/arch", "memory/spec.py", "memory/precision.py", "plan/meta.py", "train/build.py",
+                  "models/presets.py")
+
+
+def _facts_key(recipe: Recipe) -> str | None:
+    """The cache key of the recipe's model facts, or None when the model is not described by local files."""
+    import hashlib
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    from memfit.models.load import resolve_model_path
+
+    m = recipe.model
+    if m.preset is not None:
+        what = {"preset": m.preset, "vocab": getattr(recipe.data, "vocab_size", 32000), "overrides": m.overrides}
+    else:
+        if m.config is not None or Path(m.path).suffix == ".json":
+            where = Path(m.config if m.config is not None else m.path).expanduser()
+        else:
+            source, local = resolve_model_path(m.path)
+            if not local:
+                return None
+            where = Path(source)
+        file = where / "config.json" if where.is_dir() else where
+        try:
+            what = {"config": file.read_text()}
+        except OSError:
+            return None  # meta_model says what is wrong
+    libraries = {}
+    for lib in ("torch", "transformers"):
+        try:
+            libraries[lib] = version(lib)
+        except PackageNotFoundError:  # pragma: no cover - both are dependencies
+            libraries[lib] = "none"
+    labels = getattr(recipe.data, "num_labels", None) if recipe.task != "causal_lm" else None
+    digest = hashlib.sha256(json.dumps([what, recipe.task, labels, recipe.model_dtype, libraries],
+                                       sort_keys=True, default=str).encode())
+    root = Path(__file__).resolve().parents[1]
+    for name in _FACTS_SOURCES:
+        target = root / name
+        for file in sorted(target.glob("*.py")) if target.is_dir() else [target]:
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def meta_facts(recipe: Recipe):
+    """The recipe's `ModelFacts` (`memfit.train.build`): read off its meta model once, then from the cache in
+    `$MEMFIT_CACHE/facts/` (exactly what the meta model gives: the same code wrote it)."""
+    import pickle
+
+    from memfit.train.build import cache_dir, model_facts
+
+    key = _facts_key(recipe)
+    path = cache_dir() / "facts" / f"{key}.pickle" if key else None
+    if path is not None and path.is_file():
+        try:
+            return pickle.loads(path.read_bytes())
+        except Exception:  # noqa: BLE001 - a stale or truncated cache file: read the model again
+            pass
+    facts = model_facts(meta_model(recipe))
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(pickle.dumps(facts))
+            tmp.replace(path)
+        except OSError:
+            pass  # unwritable cache: read off the model again next time
+    return facts
 
 
 def estimate_recipe(source: str | Path | dict, overrides: list[str] = (), nproc: int | None = None,
@@ -73,7 +154,7 @@ def estimate_recipe(source: str | Path | dict, overrides: list[str] = (), nproc:
     from memfit.memory.runtime import with_runtime
 
     recipe = load_recipe(source, list(overrides))
-    spec = spec_for(recipe, meta_model(recipe))
+    spec = spec_for(recipe, meta_facts(recipe))
     techniques = recipe.techniques()
     if nproc:
         from memfit.memory.sharding import estimate_rank

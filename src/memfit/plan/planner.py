@@ -152,17 +152,18 @@ def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained
         raise ConfigError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
     from memfit.memory.estimate import estimate_step
     from memfit.memory.runtime import with_runtime
-    from memfit.plan.meta import meta_model, spec_for
+    from memfit.plan.meta import meta_facts, spec_for
+    from memfit.train.build import model_facts
     from memfit.plan.quality import PRECISION_QUALITY, task_kind
     from memfit.plan.space import combinations
     from memfit.recipe import load_recipe
 
     base = load_recipe(recipe)
-    model = model if model is not None else meta_model(base)
+    facts = model_facts(model) if model is not None else meta_facts(base)
     pretrained = base.model.path is not None if pretrained is None else pretrained
     kind = task_kind(base.task, pretrained)
     t0, w0 = time.process_time(), time.perf_counter()
-    specs = {p: spec_for(base, model, p) for p in (precisions or recipe_precisions())}
+    specs = {p: spec_for(base, facts, p) for p in (precisions or recipe_precisions())}
     device = next(iter(specs.values())).extra.get("device", "cpu")
     combos, pruned = combinations(next(iter(specs.values())), pretrained, list(specs))
     rows = []
