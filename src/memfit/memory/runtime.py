@@ -98,7 +98,9 @@ def _versions() -> str:
 
 
 def _cache_file() -> Path:
-    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")) / _CACHE_NAME
+    from memfit.cache import cache_dir
+
+    return cache_dir() / _CACHE_NAME
 
 
 _measured: dict[str, dict[str, int]] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -66,84 +65,50 @@ def spec_for(recipe: Recipe, model, precision: str | None = None, device: torch.
     return run_spec(recipe, model, device if device is not None else resolve_device(recipe.train.device))
 
 
-# --- the model's facts, cached ---
-#
 # Building the meta model needs transformers' modeling code, whose import (torch.distributed.tensor, torch._dynamo,
-# scipy, torchao via the quantizers) is most of `memfit plan`'s wall time. What an estimate reads off the model is
-# pure data (`ModelFacts`: every parameter's shape and the block family's facts, some probed by running the
-# model's own norm and activation modules), so it is cached per model description: the preset, or the bytes of
-# the local config.json, with the task, label count and dtype, the torch and transformers versions, and the source
-# of memfit's code that reads the facts. Hub ids are not cached (their config is not read before the model).
+# scipy, torchao via the quantizers) was most of `memfit plan`'s wall time. What an estimate reads off the model is
+# pure data (`ModelFacts`: every parameter's shape and the block family's facts, some probed by running the model's
+# own norm and activation modules), so it is cached per model description (`memfit.cache.memo`): the preset, or the
+# bytes of the local config.json, with the task, label count and dtype. Hub ids are not cached.
 
-_FACTS_SOURCES = ("memory/arch", "memory/spec.py", "memory/precision.py", "plan/meta.py", "train/build.py",
-                  "models/presets.py")
+FACTS_SOURCES = ("memory/arch", "memory/spec.py", "memory/precision.py", "plan/meta.py", "train/build.py",
+                 "models/presets.py")
+"""memfit's code that decides a model's facts: the cache key includes its source."""
 
 
-def _facts_key(recipe: Recipe) -> str | None:
-    """The cache key of the recipe's model facts, or None when the model is not described by local files."""
-    import hashlib
-    import json
-    from importlib.metadata import PackageNotFoundError, version
-
+def _model_description(recipe: Recipe) -> dict | None:
+    """What decides the recipe's model: its preset, or its local config.json's text; None for a hub id."""
     from memfit.models.load import resolve_model_path
 
     m = recipe.model
     if m.preset is not None:
-        what = {"preset": m.preset, "vocab": getattr(recipe.data, "vocab_size", 32000), "overrides": m.overrides}
+        return {"preset": m.preset, "vocab": getattr(recipe.data, "vocab_size", 32000), "overrides": m.overrides}
+    if m.config is not None or Path(m.path).suffix == ".json":
+        where = Path(m.config if m.config is not None else m.path).expanduser()
     else:
-        if m.config is not None or Path(m.path).suffix == ".json":
-            where = Path(m.config if m.config is not None else m.path).expanduser()
-        else:
-            source, local = resolve_model_path(m.path)
-            if not local:
-                return None
-            where = Path(source)
-        file = where / "config.json" if where.is_dir() else where
-        try:
-            what = {"config": file.read_text()}
-        except OSError:
-            return None  # meta_model says what is wrong
-    libraries = {}
-    for lib in ("torch", "transformers"):
-        try:
-            libraries[lib] = version(lib)
-        except PackageNotFoundError:  # pragma: no cover - both are dependencies
-            libraries[lib] = "none"
-    labels = getattr(recipe.data, "num_labels", None) if recipe.task != "causal_lm" else None
-    digest = hashlib.sha256(json.dumps([what, recipe.task, labels, recipe.model_dtype, libraries],
-                                       sort_keys=True, default=str).encode())
-    root = Path(__file__).resolve().parents[1]
-    for name in _FACTS_SOURCES:
-        target = root / name
-        for file in sorted(target.glob("*.py")) if target.is_dir() else [target]:
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:32]
+        source, local = resolve_model_path(m.path)
+        if not local:
+            return None
+        where = Path(source)
+    file = where / "config.json" if where.is_dir() else where
+    try:
+        return {"config": file.read_text()}
+    except OSError:
+        return None  # meta_model says what is wrong
 
 
 def meta_facts(recipe: Recipe):
     """The recipe's `ModelFacts` (`memfit.train.build`): read off its meta model once, then from the cache in
     `$MEMFIT_CACHE/facts/` (exactly what the meta model gives: the same code wrote it)."""
-    import pickle
+    from memfit.cache import memo
+    from memfit.train.build import model_facts
 
-    from memfit.train.build import cache_dir, model_facts
-
-    key = _facts_key(recipe)
-    path = cache_dir() / "facts" / f"{key}.pickle" if key else None
-    if path is not None and path.is_file():
-        try:
-            return pickle.loads(path.read_bytes())
-        except Exception:  # noqa: BLE001 - a stale or truncated cache file: read the model again
-            pass
-    facts = model_facts(meta_model(recipe))
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_bytes(pickle.dumps(facts))
-            tmp.replace(path)
-        except OSError:
-            pass  # unwritable cache: read off the model again next time
-    return facts
+    described = _model_description(recipe)
+    if described is None:
+        return model_facts(meta_model(recipe))
+    labels = getattr(recipe.data, "num_labels", None) if recipe.task != "causal_lm" else None
+    return memo("facts", (sorted(described.items()), recipe.task, labels, recipe.model_dtype),
+                lambda: model_facts(meta_model(recipe)), FACTS_SOURCES)
 
 
 def estimate_recipe(source: str | Path | dict, overrides: list[str] = (), nproc: int | None = None,

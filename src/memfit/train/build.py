@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit.cache import cache_dir
 from memfit.data import DataBundle, build_data
 from memfit.data.config import TextData
 from memfit.errors import ConfigError
@@ -58,10 +58,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is cuda but no CUDA device is available; use train.device=auto")
     return device
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit"))
 
 
 def build_model_and_data(recipe: Recipe) -> tuple[nn.Module, DataBundle]:
