@@ -177,6 +177,9 @@ class SideModel(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+_SIDE_PARAMS: dict[tuple, list[ParamInfo]] = {}
+
+
 def side_param_infos(side: nn.Module, prefix: str = "side.") -> list[ParamInfo]:
     """The parameters of a side module (built on the meta device for an estimate), as the spec names them."""
     return [ParamInfo(prefix + n, tuple(p.shape), p.element_size(), True) for n, p in side.named_parameters()]
@@ -230,8 +233,12 @@ class SideTechnique(Technique):
         ctx.model = wrapped
 
     def side_params(self, spec: RunSpec) -> list[ParamInfo]:
-        with torch.device("meta"):
-            return side_param_infos(self.build_side(spec.model.n_layers, spec.model.hidden))
+        """The side network's parameters (memoised: the planner asks for the same model in hundreds of plans)."""
+        key = (type(self), self.config.model_dump_json(), spec.model.n_layers, spec.model.hidden)
+        if key not in _SIDE_PARAMS:
+            with torch.device("meta"):
+                _SIDE_PARAMS[key] = side_param_infos(self.build_side(spec.model.n_layers, spec.model.hidden))
+        return list(_SIDE_PARAMS[key])
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
         return freeze_backbone_spec(spec, self.train_head(spec.task), self.side_params(spec))
