@@ -96,7 +96,11 @@ class GenerateResult:
 
 def resolve_model_dir(ref: str | Path) -> str:
     """A memfit run directory (its exported `model/`), a checkpoint-less run dir error, or the reference as is."""
+    from memfit.models.load import looks_local
+
     path = Path(ref).expanduser()
+    if not path.exists() and looks_local(str(ref)):
+        raise ModelError(f"{ref}: no such folder; pass a memfit run directory or a model folder holding config.json")
     if path.is_dir() and not (path / "config.json").exists():
         if (path / "model" / "config.json").exists():
             return str(path / "model")

@@ -34,3 +34,15 @@ def test_cli_recommends_and_refuses(model_dir):
     tiny = CliRunner().invoke(app, ["plan-generate", str(model_dir), "--prompt-tokens", "300", "--new-tokens", "8",
                                     "--budget", "1KiB"])
     assert tiny.exit_code == 2 and "nothing fits" in tiny.output and "Traceback" not in tiny.output
+
+
+def test_plan_generate_is_also_memfit_plan_generate(model_dir):
+    """`memfit plan --generate` (issue 16): the same options and the same table as `memfit plan-generate`."""
+    args = ["--prompt-tokens", "300", "--new-tokens", "8", "--budget", "2MiB"]
+    old = CliRunner().invoke(app, ["plan-generate", str(model_dir), *args])
+    for new in (["plan", "--generate", str(model_dir), *args], ["plan", "--generate", "--model", str(model_dir), *args]):
+        result = CliRunner().invoke(app, new)
+        assert result.exit_code == 0, result.output
+        assert result.output == old.output and "recommended:" in result.output
+    missing = CliRunner().invoke(app, ["plan", "--generate", str(model_dir), "--budget", "2MiB"])
+    assert missing.exit_code == 2 and "--prompt-tokens" in missing.output

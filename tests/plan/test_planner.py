@@ -137,3 +137,42 @@ def test_plan_cli_for_a_named_model_config(tmp_path):
     assert any("lora" in r["plan"] for r in data["rows"])
     result = CliRunner().invoke(app, ["plan", "--model", str(path), "--task", "sing", "--budget", "1GiB"])
     assert result.exit_code == 2 and "--task" in result.output
+
+
+def test_plan_per_rank_for_nproc(data_dir):
+    """`plan(..., nproc=2)`: each row is one FSDP2 rank's estimate (`estimate_rank`), techniques that cannot run
+    sharded are left out, and the written recipe launches that many ranks."""
+    from memfit.distributed.support import refusal
+    from memfit.memory.sharding import estimate_rank
+    from memfit.plan.meta import meta_facts, spec_for
+    from memfit.recipe import load_recipe
+
+    recipe = _toy(data_dir)
+    single = plan(recipe, budget=2**40, pretrained=True)
+    assert any(refusal(t) for r in single.rows for t in r.candidate.techniques)  # lisa, badam, mezo... offered here
+    sharded = plan(recipe, budget=2**40, pretrained=True, nproc=2)
+    assert sharded.nproc == 2 and sharded.to_dict()["per_rank"]
+    assert sharded.rows and not any(refusal(t) for r in sharded.rows for t in r.candidate.techniques)
+    base = load_recipe(recipe)
+    one, two = _by_label(single), _by_label(sharded)
+    for label in ("adamw (32-true)", "lora r=16 + adamw (bf16-mixed)", "checkpointing + galore rank=16 (32-true)"):
+        row = two[label]
+        spec = spec_for(base, meta_facts(base), row.candidate.precision)
+        rank = estimate_rank(spec, list(row.candidate.techniques), 2)
+        assert (row.peak, row.breakdown.optimizer) == (rank.peak, rank.breakdown.optimizer)
+        assert row.peak < one[label].peak and row.process_peak - row.peak == row.breakdown.runtime
+        assert row.recipe["distributed"]["nproc"] == 2
+    with pytest.raises(ConfigError, match="split evenly"):
+        plan({**recipe, "train": {**recipe["train"], "batch_size": 3}}, budget=2**40, nproc=2)
+
+
+def test_plan_cli_nproc_says_per_rank(tmp_path, data_dir):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_toy(data_dir)))
+    result = CliRunner().invoke(app, ["plan", str(path), "--budget", "4GiB", "--nproc", "2"])
+    assert result.exit_code == 0, result.output
+    assert "each of 2 ranks" in result.output and "per rank (2 ranks)" in result.output
+    result = CliRunner().invoke(app, ["plan", str(path), "--budget", "4GiB", "--nproc", "2", "--verify"])
+    assert result.exit_code == 2 and "memfit train" in result.output

@@ -105,3 +105,16 @@ def test_errors(cls_dir, tmp_path):
         predict(cls_dir, ["  "])
     with pytest.raises(ConfigError, match="calibrate"):
         predict(cls_dir, ["x"], weights="awq")
+
+
+def test_missing_folder_says_so(tmp_path, monkeypatch):
+    """A folder that does not exist is named as such (not as a malformed hub repo id), in one line."""
+    from memfit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for ref in (str(tmp_path / "missing"), "runs/missing", "./missing"):
+        result = CliRunner().invoke(app, ["predict", ref, "--text", "x"])
+        assert result.exit_code == 2, result.output
+        assert f"{ref}: no such folder" in result.output and "Repo id" not in result.output
+        assert len(result.output.strip().splitlines()) == 1

@@ -20,7 +20,6 @@ import torch
 from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers.cache_utils import Cache
 
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
@@ -40,6 +39,8 @@ def checkpoint_module(module: nn.Module) -> None:
     """Make `module.forward` recompute in backward (only while training with grad enabled)."""
     if getattr(module, "_memfit_checkpointed", False):
         return
+    from transformers.cache_utils import Cache  # here, not at import: estimating must not load transformers
+
     original = module.forward
 
     @functools.wraps(original)

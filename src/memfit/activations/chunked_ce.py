@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 from memfit.activations import _common as c
@@ -115,6 +114,8 @@ def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor
 
 
 def chunked_causal_lm_loss(model: nn.Module, batch: Batch, chunk_size: int) -> torch.Tensor:
+    from torch.distributed.fsdp import FSDPModule  # here, not at import: estimating must not load torch.distributed
+
     if isinstance(model, FSDPModule):
         return _through_root_forward(model, batch, chunk_size)
     return _causal_lm_loss(model, batch, chunk_size)

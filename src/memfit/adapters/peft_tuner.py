@@ -224,11 +224,16 @@ class PeftTuner(Technique):
     def adapted_params(self, model: ModelShape, task: str) -> tuple[ParamInfo, ...]:
         """Every parameter of the adapted model, named as peft names them, with trainability and bytes (memoised:
         building peft's skeleton takes ~0.5 s, and the planner asks for the same model in hundreds of plans)."""
+        from memfit.cache import memo
+
         key = (type(self), self.config.model_dump_json(), model.params, task)
         if key not in _ADAPTED:
             if len(_ADAPTED) >= 64:
                 _ADAPTED.clear()
-            _ADAPTED[key] = self._adapted_params(model, task)
+            # on disk too: peft imports transformers' modeling code (seconds), which planning otherwise never needs
+            _ADAPTED[key] = memo("adapted", (f"{type(self).__module__}.{type(self).__qualname__}", *key[1:]),
+                                 lambda: self._adapted_params(model, task), ("adapters", "memory/spec.py"),
+                                 ("torch", "transformers", "peft"))
         return _ADAPTED[key]
 
     def _adapted_params(self, model: ModelShape, task: str) -> tuple[ParamInfo, ...]:

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from memfit.errors import ConfigError
 from memfit.memory.estimate import head_components
@@ -173,7 +172,12 @@ class SideModel(nn.Module):
         states, last = backbone_states(self._core(), self.n_states, self.who, input_ids, attention_mask, **kwargs)
         final = self.side_forward(states, last, attention_mask)
         logits, loss = head_loss(self.backbone, self._core(), self.task, final, attention_mask, labels)
+        from transformers.modeling_outputs import SequenceClassifierOutput  # on use: transformers loads for seconds
+
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+_SIDE_PARAMS: dict[tuple, list[ParamInfo]] = {}
 
 
 def side_param_infos(side: nn.Module, prefix: str = "side.") -> list[ParamInfo]:
@@ -229,8 +233,12 @@ class SideTechnique(Technique):
         ctx.model = wrapped
 
     def side_params(self, spec: RunSpec) -> list[ParamInfo]:
-        with torch.device("meta"):
-            return side_param_infos(self.build_side(spec.model.n_layers, spec.model.hidden))
+        """The side network's parameters (memoised: the planner asks for the same model in hundreds of plans)."""
+        key = (type(self), self.config.model_dump_json(), spec.model.n_layers, spec.model.hidden)
+        if key not in _SIDE_PARAMS:
+            with torch.device("meta"):
+                _SIDE_PARAMS[key] = side_param_infos(self.build_side(spec.model.n_layers, spec.model.hidden))
+        return list(_SIDE_PARAMS[key])
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
         return freeze_backbone_spec(spec, self.train_head(spec.task), self.side_params(spec))

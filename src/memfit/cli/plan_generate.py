@@ -19,7 +19,14 @@ def plan_generate_command(
     kv_share: float = typer.Option(0.2, "--kv-share", help="Evicting policies keep this share of the context."),
     measure: bool = typer.Option(False, "--measure", help="Run the recommendation and show measured vs predicted."),
 ) -> None:
-    """Predict the generation peak of every weights × KV-policy combination; recommend the best that fits."""
+    """Predict the generation peak of every weights × KV-policy combination; recommend the best that fits
+    (also `memfit plan --generate`)."""
+    run_plan_generate(model, prompt_tokens, new_tokens, budget, kv_share, measure)
+
+
+def run_plan_generate(model: str, prompt_tokens: int, new_tokens: int, budget: Optional[str], kv_share: float,
+                      measure: bool) -> None:
+    """`memfit plan-generate` and `memfit plan --generate`: print the table and the recommendation."""
     from rich.table import Table
 
     from memfit.errors import ConfigError

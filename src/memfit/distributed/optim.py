@@ -32,6 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from memfit.distributed.collectives import RowExchange, check_layout
+from memfit.distributed.support import SHARDED_OPTIMIZERS
 from memfit.errors import ConfigError
 from memfit.optim.adam_mini import AdamMini, block_kind
 from memfit.optim.adamw_8bit import AdamW8bit
@@ -99,9 +100,8 @@ def rule_for(optimizer: torch.optim.Optimizer) -> Rule:
     for matches, rule in RULES:
         if matches(optimizer):
             return rule
-    raise ConfigError(f"optimizer {type(optimizer).__name__} has no FSDP2 placement rule; use one of adamw, "
-                      "adamw_8bit, adam_mini, galore, galore_8bit, natural_galore, apollo, apollo_mini, frugal, "
-                      "scale (or run on one process)")
+    raise ConfigError(f"optimizer {type(optimizer).__name__} has no FSDP2 placement rule; use one of "
+                      f"{', '.join(SHARDED_OPTIMIZERS)} (or run on one process)")
 
 
 # --- the adapter ----------------------------------------------------------------------------------------------

@@ -71,7 +71,20 @@ _CACHE_NAME = "runtime.json"
 OPTIONAL_LIBRARIES = ("peft",)
 """Packages only some techniques import; each one's RSS is measured on top of the base (`Technique.libraries`)."""
 
-_PROBE = ("import importlib, json, torch, transformers, memfit.train.build, memfit.train.loop\n"
+RUN_IMPORTS = ("memfit.cli", "memfit.train.build", "memfit.train.loop", "tokenizers")
+"""What `memfit train` (and quickstart, bench children) has imported when its step peaks, besides the model: the
+command line (typer, rich), the run loop, the tokenizer library. The probe also builds a tiny model through memfit's
+own loader, so transformers' modeling stack loads as in a run (its import pulls torch.distributed.tensor, scipy,
+torchao, accelerate: ~80 MiB). Libraries a run imports only after its peak (matplotlib for the report's plots) are
+not counted. `tests/plan/test_runtime_imports.py` checks a real run imports nothing else before its peak."""
+
+PROBE_IMPORTS = ("import importlib, json\n"
+                 f"for name in {RUN_IMPORTS!r}:\n    importlib.import_module(name)\n"
+                 "from memfit.models import build_llama\n"
+                 "build_llama('llama-tiny', 256)\n")
+"""The import set of a training run, as code (the probe runs it in a fresh interpreter)."""
+
+_PROBE = (PROBE_IMPORTS +
           "from memfit.memory.process import current_rss\n"
           "out = {'base': current_rss()}\n"
           "for lib in {libs!r}:\n"
@@ -83,24 +96,27 @@ _PROBE = ("import importlib, json, torch, transformers, memfit.train.build, memf
 
 @functools.cache
 def _versions() -> str:
-    import torch
-
-    try:
-        import transformers
-        tv = transformers.__version__
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        tv = "none"
+    """The library versions the measurement is cached under (read from package metadata: importing transformers
+    to ask would cost seconds)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        mv = version("memfit")
-    except PackageNotFoundError:  # pragma: no cover - a source checkout without metadata
-        mv = "source"
-    return f"python {sys.version.split()[0]} torch {torch.__version__} transformers {tv} memfit {mv}"
+    def of(name: str, missing: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # pragma: no cover - transformers is a dependency; memfit from source
+            return missing
+
+    import hashlib
+
+    probe = hashlib.sha256(_PROBE.encode()).hexdigest()[:8]  # a changed import set is measured afresh
+    return (f"python {sys.version.split()[0]} torch {of('torch', 'none')} transformers {of('transformers', 'none')} "
+            f"memfit {of('memfit', 'source')} probe {probe}")
 
 
 def _cache_file() -> Path:
-    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit")) / _CACHE_NAME
+    from memfit.cache import cache_dir
+
+    return cache_dir() / _CACHE_NAME
 
 
 _measured: dict[str, dict[str, int]] = {}

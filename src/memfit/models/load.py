@@ -43,6 +43,16 @@ def resolve_named_model(name: str) -> Path:
     return path
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Whether a reference that does not exist is meant as a local path rather than a hub id ('org/name'): it
+    starts like a path, has more than one '/', or its parent folder exists here (`runs/missing`)."""
+    if name_or_path in NAMED_MODELS:
+        return False
+    parent = Path(name_or_path).expanduser().parent
+    return (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+            or (str(parent) != "." and parent.is_dir()))
+
+
 def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
     """(where to load from, whether it is local). Named models first, then existing paths, then hub ids."""
     if name_or_path in NAMED_MODELS:
@@ -52,8 +62,7 @@ def resolve_model_path(name_or_path: str) -> tuple[str, bool]:
         if not (path / "config.json").exists():
             raise ModelError(f"model directory {path} has no config.json; point `model.path` at an HF model folder")
         return str(path), True
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local:
+    if looks_local(name_or_path):
         raise ModelError(f"model path {name_or_path} does not exist; fix `model.path` or use a preset/named model "
                          f"({', '.join(NAMED_MODELS)})")
     return name_or_path, False

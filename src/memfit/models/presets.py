@@ -7,9 +7,13 @@ the tokenizer at build time.
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, LlamaForCausalLM
+from typing import TYPE_CHECKING
+
 
 from memfit.errors import ModelError
+
+if TYPE_CHECKING:  # transformers loads on first use: even its config classes import its modeling stack (seconds)
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 _SHAPE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 PRESETS: dict[str, dict[str, int]] = {name: dict(zip(_SHAPE, shape)) for name, shape in {
@@ -25,6 +29,8 @@ PRESETS: dict[str, dict[str, int]] = {name: dict(zip(_SHAPE, shape)) for name, s
 
 def llama_config(preset: str, vocab_size: int, max_position_embeddings: int = 2048, **overrides) -> LlamaConfig:
     """The `LlamaConfig` of a named preset (tied embeddings off, as in the GaLore configs)."""
+    from transformers import LlamaConfig
+
     if preset not in PRESETS:
         raise ModelError(f"unknown model preset '{preset}'; choose one of: {', '.join(PRESETS)}")
     fields = {**PRESETS[preset], **overrides}
@@ -41,6 +47,7 @@ def llama_config(preset: str, vocab_size: int, max_position_embeddings: int = 20
 def build_llama(preset: str, vocab_size: int, seed: int = 0, **overrides) -> LlamaForCausalLM:
     """A randomly initialised Llama causal LM of a named size, reproducible from `seed`."""
     import torch
+    from transformers import LlamaForCausalLM
 
     config = llama_config(preset, vocab_size, **overrides)
     with torch.random.fork_rng(devices=[]):

@@ -25,7 +25,6 @@ from torch import nn
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import gradient_bytes
-from memfit.memory.measure import state_bytes  # noqa: F401  (re-exported: what the optimizer tests measure)
 from memfit.memory.spec import ParamInfo, RunSpec
 from memfit.optim import quant
 from memfit.optim.base import check_has_trainable, is_no_decay
@@ -329,3 +328,13 @@ def layerwise_gradient_bytes(spec: RunSpec) -> int:
     if spec.grad_accum > 1:
         return gradient_bytes(spec)
     return max((p.nbytes for p in spec.model.trainable), default=0)
+
+
+def __getattr__(name: str):
+    """`state_bytes` (what the optimizer tests measure) is re-exported from `memory.measure` on first use: that
+    module imports torch's MemTracker (torch.distributed, inductor: seconds), which estimating never needs."""
+    if name == "state_bytes":
+        from memfit.memory.measure import state_bytes
+
+        return state_bytes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

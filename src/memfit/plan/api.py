@@ -86,12 +86,13 @@ class UserPlan:
 
 def plan(model_or_config: nn.Module | str | Path | Any, task: str = "finetune-causal", budget: str | int = "24GiB",
          seq: int = 512, batch: int = 1, device: str = "auto", scope: str = "process",
-         precision: str | None = None) -> UserPlan:
+         precision: str | None = None, nproc: int | None = None) -> UserPlan:
     """Plan for a live transformers model, a `PretrainedConfig`, a model folder or a `config.json`.
 
     `task`: finetune-causal, pretrain-causal, finetune-cls, finetune-ner. `budget`: bytes or "24GiB" — the
     process's (CPU) or the device's (CUDA) peak, or the tensors' with `scope="tensors"`. `precision`: the one to
-    plan for (default: every precision the recipe takes)."""
+    plan for (default: every precision the recipe takes). `nproc`: plan one rank of an FSDP2 run on that many
+    processes (`batch` is the global batch)."""
     from memfit.plan.planner import plan as make_plan
     from memfit.plan.target import recipe_for
 
@@ -114,5 +115,5 @@ def plan(model_or_config: nn.Module | str | Path | Any, task: str = "finetune-ca
     else:
         recipe, pretrained = recipe_for(str(model_or_config), task, seq=seq, batch=batch, device=device)
     result = make_plan(recipe, limit, scope=scope, pretrained=pretrained, model=model,
-                       precisions=[precision] if precision else None, keep=works_in_user_loop)
+                       precisions=[precision] if precision else None, keep=works_in_user_loop, nproc=nproc)
     return UserPlan(result, recipe)

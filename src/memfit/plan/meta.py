@@ -55,14 +55,60 @@ def config_file(path: str):
         raise ModelError(f"model.config {path} is not a transformers config: {str(exc).splitlines()[0]}") from None
 
 
-def spec_for(recipe: Recipe, model: nn.Module, precision: str | None = None, device: torch.device | None = None):
-    """The run's `RunSpec` for `model`, at `precision` (default: the recipe's), on `device` (default: the
-    recipe's, resolved on this machine; pass one to plan for a device this machine lacks)."""
+def spec_for(recipe: Recipe, model, precision: str | None = None, device: torch.device | None = None):
+    """The run's `RunSpec` for `model` (a module, or its `ModelFacts`), at `precision` (default: the recipe's), on
+    `device` (default: the recipe's, resolved on this machine; pass one to plan for a device this machine lacks)."""
     from memfit.train.build import resolve_device, run_spec
 
     if precision is not None and precision != recipe.train.precision:
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": precision})})
     return run_spec(recipe, model, device if device is not None else resolve_device(recipe.train.device))
+
+
+# Building the meta model needs transformers' modeling code, whose import (torch.distributed.tensor, torch._dynamo,
+# scipy, torchao via the quantizers) was most of `memfit plan`'s wall time. What an estimate reads off the model is
+# pure data (`ModelFacts`: every parameter's shape and the block family's facts, some probed by running the model's
+# own norm and activation modules), so it is cached per model description (`memfit.cache.memo`): the preset, or the
+# bytes of the local config.json, with the task, label count and dtype. Hub ids are not cached.
+
+FACTS_SOURCES = ("memory/arch", "memory/spec.py", "memory/precision.py", "plan/meta.py", "train/build.py",
+                 "models/presets.py")
+"""memfit's code that decides a model's facts: the cache key includes its source."""
+
+
+def _model_description(recipe: Recipe) -> dict | None:
+    """What decides the recipe's model: its preset, or its local config.json's text; None for a hub id."""
+    from memfit.models.load import resolve_model_path
+
+    m = recipe.model
+    if m.preset is not None:
+        return {"preset": m.preset, "vocab": getattr(recipe.data, "vocab_size", 32000), "overrides": m.overrides}
+    if m.config is not None or Path(m.path).suffix == ".json":
+        where = Path(m.config if m.config is not None else m.path).expanduser()
+    else:
+        source, local = resolve_model_path(m.path)
+        if not local:
+            return None
+        where = Path(source)
+    file = where / "config.json" if where.is_dir() else where
+    try:
+        return {"config": file.read_text()}
+    except OSError:
+        return None  # meta_model says what is wrong
+
+
+def meta_facts(recipe: Recipe):
+    """The recipe's `ModelFacts` (`memfit.train.build`): read off its meta model once, then from the cache in
+    `$MEMFIT_CACHE/facts/` (exactly what the meta model gives: the same code wrote it)."""
+    from memfit.cache import memo
+    from memfit.train.build import model_facts
+
+    described = _model_description(recipe)
+    if described is None:
+        return model_facts(meta_model(recipe))
+    labels = getattr(recipe.data, "num_labels", None) if recipe.task != "causal_lm" else None
+    return memo("facts", (sorted(described.items()), recipe.task, labels, recipe.model_dtype),
+                lambda: model_facts(meta_model(recipe)), FACTS_SOURCES)
 
 
 def estimate_recipe(source: str | Path | dict, overrides: list[str] = (), nproc: int | None = None,
@@ -73,7 +119,7 @@ def estimate_recipe(source: str | Path | dict, overrides: list[str] = (), nproc:
     from memfit.memory.runtime import with_runtime
 
     recipe = load_recipe(source, list(overrides))
-    spec = spec_for(recipe, meta_model(recipe))
+    spec = spec_for(recipe, meta_facts(recipe))
     techniques = recipe.techniques()
     if nproc:
         from memfit.memory.sharding import estimate_rank

@@ -59,6 +59,7 @@ class Plan:
     seconds: float  # CPU time spent choosing (enumerate + estimate + rank): not inflated by other processes
     task_kind: str
     wall_seconds: float = 0.0
+    nproc: int = 1  # > 1: every peak is one rank's of an FSDP2 run on that many processes
 
     @property
     def fitting(self) -> list[PlanRow]:
@@ -101,7 +102,8 @@ class Plan:
                     "tokens_per_s": round(r.tokens_per_s, 1), "tensor_peak": r.peak, "process_peak": r.process_peak,
                     "breakdown": r.breakdown.to_dict() if r.breakdown else None, "problem": r.problem or None}
         chosen = choose(self.rows, self.budget, self.scope) if self.fitting else None
-        return {"budget": self.budget, "scope": self.scope, "task_kind": self.task_kind,
+        return {"budget": self.budget, "scope": self.scope, "task_kind": self.task_kind, "nproc": self.nproc,
+                "per_rank": self.nproc > 1,
                 "combinations": len(self.rows), "pruned_by_rules": self.pruned, "choosing_cpu_s": round(self.seconds, 3),
                 "choosing_wall_s": round(self.wall_seconds, 3),
                 "chosen": row(chosen) if chosen else None, "why": self.why() if chosen else None,
@@ -118,12 +120,15 @@ def parse_bytes(text: str) -> int:
     return int(value * 1024 ** " KMGT".index(unit or " "))
 
 
-def _with_slots(recipe: dict[str, Any], cand: Combination, lr_scale: float = 1.0) -> dict[str, Any]:
+def _with_slots(recipe: dict[str, Any], cand: Combination, lr_scale: float = 1.0, nproc: int | None = None
+                ) -> dict[str, Any]:
     """The user's recipe with its technique slots replaced by the candidate's, its precision set (the user's LR is
-    kept, times the techniques' declared `plan_lr_scale`)."""
+    kept, times the techniques' declared `plan_lr_scale`), and `distributed.nproc` when planned for N ranks."""
     out = {k: copy.deepcopy(v) for k, v in recipe.items()
            if k not in ("optimizer", "adapter", "weights", "activations", "step")}
     out["train"] = {**out.get("train", {}), "precision": cand.precision}
+    if nproc is not None:
+        out["distributed"] = {**out.get("distributed", {}), "nproc": nproc}
     user_opt = recipe.get("optimizer")
     lr = user_opt.get("lr") if isinstance(user_opt, dict) else None
     for key, value in copy.deepcopy(cand.slots).items():
@@ -143,32 +148,46 @@ def recipe_precisions() -> list[str]:
 
 
 def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained: bool | None = None,
-         model=None, precisions: list[str] | None = None, keep=None) -> Plan:
+         model=None, precisions: list[str] | None = None, keep=None, nproc: int | None = None) -> Plan:
     """Every compatible combination's predicted peak, quality and speed; fitting ones first in rank order.
     `model`: a model (meta or real) to plan for instead of building the recipe's on the meta device;
     `precisions`: the ones to try (default: every one the recipe takes); `keep(technique) -> bool`: only plans
-    whose every technique passes (the Python API keeps those that work in the user's own loop)."""
+    whose every technique passes (the Python API keeps those that work in the user's own loop).
+    `nproc` > 1: plan one rank of an FSDP2 run on that many processes (`memory.sharding.estimate_rank`; the
+    recipe's batch is the global batch), among the techniques that run sharded (`distributed/support.py`)."""
     if scope not in SCOPES:
         raise ConfigError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    world = nproc or 1
+    from memfit.distributed.support import refusal
     from memfit.memory.estimate import estimate_step
     from memfit.memory.runtime import with_runtime
-    from memfit.plan.meta import meta_model, spec_for
+    from memfit.memory.sharding import estimate_rank
+    from memfit.plan.meta import meta_facts, spec_for
+    from memfit.train.build import model_facts
     from memfit.plan.quality import PRECISION_QUALITY, task_kind
     from memfit.plan.space import combinations
     from memfit.recipe import load_recipe
 
     base = load_recipe(recipe)
-    model = model if model is not None else meta_model(base)
+    if base.train.batch_size % world:
+        raise ConfigError(f"train.batch_size {base.train.batch_size} is the global batch and must split evenly over "
+                          f"{world} ranks; use a multiple of {world}")
+    facts = model_facts(model) if model is not None else meta_facts(base)
     pretrained = base.model.path is not None if pretrained is None else pretrained
     kind = task_kind(base.task, pretrained)
     t0, w0 = time.process_time(), time.perf_counter()
-    specs = {p: spec_for(base, model, p) for p in (precisions or recipe_precisions())}
+    specs = {p: spec_for(base, facts, p) for p in (precisions or recipe_precisions())}
     device = next(iter(specs.values())).extra.get("device", "cpu")
     combos, pruned = combinations(next(iter(specs.values())), pretrained, list(specs))
     rows = []
     for cand in combos:
         if keep is not None and not all(keep(t) for t in cand.techniques):
             pruned += 1
+            continue
+        if world > 1 and any(refusal(t) for t in cand.techniques):
+            pruned += 1  # cannot run on several processes
             continue
         quality = _quality(cand, kind, PRECISION_QUALITY)
         if quality is None:
@@ -177,7 +196,11 @@ def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained
         lr_scale = math.prod(t.plan_lr_scale for t in cand.techniques)
         spec = specs[cand.precision]
         try:
-            breakdown, peak = estimate_step(spec, list(cand.techniques))
+            if world > 1:
+                rank = estimate_rank(spec, list(cand.techniques), world, base.distributed.reshard_after_forward)
+                breakdown, peak = rank.breakdown, rank.peak
+            else:
+                breakdown, peak = estimate_step(spec, list(cand.techniques))
         except (MemfitError, ValueError, NotImplementedError, KeyError) as exc:
             rows.append(PlanRow(cand, None, None, None, False, quality, 0.0, str(exc).splitlines()[0]))
             continue
@@ -188,8 +211,9 @@ def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained
     rows.sort(key=lambda r: (not r.fits, r.peak is None, r.rank_key if r.fits else (), r.process_peak or 0))
     seconds, wall = time.process_time() - t0, time.perf_counter() - w0
     for r in rows:
-        r.recipe = _with_slots(recipe, r.candidate, math.prod(t.plan_lr_scale for t in r.candidate.techniques))
-    return Plan(rows, budget, scope, pruned, seconds, kind, wall)
+        r.recipe = _with_slots(recipe, r.candidate, math.prod(t.plan_lr_scale for t in r.candidate.techniques),
+                               nproc)
+    return Plan(rows, budget, scope, pruned, seconds, kind, wall, world)
 
 
 def _quality(cand: Combination, kind: str, precision_quality: dict[str, float]) -> float | None:

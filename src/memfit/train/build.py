@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from memfit.cache import cache_dir
 from memfit.data import DataBundle, build_data
 from memfit.data.config import TextData
 from memfit.errors import ConfigError
 from memfit.memory.precision import Precision, dtype_of_name
-from memfit.memory.spec import RunSpec, dtype_name
+from memfit.memory.spec import ModelShape, RunSpec, dtype_name, model_shape
 from memfit.models import build_llama, load_model, load_tokenizer
 from memfit.recipe import Recipe
 from memfit.techniques.base import (
@@ -60,10 +60,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEMFIT_CACHE", Path.home() / ".cache" / "memfit"))
-
-
 def build_model_and_data(recipe: Recipe) -> tuple[nn.Module, DataBundle]:
     """A preset Llama trains its own BPE tokenizer on the corpus; a loaded model brings its tokenizer."""
     if recipe.model.preset is not None:
@@ -93,20 +89,38 @@ def seq_len_of(recipe: Recipe) -> int:
     return getattr(recipe.data, "block_size", None) or getattr(recipe.data, "max_length", 128)
 
 
-def run_spec(recipe: Recipe, model: nn.Module, device: torch.device | None = None) -> RunSpec:
-    """The run's shapes, plus the facts the activation model needs that a `ModelShape` lacks (device, dropout)."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a `RunSpec` reads off a model: its `ModelShape`, attention implementation, the config's dropout
+    probabilities and the storage dtype of its residual stream. Pure data: the planner caches it per model
+    (`memfit.plan.meta.meta_facts`), so planning again needs neither the model nor transformers' modeling code."""
+
+    shape: ModelShape
+    attn_impl: str
+    dropouts: tuple[tuple[str, float], ...]
+    storage_dtype: str
+
+
+def model_facts(model: nn.Module) -> ModelFacts:
     config = getattr(model, "config", None)
-    attn = getattr(config, "_attn_implementation", None) or "sdpa"
-    extra = {"device": (device or torch.device("cpu")).type}
+    dropouts = {}
     for key, name in (("attn_dropout", "attention_probs_dropout_prob"), ("attn_dropout", "attention_dropout"),
                       ("hidden_dropout", "hidden_dropout_prob")):
         if config is not None and getattr(config, name, None) is not None:
-            extra[key] = float(getattr(config, name))
+            dropouts[key] = float(getattr(config, name))
+    return ModelFacts(model_shape(model), getattr(config, "_attn_implementation", None) or "sdpa",
+                      tuple(dropouts.items()), storage_dtype_name(model))
+
+
+def run_spec(recipe: Recipe, model: nn.Module | ModelFacts, device: torch.device | None = None) -> RunSpec:
+    """The run's shapes, plus the facts the activation model needs that a `ModelShape` lacks (device, dropout)."""
+    facts = model if isinstance(model, ModelFacts) else model_facts(model)
     policy = recipe.train.policy
-    stored = storage_dtype_name(model)
-    return RunSpec.from_model(
-        model, batch=recipe.train.batch_size, seq=seq_len_of(recipe), task=recipe.task, param_dtype=stored,
-        compute_dtype=policy.compute if policy.autocast else stored, attn_impl=attn,
+    stored = facts.storage_dtype
+    extra = {"device": (device or torch.device("cpu")).type, **dict(facts.dropouts)}
+    return RunSpec(
+        model=facts.shape, batch=recipe.train.batch_size, seq=seq_len_of(recipe), task=recipe.task,
+        param_dtype=stored, compute_dtype=policy.compute if policy.autocast else stored, attn_impl=facts.attn_impl,
         grad_accum=recipe.train.grad_accum, extra=extra, precision=policy.name,
     )
 

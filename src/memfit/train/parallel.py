@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from memfit import rundir
 from memfit.distributed.runtime import DistContext, init_distributed, under_torchrun
+from memfit.distributed.support import SUPPORTED, refusal
 from memfit.errors import CheckpointError, ConfigError
 from memfit.memory.measure import MemoryReport
 from memfit.progress import note
@@ -96,26 +97,10 @@ def start(device: str = "auto") -> Parallel | None:
     return par
 
 
-SUPPORTED = {
-    "step": {"backprop"},
-    "adapter": {"lora", "dora", "qlora"},
-    "activations": {"checkpointing", "chunked_ce"},
-}
-"""Techniques verified under FSDP2 in a full run (tests/distributed); optimizers are checked by `ShardedOptimizer`
-(every one with a sharding rule). Anything else is refused rather than run unverified."""
-WHY_NOT = {
-    "lisa": "layer samplers switch parameters' requires_grad between steps, and FSDP2 fixes it per parameter at its "
-            "first all-gather (the gathered copy keeps the old flag), so deactivated layers would still train",
-    "weights": "the weights slot is for frozen (inference) models",
-}
-WHY_NOT.update({name: WHY_NOT["lisa"] for name in ("badam", "owlore", "ist")})
-
-
 def check(recipe, par: Parallel) -> None:
     """Refuse what cannot run sharded, before building anything (one clear error on every rank)."""
     for t in recipe.techniques():
-        if t.slot in SUPPORTED and t.name not in SUPPORTED[t.slot] or t.slot == "weights":
-            why = WHY_NOT.get(t.name) or WHY_NOT.get(t.slot) or "not verified under FSDP2 yet"
+        if t.slot != "optimizer" and (why := refusal(t)) is not None:  # optimizers: ShardedOptimizer's rules
             allowed = ", ".join(sorted(SUPPORTED.get(t.slot, ()))) or "none"
             raise ConfigError(f"{t.slot} '{t.name}' cannot run on several processes (memfit train --nproc): {why}; "
                               f"supported there: {allowed}")
