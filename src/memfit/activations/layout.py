@@ -168,8 +168,9 @@ class ActivationLayout:
         mlp_tmp, attn_tmp = est.block_backward_temporaries(spec)
         parts = est.layer_components(spec)
         # inside one layer's backward (as in plain backprop's phases): the MLP's transients while the layer is
-        # whole, then the attention's once the MLP's saved tensors and the norms' are freed
-        in_layer = max(mlp_tmp - parts["norms"] // 2, attn_tmp - parts["mlp"] - parts["norms"])
+        # whole and only the layers above have their gradients, then the attention's once the MLP's saved tensors
+        # and the norms' are freed (the layer's own gradients counted as made)
+        in_mlp, in_attn = mlp_tmp - parts["norms"] // 2, attn_tmp - parts["mlp"] - parts["norms"]
         kept = [p.kept(spec) for p in self.layers]
         phases = {
             "forward_head": fixed + held + sum(kept) + self.head_saved + self.head_transient,
@@ -177,8 +178,9 @@ class ActivationLayout:
             "optimizer_step": fixed + grads + est.optimizer_step_transients(spec, breakdown),
         }
         for i in reversed(range(n)):
-            done = est.gradients_made(spec, breakdown, n - i)
-            phases[f"layer_{i}"] = fixed + max(held, done) + sum(kept[:i]) + self.layer + in_layer
+            below = fixed + sum(kept[:i]) + self.layer
+            phases[f"layer_{i}_mlp"] = below + max(held, est.gradients_made(spec, breakdown, n - 1 - i)) + in_mlp
+            phases[f"layer_{i}_attention"] = below + max(held, est.gradients_made(spec, breakdown, n - i)) + in_attn
         return phases
 
 

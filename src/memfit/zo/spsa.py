@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from memfit.errors import ConfigError, ModelError
+from memfit.memory.arch.parts import dtypes, rotary_tables
 from memfit.memory.estimate import weight_cast_bytes
 from memfit.memory.spec import DTYPE_BYTES, RunSpec
 
@@ -328,10 +329,19 @@ def inference_activation_bytes(spec: RunSpec) -> int:
         layer += 2 * spec.batch * m.n_heads * spec.seq * spec.seq * b
     if spec.task == "causal_lm":  # logits, their fp32 copy (when computed in 16 bits) and log-softmax (fp32)
         head = tokens * m.vocab * (b + (4 if b != 4 else 0) + 4)
+        # the last hidden state and the norm's output (the residual's dtype; in 16 bits the normalized input's
+        # cast is alive beside the weighted output), the head's cast copy under autocast; the token ids, the
+        # shifted labels and the loss's scalars
+        d = dtypes(spec)
+        r = d.residual
+        head += tokens * m.hidden * (2 * r + (r if r != 4 else 0) + (d.compute if d.autocast else 0))
+        head += 2 * tokens * 8 + 24
+        rotary = m.arch.rotary_dim if m.arch is not None else m.head_dim
+        layer += rotary_tables(spec.seq, rotary, d) + 2 * tokens * 8  # cos/sin, the ids and labels
     else:
-        head = tokens * m.hidden * b + spec.batch * max(m.num_labels, 2) * 4 * 2
+        head = tokens * m.hidden * b + spec.batch * max(m.num_labels, 2) * 4 * 2 + tokens * m.hidden * b
     # under autocast every matmul weight's cast copy is cached until the forward ends (no_grad or not)
-    return max(layer, head + tokens * m.hidden * b) + weight_cast_bytes(spec)
+    return max(layer, head) + weight_cast_bytes(spec)
 
 
 def chunk_bytes(spec: RunSpec, n_spsa: int = 1) -> int:
