@@ -173,7 +173,8 @@ class ActivationLayout:
         in_mlp, in_attn = mlp_tmp - parts["norms"] // 2, attn_tmp - parts["mlp"] - parts["norms"]
         kept = [p.kept(spec) for p in self.layers]
         phases = {
-            "forward_head": fixed + held + sum(kept) + self.head_saved + self.head_transient,
+            "forward_head": fixed + held + sum(kept) + self.head_saved + self.head_transient
+            + est.forward_head_held(spec),
             "backward_start": fixed + held + sum(kept) + self.head_saved + self.head_backward,
             "optimizer_step": fixed + grads + est.optimizer_step_transients(spec, breakdown),
         }

@@ -231,8 +231,20 @@ def backprop_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]
     }
     if spec.task == "causal_lm":
         logits = spec.tokens * m.vocab * (d.compute + (F32 if d.compute != F32 else 0))
-        phases["forward_head"] = fixed + held + acts - comp.get("logits", 0) + logits
+        phases["forward_head"] = fixed + held + acts - comp.get("logits", 0) + logits + forward_head_held(spec)
     return phases
+
+
+def forward_head_held(spec: RunSpec) -> int:
+    """Tensors alive while a causal LM's loss is computed that backward does not keep: the final norm's output
+    (the LM head's input) unless it is the tensor the head saves (no autocast, a trained head), the labels padded
+    before they are shifted, and what the model's output holds besides (`Family.output_held`: the KV cache)."""
+    if spec.task != "causal_lm":
+        return 0
+    d, m = dtypes(spec), spec.model
+    normed = spec.tokens * m.hidden * d.residual
+    saved = head_components(spec).get("head", 0) if not d.autocast else 0
+    return max(normed - saved, 0) + spec.batch * (spec.seq + 1) * I64 + family_of(m).output_held(spec)
 
 
 # --- composing the parts of a run ---------------------------------------------------------------------------

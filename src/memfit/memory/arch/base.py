@@ -152,6 +152,11 @@ class Family:
         fine-tune, an upper bound)."""
         return self.head(spec)
 
+    def output_held(self, spec: RunSpec) -> int:
+        """Bytes the model's output holds until it is dropped, beyond what backward saves (e.g. a KV cache whose
+        tensors are not the ones the attention saved)."""
+        return 0
+
     def kept_inputs(self, spec: RunSpec) -> tuple[str, ...]:
         """Paths (inside a block) of the projections whose input another op saves anyway (e.g. the attention
         kernel's own output, read by the output projection): an adapter that casts its input to a copy of its

@@ -134,6 +134,14 @@ class Llama(Family):
             return mlp_in or flow.has("mlp")
         return mlp_in if path.startswith("mlp.") else flow.grad_in
 
+    def output_held(self, spec):
+        """The forward's KV cache (`use_cache`): under autocast the keys leave the rotary in the residual's dtype
+        (cos/sin are kept in it) while attention saves its own cast copies, so the cache's keys are extra."""
+        m, a, d = spec.model, _arch(spec), dtypes(spec)
+        if not d.autocast or (m.arch is not None and not a.rotary_dim):
+            return 0
+        return m.n_layers * spec.tokens * m.n_kv_heads * m.head_dim * d.residual
+
     def kept_inputs(self, spec):
         m, a = spec.model, _arch(spec)
         own_copy = parts.attention_kernel(spec) != "flash" or (m.arch is not None and a.relaid_output)
