@@ -68,6 +68,18 @@ def _linear_weight_numel(spec: RunSpec) -> int:
     return n
 
 
+def weight_cast_split(spec: RunSpec) -> tuple[int, int]:
+    """(Casts of the weights outside the blocks — the LM head's —, mean casts of one block) under autocast."""
+    total = weight_cast_bytes(spec)
+    if not total or not spec.model.n_layers:
+        return total, 0
+    d, m = dtypes(spec), spec.model
+    blocks = sum(p.numel for p in m.params if len(p.shape) == 2 and not p.quantized and in_block(m, p.name)
+                 and not is_embedding(m, p.name)) * d.compute
+    blocks = min(blocks, total)
+    return total - blocks, blocks // m.n_layers
+
+
 def weight_cast_bytes(spec: RunSpec) -> int:
     """Under autocast every matmul weight is cast once per forward and the copy is saved for backward."""
     d = dtypes(spec)
