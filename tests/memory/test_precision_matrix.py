@@ -8,8 +8,10 @@ import pytest
 
 from memfit.bench.technique_matrix import PRECISION_NAMES, TECHNIQUES, matrix_recipe, measure_recipe
 
-EXACT = {"adamw", "adamw-master", "adamw-state-bf16", "adamw_8bit", "galore", "lomo", "sgd"}
-"""Families whose step peak is modelled to within 5 % at this shape (the others over-predict; see docs)."""
+EXACT = {"adamw", "adamw-master", "adamw-state-bf16", "adamw_8bit", "galore", "lomo", "sgd", "lora", "qlora", "lisa",
+         "badam", "mezo"}
+"""Families whose activations alive after the forward equal the estimate to the byte (checkpointing's activation
+estimate is the category's peak, during a layer's recompute, not what is alive after the forward)."""
 
 REFUSED = {("adamw-master", p) for p in ("32-true", "bf16-mixed", "16-mixed")} | {("lomo", "16-mixed")}
 """master_weights applies to 16-bit weights only; 16-mixed skips steps an in-backward update has already made."""
@@ -31,6 +33,21 @@ def test_measured_equals_estimate(technique, precision, data_dir):
     assert row["parameters_ratio"] == row["gradients_ratio"] == 1.0, row
     assert abs(row["optimizer_ratio"] - 1) <= 1e-3, row
     assert row["step_peak_ratio"] <= 1.02, row
+    assert abs(row["step_peak_ratio"] - 1) <= 0.05, row
     if technique in EXACT:
-        assert abs(row["step_peak_ratio"] - 1) <= 0.05, row
         assert row["activations_ratio"] == 1.0, row
+
+
+FROZEN = ("lora", "qlora", "lisa", "badam")
+"""The techniques whose activation estimates follow where gradients flow (frozen weights, blocks below every trained
+one): a second shape, four blocks, batch 3. (Their step peak there is within 5 % but up to 4.5 % above the
+prediction under bf16-mixed: a backward-phase transient not modelled yet, see docs/benchmarks.md.)"""
+
+
+@pytest.mark.parametrize("technique", FROZEN)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_second_shape(technique, precision, data_dir):
+    row = measure_recipe(matrix_recipe(technique, precision, data_dir, preset="llama-1m", batch_size=3))
+    assert "refused" not in row and "crash" not in row, row
+    assert row["activations_ratio"] == 1.0, row
+    assert abs(row["step_peak_ratio"] - 1) <= 0.05, row

@@ -134,6 +134,8 @@ class ActivationLayout:
     head_transient: int  # loss-head tensors alive only while forward computes the loss
     head_backward: int  # the loss head's gradients as backward starts
     on_host: bool = False  # saved tensors live in host memory between forward and backward
+    layer_casts: int = 0  # one block's weights cast by autocast (kept by a layer that is not recomputed)
+    head_casts: int = 0  # the other weights' casts (the LM head's), kept until the head's backward
 
     def with_layers(self, change) -> ActivationLayout:
         """A copy with `change(i, plan)` applied to every layer's plan."""
@@ -143,15 +145,16 @@ class ActivationLayout:
         """Peak bytes of forward-produced tensors: forward ends holding the fixed tensors, what each layer keeps
         and the head's; backward then works on one layer at a time from the top, freeing as it goes."""
         head = self.head_saved + self.head_transient
+        casts = self.head_casts + spec.model.n_layers * self.layer_casts  # all in autocast's cache at the loss
         if self.on_host:  # the device holds the head and one layer in flight
-            return self.fixed + head + self.layer
+            return self.fixed + casts + head + self.layer
         kept = [p.kept(spec) for p in self.layers]
         peak = sum(kept) + head
         for i, plan in enumerate(self.layers):
             peak = max(peak, sum(kept[:i]) + self.layer)
             if plan.packing():
                 peak = max(peak, sum(kept[:i]) + kept[i] + plan.packing())
-        return self.fixed + peak
+        return self.fixed + casts + peak
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         return base.with_(activations=self.activation_peak(spec),
@@ -163,22 +166,29 @@ class ActivationLayout:
         and the layers above made, the block's transients), the optimizer step."""
         n = spec.model.n_layers
         fixed = est.fixed_bytes(breakdown) + self.fixed
+        # weight casts: all cached while forward computes the loss; then those autograd saved, a recomputed
+        # layer's only while its backward runs (none at the optimizer step: autocast's cache is gone)
+        casts = [0 if p.recomputed else self.layer_casts for p in self.layers]
         grads = breakdown.gradients
         held = grads if spec.grad_accum > 1 else 0
         mlp_tmp, attn_tmp = est.block_backward_temporaries(spec)
         parts = est.layer_components(spec)
         # inside one layer's backward (as in plain backprop's phases): the MLP's transients while the layer is
-        # whole, then the attention's once the MLP's saved tensors and the norms' are freed
-        in_layer = max(mlp_tmp - parts["norms"] // 2, attn_tmp - parts["mlp"] - parts["norms"])
+        # whole and only the layers above have their gradients, then the attention's once the MLP's saved tensors
+        # and the norms' are freed (the layer's own gradients counted as made)
+        in_mlp, in_attn = mlp_tmp - parts["norms"] // 2, attn_tmp - parts["mlp"] - parts["norms"]
         kept = [p.kept(spec) for p in self.layers]
         phases = {
-            "forward_head": fixed + held + sum(kept) + self.head_saved + self.head_transient,
-            "backward_start": fixed + held + sum(kept) + self.head_saved + self.head_backward,
-            "optimizer_step": fixed + grads + est.optimizer_step_transients(spec, breakdown),
+            "forward_head": fixed + self.head_casts + n * self.layer_casts + held + sum(kept) + self.head_saved
+            + self.head_transient + est.forward_head_held(spec),
+            "backward_start": fixed + self.head_casts + sum(casts) + held + sum(kept) + self.head_saved
+            + self.head_backward,
+            "optimizer_step": est.fixed_bytes(breakdown) + grads + est.optimizer_step_transients(spec, breakdown),
         }
         for i in reversed(range(n)):
-            done = est.gradients_made(spec, breakdown, n - i)
-            phases[f"layer_{i}"] = fixed + max(held, done) + sum(kept[:i]) + self.layer + in_layer
+            below = fixed + sum(casts[:i]) + self.layer_casts + sum(kept[:i]) + self.layer
+            phases[f"layer_{i}_mlp"] = below + max(held, est.gradients_made(spec, breakdown, n - 1 - i)) + in_mlp
+            phases[f"layer_{i}_attention"] = below + max(held, est.gradients_made(spec, breakdown, n - i)) + in_attn
         return phases
 
 
@@ -191,9 +201,10 @@ def plain_layout(spec: RunSpec) -> ActivationLayout:
         loss = est.head_components(spec)["loss"]
         head_saved += loss
         head_transient = logits_bytes(spec) - loss
-    fixed = ids_bytes(spec) + rope_bytes(spec) + est.weight_cast_bytes(spec)
-    return ActivationLayout(fixed, layer, (LayerPlan(saved=layer),) * spec.model.n_layers, head_saved,
-                            head_transient, est.head_backward_temporaries(spec))
+    head_casts, layer_casts = est.weight_cast_split(spec)
+    return ActivationLayout(ids_bytes(spec) + rope_bytes(spec), layer, (LayerPlan(saved=layer),) * spec.model.n_layers,
+                            head_saved, head_transient, est.head_backward_temporaries(spec),
+                            layer_casts=layer_casts, head_casts=head_casts)
 
 
 # --- the techniques that shape it --------------------------------------------------------------------------

@@ -32,7 +32,9 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
     "checkpointing": {"activations": ["checkpointing"]},
     "mezo": {"step": "mezo"},
     "lisa": {"adapter": {"name": "lisa", "layers": 1}},
-    "badam": {"adapter": {"name": "badam"}},
+    # ascending: the measured step trains block 0, the placement BAdam's estimate takes (the run's worst: every
+    # block above it passes a gradient on); descending would measure the top block's round, which saves less
+    "badam": {"adapter": {"name": "badam", "order": "ascending"}},
     "lomo": {"optimizer": "lomo"},
     "sgd": {"optimizer": {"name": "sgd", "momentum": 0.9}},
 }

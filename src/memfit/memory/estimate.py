@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from memfit.memory.arch import family_of, in_block, is_embedding
+from memfit.memory.arch.flow import block_path, flow_of
 from memfit.memory.arch.parts import (F32, I64, Dtypes, attention_core_bytes, dtypes,  # noqa: F401 - public API
                                      tied_head_gradient)
 from memfit.memory.breakdown import MemoryBreakdown
@@ -46,12 +47,37 @@ def gradient_bytes(spec: RunSpec) -> int:
 
 def _linear_weight_numel(spec: RunSpec) -> int:
     """Elements of every dense matmul weight (2-D, not an embedding table, not a quantized weight's codes or
-    scales), tied LM head included."""
+    scales), tied LM head included; in a partly frozen model a frozen weight only where its input needs a
+    gradient (a weight that neither trains nor passes a gradient on is not saved)."""
     m = spec.model
-    n = sum(p.numel for p in m.params if len(p.shape) == 2 and not p.quantized and not is_embedding(m, p.name))
+    flow = flow_of(spec)
+    family = None if flow.full else family_of(m)
+    n = 0
+    for p in m.params:
+        if len(p.shape) != 2 or p.quantized or is_embedding(m, p.name):
+            continue
+        where = None if family is None or p.trainable else block_path(m, p.name)
+        # a trained weight's cast stays in autocast's cache through the forward; a frozen one's is saved only
+        # when its input's gradient needs it
+        if where is not None and where[0] < len(flow.blocks):
+            if not family.input_grad(flow.blocks[where[0]], where[1].rpartition(".")[0]):
+                continue
+        n += p.numel
     if m.tie_embeddings and spec.task == "causal_lm":
         n += m.vocab * m.hidden
     return n
+
+
+def weight_cast_split(spec: RunSpec) -> tuple[int, int]:
+    """(Casts of the weights outside the blocks — the LM head's —, mean casts of one block) under autocast."""
+    total = weight_cast_bytes(spec)
+    if not total or not spec.model.n_layers:
+        return total, 0
+    d, m = dtypes(spec), spec.model
+    blocks = sum(p.numel for p in m.params if len(p.shape) == 2 and not p.quantized and in_block(m, p.name)
+                 and not is_embedding(m, p.name)) * d.compute
+    blocks = min(blocks, total)
+    return total - blocks, blocks // m.n_layers
 
 
 def weight_cast_bytes(spec: RunSpec) -> int:
@@ -68,15 +94,33 @@ def layer_components(spec: RunSpec) -> dict[str, int]:
 
 def head_components(spec: RunSpec) -> dict[str, int]:
     """Bytes saved outside the blocks: `embeddings`, `final_norm`, `head` (LM head / pooler / classifier
-    inputs), `loss` (fp32 log-probabilities, targets, scalars) and `logits` (only if the caller keeps them)."""
-    return family_of(spec.model).head(spec)
+    inputs), `loss` (fp32 log-probabilities, targets, scalars) and `logits` (only if the caller keeps them).
+    In a partly frozen model, what the frozen parts still save (`arch/flow.py`)."""
+    family, flow = family_of(spec.model), flow_of(spec)
+    return family.head(spec) if flow.full else family.head_with(spec, flow)
+
+
+def block_components(spec: RunSpec, index: int) -> dict[str, int]:
+    """What block `index` saves for backward, by part: `layer_components` unless part of the model is frozen,
+    then what that block saves given where gradients flow (nothing in a block below every trained weight; a frozen
+    weight's op keeps only what its input's gradient needs)."""
+    flow = flow_of(spec)
+    if flow.full:
+        return layer_components(spec)
+    return family_of(spec.model).layer_with(spec, flow.blocks[index])
 
 
 def activation_components(spec: RunSpec) -> dict[str, int]:
     """Bytes saved for backward by one forward, by named component (all layers summed):
     `attention`, `mlp`, `norms`, `embeddings`, `final_norm`, `head`, `loss`, `logits`, `weight_casts`."""
-    layer = layer_components(spec)
-    out = {k: spec.model.n_layers * v for k, v in layer.items()}
+    n = spec.model.n_layers
+    if flow_of(spec).full:
+        out = {k: n * v for k, v in layer_components(spec).items()}
+    else:
+        out = {}
+        for i in range(n):
+            for k, v in block_components(spec, i).items():
+                out[k] = out.get(k, 0) + v
     out.update(head_components(spec))
     out["weight_casts"] = weight_cast_bytes(spec)
     return out
@@ -186,7 +230,7 @@ def backprop_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]
     comp = activation_components(spec)
     m, d = spec.model, dtypes(spec)
     head_acts = comp.get("loss", 0) + comp.get("logits", 0) + comp.get("head", 0) + comp.get("final_norm", 0)
-    layer = layer_components(spec)
+    layer = block_components(spec, m.n_layers - 1) if m.n_layers else layer_components(spec)
     mlp_tmp, attn_tmp = block_backward_temporaries(spec)
     after_head = fixed + acts - head_acts
     phases = {
@@ -199,8 +243,20 @@ def backprop_phases(spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]
     }
     if spec.task == "causal_lm":
         logits = spec.tokens * m.vocab * (d.compute + (F32 if d.compute != F32 else 0))
-        phases["forward_head"] = fixed + held + acts - comp.get("logits", 0) + logits
+        phases["forward_head"] = fixed + held + acts - comp.get("logits", 0) + logits + forward_head_held(spec)
     return phases
+
+
+def forward_head_held(spec: RunSpec) -> int:
+    """Tensors alive while a causal LM's loss is computed that backward does not keep: the final norm's output
+    (the LM head's input) unless it is the tensor the head saves (no autocast, a trained head), the labels padded
+    before they are shifted, and what the model's output holds besides (`Family.output_held`: the KV cache)."""
+    if spec.task != "causal_lm":
+        return 0
+    d, m = dtypes(spec), spec.model
+    normed = spec.tokens * m.hidden * d.residual
+    saved = head_components(spec).get("head", 0) if not d.autocast else 0
+    return max(normed - saved, 0) + spec.batch * (spec.seq + 1) * I64 + family_of(m).output_held(spec)
 
 
 # --- composing the parts of a run ---------------------------------------------------------------------------

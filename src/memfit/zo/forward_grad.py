@@ -126,3 +126,8 @@ class ForwardGradStep(ZOStepTechnique):
     def activation_bytes(self, spec: RunSpec) -> int:
         """Every live activation carries a tangent of its size."""
         return 2 * inference_activation_bytes(spec)
+
+    def step_phases(self, spec: RunSpec, breakdown):
+        """The parameters' tangents are live while the dual forward runs, beside its activations."""
+        fixed = breakdown.parameters + breakdown.buffers + breakdown.optimizer + breakdown.kv_cache + breakdown.other
+        return {"dual_forward": fixed + breakdown.activations + breakdown.temporaries}

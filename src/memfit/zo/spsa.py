@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from memfit.errors import ConfigError, ModelError
+from memfit.memory.arch.parts import F32, dtypes, rotary_tables
 from memfit.memory.estimate import weight_cast_bytes
 from memfit.memory.spec import DTYPE_BYTES, RunSpec
 
@@ -317,8 +318,12 @@ def block_groups(model: nn.Module) -> list[dict]:
 def inference_activation_bytes(spec: RunSpec) -> int:
     """Peak transient bytes of one no-grad forward: the residual stream, one layer's widest intermediates, the head.
 
-    Nothing is saved for backward, so only what one layer holds at once is live (and the head's logits)."""
+    Nothing is saved for backward, so only what one layer holds at once is live (and the head's logits); for a
+    Llama-family decoder the moments are read off the tensors alive in transformers' forward
+    (`llama_no_grad_moments`)."""
     m = spec.model
+    if spec.task == "causal_lm" and m.family in ("llama", "gemma") and spec.attn_impl != "eager":
+        return max(llama_no_grad_moments(spec).values()) + weight_cast_bytes(spec)  # (casts already made there)
     b = DTYPE_BYTES[spec.compute_dtype]
     tokens = spec.tokens
     attn = 4 * m.hidden + 2 * m.n_heads * m.head_dim
@@ -332,6 +337,32 @@ def inference_activation_bytes(spec: RunSpec) -> int:
         head = tokens * m.hidden * b + spec.batch * max(m.num_labels, 2) * 4 * 2
     # under autocast every matmul weight's cast copy is cached until the forward ends (no_grad or not)
     return max(layer, head + tokens * m.hidden * b) + weight_cast_bytes(spec)
+
+
+def llama_no_grad_moments(spec: RunSpec) -> dict[str, int]:
+    """Tensors alive at the two moments a no-grad forward of a Llama-family causal LM peaks, besides autocast's
+    cached weight casts (all of them at the head; the last down projection's and the head's not yet at the MLP):
+
+    - `mlp`: the last block's product `down_proj` reads, with act's output and up's (gate's is freed), the block's
+      input, the residual after attention and the norm's output (its cast copy is freed with gate's matmul), the
+      embeddings' output, the position ids, rotary cos/sin and the KV cache of every layer (the forward runs with
+      `use_cache`; keys leave the rotary in the residual's dtype);
+    - `head`: the normed last hidden state (its cast copy is freed with the head's matmul), the logits, their fp32
+      copy and log-softmax, the KV cache, the labels padded and shifted, the loss's scalars."""
+    m, d = spec.model, dtypes(spec)
+    t, r, c = spec.tokens, d.residual, d.compute
+    # keys leave the rotary in the residual's dtype (cos/sin are kept in it), values in the compute dtype
+    kv = m.n_layers * t * m.n_kv_heads * m.head_dim * (r + c)
+    rotary = m.arch.rotary_dim if m.arch is not None else m.head_dim
+    hidden = t * m.hidden * r
+    inputs = hidden + spec.seq * 8 + rotary_tables(spec.seq, rotary, d) + kv
+    mlp = inputs + (3 if m.n_layers > 1 else 2) * hidden + 3 * t * m.intermediate * c
+    logits = t * m.vocab * (c + (4 if c != 4 else 0) + 4)
+    labels = spec.batch * (spec.seq + 1) * 8 + t * 8 + 2 * F32  # padded, then shifted; the loss's scalars
+    head = hidden + logits + kv + labels
+    if d.autocast:  # the last down projection's and the LM head's weights are cast (and cached) after the MLP moment
+        mlp -= (m.hidden * m.intermediate + m.vocab * m.hidden) * c
+    return {"mlp": mlp, "head": head}
 
 
 def chunk_bytes(spec: RunSpec, n_spsa: int = 1) -> int:

@@ -121,3 +121,11 @@ class ZOStepTechnique(StepTechnique):
         """No gradients; the variant's own state; one inference forward's transient activations."""
         return base.with_(gradients=0, optimizer=self.optimizer_bytes(spec), activations=self.activation_bytes(spec),
                           temporaries=self.temporary_bytes(spec))
+
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+        """A zeroth-order step has no backward: its tensor total peaks in one of its no-grad forwards (the weights,
+        the variant's state and the forward's transient activations) or while it perturbs or updates the weights
+        one chunk at a time (the chunk's temporaries); plain backprop's phases (the loss head's gradients, a
+        block's backward) never happen."""
+        fixed = breakdown.parameters + breakdown.buffers + breakdown.optimizer + breakdown.kv_cache + breakdown.other
+        return {"forward": fixed + breakdown.activations, "perturb": fixed + breakdown.temporaries}

@@ -16,6 +16,9 @@ from memfit.errors import ModelError
 if TYPE_CHECKING:
     from torch import nn
 
+    from memfit.memory.arch.flow import BlockFlow, Flow
+    from memfit.memory.spec import RunSpec
+
 
 class UnsupportedArchitecture(ModelError):
     """memfit has no memory model for this architecture (or one of its features)."""
@@ -39,6 +42,19 @@ class Saves:
     width_fp32: int = 0
     output: bool = False
     backward: int = 1
+    frozen: Saves | None = None  # what it saves with its weights frozen (None: the same)
+    leaf: Saves | None = None  # what it saves when its input needs no gradient and its weights train
+
+    def when(self, grad_in: bool, weight_grad: bool) -> Saves | None:
+        """What a module with weights saves when its input needs a gradient (`grad_in`) and/or its weights train
+        (`weight_grad`): None when neither (nothing is recorded)."""
+        if grad_in and weight_grad:
+            return self
+        if grad_in:
+            return self.frozen or self
+        if weight_grad:
+            return self.leaf or self
+        return None
 
     def bytes(self, rows: int, width: int, input_bytes: int, input_saved: bool = False) -> int:
         """Bytes for an input of `rows` × `width` elements of `input_bytes` each. `input_saved`: the input
@@ -51,8 +67,9 @@ class Saves:
         return rows * width * elem + rows * 4 * self.row_fp32 + width * 4 * self.width_fp32
 
 
-RMS_NORM = Saves(upcast=True, elem=1, row_fp32=1)
-"""Llama's RMSNorm: the fp32 input for `pow`, the per-row rsqrt, the normalized input (in the input's dtype)."""
+RMS_NORM = Saves(upcast=True, elem=1, row_fp32=1, frozen=Saves(upcast=True, row_fp32=1), leaf=Saves(elem=1))
+"""Llama's RMSNorm: the fp32 input for `pow`, the per-row rsqrt, the normalized input (in the input's dtype),
+which only the weight's gradient needs; an input that needs no gradient: only the normalized input."""
 LAYER_NORM = Saves(input=True, row_fp32=2)
 """`nn.LayerNorm`: input, mean and rstd per row."""
 SILU = Saves(input=True)
@@ -121,6 +138,35 @@ class Family:
     def head(self, spec: RunSpec) -> dict[str, int]:
         """Bytes saved outside the blocks: `embeddings`, `final_norm`, `head`, `loss`, `logits`."""
         raise NotImplementedError
+
+    def layer_with(self, spec: RunSpec, flow: BlockFlow) -> dict[str, int]:
+        """What one block saves where part of the model is frozen (`arch/flow.py`): nothing when no gradient
+        reaches or starts in it; else, here, the block of a full fine-tune (an upper bound: a family that models
+        frozen weights overrides this)."""
+        if flow.dead:
+            return dict.fromkeys(self.layer(spec), 0)
+        return self.layer(spec)
+
+    def head_with(self, spec: RunSpec, flow: Flow) -> dict[str, int]:
+        """What the parts outside the blocks save where part of the model is frozen (here: as in a full
+        fine-tune, an upper bound)."""
+        return self.head(spec)
+
+    def output_held(self, spec: RunSpec) -> int:
+        """Bytes the model's output holds until it is dropped, beyond what backward saves (e.g. a KV cache whose
+        tensors are not the ones the attention saved)."""
+        return 0
+
+    def kept_inputs(self, spec: RunSpec) -> tuple[str, ...]:
+        """Paths (inside a block) of the projections whose input another op saves anyway (e.g. the attention
+        kernel's own output, read by the output projection): an adapter that casts its input to a copy of its
+        own keeps that copy on top."""
+        return ()
+
+    def input_grad(self, flow: BlockFlow, path: str) -> bool:
+        """Whether the input of the module at `path` (inside a block) needs a gradient, so that under autocast its
+        weight's cast copy is saved: here, in any block a gradient reaches or starts in."""
+        return not flow.dead
 
     def temporaries(self, spec: RunSpec) -> tuple[int, int]:
         """(MLP, attention) transients inside one block's backward."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from memfit.memory.arch import parts
 from memfit.memory.arch.base import UnsupportedArchitecture
-from memfit.memory.arch.llama import BLOCK, Llama, _arch
+from memfit.memory.arch.llama import BLOCK, FULL, Llama, _arch
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.read import first
 
@@ -38,15 +38,26 @@ class Gemma(Llama):
                     final_softcap=float(first(config, "final_logit_softcapping", default=0.0) or 0.0),
                     options=(("post_norms", hasattr(block, "post_feedforward_layernorm")),))
 
-    def norms(self, spec) -> int:
-        if not _arch(spec).option("post_norms"):
-            return super().norms(spec)
-        d = dtypes(spec)
-        # input and pre-MLP norms read the residual; the two after a branch read its output (compute dtype)
-        return 2 * parts.norm_bytes(spec) + 2 * parts.norm_bytes(spec, input_bytes=d.compute)
+    MLP_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm")
+    POST_NORMS = ("post_feedforward_layernorm",)
 
-    def head(self, spec):
-        out = super().head(spec)
+    def norms(self, spec, flow=FULL) -> int:
+        if not _arch(spec).option("post_norms"):
+            return super().norms(spec, flow)
+        c = dtypes(spec).compute
+        attn_in, _, mlp_in, _ = self.grads(flow)
+        attn_out = attn_in or flow.has("self_attn")
+        residual = attn_out or flow.has("post_attention_layernorm")
+        mlp_out = mlp_in or flow.has("mlp")
+        # input and pre-MLP norms read the residual; the two after a branch read its output (compute dtype)
+        return (parts.norm_bytes(spec, grad_in=flow.grad_in, weight=flow.has("input_layernorm"))
+                + parts.norm_bytes(spec, input_bytes=c, grad_in=attn_out, weight=flow.has("post_attention_layernorm"))
+                + parts.norm_bytes(spec, grad_in=residual, weight=flow.has("pre_feedforward_layernorm"))
+                + parts.norm_bytes(spec, input_bytes=c, grad_in=mlp_out,
+                                   weight=flow.has("post_feedforward_layernorm")))
+
+    def head(self, spec, flow=None):
+        out = super().head(spec, flow)
         d, a = dtypes(spec), _arch(spec)
         if a.final_softcap:
             out["loss"] += spec.tokens * spec.model.vocab * d.compute  # tanh output

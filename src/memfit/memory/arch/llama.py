@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from memfit.memory.arch import parts
 from memfit.memory.arch.base import Arch, Family
+from memfit.memory.arch.flow import BlockFlow, Flow
 from memfit.memory.arch.parts import dtypes
 from memfit.memory.arch.probe import probe
 from memfit.memory.arch.read import (activation, children, dense_gated, dims, dropout_children, first, has, only,
@@ -25,6 +26,8 @@ from memfit.memory.arch.read import (activation, children, dense_gated, dims, dr
 
 BLOCK = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
 _DEFAULT = Arch(family="llama")
+FULL = BlockFlow(True, frozenset(), True)
+"""A block of a full fine-tune: its input needs a gradient and every weight trains."""
 
 
 class Llama(Family):
@@ -82,22 +85,67 @@ class Llama(Family):
 
     # --- formulas ---
 
-    def layer(self, spec):
-        """The mean block: sliding-window layers may save more than full ones under SDPA."""
+    def layer(self, spec, flow: BlockFlow = FULL):
+        """The mean block: sliding-window layers may save more than full ones under SDPA. `flow`: where gradients
+        flow in a partly frozen model (`arch/flow.py`)."""
         a, n = _arch(spec), spec.model.n_layers
         sliding = min(a.sliding_layers, n) if self.mask_saved(spec) else 0
-        full = self.block(spec, masked=False) if sliding < n else None
+        full = self.block(spec, False, flow) if sliding < n else None
         if sliding == 0:
             return full
-        windowed = self.block(spec, masked=True)
+        windowed = self.block(spec, True, flow)
         if sliding == n:
             return windowed
         return {k: (sliding * windowed[k] + (n - sliding) * full[k]) // n for k in full}
 
-    def block(self, spec, masked: bool) -> dict[str, int]:
+    def layer_with(self, spec, flow):
+        return self.layer(spec, flow)
+
+    def block(self, spec, masked: bool, flow: BlockFlow = FULL) -> dict[str, int]:
         drop = self.residual_dropout(spec)
-        return {"attention": self.attention(spec, masked) + drop, "mlp": self.mlp(spec) + drop,
-                "norms": self.norms(spec)}
+        attn_in, mid, mlp_in, out = self.grads(flow)
+        return {"attention": self.attention(spec, masked, flow) + (drop if mid else 0),
+                "mlp": self.mlp(spec, flow, mlp_in) + (drop if out else 0), "norms": self.norms(spec, flow)}
+
+    def grads(self, flow: BlockFlow) -> tuple[bool, bool, bool, bool]:
+        """Whether the attention's input, the residual after attention, the MLP's input and the block's output
+        need a gradient."""
+        attn_in = flow.grad_in or flow.has("input_layernorm")
+        mid = attn_in or flow.has("self_attn")
+        mlp_in = mid or flow.has(*self.MLP_NORMS)
+        return attn_in, mid, mlp_in, mlp_in or flow.has("mlp", *self.POST_NORMS)
+
+    MLP_NORMS: tuple[str, ...] = ("post_attention_layernorm",)  # the norm(s) between the residual and the MLP
+    POST_NORMS: tuple[str, ...] = ()  # norms on a branch's output before the residual (Gemma2)
+
+    def input_grad(self, flow: BlockFlow, path: str) -> bool:
+        """Whether the module at `path` reads an input that needs a gradient (a LoRA `lora_B` reads `lora_A`'s
+        output, which does whenever the adapter trains)."""
+        if flow.dead:
+            return False
+        attn_in, mid, mlp_in, _ = self.grads(flow)
+        if ".lora_B." in f"{path}.":
+            return True
+        if path.startswith(("self_attn.o_proj", "self_attn.dense")):
+            return attn_in or flow.has("self_attn")
+        if path.startswith("self_attn."):
+            return attn_in
+        if path.startswith(("mlp.down_proj", "mlp.shared_expert.down_proj")):
+            return mlp_in or flow.has("mlp")
+        return mlp_in if path.startswith("mlp.") else flow.grad_in
+
+    def output_held(self, spec):
+        """The forward's KV cache (`use_cache`): under autocast the keys leave the rotary in the residual's dtype
+        (cos/sin are kept in it) while attention saves its own cast copies, so the cache's keys are extra."""
+        m, a, d = spec.model, _arch(spec), dtypes(spec)
+        if not d.autocast or (m.arch is not None and not a.rotary_dim):
+            return 0
+        return m.n_layers * spec.tokens * m.n_kv_heads * m.head_dim * d.residual
+
+    def kept_inputs(self, spec):
+        m, a = spec.model, _arch(spec)
+        own_copy = parts.attention_kernel(spec) != "flash" or (m.arch is not None and a.relaid_output)
+        return () if own_copy else ("self_attn.o_proj",)
 
     def residual_dropout(self, spec) -> int:
         """The mask of a dropout on each branch's output (Phi-3), for blocks that have one."""
@@ -110,14 +158,32 @@ class Llama(Family):
         a = _arch(spec)
         return bool(a.sliding_window) and spec.seq > a.sliding_window and parts.attention_kernel(spec) == "flash"
 
-    def attention(self, spec, masked: bool = False) -> int:
+    def attention(self, spec, masked: bool = False, flow: BlockFlow = FULL) -> int:
         m, a, d = spec.model, _arch(spec), dtypes(spec)
-        t = spec.tokens
-        out = parts.matmul_inputs(t, m.hidden, 1 if a.fused_qkv else 3, d)
+        t, c = spec.tokens, d.compute
+        attn_in = self.grads(flow)[0]
+        if a.fused_qkv:
+            projections = int(flow.has("self_attn.qkv_proj"))
+        else:
+            projections = sum(flow.has(f"self_attn.{p}") for p in ("q_proj", "k_proj", "v_proj"))
+        out = parts.matmul_inputs(t, m.hidden, projections, d) if projections else 0
+        q_grad = attn_in or flow.has("self_attn.q_proj", "self_attn.qkv_proj")
+        k_grad = attn_in or flow.has("self_attn.k_proj", "self_attn.qkv_proj")
         if a.qk_norm:  # over each head of the projections' output (compute dtype)
             qk = a.option("qk_norm")
-            out += qk.bytes(t * m.n_heads, m.head_dim, d.compute) + qk.bytes(t * m.n_kv_heads, m.head_dim, d.compute)
-        return out + self.core(spec, masked)
+            for rows, grad, norm in ((t * m.n_heads, q_grad, "q_norm"), (t * m.n_kv_heads, k_grad, "k_norm")):
+                saves = qk.when(grad, flow.has(f"self_attn.{norm}"))
+                out += saves.bytes(rows, m.head_dim, c) if saves is not None else 0
+        # the kernel saves q, k, v (and its output) when any of them needs a gradient; the output copy `o_proj`
+        # reads (eager, SDPA's math path, a re-laid-out output) only for `o_proj`'s weight
+        kernel = attn_in or flow.has("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                     "self_attn.qkv_proj", "self_attn.q_norm", "self_attn.k_norm")
+        o_trains = flow.has("self_attn.o_proj")
+        copy = t * m.n_heads * m.head_dim * c
+        own_copy = parts.attention_kernel(spec) != "flash" or (m.arch is not None and a.relaid_output)
+        if kernel:
+            return out + self.core(spec, masked) - (copy if own_copy and not o_trains else 0)
+        return out + (copy if o_trains else 0)
 
     def core(self, spec, masked: bool = False) -> int:
         """The attention kernel's saved tensors and the output `o_proj` reads (SDPA's own unless re-laid out)."""
@@ -134,19 +200,29 @@ class Llama(Family):
         attn_dropout, _ = parts.dropouts(spec)
         return 3 * t * q_dim * c + scores * c + parts.eager_probs(scores, attn_dropout, d, False) + t * q_dim * c
 
-    def mlp(self, spec) -> int:
+    def mlp(self, spec, flow: BlockFlow = FULL, grad_in: bool = True) -> int:
         m, a, d = spec.model, _arch(spec), dtypes(spec)
-        return gated_mlp(spec.tokens, m.hidden, m.intermediate, a.act, a.fused_gate_up, d)
+        if flow.full and grad_in:
+            return gated_mlp(spec.tokens, m.hidden, m.intermediate, a.act, a.fused_gate_up, d)
+        return gated_mlp(spec.tokens, m.hidden, m.intermediate, a.act, a.fused_gate_up, d, grad_in=grad_in,
+                         gate=flow.has("mlp.gate_proj", "mlp.gate_up_proj"),
+                         up=flow.has("mlp.up_proj", "mlp.gate_up_proj"), down=flow.has("mlp.down_proj"))
 
-    def norms(self, spec) -> int:
-        return 2 * parts.norm_bytes(spec)
+    def norms(self, spec, flow: BlockFlow = FULL) -> int:
+        attn_in, mid, _, _ = self.grads(flow)
+        return (parts.norm_bytes(spec, grad_in=flow.grad_in, weight=flow.has("input_layernorm"))
+                + parts.norm_bytes(spec, grad_in=mid, weight=flow.has("post_attention_layernorm")))
 
-    def head(self, spec):
+    def head(self, spec, flow: Flow | None = None):
         m, a, d = spec.model, _arch(spec), dtypes(spec)
         if m.arch is not None:  # (a hand-written Llama shape keeps its historical causal-LM head for any task)
             self.check_task(spec, a.model_type)
         rotary = a.rotary_dim if m.arch is not None else m.head_dim
-        return parts.causal_head(spec, parts.rotary_tables(spec.seq, rotary, d))  # tables shared by all layers
+        # rotary tables shared by all layers
+        return parts.causal_head(spec, parts.rotary_tables(spec.seq, rotary, d), flow)
+
+    def head_with(self, spec, flow):
+        return self.head(spec, flow)
 
     def temporaries(self, spec):
         """Gradients of the MLP's hidden activations; of q, k, v and the block input in attention, or of the
@@ -154,15 +230,24 @@ class Llama(Family):
         return parts.block_temporaries(spec, gated=True)
 
 
-def gated_mlp(tokens: int, hidden: int, inter: int, act, fused: bool, d: parts.Dtypes) -> int:
+def gated_mlp(tokens: int, hidden: int, inter: int, act, fused: bool, d: parts.Dtypes, grad_in: bool = True,
+              gate: bool = True, up: bool = True, down: bool = True) -> int:
     """down(act(gate(x)) · up(x)): the input (per projection under autocast), what act saves, act's output
-    (unless act saved it), up, and the product. Fused gate/up is one storage: act's input view keeps up too."""
+    (unless act saved it), up, and the product. Fused gate/up is one storage: act's input view keeps up too.
+    Where the model is partly frozen: `grad_in` — x needs a gradient; `gate`, `up`, `down` — which projections'
+    weights train (a frozen projection does not keep its input; an op whose inputs need no gradient saves
+    nothing)."""
     c, n = d.compute, tokens * inter
-    out = parts.matmul_inputs(tokens, hidden, 1 if fused else 2, d)
-    out += act.bytes(tokens, inter, c) + (0 if act.output else n * c) + n * c + n * c
-    if fused and not act.input:  # up's view keeps the whole gate/up storage alive
+    uses = (1 if gate or up else 0) if fused else gate + up
+    out = parts.matmul_inputs(tokens, hidden, uses, d) if uses else 0
+    gate_grad, up_grad = grad_in or gate, grad_in or up
+    if gate_grad:  # act's own saves, and up for the product's gradient with respect to act's output
+        out += act.bytes(tokens, inter, c) + n * c
+        if fused and not act.input:  # up's view keeps the whole gate/up storage alive
+            out += n * c
+    if up_grad and not (act.output and gate_grad):  # act's output for the product's gradient w.r.t. up
         out += n * c
-    return out
+    return out + (n * c if down else 0)
 
 
 def _arch(spec) -> Arch:

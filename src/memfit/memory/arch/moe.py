@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from memfit.memory.arch import parts
 from memfit.memory.arch.base import UnsupportedArchitecture
-from memfit.memory.arch.llama import Llama, _arch, gated_mlp
+from memfit.memory.arch.llama import FULL, Llama, _arch, gated_mlp
 from memfit.memory.arch.parts import F32, I64, dtypes
 from memfit.memory.arch.probe import bytes_per_row
 from memfit.memory.arch.read import activation, dense_gated, first, has, out_features
@@ -63,7 +63,11 @@ class MoE(Llama):
     def intermediate(self, config, mlp) -> int:
         return mlp.experts.intermediate_dim or first(config, "moe_intermediate_size", "intermediate_size")
 
-    def mlp(self, spec) -> int:
+    def mlp(self, spec, flow=FULL, grad_in: bool = True) -> int:
+        """Routed experts (and a shared one). Where the model is partly frozen: nothing when neither the input
+        needs a gradient nor a weight here trains, else (an upper bound) what a trained MoE MLP saves."""
+        if not (grad_in or flow.has("mlp")):
+            return 0
         m, a, d = spec.model, _arch(spec), dtypes(spec)
         t, r, c = spec.tokens, d.residual, d.compute
         rows, inter, hidden = t * a.top_k, m.intermediate, m.hidden

@@ -83,11 +83,13 @@ def norm_saves(spec: RunSpec) -> Saves:
 
 
 def norm_bytes(spec: RunSpec, tokens: int | None = None, input_bytes: int | None = None,
-               input_saved: bool = False) -> int:
-    """One block norm over `tokens` rows of the hidden size, its input in `input_bytes` (the residual's)."""
+               input_saved: bool = False, grad_in: bool = True, weight: bool = True) -> int:
+    """One block norm over `tokens` rows of the hidden size, its input in `input_bytes` (the residual's);
+    `grad_in` / `weight`: whether its input needs a gradient and its weight trains (`Saves.when`)."""
     t = spec.tokens if tokens is None else tokens
     r = dtypes(spec).residual if input_bytes is None else input_bytes
-    return norm_saves(spec).bytes(t, spec.model.hidden, r, input_saved)
+    saves = norm_saves(spec).when(grad_in, weight)
+    return saves.bytes(t, spec.model.hidden, r, input_saved) if saves is not None else 0
 
 
 def rmsnorm(tokens: int, hidden: int, d: Dtypes) -> int:
@@ -204,11 +206,14 @@ def plain_mlp(tokens: int, hidden: int, inter: int, act, d: Dtypes, uses: int = 
         0 if act.output else tokens * inter * c)
 
 
-def causal_head(spec: RunSpec, embeddings: int) -> dict[str, int]:
-    """A causal LM's parts outside the blocks: `embeddings` (given), the final norm, the LM head's input, the loss."""
+def causal_head(spec: RunSpec, embeddings: int, flow=None) -> dict[str, int]:
+    """A causal LM's parts outside the blocks: `embeddings` (given), the final norm, the LM head's input, the loss.
+    With a partly frozen model's `flow` (`arch/flow.py`): the final norm as its input and weight need, the head's
+    input only when the head trains."""
     d = dtypes(spec)
-    return {"embeddings": embeddings, "final_norm": norm_bytes(spec),
-            "head": matmul_inputs(spec.tokens, spec.model.hidden, 1, d), **causal_lm_loss(spec)}
+    grad_in, norm, head = (True, True, True) if flow is None else (flow.grad_out, flow.norm, flow.head)
+    return {"embeddings": embeddings, "final_norm": norm_bytes(spec, grad_in=grad_in, weight=norm),
+            "head": matmul_inputs(spec.tokens, spec.model.hidden, 1, d) if head else 0, **causal_lm_loss(spec)}
 
 
 def block_temporaries(spec: RunSpec, gated: bool, scores_extra: int = 0) -> tuple[int, int]:

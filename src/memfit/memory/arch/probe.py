@@ -28,6 +28,9 @@ def probe(module: nn.Module, width: int | None = None, backward: bool = False) -
         raise UnsupportedArchitecture(f"{type(module).__name__} holds buffers; memfit cannot probe what it saves")
     channels = params[0][1][-1] if params else (width or _WIDTH)
     saves = _probe(module, params, channels)
+    if params:  # what it saves with its weights frozen, and with an input that needs no gradient
+        saves = replace(saves, frozen=_probe(module, params, channels, weight_grad=False),
+                        leaf=_probe(module, params, channels, input_grad=False))
     if backward and not params:
         key = (type(module), "backward", _state(module))
         if key not in _CACHE:
@@ -53,10 +56,11 @@ def _backward_peak(module: nn.Module) -> int:
 _CACHE: dict[tuple, Saves] = {}
 
 
-def _probe(module: nn.Module, params: tuple, channels: int) -> Saves:
-    key = (type(module), params, channels, _state(module))
+def _probe(module: nn.Module, params: tuple, channels: int, input_grad: bool = True,
+           weight_grad: bool = True) -> Saves:
+    key = (type(module), params, channels, _state(module), input_grad, weight_grad)
     if key not in _CACHE:
-        _CACHE[key] = _run(module, params, channels)
+        _CACHE[key] = _run(module, params, channels, input_grad, weight_grad)
     return _CACHE[key]
 
 
@@ -66,10 +70,11 @@ def _state(module: nn.Module) -> tuple:
                         if not k.startswith("_") and isinstance(v, (bool, int, float, str))))
 
 
-def _run(module: nn.Module, params: tuple, channels: int) -> Saves:
+def _run(module: nn.Module, params: tuple, channels: int, input_grad: bool = True, weight_grad: bool = True
+         ) -> Saves:
     dtype = torch.bfloat16
-    real = {name: torch.full(shape, 0.5, dtype=dtype, requires_grad=True) for name, shape in params}
-    x = torch.randn(_ROWS, channels, dtype=dtype, requires_grad=True)
+    real = {name: torch.full(shape, 0.5, dtype=dtype, requires_grad=weight_grad) for name, shape in params}
+    x = torch.randn(_ROWS, channels, dtype=dtype, requires_grad=input_grad)
     own = {t.untyped_storage().data_ptr() for t in real.values()}
     saved: dict[int, torch.Tensor] = {}
 
