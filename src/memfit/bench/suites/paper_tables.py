@@ -8,8 +8,11 @@ for `max_memory_reserved`, the whole device (context included) for `nvml_used`, 
 The peers' stored predictions (fitcheck-llm, vramcalc: `rows.yaml: peers`) sit beside it.
 
 A row memfit cannot express says what is missing (the features of `rows.yaml: features`). Features memfit
-approximates are named in the row (`approx`): torch.compile ignored (an upper bound), paged optimizer state counted
-resident, a data-dependent sequence length taken as `ASSUMED_SEQ`, option keys memfit lacks dropped.
+approximates are named in the row (`approx`): torch.compile ignored (an upper bound), a data-dependent sequence
+length taken as `ASSUMED_SEQ`, option keys memfit lacks dropped. What the row states and memfit's recipe cannot,
+the suite models here, from the cited runs' code: bitsandbytes' paged optimizer state (outside torch's allocator,
+`PagedState`), an optimizer that steps 16-bit tensors in place (`precision.update: in-place`), and a per-layer
+update hook that steps every micro-batch (`run.grad_accum_memory`: gradients never accumulate).
 """
 
 from __future__ import annotations
@@ -27,13 +30,65 @@ ASSUMED_SEQ = 512
 
 APPROXIMATED = {
     "compile": "torch.compile ignored (fused kernels save less: the prediction is an upper bound)",
-    "optim.paged": "paged optimizer state counted as resident on the GPU",
     "seq.data-dependent": f"sequence length not published: {ASSUMED_SEQ} tokens assumed",
 }
 """Features memfit lacks but can bound, with the assumption stated in the row."""
 
-SUPPORTED = {"model.config", "runtime.cuda", "arch.opt"}
-"""Features of `rows.yaml: features` that memfit has now (precisions are read off the recipe schema)."""
+SUPPORTED = {"model.config", "runtime.cuda", "arch.opt", "optim.paged", "optim.state-dtype-fp32-over-bf16-weights"}
+"""Features of `rows.yaml: features` that memfit has now (precisions are read off the recipe schema), or that this
+suite models from the row: paged optimizer state (`PagedState`), bnb 32-bit state over bf16 weights (the row's
+`state_dtype: fp32` stepped in place, `InPlaceUpdate`)."""
+
+SUITE_KEYS = {"paged"}
+"""Technique keys memfit's configs lack that this suite models itself (`PagedState`)."""
+
+PAGED_MIN_NUMEL = 100_000
+"""bitsandbytes pages a state tensor only for parameters of at least 1e5 values (`Optimizer8bit.get_state_buffer`:
+`if not self.is_paged or p.numel() < 1e5: torch.zeros_like(...)`); smaller ones stay on the allocator."""
+
+
+class PagedState:
+    """bitsandbytes paged optimizer state (`PagedAdamW8bit`, `paged_adamw_32bit`, ...): `F.get_paged` allocates it
+    with `cudaMallocManaged` (CUDA unified memory), outside torch's caching allocator, and the driver evicts its
+    pages to host memory under pressure. So it is in none of torch's counters (`max_memory_allocated`, `active_bytes`,
+    `max_memory_reserved`), and it need not fit beside the tensors (the authors' "8B full fine-tune on a 24 GB 4090":
+    15 GiB of bf16 weights + 15 GiB of 8-bit state). Composed last: the optimizer category of what bnb pages leaves
+    the device (`paged` keeps the bytes, reported beside the row); the update runs in bnb's kernels, so the step's
+    transients go with it (`estimate.optimizer_step_transients` is 0 without resident state)."""
+
+    order = 10**6
+    paged = 0
+
+    def transform_spec(self, spec):
+        return spec
+
+    def estimate(self, spec, base):
+        trainable = spec.model.trainable
+        total = sum(p.numel for p in trainable)
+        big = sum(p.numel for p in trainable if p.numel >= PAGED_MIN_NUMEL)
+        self.paged = int(base.optimizer * big / total) if total else 0
+        return base.with_(optimizer=base.optimizer - self.paged)
+
+    def step_phases(self, spec, breakdown):
+        return None
+
+
+def in_place(technique):
+    """The row's optimizer steps its 16-bit tensors in place (`precision.update: in-place`): torch's fused AdamW on
+    bf16 parameters (state in the parameter's dtype, rounded to nearest, no temporaries), bitsandbytes' 8-/32-bit
+    kernels (GaLore's `GaLoreAdamW8bit`, `paged_adamw_32bit`), as those runs did — not memfit's own bf16-true update
+    (an fp32 working copy per parameter and stochastic rounding). The inner technique's estimate is used with its
+    state in `state_dtype` when the row sets one (else the parameter's dtype)."""
+    from memfit.optim.precision import PrecisionTechnique
+
+    if not isinstance(technique, PrecisionTechnique):
+        return technique
+
+    class InPlace(PrecisionTechnique):
+        def transform_spec(self, spec):
+            return self.inner.transform_spec(self._state_view(spec))
+
+    return InPlace(technique.inner, master_weights=False, true_low=False)
 
 UNIT_BYTES = {"GiB": 2**30, "G": 2**30, "GB": 10**9}
 """Bytes per unit when the source does not fix it (`unit_base: unknown`): "G" as torch's GiB, "GB" as 10⁹."""
@@ -54,7 +109,7 @@ def _slot_value(slot: str, value: Any, approx: list[str]) -> Any:
     if value is None or isinstance(value, str):
         return value
     fields = technique_class(slot, value["name"]).Config.model_fields
-    dropped = [k for k in value if k not in fields]
+    dropped = [k for k in value if k not in fields and k not in SUITE_KEYS]
     if dropped:
         approx.append(f"{slot} {value['name']}: {', '.join(dropped)} dropped")
     return {k: v for k, v in value.items() if k in fields}
@@ -81,6 +136,7 @@ def express(row: dict) -> tuple[dict | None, list[str], list[str]]:
     if row["other"].get("compile") and APPROXIMATED["compile"] not in approx:
         approx.append(APPROXIMATED["compile"])
     seq = row["run"]["seq_len"] or ASSUMED_SEQ
+    accum = row["run"].get("grad_accum_memory", row["run"]["grad_accum"])
     try:
         slots = {slot: _slot_value(slot, row.get(slot), approx) for slot in ("optimizer", "adapter", "weights",
                                                                                 "step")}
@@ -89,14 +145,16 @@ def express(row: dict) -> tuple[dict | None, list[str], list[str]]:
         return None, [f"technique: {exc}"], approx
     recipe = {"name": row["id"], "task": row["task"], "model": {"path": str(HERE / row["model"]["config"])},
               "data": {"kind": "text", "paths": ["(published run)"], "block_size": seq},
-              "train": {"batch_size": row["run"]["batch_size"], "grad_accum": row["run"]["grad_accum"],
+              "train": {"batch_size": row["run"]["batch_size"], "grad_accum": accum,
                         "precision": precision, "device": "cuda"},
               **{k: v for k, v in slots.items() if v is not None and v != []}}
     return recipe, [], approx
 
 
-def predict(recipe: dict) -> dict[str, int]:
-    """Predicted bytes on CUDA: tensor peak, the allocator's reserved peak, the device's peak (context included)."""
+def predict(recipe: dict, row: dict | None = None) -> dict[str, int]:
+    """Predicted bytes on CUDA: tensor peak, the allocator's reserved peak, the device's peak (context included),
+    and the optimizer state bitsandbytes pages outside the allocator (`paged`, not in the others). `row` adds
+    what the recipe cannot say: the optimizer stepping 16-bit tensors in place, paged optimizer state."""
     import torch
 
     from memfit.memory.estimate import estimate_step
@@ -107,9 +165,14 @@ def predict(recipe: dict) -> dict[str, int]:
     rec = load_recipe(recipe)
     spec = spec_for(rec, meta_model(rec), device=torch.device("cuda"))
     techniques = rec.techniques()
-    breakdown, tensors = estimate_step(spec, techniques)
+    row = row or {}
+    if row.get("precision", {}).get("update") == "in-place":
+        techniques = [in_place(t) if t.slot == "optimizer" else t for t in techniques]
+    paged = PagedState() if (row.get("optimizer") or {}).get("paged") else None
+    breakdown, tensors = estimate_step(spec, techniques + ([paged] if paged else []))
     _, device = with_runtime(breakdown, tensors, spec, techniques)
-    return {"tensors": tensors, "reserved": cuda_reserved(tensors), "device": device}
+    return {"tensors": tensors, "reserved": cuda_reserved(tensors), "device": device,
+            "paged": paged.paged if paged else 0}
 
 
 def compared(row: dict, predicted: dict[str, int]) -> int:
@@ -150,7 +213,8 @@ def table_row(row: dict) -> dict:
     if recipe is None:
         return {**out, "memfit_gib": None, "ratio": None, "verdict": "missing: " + "; ".join(missing)}
     try:
-        pred = compared(row, predict(recipe))
+        predicted = predict(recipe, row)
+        pred = compared(row, predicted)
     except Exception as exc:  # an estimate memfit cannot make for this model: say so
         return {**out, "memfit_gib": None, "ratio": None, "verdict": f"cannot estimate: {str(exc).splitlines()[0]}"}
     kind = row["published"]["kind"]
@@ -158,6 +222,8 @@ def table_row(row: dict) -> dict:
     verdict = {"measured_peak": f"{ratio - 1:+.1%}", "fits_on_card": "fits" if pred <= pub else "PREDICTED NOT TO FIT",
                "fits_within": "fits" if pred <= pub else "PREDICTED ABOVE",
                "does_not_fit_on_card": "does not fit" if pred > pub else "PREDICTED TO FIT"}[kind]
+    if predicted["paged"]:
+        approx.append(f"{predicted['paged'] / GiB:.2f} GiB of optimizer state paged (unified memory, off the allocator)")
     return {**out, "memfit_gib": round(pred / GiB, 2), "ratio": round(ratio, 3),
             "verdict": verdict + (f" (approx: {'; '.join(approx)})" if approx else "")}
 
