@@ -34,10 +34,12 @@ APPROXIMATED = {
 }
 """Features memfit lacks but can bound, with the assumption stated in the row."""
 
-SUPPORTED = {"model.config", "runtime.cuda", "arch.opt", "optim.paged", "optim.state-dtype-fp32-over-bf16-weights"}
+SUPPORTED = {"model.config", "runtime.cuda", "arch.opt", "optim.paged", "optim.state-dtype-fp32-over-bf16-weights",
+             "master_weights.active-block-fp32"}
 """Features of `rows.yaml: features` that memfit has now (precisions are read off the recipe schema), or that this
 suite models from the row: paged optimizer state (`PagedState`), bnb 32-bit state over bf16 weights (the row's
-`state_dtype: fp32` stepped in place, `InPlaceUpdate`)."""
+`state_dtype: fp32` stepped in place, `in_place`), BAdam's fp32 master of the active block (`precision.master: fp32`:
+memfit's `train.master_weights: fp32` keeps a master of what trains, which under `adapter: badam` is that block)."""
 
 SUITE_KEYS = {"paged"}
 """Technique keys memfit's configs lack that this suite models itself (`PagedState`)."""
@@ -125,7 +127,9 @@ def express(row: dict) -> tuple[dict | None, list[str], list[str]]:
     for feature in row["memfit_missing"]:
         if feature in SUPPORTED or feature.startswith("precision."):
             continue
-        if feature in APPROXIMATED:
+        if feature == "seq.data-dependent" and row["run"]["seq_len"]:
+            approx.append(f"sequence length set by the data: its bound {row['run']['seq_len']} taken (an upper bound)")
+        elif feature in APPROXIMATED:
             approx.append(APPROXIMATED[feature])
         else:
             missing.append(f"{feature}: {features.get(feature, feature)}")
@@ -146,7 +150,8 @@ def express(row: dict) -> tuple[dict | None, list[str], list[str]]:
     recipe = {"name": row["id"], "task": row["task"], "model": {"path": str(HERE / row["model"]["config"])},
               "data": {"kind": "text", "paths": ["(published run)"], "block_size": seq},
               "train": {"batch_size": row["run"]["batch_size"], "grad_accum": accum,
-                        "precision": precision, "device": "cuda"},
+                        "precision": precision, "device": "cuda",
+                        **({"master_weights": row["precision"]["master"]} if row["precision"].get("master") else {})},
               **{k: v for k, v in slots.items() if v is not None and v != []}}
     return recipe, [], approx
 
