@@ -35,11 +35,62 @@ APPROXIMATED = {
 """Features memfit lacks but can bound, with the assumption stated in the row."""
 
 SUPPORTED = {"model.config", "runtime.cuda", "arch.opt", "optim.paged", "optim.state-dtype-fp32-over-bf16-weights",
-             "master_weights.active-block-fp32"}
+             "master_weights.active-block-fp32", "sharding.fsdp", "sharding.zero3", "sharding.ddp-buckets",
+             "offload.params-cpu-streaming"}
 """Features of `rows.yaml: features` that memfit has now (precisions are read off the recipe schema), or that this
 suite models from the row: paged optimizer state (`PagedState`), bnb 32-bit state over bf16 weights (the row's
 `state_dtype: fp32` stepped in place, `in_place`), BAdam's fp32 master of the active block (`precision.master: fp32`:
-memfit's `train.master_weights: fp32` keeps a master of what trains, which under `adapter: badam` is that block)."""
+memfit's `train.master_weights: fp32` keeps a master of what trains, which under `adapter: badam` is that block),
+sharding over N GPUs: FSDP2 / ZeRO-3 by memfit's per-rank estimate (`memory.sharding.estimate_rank`), DDP as a
+whole replica plus its gradient buckets (`DDPBuckets`), ZO2's host-streamed blocks by memfit's `step: zo2` with the
+blocks the original keeps on the GPU at once (`other.blocks_on_device`, `BlocksOnDevice`)."""
+
+SHARDED = {"fsdp2-full-shard", "zero3"}
+"""`run.sharding` values predicted per rank by `estimate_rank` (ZeRO-3 partitions as FSDP2's full shard does)."""
+
+
+class BlocksOnDevice:
+    """Decoder blocks a streaming run keeps on the device at once beyond the one memfit's `step: zo2` counts. ZO2
+    with `overlap: all` (zo2/model/huggingface/opt/mezo_sgd/zo2.py, the block loop) offloads block i-2, computes
+    block i-1 and uploads block i on three CUDA streams, so three blocks are resident while a block runs."""
+
+    order = 10**6
+
+    def __init__(self, blocks: int) -> None:
+        self.blocks = blocks
+
+    def transform_spec(self, spec):
+        return spec
+
+    def estimate(self, spec, base):
+        from memfit.zo.zo2 import _in_block
+
+        per_block = sum(p.nbytes for p in spec.model.params if _in_block(p.name)) // max(spec.model.n_layers, 1)
+        return base.with_(parameters=base.parameters + (self.blocks - 1) * per_block)
+
+    def step_phases(self, spec, breakdown):
+        return None
+
+
+class DDPBuckets:
+    """torch DDP's reducer: every rank holds the whole model, and its gradient buckets are flat tensors as large as
+    all the trainable gradients together, allocated when DDP wraps the model and kept (torch docs,
+    `DistributedDataParallel(gradient_as_bucket_view=False)`, the default: "the saved memory size will be equal
+    to the total gradients size" when it is True). Composed last, into `other` (alive throughout a step)."""
+
+    order = 10**6
+
+    def transform_spec(self, spec):
+        return spec
+
+    def estimate(self, spec, base):
+        from memfit.memory.estimate import gradient_bytes
+
+        return base.with_(other=base.other + gradient_bytes(spec))
+
+    def step_phases(self, spec, breakdown):
+        return None
+
 
 SUITE_KEYS = {"paged"}
 """Technique keys memfit's configs lack that this suite models itself (`PagedState`)."""
@@ -133,8 +184,11 @@ def express(row: dict) -> tuple[dict | None, list[str], list[str]]:
             approx.append(APPROXIMATED[feature])
         else:
             missing.append(f"{feature}: {features.get(feature, feature)}")
-    if row["run"]["nproc"] > 1 and not any("sharding" in m for m in missing):
-        missing.append(f"{row['run']['nproc']} GPUs")
+    run = row["run"]
+    if run["nproc"] > 1 and run["sharding"] not in SHARDED | {"ddp"} and not any("sharding" in m for m in missing):
+        missing.append(f"{run['nproc']} GPUs")
+    if not run["batch_size"]:
+        missing.append("run.batch_size: not published")
     if missing:
         return None, missing, approx
     if row["other"].get("compile") and APPROXIMATED["compile"] not in approx:
@@ -149,7 +203,8 @@ def express(row: dict) -> tuple[dict | None, list[str], list[str]]:
         return None, [f"technique: {exc}"], approx
     recipe = {"name": row["id"], "task": row["task"], "model": {"path": str(HERE / row["model"]["config"])},
               "data": {"kind": "text", "paths": ["(published run)"], "block_size": seq},
-              "train": {"batch_size": row["run"]["batch_size"], "grad_accum": accum,
+              "train": {"batch_size": run["batch_size"] * (run["nproc"] if run["sharding"] in SHARDED else 1),
+                        "grad_accum": accum,
                         "precision": precision, "device": "cuda",
                         **({"master_weights": row["precision"]["master"]} if row["precision"].get("master") else {})},
               **{k: v for k, v in slots.items() if v is not None and v != []}}
@@ -174,7 +229,17 @@ def predict(recipe: dict, row: dict | None = None) -> dict[str, int]:
     if row.get("precision", {}).get("update") == "in-place":
         techniques = [in_place(t) if t.slot == "optimizer" else t for t in techniques]
     paged = PagedState() if (row.get("optimizer") or {}).get("paged") else None
-    breakdown, tensors = estimate_step(spec, techniques + ([paged] if paged else []))
+    parts = techniques + ([paged] if paged else []) + ([DDPBuckets()] if row.get("run", {}).get("sharding") == "ddp"
+                                                       else [])
+    if (row.get("other") or {}).get("blocks_on_device"):
+        parts.append(BlocksOnDevice(row["other"]["blocks_on_device"]))
+    if row.get("run", {}).get("sharding") in SHARDED:
+        from memfit.memory.sharding import estimate_rank
+
+        rank = estimate_rank(spec, parts, row["run"]["nproc"])
+        breakdown, tensors = rank.breakdown, rank.peak
+    else:
+        breakdown, tensors = estimate_step(spec, parts)
     _, device = with_runtime(breakdown, tensors, spec, techniques)
     return {"tensors": tensors, "reserved": cuda_reserved(tensors), "device": device,
             "paged": paged.paged if paged else 0}
@@ -190,10 +255,17 @@ def compared(row: dict, predicted: dict[str, int]) -> int:
     return predicted["device"]
 
 
+CARD_KINDS = {"fits_on_card", "does_not_fit_on_card"}
+"""Claims about a card: its size in "GB" is binary (NVIDIA's "80 GB" A100 has 81920 MiB, the "24 GB" RTX 3090
+24576 MiB, as nvidia-smi reports), so a card's capacity is read in GiB whatever unit the text uses."""
+
+
 def published_bytes(row: dict) -> float:
     pub = row["published"]
     base = pub.get("unit_base")
-    return pub["value"] * (base if isinstance(base, int) else UNIT_BYTES[pub["unit"]])
+    if isinstance(base, int):
+        return pub["value"] * base
+    return pub["value"] * (GiB if pub["kind"] in CARD_KINDS else UNIT_BYTES[pub["unit"]])
 
 
 def _peer(row: dict, tool: str, published_gib: float) -> tuple[str, float | None]:
