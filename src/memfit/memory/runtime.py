@@ -178,6 +178,15 @@ def cuda_reserved(tensor_peak: int) -> int:
     return tensor_peak + CUBLAS_WORKSPACE + int(CUDA_RESERVE_FRACTION * tensor_peak)
 
 
+def cuda_needed(tensor_peak: int) -> int:
+    """Device bytes a step needs so that no allocation fails: its tensors, the context and the cuBLAS workspace.
+    The caching allocator's reserve above that (`CUDA_RESERVE_FRACTION`) is reclaimable: before raising an
+    out-of-memory error it frees its cached unused blocks and retries (c10/cuda/CUDACachingAllocator.cpp, `malloc`:
+    `release_available_cached_blocks`, then `release_cached_blocks`), so only fragmentation inside segments that
+    hold live blocks is not; a run whose `cuda_needed` is at or just under the card can still fail on that."""
+    return tensor_peak + CUDA_CONTEXT + CUBLAS_WORKSPACE
+
+
 def with_runtime(breakdown: MemoryBreakdown, tensor_peak: int, spec: RunSpec,
                  techniques: Sequence = ()) -> tuple[MemoryBreakdown, int]:
     """(`breakdown` with its `runtime` category filled, predicted process / device peak)."""
