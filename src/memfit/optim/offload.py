@@ -18,8 +18,8 @@ which creates each unit's state in memory and then copies it into its file: two 
 
 Any optimizer whose update runs in `step()` and keeps per-parameter state works (memfit's AdamW, 8-bit AdamW,
 Adam-mini, GaLore family, APOLLO, FRUGAL, SCALE, SGD), plain or wrapped in `memfit.distributed.optim`'s
-`ShardedOptimizer` (each rank offloads the state it holds). Refused: layer-wise updates and LOMO/AdaLomo (they
-update inside backward), 16-bit weight storage / `state_dtype` (the precision wrapper re-creates state per
+`ShardedOptimizer` (each rank offloads the state it holds). Refused: layer-wise updates (inside backward; LOMO and
+AdaLomo have no `offload` key), 16-bit weight storage / `state_dtype` (the precision wrapper re-creates state per
 step), CUDA parameters (the state would have to be staged on the device; not built).
 
 Files are created under a temporary name and renamed once complete; a unit whose state changes layout gets a new
@@ -58,7 +58,6 @@ STATE_DIR = "optimizer-state"
 """The folder under a run directory that holds the state files (`memfit.rundir.RUN_FILES` lists it)."""
 ALIGN = 64  # bytes: each state tensor starts on a cache line inside its unit's file
 PAGE = mmap.PAGESIZE
-IN_BACKWARD = ("lomo", "adalomo")
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14 (not in Python 3.11's mmap module)
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if os.name == "posix" else None
 
@@ -428,7 +427,7 @@ class DiskOffloadTechnique(WrappedTechnique):
     memory story: no optimizer state held but the units being stepped (`staged_bytes`)."""
 
     def __init__(self, inner: OptimizerTechnique) -> None:
-        if inner.name in IN_BACKWARD or getattr(inner.config, "layerwise", False):
+        if getattr(inner.config, "layerwise", False):
             raise ConfigError(f"optimizer '{inner.name}' updates inside backward (layer-wise), where its state is "
                               "needed parameter by parameter; optimizer.offload: disk steps whole units after "
                               "backward: use a whole-step optimizer or offload: none")
