@@ -10,7 +10,9 @@ Rows (each from `memfit.train.train`, the run path users run):
   the run's tokens/s against one process's (2 ranks share this machine's cores).
 - `disk`: the recipe on one process with AdamW's state in memory and with `optimizer.offload: disk`
   (`memfit.optim.offload`), each in a fresh process so its process peak (VmHWM over the measured steps) is its
-  own: the peak fall against the offloaded bytes, the losses (bit-equal expected) and tokens/s.
+  own: the peak fall against the offloaded bytes, the losses (bit-equal expected) and tokens/s; and the optimizer
+  step alone (`step`): in memory, from disk without and with the next unit prefetched. A 2-rank ZeRO-3 run with
+  the state on disk shows each rank's process peak against the in-memory ranks'.
 """
 
 from __future__ import annotations
@@ -79,10 +81,13 @@ def rank_rows(opts: BenchOptions) -> list[dict]:
              "model_state": state, "tensor_peak": single["memory"]["peak"]["total"],
              "estimate_peak": single["estimate_peak"], "process_peak": single["memory"]["process_peak"],
              "tokens_per_s": round(single["tokens_per_s"], 1)}]
-    for reshard, name in ((True, "ZeRO-3"), (False, "ZeRO-2")):
+    in_memory: dict[int, int] = {}  # each rank's process peak, ZeRO-3 with the state in memory
+    for reshard, name, offload in ((True, "ZeRO-3", "none"), (True, "ZeRO-3 + offload: disk", "disk"),
+                                   (False, "ZeRO-2", "none")):
         if not reshard and opts.quick:
             continue
-        runs = spawn(_train, 2, _recipe(opts, distributed={"reshard_after_forward": reshard}))
+        runs = spawn(_train, 2, _recipe(opts, distributed={"reshard_after_forward": reshard},
+                                        optimizer={"offload": offload}))
         predicted = estimate_rank(built.spec, built.techniques, 2, reshard)
         ranks = runs[0]["memory"]["notes"]["ranks"]  # every rank's report, gathered by rank 0
         for rank in ranks:
@@ -96,10 +101,13 @@ def rank_rows(opts: BenchOptions) -> list[dict]:
                 "tensor_peak": rank["tensor_peak"], "estimate_peak": predicted.peak,
                 "measured_vs_predicted": round(rank["tensor_peak"] / predicted.peak, 3),
                 "process_peak": rank["process_peak"],
+                "process_peak_fall": in_memory[rank["rank"]] - rank["process_peak"] if offload == "disk" else None,
                 "tokens_per_s": round(runs[0]["tokens_per_s"], 1),
                 "tokens_per_s_vs_1": round(runs[0]["tokens_per_s"] / single["tokens_per_s"], 3),
                 "losses_vs_1": max(abs(a - b) for a, b in zip(runs[rank["rank"]]["losses"], single["losses"])),
             })
+            if reshard and offload == "none":
+                in_memory[rank["rank"]] = rank["process_peak"]
     return rows
 
 
@@ -119,7 +127,7 @@ def disk_rows(opts: BenchOptions) -> list[dict]:
     from memfit.train.build import build_model_and_data
 
     model, _ = build_model_and_data(recipe)
-    spec = run_spec(recipe, model, "cpu")
+    spec = run_spec(recipe, model)
     offloaded, staged = sum(technique.unit_state_bytes(spec)), technique.staged_bytes(spec)
     for name, run in (("adamw, state in memory", memory), ("adamw, offload: disk", disk)):
         on_disk = run is disk
@@ -139,10 +147,53 @@ def disk_rows(opts: BenchOptions) -> list[dict]:
     return rows
 
 
+def _step_seconds(recipe: dict, offload: str, prefetch: bool, steps: int) -> float:
+    """Seconds per optimizer step alone (gradients fixed, the state made by a first untimed step)."""
+    import time
+
+    import torch
+
+    from memfit.optim.offload import DiskStateOptimizer
+    from memfit.recipe import load_recipe
+    from memfit.train.build import build_model_and_data
+
+    model, _ = build_model_and_data(load_recipe(recipe))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    if offload == "disk":
+        opt = DiskStateOptimizer(opt, model, prefetch=prefetch)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        opt.step()
+    seconds = (time.perf_counter() - t0) / steps
+    if offload == "disk":
+        opt.close()
+    return seconds
+
+
+def step_rows(opts: BenchOptions) -> list[dict]:
+    """The optimizer step alone: in memory, from disk without and with the next unit prefetched."""
+    recipe = _recipe(opts)
+    steps = 5 if opts.quick else 20
+    base = _step_seconds(recipe, "none", False, steps)
+    rows = []
+    for name, offload, prefetch in (("adamw step, state in memory", "none", False),
+                                    ("adamw step, offload: disk, no prefetch", "disk", False),
+                                    ("adamw step, offload: disk", "disk", True)):
+        seconds = base if offload == "none" else _step_seconds(recipe, offload, prefetch, steps)
+        rows.append({"section": "disk", "method": name, "ranks": 1, "step_ms": round(seconds * 1e3, 2),
+                     "step_time_vs_memory": round(seconds / base, 2)})
+    return rows
+
+
 def run(opts: BenchOptions) -> list[dict]:
     rows: list[dict] = []
     if opts.wants("ranks"):
         record_all(opts, rows, rank_rows(opts))
     if opts.wants("disk"):
         record_all(opts, rows, disk_rows(opts))
+    if opts.wants("step"):
+        record_all(opts, rows, step_rows(opts))
     return rows
