@@ -183,3 +183,23 @@ def test_units_are_blocks_then_each_other_parameter():
     assert offload_units(names) == [["model.layers.0.a.weight", "model.layers.0.b.weight"],
                                     ["model.layers.1.a.weight"], ["model.embed_tokens.weight"],
                                     ["model.norm.weight"], ["lm_head.weight"]]
+
+
+def test_popping_a_parameters_state_drops_it_on_disk_too():
+    """LISA / BAdam free a deactivated layer's state with `optimizer.state.pop(p)`: it must restart from zero, as
+    in memory."""
+    data = batches(6)
+    runs = []
+    for disk in (False, True):
+        torch.manual_seed(0)
+        model = tiny()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        if disk:
+            opt = DiskStateOptimizer(opt, model)
+        losses = train(model, opt, data[:3])
+        for p in model.model.layers[0].parameters():
+            opt.state.pop(p, None)
+        runs.append(losses + train(model, opt, data[3:]))
+        if disk:
+            opt.close()
+    assert runs[0] == runs[1]

@@ -309,6 +309,23 @@ class DiskStateOptimizer(WrappedOptimizer):
     def folder(self) -> Path | None:
         return self.files.folder
 
+    @property
+    def state(self):
+        """The state held in memory (none between steps); `pop(p)` also drops `p`'s state on disk (LISA and
+        BAdam free a deactivated layer's state so)."""
+        return _StateView(self)
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    def _forget(self, p: torch.Tensor) -> bool:
+        for u, unit in enumerate(self.units):
+            for i, q in enumerate(unit):
+                if q is p and u in self.files.units:
+                    return self.files.units[u].templates.pop(i, None) is not None
+        return False
+
     def offloaded_bytes(self) -> int:
         """Bytes of optimizer state in files now."""
         return sum(f.nbytes for f in self.files.units.values())
@@ -401,6 +418,20 @@ class DiskStateOptimizer(WrappedOptimizer):
         self.optimizer.load_state_dict(state_dict)
         for u in range(len(self.units)):
             self._take(u)
+
+
+class _StateView(dict):
+    """`DiskStateOptimizer.state`: the inner optimizer's state in memory; `pop` frees a parameter's state in memory
+    and on disk (its file region is reclaimed when the unit's file is next rewritten)."""
+
+    def __init__(self, owner: DiskStateOptimizer) -> None:
+        super().__init__(owner.optimizer.state)
+        self.owner = owner
+
+    def pop(self, p, default=None):
+        on_disk = self.owner._forget(p)
+        held = self.owner.optimizer.state.pop(self.owner._key(p), None)
+        return held if held is not None else ({} if on_disk else default)
 
 
 def _shutdown(files: _Files, pool: ThreadPoolExecutor | None) -> None:
