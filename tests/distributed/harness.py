@@ -128,8 +128,10 @@ TECHNIQUE_RUNS: dict[str, dict] = {
                                            "train": {"precision": "bf16"}},
     "checkpointing_galore": {"activations": [{"name": "checkpointing"}],
                              "optimizer": {"name": "galore", "lr": 1e-3, "rank": 8, "update_proj_gap": 2}},
+    # state on disk through the run path (per-rank memory meter on the wrapper, files per rank)
+    "adamw_offload_disk": {"optimizer": {"name": "adamw", "lr": 1e-3, "offload": "disk"}},
 }
-"""Adapters and activation techniques through the whole run path (`memfit.train.train`) under FSDP2."""
+"""Adapters, activation techniques and disk offload through the whole run path (`memfit.train.train`) under FSDP2."""
 
 
 def technique_recipe(name: str, data: str) -> dict:

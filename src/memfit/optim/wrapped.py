@@ -4,6 +4,8 @@ the wrapped optimizer's groups and state; `WrappedTechnique`: the optimizer tech
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from memfit.memory.breakdown import MemoryBreakdown
@@ -18,12 +20,13 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         # Optimizer.__init__ is not called: groups, defaults and state are the wrapped optimizer's
         self.optimizer = optimizer
-        self._optimizer_step_pre_hooks: dict = {}
-        self._optimizer_step_post_hooks: dict = {}
-        self._optimizer_state_dict_pre_hooks: dict = {}
-        self._optimizer_state_dict_post_hooks: dict = {}
-        self._optimizer_load_state_dict_pre_hooks: dict = {}
-        self._optimizer_load_state_dict_post_hooks: dict = {}
+        # OrderedDicts, as torch's own: hook handles keep weak references to them (memory trackers register hooks)
+        self._optimizer_step_pre_hooks: dict = OrderedDict()
+        self._optimizer_step_post_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
 
     @property
     def param_groups(self) -> list[dict]:

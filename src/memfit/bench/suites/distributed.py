@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from memfit.bench.harness import BenchOptions, record_all
@@ -66,7 +67,8 @@ def _single_state(run: dict) -> int:
     return peaks["parameters"] + peaks["gradients"] + run["optimizer_state"]
 
 
-def rank_rows(opts: BenchOptions) -> list[dict]:
+def rank_rows(opts: BenchOptions) -> Iterator[list[dict]]:
+    """The rows of each run (one process, then each 2-rank run), as each finishes."""
     from memfit.distributed.runtime import spawn
     from memfit.memory.sharding import estimate_rank
     from memfit.recipe import load_recipe
@@ -81,6 +83,7 @@ def rank_rows(opts: BenchOptions) -> list[dict]:
              "model_state": state, "tensor_peak": single["memory"]["peak"]["total"],
              "estimate_peak": single["estimate_peak"], "process_peak": single["memory"]["process_peak"],
              "tokens_per_s": round(single["tokens_per_s"], 1)}]
+    yield rows
     in_memory: dict[int, int] = {}  # each rank's process peak, ZeRO-3 with the state in memory
     for reshard, name, offload in ((True, "ZeRO-3", "none"), (True, "ZeRO-3 + offload: disk", "disk"),
                                    (False, "ZeRO-2", "none")):
@@ -90,6 +93,7 @@ def rank_rows(opts: BenchOptions) -> list[dict]:
                                         optimizer={"offload": offload}))
         predicted = estimate_rank(built.spec, built.techniques, 2, reshard)
         ranks = runs[0]["memory"]["notes"]["ranks"]  # every rank's report, gathered by rank 0
+        rows = []
         for rank in ranks:
             rows.append({
                 "section": "ranks", "method": f"2 ranks {name}, rank {rank['rank']}", "ranks": 2,
@@ -108,7 +112,7 @@ def rank_rows(opts: BenchOptions) -> list[dict]:
             })
             if reshard and offload == "none":
                 in_memory[rank["rank"]] = rank["process_peak"]
-    return rows
+        yield rows
 
 
 def disk_rows(opts: BenchOptions) -> list[dict]:
@@ -191,7 +195,8 @@ def step_rows(opts: BenchOptions) -> list[dict]:
 def run(opts: BenchOptions) -> list[dict]:
     rows: list[dict] = []
     if opts.wants("ranks"):
-        record_all(opts, rows, rank_rows(opts))
+        for done in rank_rows(opts):
+            record_all(opts, rows, done)
     if opts.wants("disk"):
         record_all(opts, rows, disk_rows(opts))
     if opts.wants("step"):
