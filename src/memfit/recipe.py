@@ -157,7 +157,7 @@ class Recipe(_Strict):
                     raise ConfigError(f"step '{owner.name}' is its own optimizer: remove `optimizer: {t.name}` (and "
                                       f"its options) from the recipe and set lr / weight_decay under `step:`")
             built = [t for t in built if t.slot != "optimizer"]
-        return [self._precision_optimizer(t) if t.slot == "optimizer" else t for t in built]
+        return [self._offload_optimizer(self._precision_optimizer(t)) if t.slot == "optimizer" else t for t in built]
 
     def _precision_optimizer(self, t: Technique) -> Technique:
         """The optimizer run through `optim/precision.py` when weights are stored in 16 bits (master copy or
@@ -176,6 +176,19 @@ class Recipe(_Strict):
         from memfit.optim.precision import PrecisionTechnique
 
         return PrecisionTechnique(t, master_weights=master, true_low=policy.true_low)
+
+    def _offload_optimizer(self, t: Technique) -> Technique:
+        """The optimizer with `offload: disk`: its state in memory-mapped files (`optim/offload.py`)."""
+        if getattr(t.config, "offload", "none") != "disk":
+            return t
+        from memfit.optim.offload import DiskOffloadTechnique
+        from memfit.optim.precision import PrecisionTechnique
+
+        if isinstance(t, PrecisionTechnique):
+            raise ConfigError(f"optimizer.offload: disk runs the optimizer on fp32 (or bf16-mixed) weights with its "
+                              f"own state dtype; precision {self.train.precision} / state_dtype step each parameter "
+                              f"through an fp32 copy: drop one of them")
+        return DiskOffloadTechnique(t)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -24,7 +24,7 @@ MARKER = ".memfit-run"
 METRICS = "metrics.jsonl"
 # Everything `memfit train` writes into a run directory; `--overwrite` removes these and nothing else.
 RUN_FILES = (MARKER, "recipe.yaml", METRICS, "memory.json", "report.html", "loss.png", "memory.png", "checkpoints",
-             "model")
+             "model", "optimizer-state")
 
 
 def is_run(path: Path) -> bool:

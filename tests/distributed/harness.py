@@ -37,6 +37,9 @@ OPTIMIZERS: dict[str, dict] = {
     "scale": {"name": "scale", "lr": 1e-3},
     "adamw_layerwise": {"name": "adamw", "lr": 1e-3, "layerwise": True},
     "galore_layerwise": {"name": "galore", "lr": 1e-3, "rank": 8, "update_proj_gap": 4, "layerwise": True},
+    # state on disk (memfit.optim.offload), each rank its own files: local shards and owner-held matrices
+    "adamw_disk": {"name": "adamw", "lr": 1e-3, "offload": "disk"},
+    "galore_disk": {"name": "galore", "lr": 1e-3, "rank": 8, "update_proj_gap": 4, "offload": "disk"},
 }
 
 
@@ -60,13 +63,16 @@ def rank_rows(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def build_optimizer(model: torch.nn.Module, spec: dict, sharded: bool):
-    """The optimizer a run builds for `spec` (sharded: wrapped for FSDP2; layer-wise outermost)."""
+    """The optimizer a run builds for `spec` (sharded: wrapped for FSDP2; disk offload or layer-wise outermost)."""
     from memfit.distributed.optim import ShardedOptimizer
+    from memfit.optim.offload import DiskStateOptimizer
 
     technique = build_technique("optimizer", spec)
     opt = technique.build_optimizer(Context(model=model, spec=None))
     if sharded:
         opt = ShardedOptimizer(opt, model)
+    if spec.get("offload") == "disk":
+        opt = DiskStateOptimizer(opt, model)
     if spec.get("layerwise"):
         opt = make_layerwise(opt, model)
     return opt
@@ -92,9 +98,11 @@ def train_steps(model, opt, steps: range, sharded: bool) -> list[float]:
 
 
 def reference_losses(name: str, steps: int) -> list[float]:
+    """One process, state in memory (the reference for the sharded and the disk-offloaded runs)."""
     torch.manual_seed(0)
     model = tiny()
-    return train_steps(model, build_optimizer(model, OPTIMIZERS[name], sharded=False), range(steps), False)
+    spec = {k: v for k, v in OPTIMIZERS[name].items() if k != "offload"}
+    return train_steps(model, build_optimizer(model, spec, sharded=False), range(steps), False)
 
 
 def sharded_model(ctx, reshard_after_forward: bool = True, precision: str = "32-true"):
@@ -120,8 +128,10 @@ TECHNIQUE_RUNS: dict[str, dict] = {
                                            "train": {"precision": "bf16"}},
     "checkpointing_galore": {"activations": [{"name": "checkpointing"}],
                              "optimizer": {"name": "galore", "lr": 1e-3, "rank": 8, "update_proj_gap": 2}},
+    # state on disk through the run path (per-rank memory meter on the wrapper, files per rank)
+    "adamw_offload_disk": {"optimizer": {"name": "adamw", "lr": 1e-3, "offload": "disk"}},
 }
-"""Adapters and activation techniques through the whole run path (`memfit.train.train`) under FSDP2."""
+"""Adapters, activation techniques and disk offload through the whole run path (`memfit.train.train`) under FSDP2."""
 
 
 def technique_recipe(name: str, data: str) -> dict:

@@ -13,8 +13,9 @@ from memfit.distributed import checkpoint
 from memfit.distributed.runtime import init_distributed
 from tests.distributed import harness as H
 
-CHECKPOINT_OPTIMIZERS = ("adamw_8bit", "galore_8bit", "apollo", "galore_layerwise")
-"""Local 8-bit codes and scales, owner-held projectors and 8-bit moments, seeds and norms, layer-wise extras."""
+CHECKPOINT_OPTIMIZERS = ("adamw_8bit", "galore_8bit", "apollo", "galore_layerwise", "adamw_disk")
+"""Local 8-bit codes and scales, owner-held projectors and 8-bit moments, seeds and norms, layer-wise extras,
+state in files."""
 SAME_GRADIENTS = {name: {**spec, "free_lr_ratio": 1.0} if spec["name"] == "frugal" else spec
                   for name, spec in H.OPTIMIZERS.items() if not spec.get("layerwise")}
 """Every optimizer at its defaults (FRUGAL's free_lr_ratio back to 1), stepped on identical gradients."""

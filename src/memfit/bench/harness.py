@@ -138,7 +138,8 @@ def write_results(suite: str, rows: list[dict], opts: BenchOptions, seconds: flo
 
 
 _BYTE_KEYS = ("optimizer_state", "process_peak", "estimate_peak", "estimate_optimizer", "max_gradients",
-              "max_optimizer")
+              "max_optimizer", "model_state", "predicted_model_state", "tensor_peak", "offloaded", "predicted_fall",
+              "process_peak_fall")
 
 
 def _fmt(key: str, value: Any) -> str:

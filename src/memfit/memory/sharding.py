@@ -132,12 +132,12 @@ def sharded_bytes(root: list[ParamInfo], blocks: list[list[ParamInfo]], world: i
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
-def block_names(params: Iterable[ParamInfo]) -> list[str]:
+def block_names(params: Iterable[ParamInfo | str]) -> list[str]:
     """The FSDP2 units `shard_model` makes, read off parameter names: each child of the outermost numbered list
     (`model.layers.3`, `base_model.model.model.layers.3`), in order."""
     names: list[str] = []
     for p in params:
-        m = _BLOCK.match(p.name)
+        m = _BLOCK.match(p if isinstance(p, str) else p.name)
         if m and m.group(1) not in names:
             names.append(m.group(1))
     return names

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -20,6 +21,7 @@ class OptimizerConfig(TechniqueConfig):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     layerwise: bool = False  # update each parameter inside backward (frees its gradient at once)
+    offload: Literal["none", "disk"] = "none"  # disk: state in memory-mapped files, stepped unit by unit (optim/offload.py)
 
 
 def is_no_decay(name: str, shape: tuple[int, ...]) -> bool:

@@ -30,7 +30,7 @@ from memfit.memory.arch.parts import F32
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.precision import TORCH_DTYPES
 from memfit.memory.spec import DTYPE_BYTES, RunSpec
-from memfit.optim.wrapped import WrappedOptimizer
+from memfit.optim.wrapped import WrappedOptimizer, WrappedTechnique
 from memfit.techniques.base import Context, OptimizerTechnique
 
 
@@ -178,16 +178,14 @@ def wrap_for_precision(optimizer: torch.optim.Optimizer, *, master_weights: bool
                               state_dtype=state_dtype, seed=seed)
 
 
-class PrecisionTechnique(OptimizerTechnique):
+class PrecisionTechnique(WrappedTechnique):
     """The recipe's optimizer technique, run through `PrecisionOptimizer` (the recipe puts it in the optimizer
     slot's place when weights are stored in 16 bits or `state_dtype` is set); its memory story: the inner
     optimizer's state as if its parameters were fp32 (or `state_dtype`), the master copy, one parameter's fp32
     copies as the step's transients."""
 
     def __init__(self, inner: OptimizerTechnique, master_weights: bool, true_low: bool) -> None:
-        super().__init__(inner.config)
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.master_weights = master_weights and true_low
         self.true_low = true_low
         self.state_dtype = getattr(inner.config, "state_dtype", None)
@@ -225,31 +223,3 @@ class PrecisionTechnique(OptimizerTechnique):
         master = sum(F32 * p.numel for p in spec.model.trainable if p.bytes_per_element != F32) \
             if self.master_weights else 0
         return out.with_(optimizer=out.optimizer + master, gradients=base.gradients)
-
-    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown):
-        return self.inner.step_phases(spec, breakdown)
-
-    def state_dict(self) -> dict:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
-
-    # the inner technique's own hooks run unchanged
-    def check(self, ctx: Context) -> None:
-        self.inner.check(ctx)
-
-    def apply(self, ctx: Context) -> None:
-        self.inner.apply(ctx)
-
-    def wrap_loss(self, loss_fn, ctx: Context):
-        return self.inner.wrap_loss(loss_fn, ctx)
-
-    def wrap_forward_backward(self, fb, ctx: Context):
-        return self.inner.wrap_forward_backward(fb, ctx)
-
-    def on_step_start(self, ctx: Context) -> None:
-        self.inner.on_step_start(ctx)
-
-    def on_step_end(self, ctx: Context, metrics: dict) -> None:
-        self.inner.on_step_end(ctx, metrics)

@@ -22,6 +22,7 @@ from memfit.memory.estimate import estimate_step
 from memfit.memory.sharding import estimate_rank
 from memfit.memory.runtime import with_runtime
 from memfit.memory.measure import MemoryMeter, MemoryReport, state_bytes
+from memfit.optim import offload
 from memfit.progress import Ticker, note
 from memfit.recipe import Recipe
 import memfit.train.checkpoint as ckpt
@@ -105,6 +106,7 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
         if par is not None:
             par.barrier()  # every rank checked before rank 0 creates anything
     built = build_run(recipe, par=par)
+    offload.use_run_dir(built.ctx.optimizer, run_dir)  # optimizer.offload: disk keeps its files in the run dir
     if par is None:
         estimate, estimate_peak = estimate_step(built.spec, built.techniques)
     else:  # what each rank holds and peaks at
@@ -120,6 +122,7 @@ def train(recipe: Recipe, run_dir: Path | str | None = None, resume: bool = Fals
     result = _result(built, state, final, estimate, estimate_peak, run_dir)
     if run_dir is not None:
         _finish_run_dir(run_dir, built, result)
+    offload.close(built.ctx.optimizer)
     return result
 
 

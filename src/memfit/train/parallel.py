@@ -131,8 +131,10 @@ def build_optimizer(opt_tech, ctx):
     """The optimizer slot's optimizer on the sharded parameters (`ShardedOptimizer`; layer-wise outermost)."""
     from memfit.distributed.optim import OWNER, ShardedOptimizer
     from memfit.optim.layerwise import make_layerwise
+    from memfit.optim.offload import DiskOffloadTechnique
 
-    sharded = ShardedOptimizer(opt_tech.build_optimizer(ctx), ctx.model)
+    disk = opt_tech if isinstance(opt_tech, DiskOffloadTechnique) else None  # sharded first, then offloaded
+    sharded = ShardedOptimizer((disk.inner if disk else opt_tech).build_optimizer(ctx), ctx.model)
     slots = list(sharded.slots.values())
     on_host = sharded.mesh.device_type == "cuda" and any(s.param.to_local().device.type == "cpu" for s in slots)
     owned = [s.name for s in slots if s.placement == OWNER]
@@ -142,7 +144,7 @@ def build_optimizer(opt_tech, ctx):
                           "adamw_8bit with offload, or offload: none")
     if getattr(opt_tech.config, "layerwise", False):
         return make_layerwise(sharded, ctx.model, max_grad_norm=ctx.grad_clip)
-    return sharded
+    return disk.wrap(sharded, ctx.model) if disk else sharded
 
 
 # --- memory ----------------------------------------------------------------------------------------------------
