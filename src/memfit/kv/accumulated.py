@@ -7,7 +7,7 @@ a token sits.
 
 Decoding adds one token and evicts one, so after the cache is full it stores `budget + 1` slots: the `budget` kept
 tokens and the slot of the token evicted last (`stale`, one index per batch row and head). A decode step writes the
-new token into that slot (`scatter_`, no copy of the cache), attention reads all `budget + 1` slots — the kept
+new token into that slot (`index_copy_`, no copy of the cache), attention reads all `budget + 1` slots — the kept
 tokens and the new one, as with an append — and eviction only picks the next stale slot (an `argmin` over the
 tokens outside the recent window). Keys are then in slot order, not position order; attention does not depend on
 the order of the keys it reads (they carry their rotary position), so outputs equal the append-and-gather ones up
@@ -27,7 +27,14 @@ POS_BYTES = 4  # int32 position per slot and head
 
 
 class AccumulatedScoreLayer(PolicyLayer):
-    """Recent window + best accumulated score; `budget + 1` slots once full, decode steps in place."""
+    """Recent window + best accumulated score; `budget + 1` slots once full, decode steps in place.
+
+    Decode hot path (issue 15: H2O decoded at 0.84× transformers' sliding window): once full, the slots' storage never
+    changes, so the layer keeps flat (rows · slots, ...) views of keys, values, scores and positions (`_flat`) and
+    the stale slot as a flat index (`stale`, one per batch row and head): a step is two `index_copy_`, two
+    `index_fill_`, one in-place add of the attention and one masked `argmin` — no allocation beyond the argmin's
+    temporaries and no Python loop.
+    """
 
     needs_attention = True
 
@@ -36,7 +43,9 @@ class AccumulatedScoreLayer(PolicyLayer):
         self.recent = recent
         self.scores: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
-        self.stale: torch.Tensor | None = None  # (B, H_kv) slot of the token evicted last, or None
+        self.stale: torch.Tensor | None = None  # (B · H_kv,) flat slot of the token evicted last, or None
+        self._flat: tuple[torch.Tensor, ...] | None = None  # keys, values, scores, pos over (B · H_kv · slots)
+        self._rows: torch.Tensor | None = None  # (B · H_kv,) flat index of each row's first slot
 
     def row_scores(self, probs: torch.Tensor) -> torch.Tensor:
         return probs
@@ -49,15 +58,18 @@ class AccumulatedScoreLayer(PolicyLayer):
         if key_states.shape[-2] != 1 or self.stale is None:
             self._drop_stale()
             return super().update(key_states, value_states)
-        slot = self.stale[..., None]
-        index = slot[..., None].expand(-1, -1, 1, key_states.shape[-1])
-        self.keys.scatter_(2, index, key_states)
-        self.values.scatter_(2, index, value_states)
-        self.scores.scatter_(2, slot, 0.0)
-        self.pos.scatter_(2, slot, self.seen)
+        keys, values, scores, pos = self._flat
+        keys.index_copy_(0, self.stale, key_states.reshape(-1, key_states.shape[-1]))
+        values.index_copy_(0, self.stale, value_states.reshape(-1, value_states.shape[-1]))
+        scores.index_fill_(0, self.stale, 0.0)
+        pos.index_fill_(0, self.stale, self.seen)
         self.seen += 1
         self.stale = None
         return self.keys, self.values
+
+    def _stale_slots(self) -> torch.Tensor:
+        """The stale slot of each batch row and head, (B, H_kv)."""
+        return (self.stale - self._rows).view(self.keys.shape[:2])
 
     def _drop_stale(self) -> None:
         """Compact the slots without the stale one (before a multi-token forward)."""
@@ -65,13 +77,14 @@ class AccumulatedScoreLayer(PolicyLayer):
             return
         slots = super().stored
         ar = torch.arange(slots - 1, device=self.keys.device)
-        idx = torch.where(ar >= self.stale[..., None], ar + 1, ar)
+        idx = torch.where(ar >= self._stale_slots()[..., None], ar + 1, ar)
         self.stale = None
         self._gather(idx)
 
     def _gather(self, idx: torch.Tensor) -> None:
         self.keys, self.values = gather_tokens(self.keys, idx), gather_tokens(self.values, idx)
         self.scores, self.pos = self.scores.gather(2, idx), self.pos.gather(2, idx)
+        self._flat = None
 
     def on_append(self, n: int) -> None:
         b, h = self.keys.shape[:2]
@@ -80,13 +93,14 @@ class AccumulatedScoreLayer(PolicyLayer):
         pos = torch.arange(self.seen - n, self.seen, dtype=torch.int32, device=device).expand(b, h, n)
         self.scores = new if self.scores is None else torch.cat([self.scores, new], dim=-1)
         self.pos = pos.contiguous() if self.pos is None else torch.cat([self.pos, pos], dim=-1)
+        self._flat = None
 
     def observe_attention(self, probs: torch.Tensor) -> None:
-        self.scores += self.row_scores(probs).sum(dim=(2, 3))
+        scores = self.row_scores(probs)
+        b, h, group, q, k = scores.shape
+        # one query of one head per KV head (decode, no GQA): the rows are the scores, no reduction needed
+        self.scores += scores.view(b, h, k) if group * q == 1 else scores.sum(dim=(2, 3))
         self.evict()
-
-    def _protected(self) -> torch.Tensor:
-        return self.pos >= self.seen - min(self.recent, self.budget)
 
     def evict(self) -> None:
         slots = super().stored
@@ -94,15 +108,24 @@ class AccumulatedScoreLayer(PolicyLayer):
             return
         if slots > self.budget + 1:
             self._gather(keep_top(self.scores, self.budget + 1, self._protected()))
-        self.stale = self.scores.masked_fill(self._protected(), float("inf")).argmin(dim=-1)
+        if self._flat is None:  # the slots' storage is fixed from here until the next multi-token forward
+            d = self.keys.shape[-1]
+            self._flat = (self.keys.view(-1, d), self.values.view(-1, d), self.scores.view(-1), self.pos.view(-1))
+            rows = self.keys.shape[0] * self.keys.shape[1]
+            self._rows = torch.arange(0, rows * (self.budget + 1), self.budget + 1, device=self.keys.device)
+        shielded = self.scores.masked_fill(self._protected(), float("inf"))
+        self.stale = shielded.argmin(dim=-1).view(-1).add_(self._rows)
+
+    def _protected(self) -> torch.Tensor:
+        return self.pos >= self.seen - min(self.recent, self.budget)
 
     def kept(self) -> torch.Tensor:
         """Positions (B, H_kv, stored) of the tokens kept, ascending (the stale slot left out)."""
-        pos = self.pos if self.stale is None else self.pos.scatter(2, self.stale[..., None], -1)
+        pos = self.pos if self.stale is None else self.pos.scatter(2, self._stale_slots()[..., None], -1)
         return pos.sort(dim=-1).values[..., int(self.stale is not None):]
 
     def reset_stats(self) -> None:
-        self.scores = self.pos = self.stale = None
+        self.scores = self.pos = self.stale = self._flat = self._rows = None
 
     def stats_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return (self.scores, self.pos)

@@ -265,7 +265,11 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Non
                           "attn_implementation='eager' (memfit generate --attn eager)")
     b, h_q, q, k = probs.shape
     h_kv = layer.keys.shape[1]
-    layer.observe_attention(probs.detach().float().view(b, h_kv, h_q // h_kv, q, k))
+    if probs.requires_grad:
+        probs = probs.detach()
+    if probs.dtype != torch.float32:
+        probs = probs.float()
+    layer.observe_attention(probs.view(b, h_kv, h_q // h_kv, q, k))
     cache._awaiting.discard(module.layer_idx)
 
 

@@ -42,10 +42,10 @@ class KeyformerLayer(AccumulatedScoreLayer):
             self.generator = torch.Generator(device=probs.device).manual_seed(self.seed)
         tau = self.tau_init + (self.tau_end - self.tau_init) * min(1.0, self.steps / self.tau_steps)
         self.steps += 1
-        uniform = torch.rand(probs.shape, generator=self.generator, device=probs.device).clamp_(1e-10, 1 - 1e-10)
-        gumbel = -torch.log(-torch.log(uniform))
-        logits = torch.log(probs)  # -inf where masked: those stay at zero score
-        return torch.softmax((logits + gumbel) / tau, dim=-1)
+        # Gumbel noise is -log E with E ~ Exp(1), so (log p + ζ) / τ = log(p / E) / τ: three ops fewer per layer and
+        # step than -log(-log U) (decode speed, issue 15); log p = -inf where masked, which keeps a zero score.
+        exp_noise = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-10)
+        return torch.softmax(probs.div(exp_noise).log_().div_(tau), dim=-1)
 
     def reset_stats(self) -> None:
         super().reset_stats()
@@ -58,7 +58,7 @@ class Keyformer(AccumulatedScorePolicy):
 
     name = "keyformer"
     Config = KeyformerConfig
-    score_copies = 6  # uniform noise, the two logs of the Gumbel noise, log-probabilities, their sum / tau, softmax
+    score_copies = 3  # the exponential noise, p / noise (logged and scaled in place), the softmax
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
         c = self.config
