@@ -17,11 +17,15 @@ slot, append, keep the top `budget + 1` (recent window protected) and mark the w
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Optional
 
 import torch
+from pydantic import Field, model_validator
+from torch import nn
 
-from memfit.kv.base import SCORE_BYTES, KVPolicy, PolicyLayer, dense_bytes, gather_tokens, keep_top
+from memfit.errors import ConfigError
+from memfit.kv.base import (SCORE_BYTES, BudgetConfig, KVPolicy, PolicyCache, PolicyLayer, dense_bytes,
+                            gather_tokens, keep_top, kv_geometry)
 
 POS_BYTES = 4  # int32 position per slot and head
 
@@ -50,9 +54,13 @@ class AccumulatedScoreLayer(PolicyLayer):
     def row_scores(self, probs: torch.Tensor) -> torch.Tensor:
         return probs
 
+    def slots(self) -> int:
+        """Token slots held: the kept tokens plus, once full, the stale slot."""
+        return super().stored
+
     @property
     def stored(self) -> int:
-        return super().stored - (self.stale is not None)
+        return self.slots() - (self.stale is not None)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if key_states.shape[-2] != 1 or self.stale is None:
@@ -75,7 +83,7 @@ class AccumulatedScoreLayer(PolicyLayer):
         """Compact the slots without the stale one (before a multi-token forward)."""
         if self.stale is None:
             return
-        slots = super().stored
+        slots = self.slots()
         ar = torch.arange(slots - 1, device=self.keys.device)
         idx = torch.where(ar >= self._stale_slots()[..., None], ar + 1, ar)
         self.stale = None
@@ -103,7 +111,7 @@ class AccumulatedScoreLayer(PolicyLayer):
         self.evict()
 
     def evict(self) -> None:
-        slots = super().stored
+        slots = self.slots()
         if slots <= self.budget:
             return
         if slots > self.budget + 1:
@@ -138,9 +146,26 @@ def scored_bytes(tokens: int, budget: int, batch: int, kv_heads: int, head_dim: 
     return dense_bytes(slots, batch, kv_heads, head_dim, elem) + batch * kv_heads * slots * (SCORE_BYTES + POS_BYTES)
 
 
+class AccumulatedConfig(BudgetConfig):
+    """Options shared by H2O and Keyformer: `quant` stores the kept tokens KIVI-quantized
+    (`memfit.kv.quantized_slots`; `--kv-quant kivi4`), the last `quant_residual` of them in full precision."""
+
+    quant: Optional[Literal["kivi2", "kivi4", "kivi8"]] = None
+    quant_residual: int = Field(32, gt=0, description="with quant: most recent tokens kept in full precision (at "
+                                "most the recent window)")
+    quant_group: int = Field(32, gt=0, description="with quant: channels per quantization group (capped at head_dim)")
+
+    @model_validator(mode="after")
+    def _quant_needs_recent(self):
+        if self.quant is not None and getattr(self, "recent_ratio", 1) <= 0:
+            raise ValueError("quant needs recent_ratio > 0: the full-precision residual lives in the recent window")
+        return self
+
+
 class AccumulatedScorePolicy(KVPolicy):
     """A recent window plus the best-scored other tokens (`AccumulatedScoreLayer`; H2O, Keyformer): `budget`
-    tokens per layer and head, `config.recent_ratio` of them the most recent (at least one if the ratio is > 0)."""
+    tokens per layer and head, `config.recent_ratio` of them the most recent (at least one if the ratio is > 0);
+    with `config.quant`, the kept tokens stored KIVI-quantized (`QuantizedScoreLayer`)."""
 
     needs_attention = True
 
@@ -148,5 +173,55 @@ class AccumulatedScorePolicy(KVPolicy):
         budget, ratio = self.config.budget, self.config.recent_ratio
         return min(budget, max(1, round(budget * ratio))) if ratio > 0 else 0
 
+    # --- quantized storage (config.quant) -----------------------------------------------------------------
+    def quant_bits(self) -> int | None:
+        from memfit.kv.quantized_slots import QUANT_BITS
+
+        return QUANT_BITS[self.config.quant] if self.config.quant else None
+
+    def quant_residual(self) -> int:
+        return min(self.config.quant_residual, self.recent())
+
+    def quant_group(self, head_dim: int) -> int:
+        return min(self.config.quant_group, head_dim)
+
+    def check_model(self, model: nn.Module) -> None:
+        super().check_model(model)
+        bits = self.quant_bits()
+        if bits is None:
+            return
+        _, _, head_dim = kv_geometry(model)
+        group = self.quant_group(head_dim)
+        if head_dim % group:
+            raise ConfigError(f"{self.name}: quant_group ({group}) must divide head_dim ({head_dim})")
+        if (head_dim * bits) % 8:
+            raise ConfigError(f"{self.name}: head_dim ({head_dim}) × {bits} bits must fill whole bytes")
+
+    def make_cache(self, model: nn.Module) -> PolicyCache:
+        self._head_dim = kv_geometry(model)[2]
+        return super().make_cache(model)
+
+    def scored_layer(self, plain: type, quantized: type, **options: Any) -> PolicyLayer:
+        """A layer of class `plain`, or of `quantized` (its `QuantizedScoreLayer` form) when `config.quant` is set."""
+        c = self.config
+        if c.quant is None:
+            return plain(c.budget, self.recent(), **options)
+        return quantized(c.budget, self.recent(), self.quant_bits(), self.quant_residual(),
+                         self.quant_group(self._head_dim), **options)
+
     def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
-        return scored_bytes(tokens, self.config.budget, batch, kv_heads, head_dim, elem)
+        if self.config.quant is None:
+            return scored_bytes(tokens, self.config.budget, batch, kv_heads, head_dim, elem)
+        from memfit.kv.quantized_slots import quantized_bytes
+
+        return quantized_bytes(tokens, self.config.budget, self.quant_residual(), self.quant_bits(),
+                               self.quant_group(head_dim), batch, kv_heads, head_dim, elem)
+
+    def update_overshoot(self, layer_idx, n_layers, past, chunk, batch, kv_heads, head_dim, elem) -> int:
+        """Unquantized: see `KVPolicy`. Quantized: the dequantized past, the concatenated keys/values attention
+        reads, the unpacked codes, and the chunk's tokens in full precision until they are quantized."""
+        if self.config.quant is None:
+            return super().update_overshoot(layer_idx, n_layers, past, chunk, batch, kv_heads, head_dim, elem)
+        return (dense_bytes(past, batch, kv_heads, head_dim, elem) + dense_bytes(past + chunk, batch, kv_heads,
+                head_dim, elem) + dense_bytes(chunk, batch, kv_heads, head_dim, elem)
+                + 2 * batch * kv_heads * past * head_dim)

@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from memfit.kv.accumulated import AccumulatedScoreLayer, AccumulatedScorePolicy
-from memfit.kv.base import BudgetConfig, PolicyLayer
+from memfit.kv.accumulated import AccumulatedConfig, AccumulatedScoreLayer, AccumulatedScorePolicy
+from memfit.kv.base import PolicyLayer
+from memfit.kv.quantized_slots import QuantizedScoreLayer
 
 
-class KeyformerConfig(BudgetConfig):
+class KeyformerConfig(AccumulatedConfig):
     name: str = "keyformer"
     recent_ratio: float = Field(0.3, ge=0, le=1, description="share of the budget kept for the most recent tokens")
     tau_init: float = Field(1.0, gt=0)
@@ -53,6 +54,10 @@ class KeyformerLayer(AccumulatedScoreLayer):
         self.generator = None
 
 
+class QuantizedKeyformerLayer(QuantizedScoreLayer, KeyformerLayer):
+    """Keyformer's scores, KIVI-quantized storage (`memfit.kv.quantized_slots`)."""
+
+
 class Keyformer(AccumulatedScorePolicy):
     """Recent window + key tokens by accumulated Gumbel-softmax score; `budget` tokens per layer and head."""
 
@@ -62,4 +67,5 @@ class Keyformer(AccumulatedScorePolicy):
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
         c = self.config
-        return KeyformerLayer(c.budget, self.recent(), c.tau_init, c.tau_end, c.tau_steps, c.seed + layer_idx)
+        return self.scored_layer(KeyformerLayer, QuantizedKeyformerLayer, tau_init=c.tau_init, tau_end=c.tau_end,
+                                 tau_steps=c.tau_steps, seed=c.seed + layer_idx)
