@@ -14,6 +14,7 @@ POLICIES = [
     {"name": "keyformer", "budget": 20},
     {"name": "h2o", "budget": 20, "quant": "kivi4", "quant_residual": 4},
     {"name": "h2o", "budget": 20, "quant": "kivi8"},
+    {"name": "adakv", "budget": 20},
     {"name": "keyformer", "budget": 20, "quant": "kivi2", "quant_residual": 3, "quant_group": 8},
     {"name": "snapkv", "budget": 20, "window": 6},
     {"name": "pyramid", "budget": 20, "window": 6},
