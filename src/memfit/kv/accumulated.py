@@ -50,6 +50,9 @@ class AccumulatedScoreLayer(PolicyLayer):
         self.stale: torch.Tensor | None = None  # (B · H_kv,) flat slot of the token evicted last, or None
         self._flat: tuple[torch.Tensor, ...] | None = None  # keys, values, scores, pos over (B · H_kv · slots)
         self._rows: torch.Tensor | None = None  # (B · H_kv,) flat index of each row's first slot
+        self._stack: LayerStack | None = None  # scores/pos shared with the other layers while decoding
+        self._pending = False  # attention observed; the eviction runs for all layers after the forward
+        self._reset_done = False  # the batched eviction already reset the stale slot's score and position
 
     def row_scores(self, probs: torch.Tensor) -> torch.Tensor:
         return probs
@@ -66,11 +69,16 @@ class AccumulatedScoreLayer(PolicyLayer):
         if key_states.shape[-2] != 1 or self.stale is None:
             self._drop_stale()
             return super().update(key_states, value_states)
+        if self._pending:  # the batched eviction did not run (no forward of the model that owns the hooks)
+            self._pending = False
+            self.evict()
         keys, values, scores, pos = self._flat
         keys.index_copy_(0, self.stale, key_states.reshape(-1, key_states.shape[-1]))
         values.index_copy_(0, self.stale, value_states.reshape(-1, value_states.shape[-1]))
-        scores.index_fill_(0, self.stale, 0.0)
-        pos.index_fill_(0, self.stale, self.seen)
+        if not self._reset_done:
+            scores.index_fill_(0, self.stale, 0.0)
+            pos.index_fill_(0, self.stale, self.seen)
+        self._reset_done = False
         self.seen += 1
         self.stale = None
         return self.keys, self.values
@@ -92,7 +100,7 @@ class AccumulatedScoreLayer(PolicyLayer):
     def _gather(self, idx: torch.Tensor) -> None:
         self.keys, self.values = gather_tokens(self.keys, idx), gather_tokens(self.values, idx)
         self.scores, self.pos = self.scores.gather(2, idx), self.pos.gather(2, idx)
-        self._flat = None
+        self._flat = self._stack = None
 
     def on_append(self, n: int) -> None:
         b, h = self.keys.shape[:2]
@@ -101,13 +109,16 @@ class AccumulatedScoreLayer(PolicyLayer):
         pos = torch.arange(self.seen - n, self.seen, dtype=torch.int32, device=device).expand(b, h, n)
         self.scores = new if self.scores is None else torch.cat([self.scores, new], dim=-1)
         self.pos = pos.contiguous() if self.pos is None else torch.cat([self.pos, pos], dim=-1)
-        self._flat = None
+        self._flat = self._stack = None
 
     def observe_attention(self, probs: torch.Tensor) -> None:
         scores = self.row_scores(probs)
         b, h, group, q, k = scores.shape
         # one query of one head per KV head (decode, no GQA): the rows are the scores, no reduction needed
         self.scores += scores.view(b, h, k) if group * q == 1 else scores.sum(dim=(2, 3))
+        if self._stack is not None and self.stale is None and self.slots() == self.budget + 1:
+            self._pending = True  # decode step: `evict_together` evicts every layer at once after the forward
+            return
         self.evict()
 
     def evict(self) -> None:
@@ -133,10 +144,70 @@ class AccumulatedScoreLayer(PolicyLayer):
         return pos.sort(dim=-1).values[..., int(self.stale is not None):]
 
     def reset_stats(self) -> None:
-        self.scores = self.pos = self.stale = self._flat = self._rows = None
+        self.scores = self.pos = self.stale = self._flat = self._rows = self._stack = None
+        self._pending = self._reset_done = False
+
+    stackable = True  # `evict_together` may share this layer's scores with the other layers' (see `LayerStack`)
+
+    @staticmethod
+    def evict_together(cache: PolicyCache) -> None:
+        """After a forward (`PolicyCache.after_forward`): evict every layer of a decode step at once. Once every layer
+        is full and decoding in place, their scores and positions move into one `LayerStack`; the stack lasts until a
+        multi-token forward reallocates a layer."""
+        layers = cache.layers
+        stack = cache.shared
+        if stack is not None and not stack.intact():
+            stack = cache.shared = None
+        if stack is None:
+            first = layers[0]
+            if len(layers) > 1 and all(
+                    type(layer).stackable and layer._flat is not None and layer.stale is not None
+                    and (layer.budget, layer.recent, layer.seen) == (first.budget, first.recent, first.seen)
+                    and layer.scores.shape == first.scores.shape for layer in layers):
+                cache.shared = LayerStack(layers)
+            return
+        if all(layer._pending for layer in layers):
+            stack.evict()
+        else:
+            for layer in layers:
+                if layer._pending:
+                    layer._pending = False
+                    layer.evict()
 
     def stats_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return (self.scores, self.pos)
+
+
+class LayerStack:
+    """The scores and positions of all layers in one (L, B, H_kv, slots) tensor each (the layers hold views), so a
+    decode step's ranking — recent-window mask, argmin, reset of the stale slots — is five ops for the whole model
+    instead of five per layer (issue 15: small per-layer ops dominated H2O's decode overhead on small models)."""
+
+    def __init__(self, layers: list[AccumulatedScoreLayer]) -> None:
+        self.layers = layers
+        self.scores = torch.stack([layer.scores for layer in layers])
+        self.pos = torch.stack([layer.pos for layer in layers])
+        first = layers[0]
+        self.rows = first._rows  # the same in every layer: row r starts at r · slots
+        per_layer = first.scores.numel()
+        self.offsets = torch.arange(0, len(layers) * per_layer, per_layer, device=self.scores.device)[:, None]
+        for i, layer in enumerate(layers):
+            layer.scores, layer.pos = self.scores[i], self.pos[i]
+            layer._flat = (*layer._flat[:2], layer.scores.view(-1), layer.pos.view(-1))
+            layer._stack = self
+
+    def intact(self) -> bool:
+        return all(layer._stack is self for layer in self.layers)
+
+    def evict(self) -> None:
+        first = self.layers[0]
+        shielded = self.scores.masked_fill(self.pos >= first.seen - min(first.recent, first.budget), float("inf"))
+        stale = shielded.argmin(dim=-1).view(len(self.layers), -1).add_(self.rows)  # per layer, its own flat index
+        flat = (stale + self.offsets).view(-1)
+        self.scores.view(-1).index_fill_(0, flat, 0.0)  # the slot's next token: no attention yet, position `seen`
+        self.pos.view(-1).index_fill_(0, flat, first.seen)
+        for layer, layer_stale in zip(self.layers, stale):
+            layer.stale, layer._pending, layer._reset_done = layer_stale, False, True
 
 
 def scored_bytes(tokens: int, budget: int, batch: int, kv_heads: int, head_dim: int, elem: int) -> int:

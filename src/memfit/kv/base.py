@@ -176,6 +176,7 @@ class PolicyCache(Cache):
         self.hooked = hooked
         self._armed: set[int] = set()  # layers whose attention pre-hook ran and whose update has not yet come
         self._awaiting: set[int] = set()  # attention-ranked layers updated but not yet shown their attention
+        self.shared: Any = None  # state the layers share across the model (`AccumulatedScoreLayer.evict_together`)
 
     @property
     def needs_attention(self) -> bool:
@@ -192,6 +193,12 @@ class PolicyCache(Cache):
             if self.layers[layer_idx].needs_attention:
                 self._awaiting.add(layer_idx)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def after_forward(self) -> None:
+        """After every forward of the model: work the layers deferred to run once for all of them."""
+        together = getattr(type(self.layers[0]), "evict_together", None) if self.layers else None
+        if together is not None:
+            together(self)
 
     def verify(self) -> None:
         """After a forward: every attention-ranked layer saw its attention and no layer holds more than its budget."""
@@ -291,6 +298,7 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Non
 def _model_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     cache = find_cache(args, kwargs)
     if cache is not None:
+        cache.after_forward()
         cache.verify()
 
 

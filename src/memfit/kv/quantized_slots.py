@@ -43,6 +43,8 @@ class QuantizedScoreLayer(AccumulatedScoreLayer):
     minimums), each (B, H_kv, quantized slots, ...); `scores`/`pos` cover the quantized slots, then the residual.
     """
 
+    stackable = False  # its own decode step (quantize + ring); ranked per layer
+
     def __init__(self, budget: int, recent: int, bits: int, residual: int, group: int, **kwargs: Any) -> None:
         super().__init__(budget, recent, **kwargs)
         self.bits, self.residual, self.group = bits, residual, group
