@@ -230,9 +230,10 @@ def test_decode_steps_write_in_place_once_full(model, prompt, name):
 
 
 @pytest.mark.parametrize("name", ["h2o", "keyformer"])
-def test_batched_decode_eviction_equals_per_layer(model, name, monkeypatch):
-    """Decode steps evict every layer at once (`LayerStack`, one argmin over all layers' scores); the tokens kept and
-    the logits equal the per-layer eviction's exactly, and the stack is in use."""
+def test_batched_decode_eviction(model, name, monkeypatch):
+    """Decode steps score and evict every layer at once (`LayerStack`). H2O: the tokens kept and the logits equal the
+    per-layer eviction's exactly. Keyformer draws its noise for all layers from one stream, so its choice differs
+    from the per-layer one; it stays deterministic and within the budget."""
     from memfit.kv.prefill import chunked_prefill
 
     ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(3))
@@ -246,11 +247,14 @@ def test_batched_decode_eviction_equals_per_layer(model, name, monkeypatch):
             for _ in range(10):
                 logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1]
                 steps.append((logits, [layer.kept() for layer in cache.layers]))
+                assert all(layer.stored == 12 for layer in cache.layers)
         return cache, steps
 
     stacked, a = run(True)
     alone, b = run(False)
     assert stacked.shared is not None and alone.shared is None
+    if name == "keyformer":
+        b = run(True)[1]
     for (la, ka), (lb, kb) in zip(a, b):
         assert torch.equal(la, lb)
         assert all(torch.equal(x, y) for x, y in zip(ka, kb))

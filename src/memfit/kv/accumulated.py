@@ -51,7 +51,7 @@ class AccumulatedScoreLayer(PolicyLayer):
         self._flat: tuple[torch.Tensor, ...] | None = None  # keys, values, scores, pos over (B · H_kv · slots)
         self._rows: torch.Tensor | None = None  # (B · H_kv,) flat index of each row's first slot
         self._stack: LayerStack | None = None  # scores/pos shared with the other layers while decoding
-        self._pending = False  # attention observed; the eviction runs for all layers after the forward
+        self._pending: torch.Tensor | None = None  # this decode step's attention, scored and evicted for all layers
         self._reset_done = False  # the batched eviction already reset the stale slot's score and position
 
     def row_scores(self, probs: torch.Tensor) -> torch.Tensor:
@@ -69,9 +69,8 @@ class AccumulatedScoreLayer(PolicyLayer):
         if key_states.shape[-2] != 1 or self.stale is None:
             self._drop_stale()
             return super().update(key_states, value_states)
-        if self._pending:  # the batched eviction did not run (no forward of the model that owns the hooks)
-            self._pending = False
-            self.evict()
+        if self._pending is not None:  # the batched eviction did not run (no forward of the model with the hooks)
+            self._evict_pending()
         keys, values, scores, pos = self._flat
         keys.index_copy_(0, self.stale, key_states.reshape(-1, key_states.shape[-1]))
         values.index_copy_(0, self.stale, value_states.reshape(-1, value_states.shape[-1]))
@@ -112,14 +111,20 @@ class AccumulatedScoreLayer(PolicyLayer):
         self._flat = self._stack = None
 
     def observe_attention(self, probs: torch.Tensor) -> None:
-        scores = self.row_scores(probs)
-        b, h, group, q, k = scores.shape
-        # one query of one head per KV head (decode, no GQA): the rows are the scores, no reduction needed
-        self.scores += scores.view(b, h, k) if group * q == 1 else scores.sum(dim=(2, 3))
         if self._stack is not None and self.stale is None and self.slots() == self.budget + 1:
-            self._pending = True  # decode step: `evict_together` evicts every layer at once after the forward
+            self._pending = probs  # decode step: `evict_together` scores and evicts every layer at once
             return
+        add_scores(self.scores, self.row_scores(probs))
         self.evict()
+
+    def _evict_pending(self) -> None:
+        probs, self._pending = self._pending, None
+        add_scores(self.scores, self.row_scores(probs))
+        self.evict()
+
+    def share_scoring(self, others: list[AccumulatedScoreLayer]) -> None:
+        """`row_scores` of this layer just scored `others`' attention too (`LayerStack`): keep their state in step."""
+
 
     def evict(self) -> None:
         slots = self.slots()
@@ -145,7 +150,7 @@ class AccumulatedScoreLayer(PolicyLayer):
 
     def reset_stats(self) -> None:
         self.scores = self.pos = self.stale = self._flat = self._rows = self._stack = None
-        self._pending = self._reset_done = False
+        self._pending, self._reset_done = None, False
 
     stackable = True  # `evict_together` may share this layer's scores with the other layers' (see `LayerStack`)
 
@@ -166,22 +171,31 @@ class AccumulatedScoreLayer(PolicyLayer):
                     and layer.scores.shape == first.scores.shape for layer in layers):
                 cache.shared = LayerStack(layers)
             return
-        if all(layer._pending for layer in layers):
+        if all(layer._pending is not None for layer in layers):
             stack.evict()
         else:
             for layer in layers:
-                if layer._pending:
-                    layer._pending = False
-                    layer.evict()
+                if layer._pending is not None:
+                    layer._evict_pending()
 
     def stats_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return (self.scores, self.pos)
 
 
+def add_scores(scores: torch.Tensor, rows: torch.Tensor) -> None:
+    """scores (..., slots) += `rows` (..., group, queries, slots) summed over the query heads of a KV head and the
+    queries; with one of each (decode, no GQA) the rows are the scores and need no reduction."""
+    *lead, group, q, k = rows.shape
+    scores += rows.view(*lead, k) if group * q == 1 else rows.sum(dim=(-3, -2))
+
+
 class LayerStack:
     """The scores and positions of all layers in one (L, B, H_kv, slots) tensor each (the layers hold views), so a
-    decode step's ranking — recent-window mask, argmin, reset of the stale slots — is five ops for the whole model
-    instead of five per layer (issue 15: small per-layer ops dominated H2O's decode overhead on small models)."""
+    decode step's scoring and ranking — the scores' update (Keyformer: its noise), recent-window mask, argmin, reset
+    of the stale slots — run once for the whole model instead of once per layer (issue 15: small per-layer ops
+    dominated H2O's and Keyformer's decode overhead on small models). The layers hand their attention over in
+    `observe_attention`; `evict` runs after the forward (`PolicyCache.after_forward`). Keyformer then draws one
+    noise tensor for all layers from the first layer's generator (the same distribution, another stream)."""
 
     def __init__(self, layers: list[AccumulatedScoreLayer]) -> None:
         self.layers = layers
@@ -201,13 +215,16 @@ class LayerStack:
 
     def evict(self) -> None:
         first = self.layers[0]
+        probs = torch.stack([layer._pending for layer in self.layers])  # (L, B, H_kv, group, queries, slots)
+        add_scores(self.scores, first.row_scores(probs))
+        first.share_scoring(self.layers[1:])
         shielded = self.scores.masked_fill(self.pos >= first.seen - min(first.recent, first.budget), float("inf"))
         stale = shielded.argmin(dim=-1).view(len(self.layers), -1).add_(self.rows)  # per layer, its own flat index
         flat = (stale + self.offsets).view(-1)
         self.scores.view(-1).index_fill_(0, flat, 0.0)  # the slot's next token: no attention yet, position `seen`
         self.pos.view(-1).index_fill_(0, flat, first.seen)
         for layer, layer_stale in zip(self.layers, stale):
-            layer.stale, layer._pending, layer._reset_done = layer_stale, False, True
+            layer.stale, layer._pending, layer._reset_done = layer_stale, None, True
 
 
 def scored_bytes(tokens: int, budget: int, batch: int, kv_heads: int, head_dim: int, elem: int) -> int:

@@ -43,10 +43,15 @@ class KeyformerLayer(AccumulatedScoreLayer):
             self.generator = torch.Generator(device=probs.device).manual_seed(self.seed)
         tau = self.tau_init + (self.tau_end - self.tau_init) * min(1.0, self.steps / self.tau_steps)
         self.steps += 1
-        # Gumbel noise is -log E with E ~ Exp(1), so (log p + ζ) / τ = log(p / E) / τ: three ops fewer per layer and
-        # step than -log(-log U) (decode speed, issue 15); log p = -inf where masked, which keeps a zero score.
-        exp_noise = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-10)
-        return torch.softmax(probs.div(exp_noise).log_().div_(tau), dim=-1)
+        # Gumbel noise is ζ = -log E with E = -log U ~ Exp(1), so (log p + ζ) / τ = log(p / E) / τ: one logarithm
+        # fewer than log p - log(-log U), all in place (decode speed, issue 15; `exponential_` is 3× slower than
+        # `rand` + `log_` on CPU). log p = -inf where masked, which keeps a zero score.
+        exp_noise = torch.rand(probs.shape, generator=self.generator, device=probs.device).log_().neg_()
+        return torch.softmax(probs.div(exp_noise.clamp_min_(1e-10)).log_().div_(tau), dim=-1)
+
+    def share_scoring(self, others) -> None:
+        for layer in others:
+            layer.steps = self.steps
 
     def reset_stats(self) -> None:
         super().reset_stats()
