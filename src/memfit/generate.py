@@ -27,7 +27,7 @@ from memfit.memory.breakdown import MemoryBreakdown, format_bytes
 from memfit.memory.measure import MemoryMeter, MemoryReport
 from memfit.memory.spec import RunSpec, dtype_name
 
-BUDGETED = ("streaming_llm", "h2o", "snapkv", "keyformer", "pyramid")  # need a budget
+BUDGETED = ("streaming_llm", "h2o", "snapkv", "keyformer", "pyramid", "adakv")  # need a budget
 OPTIONAL_BUDGET = ("kivi",)  # take one if given
 
 

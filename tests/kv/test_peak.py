@@ -32,6 +32,7 @@ def test_2k_prompt_prefill_is_bounded_without_flags(model, long_prompt, kv, opti
 @pytest.mark.parametrize("kv, budget, options", [
     ("full", None, {}), ("gear", None, {"bits": 2, "rank": 4, "residual": 16}), ("streaming_llm", 40, {}), ("keyformer", 40, {}), ("pyramid", 40, {"window": 8}),
     ("kivi", None, {"bits": 2}), ("kivi", 64, {"bits": 4, "residual": 16}), ("gear", None, {"bits": 2, "rank": 2}),
+    ("h2o", 64, {"quant": "kivi4"}), ("adakv", 40, {}),
 ])
 def test_measured_peaks_within_the_estimate(model, kv, budget, options):
     prompt = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(1))

@@ -227,3 +227,34 @@ def test_decode_steps_write_in_place_once_full(model, prompt, name):
             token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
     assert [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers] == ptrs
     assert cache.stored_lengths() == [10, 10] and cache.get_seq_length() == prompt.shape[1] + 15
+
+
+@pytest.mark.parametrize("name", ["h2o", "keyformer"])
+def test_batched_decode_eviction(model, name, monkeypatch):
+    """Decode steps score and evict every layer at once (`LayerStack`). H2O: the tokens kept and the logits equal the
+    per-layer eviction's exactly. Keyformer draws its noise for all layers from one stream, so its choice differs
+    from the per-layer one; it stays deterministic and within the budget."""
+    from memfit.kv.prefill import chunked_prefill
+
+    ids = torch.randint(0, 256, (2, 30), generator=torch.Generator().manual_seed(3))
+
+    def run(stackable):
+        monkeypatch.setattr(AccumulatedScoreLayer, "stackable", stackable)
+        cache = build_policy(name, budget=12).make_cache(model)
+        steps = []
+        with torch.no_grad():
+            logits = chunked_prefill(model, ids, cache, 8)
+            for _ in range(10):
+                logits = model(logits.argmax(-1, keepdim=True), past_key_values=cache).logits[:, -1]
+                steps.append((logits, [layer.kept() for layer in cache.layers]))
+                assert all(layer.stored == 12 for layer in cache.layers)
+        return cache, steps
+
+    stacked, a = run(True)
+    alone, b = run(False)
+    assert stacked.shared is not None and alone.shared is None
+    if name == "keyformer":
+        b = run(True)[1]
+    for (la, ka), (lb, kb) in zip(a, b):
+        assert torch.equal(la, lb)
+        assert all(torch.equal(x, y) for x, y in zip(ka, kb))

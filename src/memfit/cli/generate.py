@@ -25,6 +25,9 @@ def generate_command(
                                             "a share of the prompt (e.g. 20%), or the cache's bytes (e.g. 64MiB: "
                                             "the most tokens whose cache fits). kivi: optional."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="kivi/gear: 2, 4 or 8 bits."),
+    kv_quant: Optional[str] = typer.Option(None, "--kv-quant", help="h2o/keyformer: store the kept tokens "
+                                           "KIVI-quantized: kivi2, kivi4 or kivi8 (--kv-budget in bytes counts the "
+                                           "quantized bytes)."),
     kv_window: Optional[int] = typer.Option(None, "--kv-window", help="snapkv/pyramid: observation window."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Weight format: int8, int4, nf4, awq."),
     quantize_embeddings: bool = typer.Option(False, "--quantize-embeddings", help="With --weights: store the "
@@ -50,7 +53,7 @@ def generate_command(
         from memfit.data.io import existing_file, read_utf8
 
         prompt = read_utf8(existing_file(prompt_file, "prompt file", "--prompt-file"), "prompt file")
-    options = {"bits": kv_bits, "window": kv_window}
+    options = {"bits": kv_bits, "window": kv_window, "quant": kv_quant}
     result = generate(model, prompt, max_new_tokens, kv=kv, kv_budget=kv_budget, kv_options=options,
                       weights=weights, quantize_embeddings=quantize_embeddings, stream=stream, attn=attn, prefill_chunk=prefill_chunk, do_sample=sample,
                       temperature=temperature, seed=seed)

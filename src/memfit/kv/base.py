@@ -123,6 +123,9 @@ class PolicyLayer(DynamicLayer):
         raise NotImplementedError(f"{type(self).__name__} does not support beam search; use greedy or sampling")
 
     # --- policy hooks ----------------------------------------------------------------------------
+    def kv_heads(self) -> int:
+        return self.keys.shape[1]
+
     @property
     def stored(self) -> int:
         return 0 if self.keys is None or self.keys.dim() < 4 else self.keys.shape[-2]
@@ -173,6 +176,7 @@ class PolicyCache(Cache):
         self.hooked = hooked
         self._armed: set[int] = set()  # layers whose attention pre-hook ran and whose update has not yet come
         self._awaiting: set[int] = set()  # attention-ranked layers updated but not yet shown their attention
+        self.shared: Any = None  # state the layers share across the model (`AccumulatedScoreLayer.evict_together`)
 
     @property
     def needs_attention(self) -> bool:
@@ -189,6 +193,12 @@ class PolicyCache(Cache):
             if self.layers[layer_idx].needs_attention:
                 self._awaiting.add(layer_idx)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def after_forward(self) -> None:
+        """After every forward of the model: work the layers deferred to run once for all of them."""
+        together = getattr(type(self.layers[0]), "evict_together", None) if self.layers else None
+        if together is not None:
+            together(self)
 
     def verify(self) -> None:
         """After a forward: every attention-ranked layer saw its attention and no layer holds more than its budget."""
@@ -238,16 +248,28 @@ def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict
     if cache is None:
         return None
     cache._armed.add(module.layer_idx)
+    layer = cache.layers[module.layer_idx]
     mask = kwargs.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        return None
     hidden = kwargs.get("hidden_states", args[0] if args else None)
-    kv_len = cache.layers[module.layer_idx].stored + hidden.shape[1]
-    if mask.shape[-1] == kv_len:
+    bias = None
+    if hasattr(layer, "attention_bias"):  # per-head lengths (AdaKV): mask each head's padding
+        dtype = mask.dtype if isinstance(mask, torch.Tensor) and mask.is_floating_point() else hidden.dtype
+        bias = layer.attention_bias(hidden.shape[1], dtype, getattr(module, "num_key_value_groups", 1))
+        if bias is not None and not (mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 4
+                                                       and mask.is_floating_point())):
+            raise ConfigError(f"KV policy {type(layer).__name__} needs an additive float attention mask "
+                              "(eager attention)")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        if bias is None:
+            return None
+        kwargs["attention_mask"] = bias  # no mask (one query): only the padding to hide
+        return args, kwargs
+    kv_len = layer.stored + hidden.shape[1]
+    if mask.shape[-1] == kv_len and bias is None:
         return None
     # The shared mask was sized for the longest layer: all stored keys are past keys (visible), and the last
     # `q` columns are the causal block of the new tokens, so a shorter layer keeps the last `kv_len` columns.
-    kwargs["attention_mask"] = mask[..., -kv_len:]
+    kwargs["attention_mask"] = mask[..., -kv_len:] if bias is None else mask[..., -kv_len:] + bias
     return args, kwargs
 
 
@@ -264,14 +286,19 @@ def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Non
                           "this attention implementation does not return; load the model with "
                           "attn_implementation='eager' (memfit generate --attn eager)")
     b, h_q, q, k = probs.shape
-    h_kv = layer.keys.shape[1]
-    layer.observe_attention(probs.detach().float().view(b, h_kv, h_q // h_kv, q, k))
+    h_kv = layer.kv_heads()
+    if probs.requires_grad:
+        probs = probs.detach()
+    if probs.dtype != torch.float32:
+        probs = probs.float()
+    layer.observe_attention(probs.view(b, h_kv, h_q // h_kv, q, k))
     cache._awaiting.discard(module.layer_idx)
 
 
 def _model_post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     cache = find_cache(args, kwargs)
     if cache is not None:
+        cache.after_forward()
         cache.verify()
 
 

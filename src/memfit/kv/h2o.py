@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from memfit.kv.accumulated import AccumulatedScoreLayer, AccumulatedScorePolicy
-from memfit.kv.base import BudgetConfig, PolicyLayer
+from memfit.kv.accumulated import AccumulatedConfig, AccumulatedScoreLayer, AccumulatedScorePolicy
+from memfit.kv.base import PolicyLayer
+from memfit.kv.quantized_slots import QuantizedScoreLayer
 
 
-class H2OConfig(BudgetConfig):
+class H2OConfig(AccumulatedConfig):
     name: str = "h2o"
     recent_ratio: float = Field(0.5, ge=0, le=1, description="share of the budget kept for the most recent tokens")
 
@@ -30,4 +31,4 @@ class H2O(AccumulatedScorePolicy):
     Config = H2OConfig
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
-        return AccumulatedScoreLayer(self.config.budget, self.recent())
+        return self.scored_layer(AccumulatedScoreLayer, QuantizedScoreLayer)

@@ -82,6 +82,7 @@ SLOTS: dict[str, dict[str, str]] = {
         "snapkv": "memfit.kv.snapkv:SnapKV",
         "keyformer": "memfit.kv.keyformer:Keyformer",
         "pyramid": "memfit.kv.pyramid:PyramidKV",
+        "adakv": "memfit.kv.adakv:AdaKV",
         "kivi": "memfit.kv.kivi:KIVI",
         "gear": "memfit.kv.gear:GEAR",
     },

@@ -48,6 +48,12 @@ POLICIES: dict[str, dict[str, Any]] = {
     "keyformer": {},
     "pyramid": {"window": 16, "kernel": 7},
 }
+COMPOSE_CASES: list[tuple[str, float | None, dict[str, Any]]] = [
+    ("kivi-4bit (no eviction)", None, {"name": "kivi", "bits": 4}),
+    ("kivi-2bit (no eviction)", None, {"name": "kivi", "bits": 2}),
+    *((f"h2o {tag}".strip(), ratio, {"name": "h2o", **({"quant": q} if q else {})})
+      for ratio in (0.5, 0.2) for tag, q in (("", None), ("+ kivi4", "kivi4"), ("+ kivi2", "kivi2"))),
+]
 KVPRESS_OF = {"streaming_llm": "streaming_llm", "snapkv": "snapkv", "pyramid": "pyramid", "h2o": "observed_attention"}
 
 
@@ -146,6 +152,15 @@ def run(opts: BenchOptions) -> list[dict]:
             t = time.perf_counter()
             ppl, kv = context_ppl(eager, policy, windows, context)
             row("context", f"kivi-{bits}bit", "memfit", 1.0, ppl, base_ppl, kv, base_kv, time.perf_counter() - t)
+    if opts.wants("compose"):  # eviction x quantization (issue 16 item 2): h2o alone, KIVI alone, both
+        for label, ratio, spec in COMPOSE_CASES:
+            budget = {"budget": round(ratio * context)} if ratio else {}
+            policy = build_policy(**spec, **budget)
+            for section, fn, base, base_bytes in (("context", context_ppl, base_ppl, base_kv),
+                                                  ("stream", stream_ppl, s_base, s_kv)):
+                t = time.perf_counter()
+                ppl, kv = fn(eager, policy, windows, context)
+                row(section, label, "memfit", ratio or 1.0, ppl, base, kv, base_bytes, time.perf_counter() - t)
     if opts.wants("kvpress"):
         record_all(opts, rows, kvpress_rows(path, windows, context, ratios, base_ppl, base_kv, (1024 if opts.quick else 2048)))
     if opts.wants("prefill"):
