@@ -98,9 +98,11 @@ def linear_inputs_bytes(spec: RunSpec) -> int:
     return out
 
 
-def compressed_bytes(spec: RunSpec, nbytes: int, bits: int) -> int:
-    """Saved float tensors re-stored at `bits` per element (scales are negligible)."""
-    return int(nbytes * bits / (8 * act_bytes(spec)))
+def compressed_bytes(spec: RunSpec, nbytes: int, bits: int, keep: float = 1.0) -> int:
+    """Saved float tensors re-stored at `bits` per element (scales are negligible); pruned to the `keep` fraction
+    of their entries, the kept ones' codes plus a bitmap of their places (`activations/_common.CompressHooks`)."""
+    n = nbytes / act_bytes(spec)
+    return int(n * keep * bits / 8 + (n / 8 if keep < 1 else 0))
 
 
 # --- the layout ------------------------------------------------------------------------------------------
@@ -115,9 +117,10 @@ class LayerPlan:
     recomputed: bool = False  # forward ran inside a checkpoint; backward recomputes what it dropped
     bits: int | None = None  # saved tensors stored at this many bits per element
     pack_scratch: int = 0  # bytes alive while a forward outside a checkpoint packs its saved tensors
+    keep: float = 1.0  # fraction of the saved tensors' entries kept (pruned by magnitude; with `bits`)
 
     def kept(self, spec: RunSpec) -> int:
-        return self.exact + (compressed_bytes(spec, self.saved, self.bits) if self.bits else self.saved)
+        return self.exact + (compressed_bytes(spec, self.saved, self.bits, self.keep) if self.bits else self.saved)
 
     def packing(self) -> int:
         return self.pack_scratch if self.bits and not self.recomputed else 0
