@@ -8,9 +8,11 @@ the smallest distances is frozen; a layer that has not trained yet counts as inf
 any measured layer is kept), so the first rounds visit every layer. Embeddings, norms outside the layers and the
 head keep training. A frozen layer saves for backward only what the gradient of its *input* needs (its linear
 layers keep no input), and SlimFit quantizes and prunes those saved activations: here to `bits` per element
-(per-channel scale and offset) and, with `keep` < 1, only the `keep` fraction of each tensor's entries of largest
-magnitude (a bitmap of their places + their codes; zeros elsewhere in backward) — both in
-`activations/_common.CompressHooks`; the trained layers keep exact activations.
+(per-channel scale and offset) and, with `keep` < 1, the attention probabilities (softmax outputs, mostly near
+zero) to the `keep` fraction of their entries of largest magnitude (a bitmap of their places + their codes; zeros
+elsewhere in backward) — both in `activations/_common.CompressHooks`; the trained layers keep exact activations.
+Pruning needs a kernel that saves the probabilities (eager attention, or SDPA's math kernel — BERT with attention
+dropout on CPU); under SDPA's fused kernel there are none and `keep` changes nothing.
 
 Distances are measured on a fixed random sample of `sample` weights per layer (the squared Frobenius distance
 estimated without bias up to the scale both terms share), so the rule holds no copy of the weights. Deactivated
@@ -43,8 +45,8 @@ class SlimFitConfig(LayerSamplerConfig):
     layers: int = Field(1, ge=1, description="unused: the number of trained layers follows freeze_ratio")
     freeze_ratio: float = Field(0.5, ge=0, lt=1, description="fraction of transformer layers frozen per round")
     bits: int | None = Field(8, description="bits per saved activation of frozen layers (8 or 4; null: exact)")
-    keep: float = Field(1.0, gt=0, le=1, description="fraction of each saved activation of frozen layers kept, by "
-                        "magnitude (the rest pruned to zero; 1: no pruning)")
+    keep: float = Field(1.0, gt=0, le=1, description="fraction of the attention probabilities frozen layers save "
+                        "that is kept, by magnitude (the rest pruned to zero; 1: no pruning)")
     sample: int = Field(4096, ge=16, description="weights per layer sampled to measure its distance")
     min_numel: int = Field(1024, ge=1, description="smaller saved tensors of frozen layers are kept as they are")
 
@@ -53,6 +55,7 @@ class SlimFit(LayerSampler):
     name = "slimfit"
     plan_options = ({},)
     needs_pretrained = True  # freezes layers by how far fine-tuning moves them
+    conflicts = ("checkpointing", "offload", "mesa", "s2a", "streambp", "wta_crs")  # re-store the same tensors
     Config = SlimFitConfig
 
     def __init__(self, config=None) -> None:
@@ -150,6 +153,7 @@ class SlimFit(LayerSampler):
         frozen = n - self.n_active(n)
         saved = layout.layer - lay.linear_inputs_bytes(spec) - frozen_norm_bytes(spec)
         bits = self.config.bits
+        probs = lay.softmax_outputs(spec)
         scratch = layout.layer + 2 * spec.tokens * spec.model.intermediate * lay.act_bytes(spec) if bits else 0
 
         def plan(i: int, p: lay.LayerPlan) -> lay.LayerPlan:
@@ -157,7 +161,7 @@ class SlimFit(LayerSampler):
             # packing a layer's tensors in forward meets the most kept bytes below it (the worst placement)
             if i < n - frozen:
                 return p
-            return replace(p, saved=saved, bits=bits, pack_scratch=scratch, keep=self.config.keep)
+            return replace(p, saved=saved, bits=bits, pack_scratch=scratch, keep=self.config.keep, probs=probs)
 
         return layout.with_layers(plan)
 
