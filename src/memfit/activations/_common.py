@@ -176,6 +176,10 @@ def wrap_forward(module: torch.nn.Module, tag: str, make_context) -> None:
     setattr(module, attr, True)
 
 
+SOFTMAX_BACKWARD = ("SoftmaxBackward0", "SafeSoftmaxBackward0")
+"""autograd nodes of softmax outputs: eager attention's, and SDPA's math kernel's `_safe_softmax`."""
+
+
 class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
     """Saved-tensor hooks that keep floating tensors saved for backward at `bits` per element (per-head scales
     for 4-D attention tensors, per-channel — last dimension — otherwise). Forward is untouched; backward sees
@@ -215,7 +219,7 @@ class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
         if not torch.isfinite(lo + scale * ((1 << self.bits) - 1)).all():
             return t  # infinite values or a range past the dtype's (an additive attention mask): kept as it is
         where = None
-        if self.keep < 1 and type(t.grad_fn).__name__ == "SoftmaxBackward0":
+        if self.keep < 1 and type(t.grad_fn).__name__ in SOFTMAX_BACKWARD:
             mask = prune(x, self.keep)
             codes, where = codes[mask], pack_bits(mask)  # the kept entries' codes, in order, and their places
         codes = pack_nibbles(codes) if self.bits == 4 else codes
