@@ -205,6 +205,7 @@ ADAPTERS = [
     {"name": "sherl", "late": 1, "reduction": 4, "train_head": True},
     {"name": "slimfit", "freeze_ratio": 0.5},
     {"name": "slimfit", "freeze_ratio": 0.5, "bits": None},
+    {"name": "slimfit", "freeze_ratio": 0.5, "bits": 4, "keep": 0.25},
     "meft",
     {"name": "meft", "reduction": 4, "lam": 0.5, "train_head": True},
     {"name": "switchlora", "r": 4},

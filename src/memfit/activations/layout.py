@@ -15,6 +15,7 @@ them, so the result does not depend on the order of the recipe's list:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import reduce
 
@@ -103,6 +104,24 @@ def compressed_bytes(spec: RunSpec, nbytes: int, bits: int) -> int:
     return int(nbytes * bits / (8 * act_bytes(spec)))
 
 
+def softmax_outputs(spec: RunSpec) -> tuple[int, int]:
+    """(elements, bytes) of the attention probabilities one layer saves as softmax's output (fp32 on CPU and in
+    eager attention); none under SDPA's fused kernel."""
+    kernel = parts.attention_kernel(spec)
+    if kernel == "flash":
+        return 0, 0
+    n = spec.batch * spec.model.n_heads * spec.seq * spec.seq
+    d = parts.dtypes(spec)
+    return n, n * (4 if kernel == "eager" or d.device == "cpu" else d.compute)
+
+
+def pruned_bytes(elements: int, bits: int, keep: float) -> int:
+    """`elements` pruned to the ⌈keep · elements⌉ largest, their `bits`-bit codes plus a bitmap of their places
+    (`activations/_common.CompressHooks`)."""
+    kept = elements if keep >= 1 else max(1, math.ceil(keep * elements)) if elements else 0
+    return math.ceil(kept * bits / 8) + (math.ceil(elements / 8) if keep < 1 else 0)
+
+
 # --- the layout ------------------------------------------------------------------------------------------
 
 
@@ -115,9 +134,15 @@ class LayerPlan:
     recomputed: bool = False  # forward ran inside a checkpoint; backward recomputes what it dropped
     bits: int | None = None  # saved tensors stored at this many bits per element
     pack_scratch: int = 0  # bytes alive while a forward outside a checkpoint packs its saved tensors
+    keep: float = 1.0  # fraction of the attention probabilities' entries kept (pruned by magnitude; with `bits`)
+    probs: tuple[int, int] = (0, 0)  # (elements, bytes) of `saved` that are attention probabilities
 
     def kept(self, spec: RunSpec) -> int:
-        return self.exact + (compressed_bytes(spec, self.saved, self.bits) if self.bits else self.saved)
+        if not self.bits:
+            return self.exact + self.saved
+        n, nbytes = self.probs
+        return (self.exact + compressed_bytes(spec, self.saved - nbytes, self.bits)
+                + pruned_bytes(n, self.bits, self.keep))
 
     def packing(self) -> int:
         return self.pack_scratch if self.bits and not self.recomputed else 0

@@ -117,6 +117,13 @@ class WTACRS(lay.LayoutTechnique):
     name = "wta_crs"
     Config = WTACRSConfig
     needs_gradients = True
+    plan_options = ({},)
+    conflicts = (*_INCOMPATIBLE, "adapter", "weights")
+
+    @classmethod
+    def plan_variants(cls, spec: RunSpec, pretrained: bool = False) -> list[dict]:
+        """The default budget, on the Llama-family blocks it models."""
+        return super().plan_variants(spec, pretrained) if spec.model.family == "llama" else []
 
     def __init__(self, config: TechniqueConfig | None = None) -> None:
         super().__init__(config)

@@ -47,7 +47,7 @@ from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.estimate import backprop_phases, fixed_bytes, layer_components
 from memfit.memory.spec import RunSpec
-from memfit.techniques.base import Context, Technique
+from memfit.techniques.base import AdapterTechnique, Context
 
 ADAPTER_F, ADAPTER_G = "meft_f", "meft_g"
 
@@ -178,11 +178,11 @@ def _eval(layers):
             m.train(mode)
 
 
-class MEFT(Technique):
+class MEFT(AdapterTechnique):
     name = "meft"
-    slot = "adapter"
-    needs_gradients = True
     Config = MEFTConfig
+    # layer-level activation techniques (the stack already recomputes every layer) and a quantized base
+    conflicts = ("checkpointing", "offload", "mesa", "s2a", "streambp", "weights")
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
@@ -201,8 +201,7 @@ class MEFT(Technique):
         if ctx.has_quantized_base():
             raise ConfigError("adapter meft inverts the frozen layers in full precision; remove the 'weights' "
                               "technique (a quantized base cannot be inverted exactly)")
-        if any(t.slot == "activations" and t.name in ("checkpointing", "offload", "mesa", "s2a", "streambp")
-               for t in ctx.techniques or []):
+        if any(t.slot == "activations" and t.name in self.conflicts for t in ctx.techniques or []):
             raise ConfigError("adapter meft already recomputes every layer from its output (activations independent"
                               " of depth); remove the layer-level 'activations' technique (checkpointing, offload, "
                               "mesa, s2a, streambp)")

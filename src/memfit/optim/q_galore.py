@@ -53,7 +53,7 @@ from memfit.optim.common import (
     projection_side,
     svd_basis,
 )
-from memfit.optim.galore import GaLore8bitConfig
+from memfit.optim.galore import GaLore8bitConfig, GaLoreTechnique
 from memfit.techniques.base import Context, OptimizerTechnique
 from memfit.weights import quant as wq
 
@@ -267,6 +267,17 @@ class QGaLoreTechnique(OptimizerTechnique):
 
     name = "q_galore"
     Config = QGaLoreConfig
+    full_weights_only = True  # stores and projects whole weight matrices: never over an adapter
+    conflicts = ("weights", "wta_crs")
+
+    @classmethod
+    def plan_variants(cls, spec: RunSpec, pretrained: bool = False) -> list[dict[str, Any]]:
+        """GaLore's planned rank and fine-tuning scale; never layer-wise (its int8 layers already update in
+        backward) nor with accumulated micro-batches."""
+        if spec.grad_accum > 1:
+            return []
+        return [{**v, "name": cls.name} for v in GaLoreTechnique.plan_variants(spec, pretrained)
+                if not v.get("layerwise")]
 
     def check(self, ctx: Context) -> None:
         if self.config.layerwise:
@@ -275,7 +286,7 @@ class QGaLoreTechnique(OptimizerTechnique):
             raise ConfigError("q_galore updates each int8 layer inside backward, so it cannot accumulate gradients "
                               "over micro-batches; set train.grad_accum: 1 (raise the batch size instead)")
         for t in ctx.techniques or []:
-            if t.slot in ("weights", "adapter") or t.name == "wta_crs":
+            if t.slot in ("weights", "adapter") or t.name in self.conflicts:
                 raise ConfigError(f"q_galore stores and trains the linear weights in int8 itself; it cannot be "
                                   f"combined with {t.slot} '{t.name}' — remove one of them")
         for _, _, _, lin in int8_targets(ctx.model):

@@ -7,15 +7,18 @@ weights moved, ‖W_end − W_start‖ / ‖W_start‖ — and for the next roun
 the smallest distances is frozen; a layer that has not trained yet counts as infinitely far (it is tried before
 any measured layer is kept), so the first rounds visit every layer. Embeddings, norms outside the layers and the
 head keep training. A frozen layer saves for backward only what the gradient of its *input* needs (its linear
-layers keep no input), and SlimFit quantizes those saved activations: here to `bits` per element (per-channel
-scale and offset, `activations/_common.CompressHooks`); the trained layers keep exact activations.
+layers keep no input), and SlimFit quantizes and prunes those saved activations: here to `bits` per element
+(per-channel scale and offset) and, with `keep` < 1, the attention probabilities (softmax outputs, mostly near
+zero) to the `keep` fraction of their entries of largest magnitude (a bitmap of their places + their codes; zeros
+elsewhere in backward) — both in `activations/_common.CompressHooks`; the trained layers keep exact activations.
+Pruning needs a kernel that saves the probabilities (eager attention, or SDPA's math kernel — BERT with attention
+dropout on CPU); under SDPA's fused kernel there are none and `keep` changes nothing.
 
 Distances are measured on a fixed random sample of `sample` weights per layer (the squared Frobenius distance
-estimated without bias up to the scale both terms share), so the rule holds no copy of the weights. Not built:
-SlimFit's pruning of the saved activations. Deactivated layers lose gradients and optimizer state
-(`sampling/layers.py`).
+estimated without bias up to the scale both terms share), so the rule holds no copy of the weights. Deactivated
+layers lose gradients and optimizer state (`sampling/layers.py`).
 
-    adapter: {name: slimfit, freeze_ratio: 0.5, interval: 50, bits: 8}
+    adapter: {name: slimfit, freeze_ratio: 0.5, interval: 50, bits: 8, keep: 0.5}
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class SlimFitConfig(LayerSamplerConfig):
     layers: int = Field(1, ge=1, description="unused: the number of trained layers follows freeze_ratio")
     freeze_ratio: float = Field(0.5, ge=0, lt=1, description="fraction of transformer layers frozen per round")
     bits: int | None = Field(8, description="bits per saved activation of frozen layers (8 or 4; null: exact)")
+    keep: float = Field(1.0, gt=0, le=1, description="fraction of the attention probabilities frozen layers save "
+                        "that is kept, by magnitude (the rest pruned to zero; 1: no pruning)")
     sample: int = Field(4096, ge=16, description="weights per layer sampled to measure its distance")
     min_numel: int = Field(1024, ge=1, description="smaller saved tensors of frozen layers are kept as they are")
 
@@ -50,12 +55,16 @@ class SlimFit(LayerSampler):
     name = "slimfit"
     plan_options = ({},)
     needs_pretrained = True  # freezes layers by how far fine-tuning moves them
+    conflicts = ("checkpointing", "offload", "mesa", "s2a", "streambp", "wta_crs")  # re-store the same tensors
     Config = SlimFitConfig
 
     def __init__(self, config=None) -> None:
         super().__init__(config)
         if self.config.bits not in (None, 4, 8):
             raise ConfigError(f"adapter 'slimfit': bits must be 8, 4 or null, got {self.config.bits}")
+        if self.config.keep < 1 and self.config.bits is None:
+            raise ConfigError("adapter 'slimfit': pruning (keep < 1) stores the kept entries' codes; set bits to 8 "
+                              "or 4")
         self.distance: dict[int, float] = {}
         self._start: dict[int, torch.Tensor] = {}
         self._started: int | None = None
@@ -105,7 +114,7 @@ class SlimFit(LayerSampler):
     def _context(self, i: int, layer) -> contextlib.AbstractContextManager:
         if self._layers is None or self._layers.active is None or i in self._layers.active:
             return contextlib.nullcontext()
-        hooks = c.CompressHooks(self.config.bits, c.param_storages(layer), self.config.min_numel)
+        hooks = c.CompressHooks(self.config.bits, c.param_storages(layer), self.config.min_numel, self.config.keep)
         self._made.append(hooks)
         return hooks
 
@@ -138,11 +147,13 @@ class SlimFit(LayerSampler):
 
     def shape_layout(self, spec: RunSpec, layout: lay.ActivationLayout) -> lay.ActivationLayout:
         """`freeze_ratio` of the layers are frozen: they keep their saved tensors minus their linear layers'
-        inputs, at `bits` per element (packed while their forward runs, unpacked for their backward)."""
+        inputs, at `bits` per element and pruned to `keep` (packed while their forward runs, unpacked for their
+        backward)."""
         n = spec.model.n_layers
         frozen = n - self.n_active(n)
         saved = layout.layer - lay.linear_inputs_bytes(spec) - frozen_norm_bytes(spec)
         bits = self.config.bits
+        probs = lay.softmax_outputs(spec)
         scratch = layout.layer + 2 * spec.tokens * spec.model.intermediate * lay.act_bytes(spec) if bits else 0
 
         def plan(i: int, p: lay.LayerPlan) -> lay.LayerPlan:
@@ -150,7 +161,7 @@ class SlimFit(LayerSampler):
             # packing a layer's tensors in forward meets the most kept bytes below it (the worst placement)
             if i < n - frozen:
                 return p
-            return replace(p, saved=saved, bits=bits, pack_scratch=scratch)
+            return replace(p, saved=saved, bits=bits, pack_scratch=scratch, keep=self.config.keep, probs=probs)
 
         return layout.with_layers(plan)
 

@@ -127,6 +127,12 @@ class GroupwiseFormat(WeightFormat):
         """The weight divided by its per-group scale, as (out, n_groups, g) float32 (what PEQA keeps frozen)."""
         raise NotImplementedError
 
+    def scale_grad(self, grad_w: torch.Tensor, t: dict[str, torch.Tensor], out: int) -> torch.Tensor:
+        """∂L/∂(the trainable `scale_name` tensor) from ∂L/∂W (out, padded in; fp32): per group Σ ∂L/∂W ⊙ the unit
+        codes (PEQA's scales); a format whose trainable tensor enters W another way overrides it."""
+        codes = self.unit_codes(t, out)
+        return (grad_w.reshape_as(codes) * codes).sum(-1)
+
     def group_scale(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """The per-group scale as (out, n_groups) float32."""
         raise NotImplementedError

@@ -29,7 +29,8 @@ def padded_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, layer: QuantLine
 class _DequantLinear(torch.autograd.Function):
     """y = x·dequant(W)ᵀ + b that saves the packed weight, not the dequantized one, for backward.
 
-    The gradient w.r.t. a trainable per-group scale (PEQA) is Σ_group (∂L/∂W ⊙ codes).
+    The gradient w.r.t. the format's trainable tensor (PEQA's per-group scales, SketchTune's tables) is the
+    format's reduction of ∂L/∂W (`WeightFormat.scale_grad`); x is saved only when that tensor trains.
     """
 
     @staticmethod
@@ -49,8 +50,7 @@ class _DequantLinear(torch.autograd.Function):
         if ctx.scale_grad:
             (x,) = ctx.saved_tensors
             gw = padded_weight_grad(grad_out, x, layer)
-            codes = layer.format.unit_codes(layer.tensors(), layer.out_features)
-            grad_scale = (gw.reshape_as(codes) * codes).sum(-1).to(layer.scale_param().dtype)
+            grad_scale = layer.format.scale_grad(gw, layer.tensors(), layer.out_features).to(layer.scale_param().dtype)
         return grad_x, grad_scale, None
 
 

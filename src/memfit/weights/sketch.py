@@ -10,7 +10,7 @@ run holds is the compressed one (about `bits`/16 of bf16).
 `SketchFormat` is a `WeightFormat` (the storage is a type, `format.py`): `encode` fits each group's table by 1-D
 k-means (Lloyd) with its two end values pinned to the group's minimum and maximum, so every weight lies inside its
 table's range and `error_bound` — half the widest gap between neighbouring table values — holds for the encoded
-weight. The gradient of a table entry is the sum of ∂L/∂W over the weights that point at it (`SketchLinear`),
+weight. The gradient of a table entry is the sum of ∂L/∂W over the weights that point at it (`SketchFormat.scale_grad`),
 computed in backward from the saved input: a dense (out, in) fp32 gradient, the decoded weight and the int64
 indices of one layer (16 bytes per weight) exist only transiently.
 Departure from the paper: its sketches are fitted with a data-aware (second-order, calibration-set) objective;
@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from memfit.errors import ConfigError
@@ -33,7 +32,7 @@ from memfit.memory.spec import RunSpec
 from memfit.techniques.base import AdapterTechnique, Context, TechniqueConfig
 from memfit.weights.base import quantize_spec
 from memfit.weights.format import StorageLayout, WeightFormat, grouped, pack_nibbles, register, unpack_nibbles
-from memfit.weights.linear import DEFAULT_SKIP, QuantLinear, padded_weight_grad, quantizable_linears, set_submodule
+from memfit.weights.linear import DEFAULT_SKIP, QuantLinear, quantizable_linears, set_submodule
 
 LLOYD_ITERATIONS = 10
 
@@ -83,6 +82,11 @@ class SketchFormat(WeightFormat):
         w = torch.gather(t["sketch"].float(), -1, self.indices(t, out))
         return w.reshape(out, -1)[:, :inp]
 
+    def scale_grad(self, grad_w: torch.Tensor, t: dict[str, torch.Tensor], out: int) -> torch.Tensor:
+        """∂L/∂table entry: Σ ∂L/∂W over the weights that point at it."""
+        index = self.indices(t, out)
+        return torch.zeros_like(t["sketch"]).scatter_add_(-1, index, grad_w.reshape(index.shape))
+
     def error_bound(self, t: dict[str, torch.Tensor], out: int, inp: int) -> torch.Tensor:
         table = t["sketch"].float()
         half_gap = (table.diff(dim=-1).amax(-1, keepdim=True) / 2).expand(-1, -1, self.indices(t, out).shape[-1])
@@ -92,36 +96,9 @@ class SketchFormat(WeightFormat):
 SKETCH_FORMATS = {bits: register(SketchFormat(bits)) for bits in (2, 3, 4)}
 
 
-class _SketchMatmul(torch.autograd.Function):
-    """y = x · decode(index, sketch)ᵀ; saves x (not the decoded weight); ∂L/∂sketch = Σ ∂L/∂W per table entry."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, sketch: torch.Tensor, layer: SketchLinear) -> torch.Tensor:  # type: ignore[override]
-        ctx.layer = layer
-        ctx.save_for_backward(x if sketch.requires_grad else None)
-        return F.linear(x, layer.dequantize(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        layer: SketchLinear = ctx.layer
-        grad_x = grad_sketch = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ layer.dequantize(grad_out.dtype)
-        if ctx.needs_input_grad[1]:
-            (x,) = ctx.saved_tensors
-            gw = padded_weight_grad(grad_out, x, layer).reshape(layer.out_features, layer.sketch.shape[1], -1)
-            index = layer.format.indices(layer.tensors(), layer.out_features)
-            grad_sketch = torch.zeros_like(layer.sketch).scatter_add_(-1, index, gw)
-        return grad_x, grad_sketch, None
-
-
 class SketchLinear(QuantLinear):
-    """A `QuantLinear` in a `SketchFormat` whose tables train."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype if x.is_floating_point() else self.compute_dtype
-        y = _SketchMatmul.apply(x.to(dtype), self.sketch, self)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+    """A `QuantLinear` in a `SketchFormat` whose tables train (`QuantLinear`'s autograd function, the gradient
+    from `SketchFormat.scale_grad`)."""
 
 
 class SketchTuneConfig(TechniqueConfig):

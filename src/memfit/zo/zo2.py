@@ -197,6 +197,17 @@ class ZO2Config(ZOConfig):
 class ZO2Step(ZOStepTechnique):
     name = "zo2"
     Config = ZO2Config
+    plan_options = ({},)
+    tasks = ("causal_lm",)
+    conflicts = ("activations", "adapter", "weights")  # no backward; streams the model's own weights
+
+    @classmethod
+    def plan_variants(cls, spec: RunSpec, pretrained: bool = False) -> list[dict[str, Any]]:
+        """What `check` / `apply` refuse that the spec already tells: an accelerator (the upload is not built),
+        accumulated micro-batches, a tied embedding / head."""
+        if spec.extra.get("device", "cpu") != "cpu" or spec.grad_accum > 1 or spec.model.tie_embeddings:
+            return []
+        return super().plan_variants(spec, pretrained)
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)

@@ -32,6 +32,9 @@ METHODS: dict[str, tuple[dict[str, Any] | None, float]] = {
     "unipt": ({"name": "unipt", "reduction": 8}, 1e-3),
     "sherl": ({"name": "sherl", "late": 1, "reduction": 8}, 1e-3),  # 1e-4 (full FT's) stayed at chance in 60 steps
     "slimfit-0.5": ({"name": "slimfit", "freeze_ratio": 0.5, "interval": 10}, 1e-4),
+    # + SlimFit's pruning: frozen layers keep 4-bit codes of their saved tensors and 10 % of their attention
+    # probabilities (a bitmap of their places)
+    "slimfit-0.5-q4p10": ({"name": "slimfit", "freeze_ratio": 0.5, "interval": 10, "bits": 4, "keep": 0.1}, 1e-4),
     "meft": ({"name": "meft", "reduction": 8}, 1e-3),
     "switchlora-r8": ({"name": "switchlora", "r": 8, "alpha": 16, "switch_rate": 0.1, "decay_steps": 100}, 1e-3),
     "sketchtune-4bit": ({"name": "sketchtune", "bits": 4}, 1e-3),  # as PEQA's scales; 1e-4 stayed at chance
@@ -46,6 +49,8 @@ PAPER_CLAIMS: dict[str, str] = {
     "switchlora-r8": "LoRA's memory (+ a frozen candidate pool); perplexity near full-rank training, below LoRA's",
     "sketchtune-4bit": "a sketched base several times smaller than the model, accuracy above LoRA-family baselines",
     "slimfit-0.5": "up to 2.2x less memory on GLUE with BERT, < 0.4 points accuracy drop (freezing up to 95% of layers)",
+    "slimfit-0.5-q4p10": "up to 2.2x less memory on GLUE with BERT, < 0.4 points accuracy drop (freezing up to 95% of "
+                         "layers; 4-bit quantized and pruned activations of frozen layers)",
 }
 
 
