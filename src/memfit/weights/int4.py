@@ -125,7 +125,7 @@ class UIntFormat(GroupwiseFormat):
         x2 = x.reshape(-1, inp).to(torch.bfloat16)
         if padded != inp:
             x2 = F.pad(x2, (0, padded - inp))
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w, group, kernel_scales(t))
+        y = int4_mm(x2.contiguous(), w, group, kernel_scales(t))
         return y.view(*x.shape[:-1], out).to(x.dtype)
 
 
@@ -148,6 +148,11 @@ INT4 = register(Int4Format())
 INT3 = register(Int3Format())
 
 
+def int4_mm(x: torch.Tensor, w: torch.Tensor, group: int, scales: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4 weight-only matmul: x (M, K) bf16 · dequant(w)ᵀ -> (M, out) bf16."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, group, scales)
+
+
 def kernel_scales(t: dict[str, torch.Tensor]) -> torch.Tensor:
     """The kernel's (n_groups, out, 2) bf16 [scale, offset] with offset = (8 − zero)·scale: (q − 8)·s + offset
     = (q − zero)·s."""
@@ -167,7 +172,7 @@ def int4_kernel_works() -> bool:
         x = torch.randn(3, 128, generator=gen).bfloat16().float()
         t = INT4.encode(w, 64)
         try:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), t["qweight"], 64, kernel_scales(t)).float()
+            y = int4_mm(x.bfloat16(), t["qweight"], 64, kernel_scales(t)).float()
             ref = x @ INT4.decode(t, BLOCK_N, 128).t()
             ok = bool((y - ref).abs().max() <= 2**-6 * ref.abs().max())
         except (AttributeError, RuntimeError, NotImplementedError) as exc:
