@@ -64,12 +64,52 @@ def small_lm_recipe(name: str, data_dir: Path, *, block_size: int, vocab_size: i
 
 def pretrained_lm(recipe: dict[str, Any], cache: Path) -> Path:
     """The model folder of a causal LM to benchmark: `MEMFIT_INFERENCE_MODEL` if set, else `recipe` trained once
-    and cached in `cache`."""
+    and cached in `cache` (an interrupted training resumes from its newest checkpoint)."""
     if os.environ.get("MEMFIT_INFERENCE_MODEL"):
         return Path(os.environ["MEMFIT_INFERENCE_MODEL"])
     if not (cache / "model" / "config.json").exists():
         from memfit.recipe import load_recipe
         from memfit.train import train
+        from memfit.train.checkpoint import has_checkpoint
 
-        train(load_recipe(recipe), cache)
+        train(load_recipe(recipe), cache, resume=cache.is_dir() and has_checkpoint(cache))
     return cache / "model"
+
+
+QUALITY_LM_CACHE = Path("~/.cache/memfit/models/quality-lm").expanduser()
+
+
+def quality_lm_recipe(data_dir: Path) -> dict[str, Any]:
+    """The bench model that quality columns are measured on (issue 16 item 8): a 5.3M-parameter Llama (6 layers x
+    256, 4 heads, vocab 1024 BPE) pretrained for about 45 minutes on one CPU thread (bf16 autocast) on War and
+    Peace + Shakespeare + WikiText-2 valid (the last 5 % of each held out; the WikiText-2 test split is never read),
+    blocks of 1024 tokens so positions up to 1023 are trained."""
+    return {
+        "name": "quality-lm", "seed": 0, "task": "causal_lm",
+        "model": {"preset": "llama-1m", "overrides": {"hidden_size": 256, "intermediate_size": 704,
+                                                      "num_hidden_layers": 6, "num_attention_heads": 4,
+                                                      "num_key_value_heads": 4}},
+        "data": {"kind": "text", "block_size": 1024, "vocab_size": 1024, "val_fraction": 0.05,
+                 "paths": [str(data_dir / "warpeace/input.txt"), str(data_dir / "tinyshakespeare/input.txt"),
+                           str(data_dir / "wikitext2/valid.txt")]},
+        "train": {"steps": 200, "batch_size": 4, "schedule": "cosine", "warmup_steps": 20, "precision": "bf16-mixed",
+                  "eval_every": 100, "eval_batches": 4, "save_every": 25},
+        "optimizer": {"name": "adamw", "lr": 3.0e-3, "weight_decay": 0.01},
+    }
+
+
+def quality_lm(data_dir: Path) -> Path:
+    """The quality bench model's folder (`MEMFIT_INFERENCE_MODEL` if set): trained once by
+    `python -m memfit.bench.workloads quality-lm` (or on first use) and cached in `QUALITY_LM_CACHE`; never
+    downloaded."""
+    return pretrained_lm(quality_lm_recipe(data_dir), QUALITY_LM_CACHE)
+
+
+if __name__ == "__main__":  # python -m memfit.bench.workloads quality-lm [DATA_DIR]
+    import sys
+
+    if sys.argv[1:2] != ["quality-lm"]:
+        raise SystemExit("usage: python -m memfit.bench.workloads quality-lm [DATA_DIR]")
+    from memfit.bench.harness import SHARED_DATA
+
+    print(quality_lm(Path(sys.argv[2]) if len(sys.argv) > 2 else SHARED_DATA))

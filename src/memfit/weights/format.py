@@ -50,6 +50,8 @@ class WeightFormat:
     variable_size: ClassVar[bool] = False
     """True when the stored sizes depend on the weight's values (entropy coding): `layout` and `storage_bytes`
     then predict them, and the stored shapes travel with checkpoints."""
+    layout_version: ClassVar[int] = 1
+    """The stored byte order's version, written to checkpoints; `upgrade_layout` converts older ones on load."""
 
     def effective_group(self, in_features: int, group_size: int | None) -> int:
         """The group size used for a weight with `in_features` columns (`ConfigError` if the format refuses it)."""
@@ -74,6 +76,10 @@ class WeightFormat:
         """Rows `rows` (1-D int64) of the decoded weight, as (len(rows), inp) float32: what an embedding lookup
         reads. This default decodes the whole weight; a format that can decode single rows overrides it."""
         return self.decode(t, out, inp).index_select(0, rows)
+
+    def upgrade_layout(self, t: dict[str, torch.Tensor], out: int, version: int) -> dict[str, torch.Tensor]:
+        """The stored tensors of a checkpoint written with layout `version`, in this format's current layout."""
+        return t
 
     def fused_linear(self, x: torch.Tensor, t: dict[str, torch.Tensor], out: int, inp: int) -> torch.Tensor | None:
         """x·Wᵀ straight from the stored tensors with a kernel of torch's, for inference; None where the format

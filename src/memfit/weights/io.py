@@ -59,7 +59,7 @@ def _entry(m: QuantLinear, tied_to: str | None) -> dict:
     entry = {"fmt": m.fmt, "group_size": m.group_size, "in_features": m.in_features,
              "out_features": m.out_features, "bias": m.bias is not None, "awq": m.in_scale is not None,
              "trainable_scale": m.scale_param() is not None and m.scale_param().requires_grad,
-             "compute_dtype": str(m.compute_dtype).removeprefix("torch.")}
+             "compute_dtype": str(m.compute_dtype).removeprefix("torch."), "layout": m.format.layout_version}
     entry["shapes"] = {name: list(t.shape) for name, t in m.tensors().items()}
     if isinstance(m, QuantEmbedding):
         entry.update(kind="embedding", padding_idx=m.padding_idx, embed_scale=m.embed_scale)
@@ -90,13 +90,21 @@ def quantized_skeleton(model: nn.Module, modules: dict[str, dict]) -> None:
         set_submodule(model, name, q)
 
 
+def outdated_layout(modules: dict[str, dict]) -> str | None:
+    """The first module whose stored byte order is older than its format's current one (written by an older
+    memfit), or None."""
+    from memfit.weights.format import get_format
+
+    return next((n for n, m in modules.items() if m.get("layout", 1) < get_format(m["fmt"]).layout_version), None)
+
+
 def own_and_tie(model: nn.Module, modules: dict[str, dict]) -> None:
     """After `load_state_dict(assign=True)`: quantized tensors become own, aligned copies (not views into the
-    file's buffer: kernels need alignment), a quantized tied head shares its embedding's stored tensors, and
+    file's buffer: kernels need alignment) in the format's current layout, a quantized tied head shares its embedding's stored tensors, and
     dense tied weights are tied by transformers."""
-    for name in modules:
+    for name, m in modules.items():
         q = model.get_submodule(name)
-        q.load_tensors(q.tensors())
+        q.load_tensors(q.format.upgrade_layout(q.tensors(), q.out_features, m.get("layout", 1)))
     for name, m in modules.items():
         if "tied_to" in m:
             head, owner = model.get_submodule(name), model.get_submodule(m["tied_to"])

@@ -30,7 +30,14 @@ import torch
 from torch import nn
 
 from memfit.errors import BudgetError, CheckpointError, ConfigError
-from memfit.weights.io import QUANT_FILE, materialize_meta_buffers, meta_model, own_and_tie, quantized_skeleton
+from memfit.weights.io import (
+    QUANT_FILE,
+    materialize_meta_buffers,
+    meta_model,
+    outdated_layout,
+    own_and_tie,
+    quantized_skeleton,
+)
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -221,6 +228,10 @@ class StreamedModel(nn.Module):
         model = meta_model(config)
         qfile = directory / QUANT_FILE
         modules = json.loads(qfile.read_text())["modules"] if qfile.exists() else {}
+        stale = outdated_layout(modules)
+        if stale is not None:
+            raise CheckpointError(f"{directory} stores '{stale}' in an older memfit byte order that streaming cannot "
+                                  "read in place; load_quantized it once and save_quantized it again")
         quantized_skeleton(model, modules)
         reader = SafetensorsReader(directory)
         layers_name, _ = find_layers(model)
