@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from memfit.errors import ConfigError
-from memfit.memory.estimate import head_components
+from memfit.memory.estimate import family_of, head_components
 from memfit.memory.spec import ParamInfo, RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
 
@@ -127,8 +127,11 @@ def backbone_head_bytes(spec: RunSpec, train_head: bool) -> int:
     final norm (trainable here), head, loss and logits, without the frozen head inputs; a decoder's `embeddings`
     are the rotary tables its layers read, an encoder's (LayerNorm, dropout of frozen embeddings) are not kept."""
     head = head_components(spec)
-    return (head["final_norm"] + head["head"] + head["loss"] + head["logits"]
-            - frozen_head_input_bytes(spec, train_head) + (head["embeddings"] if spec.task == "causal_lm" else 0))
+    # a family whose head follows the gradient flow (`Family.head_with`) has already dropped a frozen input
+    dropped = family_of(spec.model).head(spec)["head"] - head["head"]
+    frozen = max(frozen_head_input_bytes(spec, train_head) - dropped, 0)
+    return (head["final_norm"] + head["head"] + head["loss"] + head["logits"] - frozen
+            + (head["embeddings"] if spec.task == "causal_lm" else 0))
 
 
 def head_saved_bytes(spec: RunSpec, train_head: bool) -> int:
