@@ -121,3 +121,15 @@ def test_summary_takes_the_median_over_measured_rows():
             {"id": "d", "kind": "fits_on_card", "ratio": 0.5, "verdict": "fits"}]
     s = pt.summary(fake)
     assert s["median_abs_error"] == pytest.approx(0.075) and s["worst"].startswith("a") and s["claims_held"] == "1/1"
+
+
+def test_fit_claims_compare_what_the_step_needs():
+    """A fit claim is checked against tensors + context + cuBLAS workspace (the allocator's reserve is reclaimable
+    before an OOM); a measured peak of the whole device keeps the reserve."""
+    from memfit.memory.runtime import CUBLAS_WORKSPACE, CUDA_CONTEXT
+
+    row = _row("lomo-llama7b-rtx3090")
+    predicted = _predict(row)
+    assert pt.compared(row, predicted) == predicted["tensors"] + CUDA_CONTEXT + CUBLAS_WORKSPACE < predicted["device"]
+    zo2 = _row("zo2-opt1.3b")
+    assert pt.compared(zo2, _predict(zo2)) == _predict(zo2)["device"]
