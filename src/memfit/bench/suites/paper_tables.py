@@ -2,17 +2,20 @@
 
 Each row of `bench/paper_tables/rows.yaml` (cited, with its exact configuration) is expressed as a memfit recipe —
 the model from its `config.json` on the meta device, the row's slots, batch, sequence and precision, on CUDA — and
-predicted with `estimate_step` plus the `runtime` category. The prediction compared is what the source measured
-(`published.measure`): the tensor peak for `max_memory_allocated` / `active_bytes_peak`, the allocator's reserve
-for `max_memory_reserved`, the whole device (context included) for `nvml_used`, `unknown` and fits-on-card claims.
+predicted with `estimate_step` (one rank's `estimate_rank` for FSDP2 / ZeRO-3 rows) plus the `runtime` category.
+The prediction compared is what the source measured (`published.measure`): the tensor peak for
+`max_memory_allocated` / `active_bytes_peak`, the allocator's reserve for `max_memory_reserved`, the whole device
+(context and reserve included) for `nvml_used` and `unknown`; a claim that a run fits (or not) on a card compares
+what the step needs not to fail (`runtime.cuda_needed`: tensors, context, cuBLAS workspace).
 The peers' stored predictions (fitcheck-llm, vramcalc: `rows.yaml: peers`) sit beside it.
 
 A row memfit cannot express says what is missing (the features of `rows.yaml: features`). Features memfit
 approximates are named in the row (`approx`): torch.compile ignored (an upper bound), a data-dependent sequence
 length taken as `ASSUMED_SEQ`, option keys memfit lacks dropped. What the row states and memfit's recipe cannot,
 the suite models here, from the cited runs' code: bitsandbytes' paged optimizer state (outside torch's allocator,
-`PagedState`), an optimizer that steps 16-bit tensors in place (`precision.update: in-place`), and a per-layer
-update hook that steps every micro-batch (`run.grad_accum_memory`: gradients never accumulate).
+`PagedState`), an optimizer that steps 16-bit tensors in place (`precision.update: in-place`), a per-layer
+update hook that steps every micro-batch (`run.grad_accum_memory`: gradients never accumulate), DDP's gradient
+buckets (`DDPBuckets`) and the blocks a streaming run keeps on the GPU (`BlocksOnDevice`).
 """
 
 from __future__ import annotations
