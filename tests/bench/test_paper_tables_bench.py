@@ -133,3 +133,16 @@ def test_fit_claims_compare_what_the_step_needs():
     assert pt.compared(row, predicted) == predicted["tensors"] + CUDA_CONTEXT + CUBLAS_WORKSPACE < predicted["device"]
     zo2 = _row("zo2-opt1.3b")
     assert pt.compared(zo2, _predict(zo2)) == _predict(zo2)["device"]
+
+
+def test_fsdp_cpu_offload_takes_the_shards_and_state_off_the_device():
+    row = _row("torchtune-llama3.1-70b-full-8xa100")
+    out = pt.table_row(row)
+    assert out["ratio"] is None and "sharding.custom-units" in out["verdict"]
+    row["memfit_missing"].remove("sharding.custom-units")
+    offloaded = _predict(row)
+    row["other"]["fsdp_cpu_offload"] = False
+    resident = _predict(row)
+    shards = 2 * row["model"]["params"] / 8  # bf16 parameter shards of one rank of 8
+    # the rank's bf16 parameter shards and its bf16 AdamW moments (two more shards) leave the device
+    assert resident["tensors"] - offloaded["tensors"] == pytest.approx(3 * shards, rel=0.01)

@@ -39,7 +39,7 @@ APPROXIMATED = {
 
 SUPPORTED = {"model.config", "runtime.cuda", "arch.opt", "optim.paged", "optim.state-dtype-fp32-over-bf16-weights",
              "master_weights.active-block-fp32", "sharding.fsdp", "sharding.zero3", "sharding.ddp-buckets",
-             "offload.params-cpu-streaming"}
+             "offload.params-cpu-streaming", "offload.params-and-optimizer-cpu"}
 """Features of `rows.yaml: features` that memfit has now (precisions are read off the recipe schema), or that this
 suite models from the row: paged optimizer state (`PagedState`), bnb 32-bit state over bf16 weights (the row's
 `state_dtype: fp32` stepped in place, `in_place`), BAdam's fp32 master of the active block (`precision.master: fp32`:
@@ -241,6 +241,14 @@ def predict(recipe: dict, row: dict | None = None) -> dict[str, int]:
 
         rank = estimate_rank(spec, parts, row["run"]["nproc"])
         breakdown, tensors = rank.breakdown, rank.peak
+        if (row.get("other") or {}).get("fsdp_cpu_offload"):
+            # FSDP2's CPUOffloadPolicy: the rank's parameter shards and optimizer state live in host memory (and
+            # its reduced gradient shards are copied there); what stays on the device is what every phase adds to
+            # them: the units gathered in flight, activations, transients. The shards and state are in every
+            # phase, so they come off the peak exactly; gradient shards still counted in a backward peak make it
+            # an upper bound.
+            tensors -= breakdown.parameters + breakdown.optimizer
+            breakdown = breakdown.with_(parameters=0, optimizer=0)
     else:
         breakdown, tensors = estimate_step(spec, parts)
     _, device = with_runtime(breakdown, tensors, spec, techniques)
