@@ -144,6 +144,9 @@ def in_place(technique):
         def transform_spec(self, spec):
             return self.inner.transform_spec(self._state_view(spec))
 
+        def estimate(self, spec, base):  # the inner optimizer's own story, gradients included (q_galore's)
+            return self.inner.estimate(self._state_view(spec), base)
+
     return InPlace(technique.inner, master_weights=False, true_low=False)
 
 UNIT_BYTES = {"GiB": 2**30, "G": 2**30, "GB": 10**9}
