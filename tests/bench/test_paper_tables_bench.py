@@ -40,7 +40,7 @@ def test_a_row_memfit_can_express_is_predicted_and_compared_with_the_measure_it_
 
 
 def test_missing_features_are_named_and_approximations_stated():
-    out = pt.table_row(_row("qgalore-llama7b-int8w-int4proj-bs1"))
+    out = pt.table_row(_row("apollo-mini-llama7b-int8w-layerwise-bs1"))
     assert out["ratio"] is None and "weights.int8-trainable-stochastic-rounding" in out["verdict"]
     out = pt.table_row(_row("lomo-llama65b-8xrtx3090"))
     assert out["ratio"] is None and "batch_size" in out["verdict"]
