@@ -2,17 +2,20 @@
 
 Each row of `bench/paper_tables/rows.yaml` (cited, with its exact configuration) is expressed as a memfit recipe —
 the model from its `config.json` on the meta device, the row's slots, batch, sequence and precision, on CUDA — and
-predicted with `estimate_step` plus the `runtime` category. The prediction compared is what the source measured
-(`published.measure`): the tensor peak for `max_memory_allocated` / `active_bytes_peak`, the allocator's reserve
-for `max_memory_reserved`, the whole device (context included) for `nvml_used`, `unknown` and fits-on-card claims.
+predicted with `estimate_step` (one rank's `estimate_rank` for FSDP2 / ZeRO-3 rows) plus the `runtime` category.
+The prediction compared is what the source measured (`published.measure`): the tensor peak for
+`max_memory_allocated` / `active_bytes_peak`, the allocator's reserve for `max_memory_reserved`, the whole device
+(context and reserve included) for `nvml_used` and `unknown`; a claim that a run fits (or not) on a card compares
+what the step needs not to fail (`runtime.cuda_needed`: tensors, context, cuBLAS workspace).
 The peers' stored predictions (fitcheck-llm, vramcalc: `rows.yaml: peers`) sit beside it.
 
 A row memfit cannot express says what is missing (the features of `rows.yaml: features`). Features memfit
 approximates are named in the row (`approx`): torch.compile ignored (an upper bound), a data-dependent sequence
 length taken as `ASSUMED_SEQ`, option keys memfit lacks dropped. What the row states and memfit's recipe cannot,
 the suite models here, from the cited runs' code: bitsandbytes' paged optimizer state (outside torch's allocator,
-`PagedState`), an optimizer that steps 16-bit tensors in place (`precision.update: in-place`), and a per-layer
-update hook that steps every micro-batch (`run.grad_accum_memory`: gradients never accumulate).
+`PagedState`), an optimizer that steps 16-bit tensors in place (`precision.update: in-place`), a per-layer
+update hook that steps every micro-batch (`run.grad_accum_memory`: gradients never accumulate), DDP's gradient
+buckets (`DDPBuckets`) and the blocks a streaming run keeps on the GPU (`BlocksOnDevice`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ APPROXIMATED = {
 
 SUPPORTED = {"model.config", "runtime.cuda", "arch.opt", "optim.paged", "optim.state-dtype-fp32-over-bf16-weights",
              "master_weights.active-block-fp32", "sharding.fsdp", "sharding.zero3", "sharding.ddp-buckets",
-             "offload.params-cpu-streaming"}
+             "offload.params-cpu-streaming", "offload.params-and-optimizer-cpu"}
 """Features of `rows.yaml: features` that memfit has now (precisions are read off the recipe schema), or that this
 suite models from the row: paged optimizer state (`PagedState`), bnb 32-bit state over bf16 weights (the row's
 `state_dtype: fp32` stepped in place, `in_place`), BAdam's fp32 master of the active block (`precision.master: fp32`:
@@ -141,6 +144,9 @@ def in_place(technique):
         def transform_spec(self, spec):
             return self.inner.transform_spec(self._state_view(spec))
 
+        def estimate(self, spec, base):  # the inner optimizer's own story, gradients included (q_galore's)
+            return self.inner.estimate(self._state_view(spec), base)
+
     return InPlace(technique.inner, master_weights=False, true_low=False)
 
 UNIT_BYTES = {"GiB": 2**30, "G": 2**30, "GB": 10**9}
@@ -238,6 +244,14 @@ def predict(recipe: dict, row: dict | None = None) -> dict[str, int]:
 
         rank = estimate_rank(spec, parts, row["run"]["nproc"])
         breakdown, tensors = rank.breakdown, rank.peak
+        if (row.get("other") or {}).get("fsdp_cpu_offload"):
+            # FSDP2's CPUOffloadPolicy: the rank's parameter shards and optimizer state live in host memory (and
+            # its reduced gradient shards are copied there); what stays on the device is what every phase adds to
+            # them: the units gathered in flight, activations, transients. The shards and state are in every
+            # phase, so they come off the peak exactly; gradient shards still counted in a backward peak make it
+            # an upper bound.
+            tensors -= breakdown.parameters + breakdown.optimizer
+            breakdown = breakdown.with_(parameters=0, optimizer=0)
     else:
         breakdown, tensors = estimate_step(spec, parts)
     _, device = with_runtime(breakdown, tensors, spec, techniques)
