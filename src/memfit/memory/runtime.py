@@ -114,7 +114,7 @@ def _versions() -> str:
 
 
 def _cache_file() -> Path:
-    from memfit.cache import cache_dir
+    from memfit.memory.cache import cache_dir
 
     return cache_dir() / _CACHE_NAME
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.cache import cache_dir
+from memfit.memory.cache import cache_dir
 from memfit.data import DataBundle, build_data
 from memfit.data.config import TextData
 from memfit.errors import ConfigError
