@@ -40,7 +40,8 @@ def test_plan_generate_is_also_memfit_plan_generate(model_dir):
     """`memfit plan --generate` (issue 16): the same options and the same table as `memfit plan-generate`."""
     args = ["--prompt-tokens", "300", "--new-tokens", "8", "--budget", "2MiB"]
     old = CliRunner().invoke(app, ["plan-generate", str(model_dir), *args])
-    for new in (["plan", "--generate", str(model_dir), *args], ["plan", "--generate", "--model", str(model_dir), *args]):
+    for new in (["plan", "--generate", str(model_dir), *args],
+                ["plan", "--generate", "--model", str(model_dir), *args]):
         result = CliRunner().invoke(app, new)
         assert result.exit_code == 0, result.output
         assert result.output == old.output and "recommended:" in result.output

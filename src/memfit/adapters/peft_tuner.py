@@ -224,7 +224,7 @@ class PeftTuner(Technique):
     def adapted_params(self, model: ModelShape, task: str) -> tuple[ParamInfo, ...]:
         """Every parameter of the adapted model, named as peft names them, with trainability and bytes (memoised:
         building peft's skeleton takes ~0.5 s, and the planner asks for the same model in hundreds of plans)."""
-        from memfit.cache import memo
+        from memfit.memory.cache import memo
 
         key = (type(self), self.config.model_dump_json(), model.params, task)
         if key not in _ADAPTED:

@@ -98,6 +98,7 @@ _PROBE = (PROBE_IMPORTS +
 def _versions() -> str:
     """The library versions the measurement is cached under (read from package metadata: importing transformers
     to ask would cost seconds)."""
+    import hashlib
     from importlib.metadata import PackageNotFoundError, version
 
     def of(name: str, missing: str) -> str:
@@ -106,15 +107,13 @@ def _versions() -> str:
         except PackageNotFoundError:  # pragma: no cover - transformers is a dependency; memfit from source
             return missing
 
-    import hashlib
-
     probe = hashlib.sha256(_PROBE.encode()).hexdigest()[:8]  # a changed import set is measured afresh
     return (f"python {sys.version.split()[0]} torch {of('torch', 'none')} transformers {of('transformers', 'none')} "
             f"memfit {of('memfit', 'source')} probe {probe}")
 
 
 def _cache_file() -> Path:
-    from memfit.cache import cache_dir
+    from memfit.memory.cache import cache_dir
 
     return cache_dir() / _CACHE_NAME
 

@@ -68,11 +68,11 @@ def spec_for(recipe: Recipe, model, precision: str | None = None, device: torch.
 # Building the meta model needs transformers' modeling code, whose import (torch.distributed.tensor, torch._dynamo,
 # scipy, torchao via the quantizers) was most of `memfit plan`'s wall time. What an estimate reads off the model is
 # pure data (`ModelFacts`: every parameter's shape and the block family's facts, some probed by running the model's
-# own norm and activation modules), so it is cached per model description (`memfit.cache.memo`): the preset, or the
-# bytes of the local config.json, with the task, label count and dtype. Hub ids are not cached.
+# own norm and activation modules), so it is cached per model description (`memfit.memory.cache.memo`): the preset,
+# or the bytes of the local config.json, with the task, label count and dtype. Hub ids are not cached.
 
-FACTS_SOURCES = ("memory/arch", "memory/spec.py", "memory/precision.py", "plan/meta.py", "train/build.py",
-                 "models/presets.py")
+FACTS_SOURCES = ("memory/arch", "memory/spec.py", "memory/precision.py", "memory/measure.py", "plan/meta.py",
+                 "train/build.py", "models/presets.py", "models/load.py")
 """memfit's code that decides a model's facts: the cache key includes its source."""
 
 
@@ -100,7 +100,7 @@ def _model_description(recipe: Recipe) -> dict | None:
 def meta_facts(recipe: Recipe):
     """The recipe's `ModelFacts` (`memfit.train.build`): read off its meta model once, then from the cache in
     `$MEMFIT_CACHE/facts/` (exactly what the meta model gives: the same code wrote it)."""
-    from memfit.cache import memo
+    from memfit.memory.cache import memo
     from memfit.train.build import model_facts
 
     described = _model_description(recipe)

@@ -155,20 +155,21 @@ def plan(recipe: dict[str, Any], budget: int, scope: str = "process", pretrained
     whose every technique passes (the Python API keeps those that work in the user's own loop).
     `nproc` > 1: plan one rank of an FSDP2 run on that many processes (`memory.sharding.estimate_rank`; the
     recipe's batch is the global batch), among the techniques that run sharded (`distributed/support.py`)."""
-    if scope not in SCOPES:
-        raise ConfigError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
-    if nproc is not None and nproc < 1:
-        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
-    world = nproc or 1
     from memfit.distributed.support import refusal
     from memfit.memory.estimate import estimate_step
     from memfit.memory.runtime import with_runtime
     from memfit.memory.sharding import estimate_rank
     from memfit.plan.meta import meta_facts, spec_for
-    from memfit.train.build import model_facts
     from memfit.plan.quality import PRECISION_QUALITY, task_kind
     from memfit.plan.space import combinations
     from memfit.recipe import load_recipe
+    from memfit.train.build import model_facts
+
+    if scope not in SCOPES:
+        raise ConfigError(f"--scope must be one of {', '.join(SCOPES)}, got '{scope}'")
+    if nproc is not None and nproc < 1:
+        raise ConfigError(f"--nproc must be at least 1, got {nproc}")
+    world = nproc or 1
 
     base = load_recipe(recipe)
     if base.train.batch_size % world:

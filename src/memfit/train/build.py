@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from memfit.cache import cache_dir
 from memfit.data import DataBundle, build_data
 from memfit.data.config import TextData
 from memfit.errors import ConfigError
+from memfit.memory.cache import cache_dir
 from memfit.memory.precision import Precision, dtype_of_name
 from memfit.memory.spec import ModelShape, RunSpec, dtype_name, model_shape
 from memfit.models import build_llama, load_model, load_tokenizer
