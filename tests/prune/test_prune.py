@@ -13,6 +13,7 @@ from memfit.models import build_llama
 from memfit.models.presets import llama_config
 from memfit.prune import max_logit_difference, prune_model
 from memfit.prune.common import MARKER, save_pruned
+from memfit.prune.layout import LAYOUTS
 from memfit.prune.llm_pruner import accumulate_gradients, group_importance
 
 VOCAB = 256
@@ -142,7 +143,7 @@ def test_llm_pruner_importance_is_the_taylor_score(base):
     for p in model.parameters():
         p.grad = None
     accumulate_gradients(model, ids, batch_size=4)  # two batches: gradients must add up
-    got_heads, got_channels = group_importance(layer)
+    got_heads, got_channels = group_importance(layer, LAYOUTS["llama"])
     torch.testing.assert_close(got_heads, heads, rtol=1e-4, atol=0)
     torch.testing.assert_close(got_channels, channels, rtol=1e-4, atol=1e-12)
     assert model.model.embed_tokens.weight.grad is None  # only the layers' linears take gradients
@@ -155,14 +156,20 @@ def test_llm_pruner_importance_is_the_taylor_score(base):
                                attn.k_proj.weight[kept_group * hd:(kept_group + 1) * hd])
 
 
-def test_refuses_other_architectures_and_bad_sparsity(base):
-    from transformers import GPT2Config, GPT2LMHeadModel
+@pytest.mark.parametrize("arch", ["opt", "gpt_neox"])
+def test_refuses_other_architectures_and_bad_sparsity(base, arch):
+    """One error naming the architecture and the supported ones (OPT, GPT-NeoX: LayerNorm, no gated MLP)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from memfit.errors import ConfigError, ModelError
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
-    with pytest.raises(ModelError, match="Llama-architecture"):
-        prune_model(gpt2, "flap", 0.2, _ids(2, 0) % 64)
+    config = AutoConfig.for_model(arch, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+                                  ffn_dim=64, intermediate_size=64, word_embed_proj_dim=32)
+    other = AutoModelForCausalLM.from_config(config)
+    for method in ("slicegpt", "flap", "llm-pruner"):
+        with pytest.raises(ModelError, match=rf"architecture '{arch}'; supported: llama, mistral, qwen2, qwen3, "
+                                             rf"gemma, phi3"):
+            prune_model(other, method, 0.2, _ids(2, 0) % 64)
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
         prune_model(base, "slicegpt", 1.0, _ids(2, 0))
     with pytest.raises(ConfigError, match="unknown pruning method"):

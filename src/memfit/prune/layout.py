@@ -1,0 +1,132 @@
+"""Where each decoder family keeps what structured pruning cuts: one `Layout` per family, and the index arithmetic
+that turns "keep these head groups / MLP channels" into rows and columns of its (possibly fused) linears.
+
+Every supported family is the Llama shape — `model.model.{embed_tokens, layers, norm}`, `model.lm_head`, each layer
+an RMSNorm → attention → RMSNorm → gated MLP with residuals — and differs only in what a `Layout` records:
+- fused projections: Phi-3's `qkv_proj` (rows: the query heads, then the key heads, then the value heads) and
+  `gate_up_proj` (rows: gate channels, then up channels);
+- biases, and whether the config can switch them on (Llama's `attention_bias` / `mlp_bias`, Qwen3's and Gemma's
+  `attention_bias`) or they are fixed by the code (Qwen2: q/k/v always, o and the MLP never; Mistral, Phi-3: never);
+- the RMSNorm scale (Gemma multiplies by 1 + w, the others by w) and an embedding scaled by √hidden (Gemma);
+- per-head norms (Qwen3's `q_norm` / `k_norm`: one `head_dim` weight shared by every head, so pruning whole heads
+  leaves them valid);
+- whether the config insists that the hidden size is a multiple of the query heads (Llama's does; the others
+  read `head_dim` from the config).
+The family is read from `config.model_type`, because what tells Llama and Gemma apart (the norm's 1 + w, the
+embedding scale) is code, not module structure; the named modules are then checked on every layer. Anything else
+is refused by name: a decoder with further norms (Gemma 2/3), LayerNorm (OPT, GPT-NeoX) or different residual wiring
+would pass a structural check and then be silently wrong after SliceGPT's rotation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from memfit.errors import ModelError
+
+Bias = str | bool
+"""A linear's bias: the name of the config flag that switches it on, or fixed on (True) / off (False) by the code."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # or ("qkv_proj",): one fused linear, q, k, v rows
+    gate_up: tuple[str, ...] = ("gate_proj", "up_proj")  # or ("gate_up_proj",): gate rows, then up rows
+    bias: Mapping[str, Bias] = field(default_factory=dict)  # linear name -> Bias; unnamed: fixed off
+    norm_offset: float = 0.0  # RMSNorm output is x̂ · (offset + w)
+    norm_eps: str = "variance_epsilon"  # the norm module's epsilon attribute
+    embed_scale: bool = False  # embedding output × √hidden_size
+    head_norms: tuple[str, ...] = ()  # per-head norms on q / k (weight of head_dim)
+    heads_divide_hidden: bool = False  # the config refuses a hidden size that is not a multiple of the heads
+    o: str = "o_proj"
+    down: str = "down_proj"
+
+    @property
+    def attn_linears(self) -> tuple[str, ...]:
+        return (*self.qkv, self.o)
+
+    @property
+    def mlp_linears(self) -> tuple[str, ...]:
+        return (*self.gate_up, self.down)
+
+    def bias_of(self, name: str) -> Bias:
+        return self.bias.get(name, False)
+
+    # --- heads ---
+
+    def heads(self, attn: nn.Module) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head_dim) of one attention module, from its linears' shapes."""
+        hd = attn.head_dim
+        n_q = getattr(attn, self.o).in_features // hd
+        if len(self.qkv) == 1:
+            n_kv = (getattr(attn, self.qkv[0]).out_features - n_q * hd) // (2 * hd)
+        else:
+            n_kv = getattr(attn, self.qkv[1]).out_features // hd
+        return n_q, n_kv, hd
+
+    def group_index(self, attn: nn.Module, groups: Iterable[int]) -> dict[str, tuple[int, torch.Tensor]]:
+        """{linear name: (dim, indices)} of the head groups `groups` (a group: one key/value head and the query
+        heads sharing it): q/k/v output rows (at their offsets in a fused qkv) and o_proj input columns."""
+        n_q, n_kv, hd = self.heads(attn)
+        rep = n_q // n_kv
+        groups = list(groups)
+        q = torch.cat([torch.arange(g * rep * hd, (g + 1) * rep * hd) for g in groups])
+        kv = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in groups])
+        if len(self.qkv) == 1:
+            out = {self.qkv[0]: (0, torch.cat([q, n_q * hd + kv, (n_q + n_kv) * hd + kv]))}
+        else:
+            out = {self.qkv[0]: (0, q), self.qkv[1]: (0, kv), self.qkv[2]: (0, kv)}
+        return out | {self.o: (1, q)}
+
+    # --- MLP channels ---
+
+    def channels(self, mlp: nn.Module) -> int:
+        return getattr(mlp, self.down).in_features
+
+    def channel_index(self, mlp: nn.Module, keep: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
+        """{linear name: (dim, indices)} of the MLP channels `keep`: gate/up output rows (both halves of a fused
+        gate_up), down_proj input columns."""
+        n = self.channels(mlp)
+        if len(self.gate_up) == 1:
+            return {self.gate_up[0]: (0, torch.cat([keep, n + keep])), self.down: (1, keep)}
+        return {self.gate_up[0]: (0, keep), self.gate_up[1]: (0, keep), self.down: (1, keep)}
+
+
+_ATTN, _MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+LAYOUTS: dict[str, Layout] = {
+    "llama": Layout(bias={n: "attention_bias" for n in _ATTN} | {n: "mlp_bias" for n in _MLP},
+                    heads_divide_hidden=True),
+    "mistral": Layout(),
+    "qwen2": Layout(bias={"q_proj": True, "k_proj": True, "v_proj": True}),
+    "qwen3": Layout(bias={n: "attention_bias" for n in _ATTN}, head_norms=("q_norm", "k_norm")),
+    "gemma": Layout(bias={n: "attention_bias" for n in _ATTN}, norm_offset=1.0, norm_eps="eps", embed_scale=True),
+    "phi3": Layout(qkv=("qkv_proj",), gate_up=("gate_up_proj",)),
+}
+
+
+def layout_of(model: nn.Module) -> Layout:
+    """The model's `Layout`, checked against every decoder layer; `ModelError` naming the architecture otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layout = LAYOUTS.get(model_type)
+    if layout is None:
+        raise ModelError(f"structured pruning does not support architecture '{model_type}'; supported: "
+                         f"{', '.join(LAYOUTS)} (decoders of the Llama shape: RMSNorm, gated MLP)")
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ModelError(f"this {model_type} model has no model.layers; pass the causal LM (…ForCausalLM)")
+    for i, layer in enumerate(layers):
+        for owner, names in (("self_attn", layout.attn_linears), ("mlp", layout.mlp_linears)):
+            sub = getattr(layer, owner, None)
+            if sub is None or not all(type(getattr(sub, n, None)) is nn.Linear for n in names):
+                raise ModelError(f"layer {i} has no plain {owner} linears ({', '.join(names)}); a quantized or "
+                                 f"adapted model cannot be pruned: prune the dense model first")
+        for n in layout.head_norms:
+            norm = getattr(layer.self_attn, n, None)
+            if norm is None or norm.weight.numel() != layer.self_attn.head_dim:
+                raise ModelError(f"layer {i}'s {n} is not one head_dim norm shared by all heads; pruning heads "
+                                 f"would leave it inconsistent")
+    return layout
