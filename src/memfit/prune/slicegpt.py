@@ -13,7 +13,10 @@ Family conventions (`layout.py`): a fused qkv_proj / gate_up_proj (Phi-3) is one
 q/k/v) are untouched by an input-side rotation, biases of writers are rotated with their rows; Gemma's norm scale
 1 + w is folded as a whole (w ← 0, and the sliced norm's w = √(d/d') − 1), and its embedding output, which
 transformers multiplies by √hidden_size, is rescaled by √(d/d') so that √d' after slicing gives the same vectors.
-Qwen3's q_norm / k_norm act inside the heads, after the readers, and are untouched.
+Qwen3's q_norm / k_norm act inside the heads, after the readers, and keep their weights; but they read the same
+`rms_norm_eps` as the residual norms, so their epsilon is scaled by d/d' with it (2·10⁻⁶ for 10⁻⁶ at 50 %, against
+head features of mean square ~1: a change far below bf16 rounding, and the only one SliceGPT makes to a Qwen3 model
+besides the deleted directions).
 
 What differs from the paper, so that the result stays a plain transformers model:
 - **one Q for the whole residual stream** (PCA of the normalized residual at every point it is read: each layer's
@@ -131,6 +134,9 @@ def slicegpt(model, ids: torch.Tensor, sparsity: float) -> dict:
         norm.weight = nn.Parameter(torch.full((d_new,), math.sqrt(d / d_new) - layout.norm_offset,
                                               dtype=norm.weight.dtype, device=norm.weight.device))
         setattr(norm, layout.norm_eps, eps)
+    for layer in decoder_layers(model):  # Qwen3's head norms share the config's epsilon: as transformers reloads them
+        for name in layout.head_norms:
+            setattr(getattr(layer.self_attn, name), layout.norm_eps, eps)
     config.rms_norm_eps = eps
     sync_config(model)
     kept = float(evals[:d_new].sum() / evals.sum())
