@@ -54,8 +54,7 @@ class PruneResult:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a supported causal LM (`layout.LAYOUTS`); `ModelError` for anything else."""
-    layout_of(model)
-    return model.model.layers
+    return layout_of(model).layers(model)
 
 
 def count_params(model: nn.Module) -> int:
@@ -66,18 +65,20 @@ def param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def allowed_group_removals(hidden: int, n_kv: int, rep: int, divide: bool = True) -> list[int]:
-    """Head groups a layer may lose: at least one group stays, and (`divide`: transformers' `LlamaConfig`, which
-    5.x validates) the hidden size must be a multiple of the query heads left, (n_kv − removed) · rep."""
-    return [r for r in range(n_kv) if not divide or hidden % ((n_kv - r) * rep) == 0]
+def allowed_group_removals(hidden: int, n_kv: int, rep: int, layout: Layout) -> list[int]:
+    """Head groups a layer may lose: none where the config cannot describe fewer heads (OPT, GPT-NeoX); else at
+    least one group stays, and (transformers' `LlamaConfig`, which 5.x validates) the hidden size must be a multiple
+    of the query heads left, (n_kv − removed) · rep."""
+    if not layout.prune_heads:
+        return [0]
+    return [r for r in range(n_kv) if not layout.heads_divide_hidden or hidden % ((n_kv - r) * rep) == 0]
 
 
-def allocate(target: float, wanted_groups: float, n_layers: int, hidden: int, n_kv: int, rep: int, head_dim: int,
-             n_channels: int, divide: bool = True) -> tuple[int, int]:
-    """(head groups, MLP channels) every layer loses: the allowed group count nearest `wanted_groups`, then MLP
+def allocate(target: float, wanted_groups: float, allowed: list[int], n_layers: int, head_params: int,
+             channel_params: int, n_channels: int) -> tuple[int, int]:
+    """(head groups, MLP channels) every layer loses: the `allowed` group count nearest `wanted_groups`, then MLP
     channels filling the rest of `target` (parameters to remove over all layers)."""
-    head_params, channel_params = group_params(hidden, rep, head_dim), 3 * hidden
-    groups = min(allowed_group_removals(hidden, n_kv, rep, divide), key=lambda r: (abs(r - wanted_groups), r))
+    groups = min(allowed, key=lambda r: (abs(r - wanted_groups), r))
     rest = target - n_layers * groups * head_params
     channels = min(n_channels - 1, max(0, round(rest / (n_layers * channel_params))))
     return groups, channels
@@ -151,29 +152,30 @@ def sync_config(model: nn.Module) -> None:
     added to o_proj or down_proj (FLAP) gives the others of every layer a zero bias. A bias on a linear whose
     family never has one cannot be described and is refused."""
     config, layout = model.config, layout_of(model)
-    layers = model.model.layers
-    shapes = {(*layout.heads(l.self_attn), layout.channels(l.mlp), getattr(l.self_attn, layout.o).out_features)
-              for l in layers}
+    layers = layout.layers(model)
+    shapes = {(*layout.heads(layout.attn_of(l)), layout.channels(layout.mlp_of(l)),
+               getattr(layout.attn_of(l), layout.o).out_features) for l in layers}
     if len(shapes) != 1:
         raise ModelError(f"pruned layers differ in shape ({sorted(shapes)}); a {config.model_type} config holds one "
                          f"width per model, so every layer must be pruned alike")
     heads, kv, hd, inter, hidden = shapes.pop()
-    linears = [(l, owner, n) for l in layers
-               for owner, names in (("self_attn", layout.attn_linears), ("mlp", layout.mlp_linears)) for n in names]
+    linears = [pair for l in layers for pair in layout.linears(l)]
     flags: dict[str, bool] = {}
-    for l, owner, n in linears:
-        has, spec = getattr(getattr(l, owner), n).bias is not None, layout.bias_of(n)
+    for module, n in linears:
+        has, spec = getattr(module, n).bias is not None, layout.bias_of(n)
         if isinstance(spec, str):
             flags[spec] = flags.get(spec, False) or has
         elif has != spec:
-            raise ModelError(f"{owner}.{n} {'has' if has else 'lacks'} a bias, which a {config.model_type} model "
-                             f"never {'has' if has else 'lacks'}; the config cannot describe it")
-    for l, owner, n in linears:
-        spec, module = layout.bias_of(n), getattr(l, owner)
+            raise ModelError(f"{n} {'has' if has else 'lacks'} a bias, which a {config.model_type} model never "
+                             f"{'has' if has else 'lacks'}; the config cannot describe it")
+    for module, n in linears:
+        spec = layout.bias_of(n)
         if isinstance(spec, str) and flags[spec] and getattr(module, n).bias is None:
             setattr(module, n, add_output_bias(getattr(module, n), torch.zeros(getattr(module, n).out_features)))
-    config.num_attention_heads, config.num_key_value_heads = heads, kv
-    config.intermediate_size, config.hidden_size, config.head_dim = inter, hidden, hd
+    if layout.prune_heads:
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads, kv, hd
+    setattr(config, layout.intermediate, inter)
+    config.hidden_size = hidden
     for flag, on in flags.items():
         setattr(config, flag, on)
 

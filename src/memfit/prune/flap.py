@@ -29,6 +29,7 @@ from memfit.prune.common import (
     InputStats,
     add_output_bias,
     allocate,
+    allowed_group_removals,
     calibrate,
     decoder_layers,
     group_params,
@@ -67,25 +68,26 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool | None = None, un
                           f"config can hold one on {' and '.join(n for n in can if can[n]) or 'neither'}; "
                           f"drop bias=True")
     compensate = {name: can[name] if bias is None else bool(bias) for name in (o, down)}
-    if not uniform and len(layout.qkv) == 1:
+    if not uniform and len(layout.qkv) == 1 and layout.prune_heads:
         raise ConfigError(f"FLAP with per-layer widths needs separate q/k/v projections; {model.config.model_type}'s "
                           f"fused qkv_proj is split by the config's head count, which is one for all layers")
     attn_stats = {l: InputStats() for l in layers}
     mlp_stats = {l: InputStats() for l in layers}
-    hooks = {getattr(l.self_attn, o): attn_stats[l] for l in layers} | {getattr(l.mlp, down): mlp_stats[l]
-                                                                         for l in layers}
+    attn, mlp = {l: layout.attn_of(l) for l in layers}, {l: layout.mlp_of(l) for l in layers}
+    hooks = {getattr(attn[l], o): attn_stats[l] for l in layers} | {getattr(mlp[l], down): mlp_stats[l]
+                                                                     for l in layers}
     calibrate(model, ids, hooks)
 
-    n_q, n_kv, hd = layout.heads(layers[0].self_attn)
+    n_q, n_kv, hd = layout.heads(attn[layers[0]])
     rep = n_q // n_kv
-    hidden = getattr(layers[0].self_attn, o).out_features
-    n_channels = layout.channels(layers[0].mlp)
-    head_params, channel_params = group_params(hidden, rep, hd), 3 * hidden
+    hidden = getattr(attn[layers[0]], o).out_features
+    n_channels = layout.channels(mlp[layers[0]])
+    head_params, channel_params = group_params(hidden, rep, hd), layout.channel_params(hidden)
     group_scores, channel_scores = [], []
     for l in layers:
-        s_attn = fluctuation(attn_stats[l], getattr(l.self_attn, o).weight) ** 2
+        s_attn = fluctuation(attn_stats[l], getattr(attn[l], o).weight) ** 2
         group_scores.append(_standardize(s_attn).reshape(n_kv, rep * hd).mean(1))
-        channel_scores.append(_standardize(fluctuation(mlp_stats[l], getattr(l.mlp, down).weight)))
+        channel_scores.append(_standardize(fluctuation(mlp_stats[l], getattr(mlp[l], down).weight)))
     g, c = torch.stack(group_scores), torch.stack(channel_scores)
 
     # global ranking (FLAP's AL-AM): remove from the lowest score up until `sparsity` of the parameters is gone
@@ -98,10 +100,11 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool | None = None, un
     adaptive_heads = torch.bincount(removed[is_head] // n_kv, minlength=len(layers))
     adaptive_channels = torch.bincount((removed[~is_head] - g.numel()) // n_channels, minlength=len(layers))
     if uniform:
-        per_layer = [allocate(target, int(is_head.sum()) / len(layers), len(layers), hidden, n_kv, rep, hd,
-                              n_channels, layout.heads_divide_hidden)] * len(layers)
+        per_layer = [allocate(target, int(is_head.sum()) / len(layers),
+                              allowed_group_removals(hidden, n_kv, rep, layout), len(layers), head_params,
+                              channel_params, n_channels)] * len(layers)
     else:
-        per_layer = [(min(int(h), n_kv - 1), min(int(k), n_channels - 1))
+        per_layer = [(min(int(h), n_kv - 1) if layout.prune_heads else 0, min(int(k), n_channels - 1))
                      for h, k in zip(adaptive_heads, adaptive_channels)]
 
     for i, l in enumerate(layers):
@@ -112,17 +115,17 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool | None = None, un
             drop = torch.ones(n_kv, dtype=torch.bool)
             drop[keep_g] = False
             cols = drop.repeat_interleave(rep * hd)
-            delta = _removed_mean_output(getattr(l.self_attn, o), attn_stats[l], cols)
-            keep_head_groups(l.self_attn, layout, keep_g.tolist())
+            delta = _removed_mean_output(getattr(attn[l], o), attn_stats[l], cols)
+            keep_head_groups(attn[l], layout, keep_g.tolist())
             if compensate[o]:
-                setattr(l.self_attn, o, add_output_bias(getattr(l.self_attn, o), delta))
+                setattr(attn[l], o, add_output_bias(getattr(attn[l], o), delta))
         if channels:
             drop = torch.ones(n_channels, dtype=torch.bool)
             drop[keep_c] = False
-            delta = _removed_mean_output(getattr(l.mlp, down), mlp_stats[l], drop)
-            keep_channels(l.mlp, layout, keep_c.tolist())
+            delta = _removed_mean_output(getattr(mlp[l], down), mlp_stats[l], drop)
+            keep_channels(mlp[l], layout, keep_c.tolist())
             if compensate[down]:
-                setattr(l.mlp, down, add_output_bias(getattr(l.mlp, down), delta))
+                setattr(mlp[l], down, add_output_bias(getattr(mlp[l], down), delta))
     if uniform:
         sync_config(model)
     return {"head_groups_removed_per_layer": per_layer[0][0] if uniform else [h for h, _ in per_layer],

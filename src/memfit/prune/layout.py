@@ -44,6 +44,33 @@ class Layout:
     heads_divide_hidden: bool = False  # the config refuses a hidden size that is not a multiple of the heads
     o: str = "o_proj"
     down: str = "down_proj"
+    layers_at: str = "model.layers"
+    attn: str = "self_attn"
+    mlp: str = "mlp"  # "": the MLP linears sit on the layer itself (OPT)
+    gated: bool = True  # gate and up rows per channel (else one input row: OPT, GPT-NeoX)
+    prune_heads: bool = True  # False: head_dim = hidden / heads in the config, so fewer heads cannot be described
+    rms_norm: bool = True  # False: LayerNorm, which SliceGPT's rotation does not commute with
+    intermediate: str = "intermediate_size"  # the config key of the MLP width
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        for name in self.layers_at.split("."):
+            model = getattr(model, name)
+        return model
+
+    def attn_of(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.attn)
+
+    def mlp_of(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.mlp) if self.mlp else layer
+
+    def linears(self, layer: nn.Module) -> list[tuple[nn.Module, str]]:
+        """(owner, name) of every linear of one decoder layer."""
+        attn, mlp = self.attn_of(layer), self.mlp_of(layer)
+        return [(attn, n) for n in self.attn_linears] + [(mlp, n) for n in self.mlp_linears]
+
+    def channel_params(self, hidden: int) -> int:
+        """Weights of one MLP channel: its input row(s) and its output column."""
+        return (3 if self.gated else 2) * hidden
 
     @property
     def attn_linears(self) -> tuple[str, ...]:
@@ -60,7 +87,7 @@ class Layout:
 
     def heads(self, attn: nn.Module) -> tuple[int, int, int]:
         """(query heads, key/value heads, head_dim) of one attention module, from its linears' shapes."""
-        hd = attn.head_dim
+        hd = getattr(attn, "head_dim", None) or attn.head_size
         n_q = getattr(attn, self.o).in_features // hd
         if len(self.qkv) == 1:
             n_kv = (getattr(attn, self.qkv[0]).out_features - n_q * hd) // (2 * hd)
@@ -91,7 +118,7 @@ class Layout:
         """{linear name: (dim, indices)} of the MLP channels `keep`: gate/up output rows (both halves of a fused
         gate_up), down_proj input columns."""
         n = self.channels(mlp)
-        if len(self.gate_up) == 1:
+        if len(self.gate_up) == 1 and self.gated:
             return {self.gate_up[0]: (0, torch.cat([keep, n + keep])), self.down: (1, keep)}
         return {self.gate_up[0]: (0, keep), self.gate_up[1]: (0, keep), self.down: (1, keep)}
 
@@ -105,6 +132,14 @@ LAYOUTS: dict[str, Layout] = {
     "qwen3": Layout(bias={n: "attention_bias" for n in _ATTN}, head_norms=("q_norm", "k_norm")),
     "gemma": Layout(bias={n: "attention_bias" for n in _ATTN}, norm_offset=1.0, norm_eps="eps", embed_scale=True),
     "phi3": Layout(qkv=("qkv_proj",), gate_up=("gate_up_proj",)),
+    # LayerNorm decoders: MLP channels only (FLAP, LLM-Pruner)
+    "opt": Layout(bias={n: "enable_bias" for n in ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")},
+                  o="out_proj", gate_up=("fc1",), down="fc2", layers_at="model.decoder.layers", mlp="", gated=False,
+                  prune_heads=False, rms_norm=False, intermediate="ffn_dim"),
+    "gpt_neox": Layout(bias={"query_key_value": "attention_bias", "dense": "attention_bias", "dense_h_to_4h": True,
+                             "dense_4h_to_h": True},
+                       qkv=("query_key_value",), o="dense", gate_up=("dense_h_to_4h",), down="dense_4h_to_h",
+                       layers_at="gpt_neox.layers", attn="attention", gated=False, prune_heads=False, rms_norm=False),
 }
 
 
@@ -114,19 +149,20 @@ def layout_of(model: nn.Module) -> Layout:
     layout = LAYOUTS.get(model_type)
     if layout is None:
         raise ModelError(f"structured pruning does not support architecture '{model_type}'; supported: "
-                         f"{', '.join(LAYOUTS)} (decoders of the Llama shape: RMSNorm, gated MLP)")
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ModelError(f"this {model_type} model has no model.layers; pass the causal LM (…ForCausalLM)")
+                         f"{', '.join(LAYOUTS)}")
+    try:
+        layers = layout.layers(model)
+    except AttributeError:
+        raise ModelError(f"this {model_type} model has no {layout.layers_at}; pass the causal LM (…ForCausalLM)")
     for i, layer in enumerate(layers):
-        for owner, names in (("self_attn", layout.attn_linears), ("mlp", layout.mlp_linears)):
-            sub = getattr(layer, owner, None)
+        for owner, names in ((layout.attn, layout.attn_linears), (layout.mlp, layout.mlp_linears)):
+            sub = getattr(layer, owner, None) if owner else layer
             if sub is None or not all(type(getattr(sub, n, None)) is nn.Linear for n in names):
-                raise ModelError(f"layer {i} has no plain {owner} linears ({', '.join(names)}); a quantized or "
-                                 f"adapted model cannot be pruned: prune the dense model first")
+                raise ModelError(f"layer {i} has no plain {owner or 'layer'} linears ({', '.join(names)}); a "
+                                 f"quantized or adapted model cannot be pruned: prune the dense model first")
         for n in layout.head_norms:
-            norm = getattr(layer.self_attn, n, None)
-            if norm is None or norm.weight.numel() != layer.self_attn.head_dim:
+            norm = getattr(layout.attn_of(layer), n, None)
+            if norm is None or norm.weight.numel() != layout.attn_of(layer).head_dim:
                 raise ModelError(f"layer {i}'s {n} is not one head_dim norm shared by all heads; pruning heads "
                                  f"would leave it inconsistent")
     return layout

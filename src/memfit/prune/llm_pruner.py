@@ -22,6 +22,7 @@ import torch
 
 from memfit.prune.common import (
     allocate,
+    allowed_group_removals,
     batches,
     decoder_layers,
     group_params,
@@ -36,8 +37,7 @@ def accumulate_gradients(model, ids: torch.Tensor, batch_size: int = 8) -> None:
     """Fill `.grad` of the decoder layers' linears with ∂(Σ_windows loss)/∂w; every other parameter is frozen."""
     was = {p: p.requires_grad for p in model.parameters()}
     layout = layout_of(model)
-    linears = [getattr(getattr(l, owner), n) for l in decoder_layers(model)
-               for owner, names in (("self_attn", layout.attn_linears), ("mlp", layout.mlp_linears)) for n in names]
+    linears = [getattr(module, n) for l in decoder_layers(model) for module, n in layout.linears(l)]
     for p in model.parameters():
         p.requires_grad_(False)
         p.grad = None
@@ -79,10 +79,10 @@ def _group_sum(lin, dim: int, idx: torch.Tensor) -> torch.Tensor:
 
 def group_importance(layer, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ |w·g| per head group, Σ |w·g| per MLP channel) of one decoder layer, from the stored gradients."""
-    attn, mlp = layer.self_attn, layer.mlp
+    attn, mlp = layout.attn_of(layer), layout.mlp_of(layer)
     n_kv = layout.heads(attn)[1]
     heads = torch.zeros(n_kv, dtype=torch.float64)
-    for gi in range(n_kv):
+    for gi in range(n_kv if layout.prune_heads else 0):  # (GPT-NeoX interleaves its fused qkv per head)
         for name, (dim, idx) in layout.group_index(attn, [gi]).items():
             heads[gi] += _group_sum(getattr(attn, name), dim, idx)
     n = layout.channels(mlp)
@@ -98,13 +98,14 @@ def llm_pruner(model, ids: torch.Tensor, sparsity: float) -> dict:
     """Remove `sparsity` of every layer's head groups and MLP channels by Taylor importance, in place; the choices
     made."""
     layers, layout = decoder_layers(model), layout_of(model)
-    n_q, n_kv, hd = layout.heads(layers[0].self_attn)
+    n_q, n_kv, hd = layout.heads(layout.attn_of(layers[0]))
     rep = n_q // n_kv
-    hidden = getattr(layers[0].self_attn, layout.o).out_features
-    n_channels = layout.channels(layers[0].mlp)
-    target = sparsity * len(layers) * (n_kv * group_params(hidden, rep, hd) + 3 * hidden * n_channels)
-    heads, channels = allocate(target, sparsity * n_kv, len(layers), hidden, n_kv, rep, hd, n_channels,
-                               layout.heads_divide_hidden)
+    hidden = getattr(layout.attn_of(layers[0]), layout.o).out_features
+    n_channels = layout.channels(layout.mlp_of(layers[0]))
+    head_params, channel_params = group_params(hidden, rep, hd), layout.channel_params(hidden)
+    target = sparsity * len(layers) * (n_kv * head_params + channel_params * n_channels)
+    heads, channels = allocate(target, sparsity * n_kv, allowed_group_removals(hidden, n_kv, rep, layout),
+                               len(layers), head_params, channel_params, n_channels)
     if heads or channels:
         accumulate_gradients(model, ids)
     with torch.no_grad():
@@ -113,9 +114,11 @@ def llm_pruner(model, ids: torch.Tensor, sparsity: float) -> dict:
                 break
             h, c = group_importance(layer, layout)
             if heads:
-                keep_head_groups(layer.self_attn, layout, torch.argsort(h, descending=True)[: n_kv - heads].tolist())
+                keep_head_groups(layout.attn_of(layer), layout,
+                                 torch.argsort(h, descending=True)[: n_kv - heads].tolist())
             if channels:
-                keep_channels(layer.mlp, layout, torch.argsort(c, descending=True)[: n_channels - channels].tolist())
+                keep_channels(layout.mlp_of(layer), layout,
+                              torch.argsort(c, descending=True)[: n_channels - channels].tolist())
     for p in model.parameters():
         p.grad = None
     sync_config(model)

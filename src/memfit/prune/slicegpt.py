@@ -52,7 +52,7 @@ def _readers(model, layout: Layout) -> tuple[list[tuple[nn.Module, list[nn.Linea
     """([(norm, the linears reading its output)], the linears writing to the residual stream)."""
     readers, writers = [], []
     for layer in decoder_layers(model):
-        a, m = layer.self_attn, layer.mlp
+        a, m = layout.attn_of(layer), layout.mlp_of(layer)
         readers.append((layer.input_layernorm, [getattr(a, n) for n in layout.qkv]))
         readers.append((layer.post_attention_layernorm, [getattr(m, n) for n in layout.gate_up]))
         writers += [getattr(a, layout.o), getattr(m, layout.down)]
@@ -103,6 +103,11 @@ def slicegpt(model, ids: torch.Tensor, sparsity: float) -> dict:
     """Slice `model`'s hidden size by `sparsity` (fraction of the d residual directions deleted), in place; the
     choices made."""
     config, layout = model.config, layout_of(model)
+    if not layout.rms_norm:
+        raise ModelError(f"SliceGPT needs RMSNorm, and {config.model_type} uses LayerNorm: the paper converts it by "
+                         f"centring every residual writer, but the rotated stream's mean is not zero, so LayerNorm "
+                         f"would no longer commute, and a {config.model_type} config cannot say RMSNorm; use flap or "
+                         f"llm-pruner (MLP channels)")
     d = config.hidden_size
     d_new = sliced_dim(d, sparsity, config.num_attention_heads if layout.heads_divide_hidden else 1)
     emb = model.model.embed_tokens
@@ -136,7 +141,7 @@ def slicegpt(model, ids: torch.Tensor, sparsity: float) -> dict:
         setattr(norm, layout.norm_eps, eps)
     for layer in decoder_layers(model):  # Qwen3's head norms share the config's epsilon: as transformers reloads them
         for name in layout.head_norms:
-            setattr(getattr(layer.self_attn, name), layout.norm_eps, eps)
+            setattr(getattr(layout.attn_of(layer), name), layout.norm_eps, eps)
     config.rms_norm_eps = eps
     sync_config(model)
     kept = float(evals[:d_new].sum() / evals.sum())
