@@ -141,3 +141,61 @@ def test_flap_bias_compensation_only_where_the_config_holds_it():
         prune_model(build("mistral"), "flap", 0.4, _ids(8, 0), bias=True)
     with pytest.raises(ConfigError, match="fused qkv_proj"):
         prune_model(build("phi3"), "flap", 0.4, _ids(8, 0), uniform=False)
+
+
+def build_layernorm(family: str):
+    """Tiny OPT / GPT-NeoX (LayerNorm with bias, ungated MLP), biases and norms randomised."""
+    config = AutoConfig.for_model(family, vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS,
+                                  num_hidden_layers=LAYERS, ffn_dim=INTER, intermediate_size=INTER,
+                                  max_position_embeddings=64, pad_token_id=None, bos_token_id=None,
+                                  eos_token_id=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0, 0.1)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def layernorm_hand_count(family: str, c) -> int:
+    """Parameters of a tiny OPT / GPT-NeoX with config `c`, counted by hand (every linear has a bias here)."""
+    h, inter = c.hidden_size, (c.ffn_dim if family == "opt" else c.intermediate_size)
+    layer = 4 * (h * h + h) + (h * inter + inter) + (inter * h + h) + 2 * 2 * h
+    if family == "opt":  # learned positions (2 offset rows), embedding tied to the head
+        embed = c.vocab_size * h + (c.max_position_embeddings + 2) * h
+    else:  # rotary; untied head
+        embed = 2 * c.vocab_size * h
+    return embed + c.num_hidden_layers * layer + 2 * h
+
+
+@pytest.mark.parametrize("method", ["flap", "llm-pruner"])
+@pytest.mark.parametrize("family", ["opt", "gpt_neox"])
+def test_layernorm_family_prunes_mlp_channels(family, method, tmp_path):
+    """OPT / GPT-NeoX: heads cannot go (head_dim = hidden / heads), MLP channels can; FLAP's bias compensation
+    lands on their existing fc2 / dense_4h_to_h bias."""
+    model = build_layernorm(family)
+    before = layernorm_hand_count(family, model.config)
+    assert sum(p.numel() for p in model.parameters()) == before
+    result = prune_model(model, method, 0.3, _ids(8, 0))
+    assert result.details["head_groups_removed_per_layer"] == 0
+    if method == "flap":
+        assert len(result.details["bias_compensation"]) == 2
+    save_pruned(result, None, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    c = reloaded.config
+    assert c.num_attention_heads == HEADS and c.hidden_size == HIDDEN
+    assert (c.ffn_dim if family == "opt" else c.intermediate_size) == INTER - result.details["channels_removed_per_layer"]
+    n = sum(p.numel() for p in reloaded.parameters())
+    assert n == result.params_after == layernorm_hand_count(family, c) < 0.8 * before
+    torch.testing.assert_close(_logits(reloaded, _ids(3, 1)), _logits(result.model, _ids(3, 1)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt_neox"])
+def test_slicegpt_refuses_layernorm_models(family):
+    from memfit.errors import ModelError
+
+    with pytest.raises(ModelError, match=f"SliceGPT needs RMSNorm, and {family} uses LayerNorm"):
+        prune_model(build_layernorm(family), "slicegpt", 0.2, _ids(4, 0))

@@ -120,7 +120,7 @@ class Layout:
         n = self.channels(mlp)
         if len(self.gate_up) == 1 and self.gated:
             return {self.gate_up[0]: (0, torch.cat([keep, n + keep])), self.down: (1, keep)}
-        return {self.gate_up[0]: (0, keep), self.gate_up[1]: (0, keep), self.down: (1, keep)}
+        return {name: (0, keep) for name in self.gate_up} | {self.down: (1, keep)}
 
 
 _ATTN, _MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
