@@ -8,8 +8,8 @@ Retraining-free. On calibration text, for each input channel j of o_proj and dow
   lowest-ranked units up to `sparsity` of the layers' parameters are removed;
 - bias compensation: a removed channel is replaced by its calibration mean, b += W[:, removed] · mean(x_removed),
   so o_proj and down_proj gain a bias (Llama's `attention_bias` / `mlp_bias`; q/k/v and gate/up get zero biases).
-  Only where the family's config can switch that bias on (`layout.Layout.bias`): Llama both, Qwen3 and Gemma o_proj
-  only, Mistral, Qwen2 and Phi-3 neither — there the removed channels are dropped uncompensated (the default
+  Only where the family's config can switch that bias on or always has it (`layout.Layout.bias`): Llama, OPT and
+  GPT-NeoX both, Qwen3 and Gemma o_proj only, Mistral, Qwen2 and Phi-3 neither — there the removed channels are dropped uncompensated (the default
   `bias=None`), and `bias=True` is refused.
 
 What differs from the paper, so that the result stays a plain `LlamaConfig` model: the global ranking decides how

@@ -12,10 +12,12 @@ an RMSNorm → attention → RMSNorm → gated MLP with residuals — and differ
   leaves them valid);
 - whether the config insists that the hidden size is a multiple of the query heads (Llama's does; the others
   read `head_dim` from the config).
+OPT and GPT-NeoX (LayerNorm, ungated MLP, head_dim = hidden / heads in their configs) have layouts too, for MLP
+channels only: FLAP and LLM-Pruner cut them, SliceGPT refuses them.
 The family is read from `config.model_type`, because what tells Llama and Gemma apart (the norm's 1 + w, the
 embedding scale) is code, not module structure; the named modules are then checked on every layer. Anything else
-is refused by name: a decoder with further norms (Gemma 2/3), LayerNorm (OPT, GPT-NeoX) or different residual wiring
-would pass a structural check and then be silently wrong after SliceGPT's rotation.
+is refused by name: a decoder with further norms (Gemma 2/3) or different residual wiring (Phi-1/2) would pass a
+structural check and then be silently wrong after SliceGPT's rotation.
 """
 
 from __future__ import annotations

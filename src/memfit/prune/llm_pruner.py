@@ -11,7 +11,8 @@ highest-scored groups.
 
 Uniform over layers: every layer loses `sparsity` of its head groups and MLP channels, because one `LlamaConfig`
 holds one width for all layers (the paper also prunes uniformly, but skips the first and last layers, which a
-single config cannot express). The head count is rounded to one `LlamaConfig` accepts (the hidden size must stay a
+single config cannot express). OPT and GPT-NeoX lose MLP channels only (their configs derive head_dim from
+hidden / heads, so no config describes fewer heads). The head count is rounded to one `LlamaConfig` accepts (the hidden size must stay a
 multiple of the query heads); MLP channels then make up the parameter count `sparsity` asks for. The paper's
 optional LoRA recovery training is not run here.
 """

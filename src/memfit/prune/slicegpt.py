@@ -21,8 +21,8 @@ besides the deleted directions).
 What differs from the paper, so that the result stays a plain transformers model:
 - **one Q for the whole residual stream** (PCA of the normalized residual at every point it is read: each layer's
   two norms and the final norm, summed). The paper uses a Q per layer and puts Q_ℓᵀQ_ℓ₊₁ on the skip connection;
-  these decoders have no module there, so a per-layer Q cannot be expressed without memfit code to load it. Q comes from one
-  calibration pass of the unsliced model (the paper feeds each layer the outputs of the already sliced ones).
+  these decoders have no module there, so a per-layer Q cannot be expressed without memfit code to load it. Q comes
+  from one calibration pass of the unsliced model (the paper feeds each layer the outputs of the already sliced ones).
 - the sliced RMSNorm averages over d' features instead of d: its weight becomes √(d/d') and its epsilon ε·d/d',
   which reproduces x/‖x‖·√d on the kept features exactly (at 0 % slicing the model is the original, to rounding).
 - tied embeddings are untied (the head reads the final norm's folded scale, the embedding does not).
