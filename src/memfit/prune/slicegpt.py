@@ -104,10 +104,9 @@ def slicegpt(model, ids: torch.Tensor, sparsity: float) -> dict:
     choices made."""
     config, layout = model.config, layout_of(model)
     if not layout.rms_norm:
-        raise ModelError(f"SliceGPT needs RMSNorm, and {config.model_type} uses LayerNorm: the paper converts it by "
-                         f"centring every residual writer, but the rotated stream's mean is not zero, so LayerNorm "
-                         f"would no longer commute, and a {config.model_type} config cannot say RMSNorm; use flap or "
-                         f"llm-pruner (MLP channels)")
+        raise ModelError(f"SliceGPT needs RMSNorm, and {config.model_type} uses LayerNorm, which a "
+                         f"{config.model_type} config cannot turn into RMSNorm (the paper converts it in its own code) "
+                         f"and which does not commute with the rotation; use flap or llm-pruner (MLP channels)")
     d = config.hidden_size
     d_new = sliced_dim(d, sparsity, config.num_attention_heads if layout.heads_divide_hidden else 1)
     emb = model.model.embed_tokens
