@@ -104,9 +104,10 @@ def slicegpt(model, ids: torch.Tensor, sparsity: float) -> dict:
     choices made."""
     config, layout = model.config, layout_of(model)
     if not layout.rms_norm:
-        raise ModelError(f"SliceGPT needs RMSNorm, and {config.model_type} uses LayerNorm, which a "
-                         f"{config.model_type} config cannot turn into RMSNorm (the paper converts it in its own code) "
-                         f"and which does not commute with the rotation; use flap or llm-pruner (MLP channels)")
+        raise ModelError(f"SliceGPT needs RMSNorm, and {config.model_type} uses LayerNorm, which does not commute "
+                         f"with the rotation (the paper converts it in its own code); nor can a {config.model_type} "
+                         f"config describe the result: its attention width is hidden_size, which SliceGPT shrinks; use "
+                         f"flap or llm-pruner (MLP channels)")
     d = config.hidden_size
     d_new = sliced_dim(d, sparsity, config.num_attention_heads if layout.heads_divide_hidden else 1)
     emb = model.model.embed_tokens
