@@ -36,6 +36,8 @@ Bias = str | bool
 
 @dataclass(frozen=True)
 class Layout:
+    """How one decoder family is laid out and what its config can describe (the defaults are Llama's)."""
+
     qkv: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")  # or ("qkv_proj",): one fused linear, q, k, v rows
     gate_up: tuple[str, ...] = ("gate_proj", "up_proj")  # or ("gate_up_proj",): gate rows, then up rows
     bias: Mapping[str, Bias] = field(default_factory=dict)  # linear name -> Bias; unnamed: fixed off
@@ -51,7 +53,7 @@ class Layout:
     mlp: str = "mlp"  # "": the MLP linears sit on the layer itself (OPT)
     gated: bool = True  # gate and up rows per channel (else one input row: OPT, GPT-NeoX)
     prune_heads: bool = True  # False: head_dim = hidden / heads in the config, so fewer heads cannot be described
-    rms_norm: bool = True  # False: LayerNorm, which SliceGPT's rotation does not commute with
+    rms_norm: bool = True  # False: LayerNorm (and attention sized by hidden_size): SliceGPT refuses
     intermediate: str = "intermediate_size"  # the config key of the MLP width
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
