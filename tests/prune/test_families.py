@@ -19,8 +19,8 @@ FAMILIES = ["mistral", "qwen2", "qwen3", "gemma", "phi3"]
 METHODS = ["slicegpt", "flap", "llm-pruner"]
 
 
-def build(family: str, seed: int = 0):
-    config = AutoConfig.for_model(family, vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS,
+def build(family: str, seed: int = 0, vocab: int = VOCAB):
+    config = AutoConfig.for_model(family, vocab_size=vocab, hidden_size=HIDDEN, num_attention_heads=HEADS,
                                   num_key_value_heads=KV, head_dim=HD, intermediate_size=INTER,
                                   num_hidden_layers=LAYERS, pad_token_id=None, bos_token_id=None, eos_token_id=None)
     torch.manual_seed(seed)
