@@ -42,3 +42,19 @@ def test_cli_refuses_folders_it_did_not_write_and_bad_input(model_dir, tmp_path)
     res = _prune(model_dir, tmp_path / "y", "--calib", str(tmp_path / "missing.txt"))
     assert res.exit_code == 2 and "calibration text not found" in res.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_prunes_a_fused_phi3_folder(model_dir, tmp_path):
+    """The whole `memfit prune` path (load with sdpa, calibrate, prune, write, reload and compare) on Phi-3."""
+    from .test_families import build
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = tmp_path / "phi3"
+    build("phi3", vocab=len(tokenizer)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    res = CliRunner().invoke(app, ["prune", str(base), "-m", "slicegpt", "-s", "0.25", "-o", str(tmp_path / "out"),
+                                   "--calib-samples", "4", "--calib-len", "32"])
+    assert res.exit_code == 0, res.output
+    assert "reloaded by transformers: logits within 0.0e+00" in res.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "Phi3ForCausalLM" and model.config.hidden_size == 48

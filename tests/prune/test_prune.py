@@ -13,6 +13,7 @@ from memfit.models import build_llama
 from memfit.models.presets import llama_config
 from memfit.prune import max_logit_difference, prune_model
 from memfit.prune.common import MARKER, save_pruned
+from memfit.prune.layout import LAYOUTS
 from memfit.prune.llm_pruner import accumulate_gradients, group_importance
 
 VOCAB = 256
@@ -142,7 +143,7 @@ def test_llm_pruner_importance_is_the_taylor_score(base):
     for p in model.parameters():
         p.grad = None
     accumulate_gradients(model, ids, batch_size=4)  # two batches: gradients must add up
-    got_heads, got_channels = group_importance(layer)
+    got_heads, got_channels = group_importance(layer, LAYOUTS["llama"])
     torch.testing.assert_close(got_heads, heads, rtol=1e-4, atol=0)
     torch.testing.assert_close(got_channels, channels, rtol=1e-4, atol=1e-12)
     assert model.model.embed_tokens.weight.grad is None  # only the layers' linears take gradients
@@ -155,14 +156,21 @@ def test_llm_pruner_importance_is_the_taylor_score(base):
                                attn.k_proj.weight[kept_group * hd:(kept_group + 1) * hd])
 
 
-def test_refuses_other_architectures_and_bad_sparsity(base):
-    from transformers import GPT2Config, GPT2LMHeadModel
+@pytest.mark.parametrize("arch", ["gpt2", "phi"])
+def test_refuses_other_architectures_and_bad_sparsity(base, arch):
+    """One error naming the architecture and the supported ones (GPT-2: Conv1D; Phi-1/2: parallel attention+MLP)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from memfit.errors import ConfigError, ModelError
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
-    with pytest.raises(ModelError, match="Llama-architecture"):
-        prune_model(gpt2, "flap", 0.2, _ids(2, 0) % 64)
+    config = AutoConfig.for_model(arch, hidden_size=32, n_embd=32, num_hidden_layers=1, n_layer=1,
+                                  num_attention_heads=2, n_head=2, vocab_size=64, bos_token_id=None,
+                                  eos_token_id=None)
+    other = AutoModelForCausalLM.from_config(config)
+    for method in ("slicegpt", "flap", "llm-pruner"):
+        with pytest.raises(ModelError, match=rf"architecture '{arch}'; supported: llama, mistral, qwen2, qwen3, "
+                                             rf"gemma, phi3, opt, gpt_neox$"):
+            prune_model(other, method, 0.2, _ids(2, 0) % 64)
     with pytest.raises(ConfigError, match=r"\[0, 1\)"):
         prune_model(base, "slicegpt", 1.0, _ids(2, 0))
     with pytest.raises(ConfigError, match="unknown pruning method"):
@@ -173,16 +181,19 @@ def test_head_counts_are_ones_llama_config_accepts():
     """transformers' LlamaConfig refuses a hidden size that is not a multiple of the heads: 128 with 3 heads."""
     from transformers import LlamaConfig
 
-    from memfit.prune.common import allocate, allowed_group_removals
+    from memfit.prune.common import allocate, allowed_group_removals, group_params
 
     with pytest.raises(Exception, match="multiple of the number of attention heads"):
         LlamaConfig(hidden_size=128, num_attention_heads=3, num_key_value_heads=3, head_dim=32)
-    assert allowed_group_removals(128, 4, 1) == [0, 2, 3]
-    assert allowed_group_removals(96, 4, 1) == [0, 1, 2, 3]
-    assert allowed_group_removals(64, 2, 2) == [0, 1]  # 4 query heads in 2 groups
+    llama = LAYOUTS["llama"]
+    assert allowed_group_removals(128, 4, 1, llama) == [0, 2, 3]
+    assert allowed_group_removals(96, 4, 1, llama) == [0, 1, 2, 3]
+    assert allowed_group_removals(64, 2, 2, llama) == [0, 1]  # 4 query heads in 2 groups
+    assert allowed_group_removals(128, 4, 1, LAYOUTS["mistral"]) == [0, 1, 2, 3]  # head_dim read from the config
+    assert allowed_group_removals(128, 4, 1, LAYOUTS["opt"]) == [0]  # head_dim = hidden / heads: no head goes
     # 1 of 4 heads wanted, not allowed at hidden 128: none go, and MLP channels carry the whole target
-    groups, channels = allocate(target=2 * 3 * 128 * 50, wanted_groups=1, n_layers=2, hidden=128, n_kv=4, rep=1,
-                                head_dim=32, n_channels=352)
+    groups, channels = allocate(target=2 * 3 * 128 * 50, wanted_groups=1, allowed=[0, 2, 3], n_layers=2,
+                                head_params=group_params(128, 1, 32), channel_params=3 * 128, n_channels=352)
     assert (groups, channels) == (0, 50)
 
 

@@ -13,7 +13,8 @@ from memfit.cli.app import app, console, handles_errors
 @app.command("prune")
 @handles_errors
 def prune_command(
-    model: str = typer.Argument(..., help="Local HF model folder or a memfit run directory (Llama architecture)."),
+    model: str = typer.Argument(..., help="Local HF model folder or a memfit run directory (Llama, Mistral, Qwen2, "
+                                "Qwen3, Gemma or Phi-3)."),
     method: str = typer.Option(..., "--method", "-m", help="slicegpt (delete hidden dimensions), flap (heads and "
                                "MLP channels by fluctuation, bias compensated), llm-pruner (heads and MLP channels "
                                "by Taylor importance)."),

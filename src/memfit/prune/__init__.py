@@ -1,9 +1,10 @@
 """Structured pruning: a genuinely smaller model (fewer heads, MLP channels or hidden dimensions), written as a plain
 Hugging Face folder that `transformers.AutoModelForCausalLM.from_pretrained` loads without memfit.
 
-Layout: `common.py` (anatomy, calibration, cutting, config, writing the folder) ← `slicegpt.py` (SliceGPT, delete
-residual directions after a PCA rotation), `flap.py` (FLAP, fluctuation metric + bias compensation),
-`llm_pruner.py` (LLM-Pruner, Taylor importance of dependency groups).
+Layout: `layout.py` (each decoder family's module names, fusions, biases and norm conventions) ← `common.py`
+(calibration, cutting, config, writing the folder) ← `slicegpt.py` (SliceGPT, delete residual directions after a PCA
+rotation), `flap.py` (FLAP, fluctuation metric + bias compensation), `llm_pruner.py` (LLM-Pruner, Taylor importance
+of dependency groups). Families: Llama, Mistral, Qwen2, Qwen3, Gemma, Phi-3; OPT and GPT-NeoX (MLP channels only).
 
 API: `prune_model(model, method, sparsity, calibration_ids)` prunes a loaded model in place; `prune(model_dir,
 method, sparsity, calib, out)` is `memfit prune`: load, calibrate, prune, write, reload with plain transformers and
@@ -44,8 +45,8 @@ DEFAULT_CALIB = Path(__file__).resolve().parents[1] / "assets" / "shakespeare.tx
 
 
 def prune_model(model, method: str, sparsity: float, ids: torch.Tensor, **options) -> PruneResult:
-    """Prune `model` (a Llama-architecture transformers causal LM) in place with `method` on calibration `ids`
-    (`options`: the method's own, e.g. FLAP's `bias=False`)."""
+    """Prune `model` (a transformers causal LM of a family in `layout.LAYOUTS`) in place with `method` on
+    calibration `ids` (`options`: the method's own, e.g. FLAP's `bias=False`)."""
     if method not in METHODS:
         raise ConfigError(f"unknown pruning method '{method}'; choose one of: {', '.join(METHODS)}")
     fn, meaning = METHODS[method]

@@ -2,8 +2,11 @@
 MLP channels out of a decoder layer, the config that describes the smaller model, and writing it as a plain
 Hugging Face folder.
 
+Which modules those are in each decoder family (fused projections, biases, norm conventions) is `layout.py`'s;
+everything here goes through a `Layout`.
+
 The pruned model must reload with `transformers.AutoModelForCausalLM.from_pretrained` alone, so every layer must keep
-the shapes one `LlamaConfig` describes: the same number of heads, key/value heads, MLP channels and hidden size in
+the shapes one config describes: the same number of heads, key/value heads, MLP channels and hidden size in
 every layer. Methods that would choose a different width per layer (FLAP's adaptive structure, SliceGPT's per-layer
 rotations) are restricted to uniform widths here; each method's docstring says how.
 """
@@ -22,13 +25,11 @@ import torch
 from torch import nn
 
 from memfit.errors import ConfigError, DataError, ModelError, RunDirError
+from memfit.prune.layout import Layout, layout_of
 
 MARKER = ".memfit-pruned"
 """File (JSON: method, sparsity, source, parameters) that marks a folder `memfit prune` wrote; only such a folder
 is ever replaced."""
-SUPPORTED = ("llama",)
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -52,19 +53,8 @@ class PruneResult:
 # --- the model's anatomy ---------------------------------------------------------------------------------------
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-architecture causal LM; `ModelError` for anything else."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED:
-        raise ModelError(f"structured pruning supports Llama-architecture causal LMs (model_type llama); this model "
-                         f"is '{model_type}'")
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        for owner, names in (("self_attn", ATTN), ("mlp", MLP)):
-            sub = getattr(layer, owner, None)
-            if sub is None or not all(isinstance(getattr(sub, n, None), nn.Linear) for n in names):
-                raise ModelError(f"layer {i} has no plain {owner} linears ({', '.join(names)}); a quantized or "
-                                 f"adapted model cannot be pruned: prune the dense model first")
-    return layers
+    """The decoder layers of a supported causal LM (`layout.LAYOUTS`); `ModelError` for anything else."""
+    return layout_of(model).layers(model)
 
 
 def count_params(model: nn.Module) -> int:
@@ -75,39 +65,20 @@ def param_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def kv_groups(attn: nn.Module) -> tuple[int, int, int]:
-    """(key/value heads, query heads per key/value head, head_dim): a head group is one key/value head with the
-    query heads that share it, pruned together so the model keeps its grouped-query layout."""
-    head_dim = attn.head_dim
-    n_kv = attn.k_proj.out_features // head_dim
-    return n_kv, attn.q_proj.out_features // head_dim // n_kv, head_dim
+def allowed_group_removals(hidden: int, n_kv: int, rep: int, layout: Layout) -> list[int]:
+    """Head groups a layer may lose: none where the config cannot describe fewer heads (OPT, GPT-NeoX); else at
+    least one group stays, and (transformers' `LlamaConfig`, which 5.x validates) the hidden size must be a multiple
+    of the query heads left, (n_kv − removed) · rep."""
+    if not layout.prune_heads:
+        return [0]
+    return [r for r in range(n_kv) if not layout.heads_divide_hidden or hidden % ((n_kv - r) * rep) == 0]
 
 
-def group_slices(attn: nn.Module, group: int) -> dict[str, tuple[int, slice]]:
-    """{linear name: (dim, index range)} of one head group: q/k/v output rows and o_proj input columns."""
-    n_kv, rep, hd = kv_groups(attn)
-    q = slice(group * rep * hd, (group + 1) * rep * hd)
-    kv = slice(group * hd, (group + 1) * hd)
-    return {"q_proj": (0, q), "k_proj": (0, kv), "v_proj": (0, kv), "o_proj": (1, q)}
-
-
-def channel_slices() -> dict[str, int]:
-    """{linear name: dim} along which an MLP channel is one index: gate/up output rows, down_proj input columns."""
-    return {"gate_proj": 0, "up_proj": 0, "down_proj": 1}
-
-
-def allowed_group_removals(hidden: int, n_kv: int, rep: int) -> list[int]:
-    """Head groups a layer may lose: at least one group stays, and transformers' `LlamaConfig` (5.x validates it)
-    needs the hidden size to be a multiple of the query heads left, (n_kv − removed) · rep."""
-    return [r for r in range(n_kv) if hidden % ((n_kv - r) * rep) == 0]
-
-
-def allocate(target: float, wanted_groups: float, n_layers: int, hidden: int, n_kv: int, rep: int, head_dim: int,
-             n_channels: int) -> tuple[int, int]:
-    """(head groups, MLP channels) every layer loses: the allowed group count nearest `wanted_groups`, then MLP
+def allocate(target: float, wanted_groups: float, allowed: list[int], n_layers: int, head_params: int,
+             channel_params: int, n_channels: int) -> tuple[int, int]:
+    """(head groups, MLP channels) every layer loses: the `allowed` group count nearest `wanted_groups`, then MLP
     channels filling the rest of `target` (parameters to remove over all layers)."""
-    head_params, channel_params = group_params(hidden, rep, head_dim), 3 * hidden
-    groups = min(allowed_group_removals(hidden, n_kv, rep), key=lambda r: (abs(r - wanted_groups), r))
+    groups = min(allowed, key=lambda r: (abs(r - wanted_groups), r))
     rest = target - n_layers * groups * head_params
     channels = min(n_channels - 1, max(0, round(rest / (n_layers * channel_params))))
     return groups, channels
@@ -136,28 +107,29 @@ def sliced_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.
     return new
 
 
-def keep_head_groups(attn: nn.Module, keep: Iterable[int]) -> None:
+def _slice_linears(module: nn.Module, index: dict[str, tuple[int, torch.Tensor]]) -> None:
+    for name, (dim, idx) in index.items():
+        lin = getattr(module, name)
+        setattr(module, name, sliced_linear(lin, rows=idx) if dim == 0 else sliced_linear(lin, cols=idx))
+
+
+def keep_head_groups(attn: nn.Module, layout: Layout, keep: Iterable[int]) -> None:
     """Keep only the head groups `keep` (indices of key/value heads) of one attention module, in place."""
-    n_kv, rep, hd = kv_groups(attn)
+    n_kv = layout.heads(attn)[1]
     keep = sorted(set(int(g) for g in keep))
     if not keep or keep[-1] >= n_kv:
         raise ConfigError(f"cannot keep head groups {keep} of {n_kv}: at least one group must stay")
-    idx_q = torch.cat([torch.arange(g * rep * hd, (g + 1) * rep * hd) for g in keep])
-    idx_kv = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in keep])
-    attn.q_proj = sliced_linear(attn.q_proj, rows=idx_q)
-    attn.k_proj = sliced_linear(attn.k_proj, rows=idx_kv)
-    attn.v_proj = sliced_linear(attn.v_proj, rows=idx_kv)
-    attn.o_proj = sliced_linear(attn.o_proj, cols=idx_q)
+    _slice_linears(attn, layout.group_index(attn, keep))
+    if hasattr(attn, "num_key_value_heads"):  # Phi-3 splits its fused qkv with it
+        attn.num_key_value_heads = len(keep)
 
 
-def keep_channels(mlp: nn.Module, keep: Iterable[int]) -> None:
+def keep_channels(mlp: nn.Module, layout: Layout, keep: Iterable[int]) -> None:
     """Keep only the MLP channels `keep` (gate/up rows, down_proj columns), in place."""
     idx = torch.tensor(sorted(set(int(c) for c in keep)), dtype=torch.long)
     if idx.numel() == 0:
         raise ConfigError("cannot prune every MLP channel of a layer: at least one must stay")
-    mlp.gate_proj = sliced_linear(mlp.gate_proj, rows=idx)
-    mlp.up_proj = sliced_linear(mlp.up_proj, rows=idx)
-    mlp.down_proj = sliced_linear(mlp.down_proj, cols=idx)
+    _slice_linears(mlp, layout.channel_index(mlp, idx))
 
 
 def add_output_bias(lin: nn.Linear, delta: torch.Tensor) -> nn.Linear:
@@ -172,41 +144,40 @@ def add_output_bias(lin: nn.Linear, delta: torch.Tensor) -> nn.Linear:
     return lin
 
 
-def _zero_biases(module: nn.Module, names: Iterable[str]) -> None:
-    for n in names:
-        lin = getattr(module, n)
-        if lin.bias is None:
-            setattr(module, n, add_output_bias(lin, torch.zeros(lin.out_features)))
-
-
 def sync_config(model: nn.Module) -> None:
     """Rewrite the config from the layers' shapes (heads, key/value heads, MLP width, hidden size, bias flags),
-    refusing layers that differ from each other: a `LlamaConfig` describes one width for all layers.
+    refusing layers that differ from each other: a config describes one width for all layers.
 
-    Llama's `attention_bias` / `mlp_bias` switch biases on for all four attention or all three MLP linears, so a
-    bias added to o_proj or down_proj (FLAP) gives the other linears of every layer a zero bias."""
-    config = model.config
-    layers = decoder_layers(model)
-    hd = layers[0].self_attn.head_dim
-    shapes = set()
-    for layer in layers:
-        a, m = layer.self_attn, layer.mlp
-        shapes.add((a.q_proj.out_features // hd, a.k_proj.out_features // hd, m.gate_proj.out_features,
-                    a.q_proj.in_features))
+    A bias flag (Llama's `attention_bias` / `mlp_bias`) switches biases on for every linear it governs, so a bias
+    added to o_proj or down_proj (FLAP) gives the others of every layer a zero bias. A bias on a linear whose
+    family never has one cannot be described and is refused."""
+    config, layout = model.config, layout_of(model)
+    layers = layout.layers(model)
+    shapes = {(*layout.heads(layout.attn_of(l)), layout.channels(layout.mlp_of(l)),
+               getattr(layout.attn_of(l), layout.o).out_features) for l in layers}
     if len(shapes) != 1:
-        raise ModelError(f"pruned layers differ in shape ({sorted(shapes)}); a Llama config holds one width per "
-                         f"model, so every layer must be pruned alike")
-    heads, kv, inter, hidden = shapes.pop()
-    attn_bias = any(getattr(l.self_attn, n).bias is not None for l in layers for n in ATTN)
-    mlp_bias = any(getattr(l.mlp, n).bias is not None for l in layers for n in MLP)
-    for layer in layers:
-        if attn_bias:
-            _zero_biases(layer.self_attn, ATTN)
-        if mlp_bias:
-            _zero_biases(layer.mlp, MLP)
-    config.num_attention_heads, config.num_key_value_heads = heads, kv
-    config.intermediate_size, config.hidden_size, config.head_dim = inter, hidden, hd
-    config.attention_bias, config.mlp_bias = attn_bias, mlp_bias
+        raise ModelError(f"pruned layers differ in shape ({sorted(shapes)}); a {config.model_type} config holds one "
+                         f"width per model, so every layer must be pruned alike")
+    heads, kv, hd, inter, hidden = shapes.pop()
+    linears = [pair for l in layers for pair in layout.linears(l)]
+    flags: dict[str, bool] = {}
+    for module, n in linears:
+        has, spec = getattr(module, n).bias is not None, layout.bias_of(n)
+        if isinstance(spec, str):
+            flags[spec] = flags.get(spec, False) or has
+        elif has != spec:
+            raise ModelError(f"{n} {'has' if has else 'lacks'} a bias, which a {config.model_type} model never "
+                             f"{'has' if has else 'lacks'}; the config cannot describe it")
+    for module, n in linears:
+        spec = layout.bias_of(n)
+        if isinstance(spec, str) and flags[spec] and getattr(module, n).bias is None:
+            setattr(module, n, add_output_bias(getattr(module, n), torch.zeros(getattr(module, n).out_features)))
+    if layout.prune_heads:
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads, kv, hd
+    setattr(config, layout.intermediate, inter)
+    config.hidden_size = hidden
+    for flag, on in flags.items():
+        setattr(config, flag, on)
 
 
 # --- calibration -------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ Retraining-free. On calibration text, for each input channel j of o_proj and dow
   lowest-ranked units up to `sparsity` of the layers' parameters are removed;
 - bias compensation: a removed channel is replaced by its calibration mean, b += W[:, removed] · mean(x_removed),
   so o_proj and down_proj gain a bias (Llama's `attention_bias` / `mlp_bias`; q/k/v and gate/up get zero biases).
+  Only where the family's config can switch that bias on or always has it (`layout.Layout.bias`): Llama, OPT and
+  GPT-NeoX both, Qwen3 and Gemma o_proj only, Mistral, Qwen2 and Phi-3 neither — there the removed channels are dropped uncompensated (the default
+  `bias=None`), and `bias=True` is refused.
 
 What differs from the paper, so that the result stays a plain `LlamaConfig` model: the global ranking decides how
 many heads go in total (FLAP's split between attention and MLP), but every layer then loses the same number of head
@@ -21,18 +24,20 @@ from __future__ import annotations
 
 import torch
 
+from memfit.errors import ConfigError
 from memfit.prune.common import (
     InputStats,
     add_output_bias,
     allocate,
+    allowed_group_removals,
     calibrate,
     decoder_layers,
     group_params,
     keep_channels,
     keep_head_groups,
-    kv_groups,
     sync_config,
 )
+from memfit.prune.layout import layout_of
 
 
 def _standardize(x: torch.Tensor) -> torch.Tensor:
@@ -50,25 +55,39 @@ def _removed_mean_output(lin, stats: InputStats, removed: torch.Tensor) -> torch
 
 
 @torch.no_grad()
-def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True, uniform: bool = True) -> dict:
-    """Prune `sparsity` of the decoder layers' linear parameters with FLAP, in place (`bias`: compensate); the
-    choices made. `uniform=False` cuts each layer to the width the global ranking gave it, as the paper does: the
-    model runs in memory, but no `LlamaConfig` describes it, so it cannot be saved (a reference for benchmarks)."""
-    layers = decoder_layers(model)
+def flap(model, ids: torch.Tensor, sparsity: float, bias: bool | None = None, uniform: bool = True) -> dict:
+    """Prune `sparsity` of the decoder layers' linear parameters with FLAP, in place (`bias`: compensate; None:
+    wherever the family's config can hold the bias); the choices made. `uniform=False` cuts each layer to the width
+    the global ranking gave it, as the paper does: the model runs in memory, but no config describes it, so it
+    cannot be saved (a reference for benchmarks)."""
+    layers, layout = decoder_layers(model), layout_of(model)
+    o, down = layout.o, layout.down
+    can = {name: layout.bias_of(name) is not False for name in (o, down)}
+    if bias and not all(can.values()):
+        raise ConfigError(f"FLAP's bias compensation needs a bias on {o} and {down}, and a {model.config.model_type} "
+                          f"config can hold one on {' and '.join(n for n in can if can[n]) or 'neither'}; "
+                          f"drop bias=True")
+    compensate = {name: can[name] if bias is None else bool(bias) for name in (o, down)}
+    if not uniform and len(layout.qkv) == 1 and layout.prune_heads:
+        raise ConfigError(f"FLAP with per-layer widths needs separate q/k/v projections; {model.config.model_type}'s "
+                          f"fused qkv_proj is split by the config's head count, which is one for all layers")
     attn_stats = {l: InputStats() for l in layers}
     mlp_stats = {l: InputStats() for l in layers}
-    hooks = {l.self_attn.o_proj: attn_stats[l] for l in layers} | {l.mlp.down_proj: mlp_stats[l] for l in layers}
+    attn, mlp = {l: layout.attn_of(l) for l in layers}, {l: layout.mlp_of(l) for l in layers}
+    hooks = {getattr(attn[l], o): attn_stats[l] for l in layers} | {getattr(mlp[l], down): mlp_stats[l]
+                                                                     for l in layers}
     calibrate(model, ids, hooks)
 
-    n_kv, rep, hd = kv_groups(layers[0].self_attn)
-    hidden = layers[0].self_attn.q_proj.in_features
-    n_channels = layers[0].mlp.gate_proj.out_features
-    head_params, channel_params = group_params(hidden, rep, hd), 3 * hidden
+    n_q, n_kv, hd = layout.heads(attn[layers[0]])
+    rep = n_q // n_kv
+    hidden = getattr(attn[layers[0]], o).out_features
+    n_channels = layout.channels(mlp[layers[0]])
+    head_params, channel_params = group_params(hidden, rep, hd), layout.channel_params(hidden)
     group_scores, channel_scores = [], []
     for l in layers:
-        s_attn = fluctuation(attn_stats[l], l.self_attn.o_proj.weight) ** 2
+        s_attn = fluctuation(attn_stats[l], getattr(attn[l], o).weight) ** 2
         group_scores.append(_standardize(s_attn).reshape(n_kv, rep * hd).mean(1))
-        channel_scores.append(_standardize(fluctuation(mlp_stats[l], l.mlp.down_proj.weight)))
+        channel_scores.append(_standardize(fluctuation(mlp_stats[l], getattr(mlp[l], down).weight)))
     g, c = torch.stack(group_scores), torch.stack(channel_scores)
 
     # global ranking (FLAP's AL-AM): remove from the lowest score up until `sparsity` of the parameters is gone
@@ -81,10 +100,11 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True, uniform: 
     adaptive_heads = torch.bincount(removed[is_head] // n_kv, minlength=len(layers))
     adaptive_channels = torch.bincount((removed[~is_head] - g.numel()) // n_channels, minlength=len(layers))
     if uniform:
-        per_layer = [allocate(target, int(is_head.sum()) / len(layers), len(layers), hidden, n_kv, rep, hd,
-                              n_channels)] * len(layers)
+        per_layer = [allocate(target, int(is_head.sum()) / len(layers),
+                              allowed_group_removals(hidden, n_kv, rep, layout), len(layers), head_params,
+                              channel_params, n_channels)] * len(layers)
     else:
-        per_layer = [(min(int(h), n_kv - 1), min(int(k), n_channels - 1))
+        per_layer = [(min(int(h), n_kv - 1) if layout.prune_heads else 0, min(int(k), n_channels - 1))
                      for h, k in zip(adaptive_heads, adaptive_channels)]
 
     for i, l in enumerate(layers):
@@ -95,20 +115,20 @@ def flap(model, ids: torch.Tensor, sparsity: float, bias: bool = True, uniform: 
             drop = torch.ones(n_kv, dtype=torch.bool)
             drop[keep_g] = False
             cols = drop.repeat_interleave(rep * hd)
-            delta = _removed_mean_output(l.self_attn.o_proj, attn_stats[l], cols)
-            keep_head_groups(l.self_attn, keep_g.tolist())
-            if bias:
-                l.self_attn.o_proj = add_output_bias(l.self_attn.o_proj, delta)
+            delta = _removed_mean_output(getattr(attn[l], o), attn_stats[l], cols)
+            keep_head_groups(attn[l], layout, keep_g.tolist())
+            if compensate[o]:
+                setattr(attn[l], o, add_output_bias(getattr(attn[l], o), delta))
         if channels:
             drop = torch.ones(n_channels, dtype=torch.bool)
             drop[keep_c] = False
-            delta = _removed_mean_output(l.mlp.down_proj, mlp_stats[l], drop)
-            keep_channels(l.mlp, keep_c.tolist())
-            if bias:
-                l.mlp.down_proj = add_output_bias(l.mlp.down_proj, delta)
+            delta = _removed_mean_output(getattr(mlp[l], down), mlp_stats[l], drop)
+            keep_channels(mlp[l], layout, keep_c.tolist())
+            if compensate[down]:
+                setattr(mlp[l], down, add_output_bias(getattr(mlp[l], down), delta))
     if uniform:
         sync_config(model)
     return {"head_groups_removed_per_layer": per_layer[0][0] if uniform else [h for h, _ in per_layer],
             "channels_removed_per_layer": per_layer[0][1] if uniform else [k for _, k in per_layer],
-            "bias_compensation": bias,
+            "bias_compensation": [name for name, on in compensate.items() if on],
             "adaptive_per_layer": {"head_groups": adaptive_heads.tolist(), "channels": adaptive_channels.tolist()}}

@@ -1,6 +1,6 @@
 """LLM-Pruner (Ma et al. 2023, "LLM-Pruner: On the Structural Pruning of Large Language Models").
 
-Dependency groups: weights that must go together for the model to stay well formed. In a Llama layer they are
+Dependency groups: weights that must go together for the model to stay well formed. In a decoder layer they are
 - a head group: the q_proj rows of a key/value head's query heads, its k_proj and v_proj rows, and the o_proj
   columns reading those query heads (one attention head under multi-head attention);
 - an MLP channel: row j of gate_proj and up_proj and column j of down_proj.
@@ -11,7 +11,8 @@ highest-scored groups.
 
 Uniform over layers: every layer loses `sparsity` of its head groups and MLP channels, because one `LlamaConfig`
 holds one width for all layers (the paper also prunes uniformly, but skips the first and last layers, which a
-single config cannot express). The head count is rounded to one `LlamaConfig` accepts (the hidden size must stay a
+single config cannot express). OPT and GPT-NeoX lose MLP channels only (their configs derive head_dim from
+hidden / heads, so no config describes fewer heads). The head count is rounded to one `LlamaConfig` accepts (the hidden size must stay a
 multiple of the query heads); MLP channels then make up the parameter count `sparsity` asks for. The paper's
 optional LoRA recovery training is not run here.
 """
@@ -21,26 +22,23 @@ from __future__ import annotations
 import torch
 
 from memfit.prune.common import (
-    ATTN,
-    MLP,
     allocate,
+    allowed_group_removals,
     batches,
-    channel_slices,
     decoder_layers,
     group_params,
-    group_slices,
     keep_channels,
     keep_head_groups,
-    kv_groups,
     sync_config,
 )
+from memfit.prune.layout import Layout, layout_of
 
 
 def accumulate_gradients(model, ids: torch.Tensor, batch_size: int = 8) -> None:
     """Fill `.grad` of the decoder layers' linears with ∂(Σ_windows loss)/∂w; every other parameter is frozen."""
     was = {p: p.requires_grad for p in model.parameters()}
-    linears = [getattr(getattr(l, owner), n) for l in decoder_layers(model)
-               for owner, names in (("self_attn", ATTN), ("mlp", MLP)) for n in names]
+    layout = layout_of(model)
+    linears = [getattr(module, n) for l in decoder_layers(model) for module, n in layout.linears(l)]
     for p in model.parameters():
         p.requires_grad_(False)
         p.grad = None
@@ -71,48 +69,57 @@ def _taylor(lin) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, b
 
 
-def group_importance(layer) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_sum(lin, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """Σ |w·g| over the rows (dim 0, with their biases) or columns (dim 1) `idx` of one linear."""
+    w, b = _taylor(lin)
+    total = w.index_select(dim, idx.to(w.device)).sum()
+    if b is not None and dim == 0:
+        total = total + b[idx.to(b.device)].sum()
+    return total.cpu()
+
+
+def group_importance(layer, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ |w·g| per head group, Σ |w·g| per MLP channel) of one decoder layer, from the stored gradients."""
-    attn, mlp = layer.self_attn, layer.mlp
-    n_kv = kv_groups(attn)[0]
+    attn, mlp = layout.attn_of(layer), layout.mlp_of(layer)
+    n_kv = layout.heads(attn)[1]
     heads = torch.zeros(n_kv, dtype=torch.float64)
-    groups = [group_slices(attn, gi) for gi in range(n_kv)]
-    for name in ATTN:
-        w, b = _taylor(getattr(attn, name))
-        for gi, slices in enumerate(groups):
-            dim, sl = slices[name]
-            heads[gi] += (w[sl] if dim == 0 else w[:, sl]).sum().cpu()
-            if b is not None and dim == 0:
-                heads[gi] += b[sl].sum().cpu()
-    channels = torch.zeros(mlp.gate_proj.out_features, dtype=torch.float64)
-    for name, dim in channel_slices().items():
+    for gi in range(n_kv if layout.prune_heads else 0):  # (GPT-NeoX interleaves its fused qkv per head)
+        for name, (dim, idx) in layout.group_index(attn, [gi]).items():
+            heads[gi] += _group_sum(getattr(attn, name), dim, idx)
+    n = layout.channels(mlp)
+    channels = torch.zeros(n, dtype=torch.float64)
+    for name, (dim, idx) in layout.channel_index(mlp, torch.arange(n)).items():
         w, b = _taylor(getattr(mlp, name))
-        channels += w.sum(1 - dim).cpu()
-        if b is not None and dim == 0:
-            channels += b.cpu()
+        per_index = w.sum(1 - dim) + (b if b is not None and dim == 0 else 0)
+        channels += per_index[idx.to(per_index.device)].reshape(-1, n).sum(0).cpu()  # both halves of a fused gate_up
     return heads, channels
 
 
 def llm_pruner(model, ids: torch.Tensor, sparsity: float) -> dict:
     """Remove `sparsity` of every layer's head groups and MLP channels by Taylor importance, in place; the choices
     made."""
-    layers = decoder_layers(model)
-    n_kv, rep, hd = kv_groups(layers[0].self_attn)
-    hidden = layers[0].self_attn.q_proj.in_features
-    n_channels = layers[0].mlp.gate_proj.out_features
-    target = sparsity * len(layers) * (n_kv * group_params(hidden, rep, hd) + 3 * hidden * n_channels)
-    heads, channels = allocate(target, sparsity * n_kv, len(layers), hidden, n_kv, rep, hd, n_channels)
+    layers, layout = decoder_layers(model), layout_of(model)
+    n_q, n_kv, hd = layout.heads(layout.attn_of(layers[0]))
+    rep = n_q // n_kv
+    hidden = getattr(layout.attn_of(layers[0]), layout.o).out_features
+    n_channels = layout.channels(layout.mlp_of(layers[0]))
+    head_params, channel_params = group_params(hidden, rep, hd), layout.channel_params(hidden)
+    target = sparsity * len(layers) * (n_kv * head_params + channel_params * n_channels)
+    heads, channels = allocate(target, sparsity * n_kv, allowed_group_removals(hidden, n_kv, rep, layout),
+                               len(layers), head_params, channel_params, n_channels)
     if heads or channels:
         accumulate_gradients(model, ids)
     with torch.no_grad():
         for layer in layers:
             if not (heads or channels):
                 break
-            h, c = group_importance(layer)
+            h, c = group_importance(layer, layout)
             if heads:
-                keep_head_groups(layer.self_attn, torch.argsort(h, descending=True)[: n_kv - heads].tolist())
+                keep_head_groups(layout.attn_of(layer), layout,
+                                 torch.argsort(h, descending=True)[: n_kv - heads].tolist())
             if channels:
-                keep_channels(layer.mlp, torch.argsort(c, descending=True)[: n_channels - channels].tolist())
+                keep_channels(layout.mlp_of(layer), layout,
+                              torch.argsort(c, descending=True)[: n_channels - channels].tolist())
     for p in model.parameters():
         p.grad = None
     sync_config(model)
