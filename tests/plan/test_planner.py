@@ -72,6 +72,8 @@ def test_issue17_methods_are_offered_where_they_apply(data_dir):
             assert not any(t.slot == "activations" for t in r.candidate.techniques)
         if "q_galore" in n:
             assert not any(getattr(t.config, "layerwise", False) for t in r.candidate.techniques)
+    zo2 = _by_label(result)["zo2 (32-true)"]  # a step that is its own optimizer: the recipe keeps no optimizer lr
+    assert verify(zo2, steps=2).memory.tensor_peak <= zo2.peak
     tuned = plan(_toy(data_dir), budget=2**40, pretrained=True)
     rows = _by_label(tuned)
     meft, lora = rows["meft + adamw (32-true)"], rows["lora r=16 + adamw (32-true)"]
