@@ -7,7 +7,7 @@ from memfit.activations import _common as c
 from memfit.activations import layout as lay
 from memfit.activations.layout import layout_of
 
-from memfit.errors import ConfigError
+from memfit.errors import CompatError, ConfigError
 from memfit.memory.estimate import estimate_run
 from memfit.memory.measure import MemoryMeter
 from memfit.memory.spec import RunSpec
@@ -132,3 +132,11 @@ def test_refuses_activation_techniques_that_restore_the_same_tensors():
     techs = [build_technique("adapter", "slimfit"), build_technique("activations", "mesa")]
     with pytest.raises(ConfigError, match="mesa"):
         apply_techniques(Context(model=model, spec=RunSpec.from_model(model), techniques=techs))
+
+
+def test_pruning_refused_where_nothing_saves_probabilities_and_checked_at_run_time(monkeypatch):
+    with pytest.raises(ConfigError, match="fused"):
+        _run(8, steps=1, keep=0.5, attn="sdpa")
+    monkeypatch.setattr(c, "SOFTMAX_BACKWARD", ())  # as if the probabilities reached autograd under another node
+    with pytest.raises(CompatError, match="pruned nothing"):
+        _run(8, steps=4, keep=0.5, attn="eager")

@@ -57,6 +57,30 @@ def test_declared_conflicts_prune_the_space(data_dir):
             assert not any(getattr(t.config, "layerwise", False) for t in r.candidate.techniques)
 
 
+def test_issue17_methods_are_offered_where_they_apply(data_dir):
+    """WTA-CRS, Q-GaLore and ZO2 from scratch on a causal Llama, MEFT when fine-tuning; never in a combination
+    their `check` refuses, and every one estimated."""
+    result = plan(_toy(data_dir), budget=2**40)
+    names = {n for r in result.rows for n in r.candidate.names}
+    assert {"wta_crs", "q_galore", "zo2"} <= names
+    for r in result.rows:
+        n = set(r.candidate.names)
+        assert r.peak is not None, (r.label, r.problem)
+        if "wta_crs" in n:
+            assert not n & {"checkpointing", "streambp", "mezo", "zo2", "q_galore"}
+        if "zo2" in n:
+            assert not any(t.slot == "activations" for t in r.candidate.techniques)
+        if "q_galore" in n:
+            assert not any(getattr(t.config, "layerwise", False) for t in r.candidate.techniques)
+    zo2 = _by_label(result)["zo2 (32-true)"]  # a step that is its own optimizer: the recipe keeps no optimizer lr
+    assert verify(zo2, steps=2).memory.tensor_peak <= zo2.peak
+    tuned = plan(_toy(data_dir), budget=2**40, pretrained=True)
+    rows = _by_label(tuned)
+    meft, lora = rows["meft + adamw (32-true)"], rows["lora r=16 + adamw (32-true)"]
+    assert meft.peak is not None and meft.quality < lora.quality  # measured near chance on SST-2: a low prior
+    assert not any("meft" in r.candidate.names and "checkpointing" in r.candidate.names for r in tuned.rows)
+
+
 def test_fine_tuning_ranks_full_then_lora_then_qlora(data_dir):
     recipe = _toy(data_dir)
     recipe["model"] = {"preset": "llama-350m"}  # meta device; large enough that LoRA saves more than it costs on

@@ -197,6 +197,7 @@ class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
         self.cache: dict[tuple, tuple[torch.Tensor, Any]] = {}
         self.packed_bytes = 0
         self.original_bytes = 0
+        self.pruned = 0  # tensors pruned (attention probabilities)
         super().__init__(self.pack, self.unpack)
 
     def __exit__(self, *exc) -> None:
@@ -221,6 +222,7 @@ class CompressHooks(torch.autograd.graph.saved_tensors_hooks):
         where = None
         if self.keep < 1 and type(t.grad_fn).__name__ in SOFTMAX_BACKWARD:
             mask = prune(x, self.keep)
+            self.pruned += 1
             codes, where = codes[mask], pack_bits(mask)  # the kept entries' codes, in order, and their places
         codes = pack_nibbles(codes) if self.bits == 4 else codes
         packed = (codes, scale, lo, t.shape, t.dtype, where)

@@ -6,11 +6,16 @@ side blocks as in LST):
 
 - **parallel interaction** — each layer's output h_l is down-projected, x_l = down_l(h_l) (width d = hidden /
   `reduction`); the backbone's final output, projected the same way, is the query q = down_q(h_N), and attends
-  over layer l's tokens: a_l = softmax(q x_lᵀ / √d) x_l (causal for a causal LM, padding masked), so each layer
-  contributes what the final tokens find in it;
+  over layer l's tokens: a_l = softmax(q x_lᵀ / √d) x_l + x_l (causal for a causal LM, padding masked), so each
+  layer contributes what the final tokens find in it, and each token keeps its own state of that layer;
 - **confluence** — the layers' contributions are merged with learned softmax weights, a = Σ_l w_l a_l, passed
   through a small MLP (LayerNorm → linear → GELU) and up-projected (zero-initialised: training starts from the
   backbone's prediction) onto the final hidden state, before the backbone's head.
+
+Departure: the `+ x_l` term is memfit's. Without it a token reads layer l only through the attention's mixture
+of the sentence's tokens, which carries no token identity: on CoNLL-2003 (MiniLM, 60 steps, lr 1e-3) the side
+network then learned a sentence-level push towards the majority tag — entity F1 0.014 at eval loss 0.74, below the
+0.228 of the trained classifier alone on the frozen final states — and with it F1 0.327 (LoRA r8: 0.323).
 
 The backbone runs under `torch.no_grad()` (the taps of `side.py`), so backward keeps only the layer outputs the
 side network reads and its own small tensors; the memory does not grow with the backbone's MLP or attention
@@ -64,7 +69,7 @@ class ParallelSide(nn.Module):
         merged = None
         for layer, down in enumerate(self.downs):
             x = down(states[layer + 1])
-            a = torch.softmax(q @ x.transpose(1, 2) + bias, -1) @ x
+            a = torch.softmax(q @ x.transpose(1, 2) + bias, -1) @ x + x
             merged = w[layer] * a if merged is None else merged + w[layer] * a
         return self.up(F.gelu(self.fc(self.norm(merged))))
 

@@ -132,8 +132,7 @@ def _with_slots(recipe: dict[str, Any], cand: Combination, lr_scale: float = 1.0
     user_opt = recipe.get("optimizer")
     lr = user_opt.get("lr") if isinstance(user_opt, dict) else None
     for key, value in copy.deepcopy(cand.slots).items():
-        if key == "optimizer" and lr is not None:
-            value = {"name": value} if isinstance(value, str) else value
+        if key == "optimizer" and lr is not None and isinstance(value, dict):  # a name: the step's own update
             value.setdefault("lr", lr * lr_scale)
         out[key] = value
     return out

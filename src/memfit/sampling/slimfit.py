@@ -33,6 +33,7 @@ from pydantic import Field
 
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
+from memfit.compat import fail
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
@@ -121,6 +122,10 @@ class SlimFit(LayerSampler):
     def on_step_end(self, ctx: Context, metrics: dict[str, float]) -> None:
         super().on_step_end(ctx, metrics)
         self.packed_bytes = sum(h.packed_bytes for h in self._made)
+        if self.config.keep < 1 and any(h.original_bytes for h in self._made) and not any(h.pruned for h in self._made):
+            raise fail(f"adapter 'slimfit': keep {self.config.keep} pruned nothing in {len(self._made)} frozen-layer "
+                       "forwards", "attention probabilities saved as softmax outputs (eager attention or SDPA's "
+                       "math kernel)", ("torch", "transformers"))
         self._made = []
 
     def state_dict(self) -> dict[str, Any]:
@@ -136,6 +141,9 @@ class SlimFit(LayerSampler):
         if ctx.spec.model.family not in ("llama", "bert"):
             raise ConfigError(f"adapter 'slimfit' models Llama- and BERT-family blocks, not "
                               f"'{ctx.spec.model.family}' ones")
+        if self.config.keep < 1 and lay.parts.attention_kernel(ctx.spec) == "flash":
+            raise ConfigError("adapter 'slimfit': keep < 1 prunes the attention probabilities, which SDPA's fused "
+                              "kernel does not save; set keep: 1 or load the model with attn_implementation: eager")
         for t in ctx.techniques or []:
             if t.slot == "activations" and t.name not in ("chunked_ce",):
                 raise ConfigError(f"adapter 'slimfit' re-stores its frozen layers' saved activations itself; it "
