@@ -47,6 +47,7 @@ POLICIES: dict[str, dict[str, Any]] = {
     "snapkv": {"window": 16, "kernel": 7},
     "keyformer": {},
     "pyramid": {"window": 16, "kernel": 7},
+    "adakv": {},
 }
 COMPOSE_CASES: list[tuple[str, float | None, dict[str, Any]]] = [
     ("kivi-4bit (no eviction)", None, {"name": "kivi", "bits": 4}),
