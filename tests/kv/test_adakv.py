@@ -1,7 +1,5 @@
 """Ada-KV: a layer budget shared by its heads by top-k over all heads' scores (`memfit.kv.adakv`)."""
 
-import copy
-
 import pytest
 import torch
 
@@ -61,7 +59,7 @@ def test_concentrated_head_gives_its_budget_to_a_dispersed_one(window):
         n = keys.shape[2]
         index, valid = layer._view if layer._view is not None else (None, None)
         probs = torch.zeros(1, 2, 1, q, n)
-        probs[0, 0, 0, :, 0 if layer.pool else 0] = 1.0
+        probs[0, 0, 0, :, 0] = 1.0  # head 0's first entry: its oldest kept token (the view is in position order)
         visible = torch.ones(n) if valid is None or valid.numel() == 0 else torch.cat([valid[0, 1].float(),
                                                                                        torch.ones(q)])
         probs[0, 1, 0] = visible / visible.sum()
