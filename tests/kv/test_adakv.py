@@ -1,7 +1,6 @@
 """Ada-KV: a layer budget shared by its heads by top-k over all heads' scores (`memfit.kv.adakv`)."""
 
-import copy
-
+import pytest
 import torch
 
 from memfit.kv import build_policy
@@ -22,18 +21,20 @@ def _run(model, policy, ids, chunk, steps):
     return cache, torch.stack(out)
 
 
-def test_equals_full_attention_when_the_budget_covers_the_text(model):
+@pytest.mark.parametrize("scoring", ["h2o", "snapkv"])
+def test_equals_full_attention_when_the_budget_covers_the_text(model, scoring):
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
     _, full = _run(model, build_policy("full"), ids, 7, 5)
-    _, ada = _run(model, build_policy("adakv", budget=32), ids, 7, 5)
+    _, ada = _run(model, build_policy("adakv", budget=32, scoring=scoring), ids, 7, 5)
     torch.testing.assert_close(ada, full, rtol=1e-5, atol=1e-5)
 
 
-def test_budget_holds_and_bytes_equal_estimate(model):
+@pytest.mark.parametrize("options", [{}, {"scoring": "snapkv", "window": 4, "kernel": 3}])
+def test_budget_holds_and_bytes_equal_estimate(model, options):
     """The pool holds budget · kv_heads tokens per layer and batch row, each head at least its recent window;
-    measured bytes == estimate, below uniform H2O's at the same budget."""
+    measured bytes == estimate (H2O scoring: below uniform H2O's at the same budget)."""
     ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
-    policy = build_policy("adakv", budget=10)
+    policy = build_policy("adakv", budget=10, **options)
     run = RunSpec.from_model(model, batch=2)
     cache, logits = _run(model, policy, ids, 6, 8)
     assert torch.isfinite(logits).all()
@@ -41,13 +42,16 @@ def test_budget_holds_and_bytes_equal_estimate(model):
     assert torch.all(lengths.sum(-1) == 10 * 2)
     assert torch.all(lengths >= policy.recent())
     assert cache.nbytes() == policy.kv_bytes(run, tokens=cache.get_seq_length())
-    assert cache.nbytes() < build_policy("h2o", budget=10).kv_bytes(run, tokens=cache.get_seq_length())
+    if not options:
+        assert cache.nbytes() < build_policy("h2o", budget=10).kv_bytes(run, tokens=cache.get_seq_length())
 
 
-def test_concentrated_head_gives_its_budget_to_a_dispersed_one():
+@pytest.mark.parametrize("window", [None, 2])
+def test_concentrated_head_gives_its_budget_to_a_dispersed_one(window):
     """Head 0 puts all attention on the first token, head 1 spreads it evenly: top-k over both heads' scores keeps
-    head 0's first token and recent window only, and hands the rest of the layer's 2 × 8 slots to head 1."""
-    layer = AdaKVLayer(budget=8, recent=2, heads=2)
+    head 0's first token and recent window only, and hands the rest of the layer's 2 × 8 slots to head 1 (H2O
+    scores, and SnapKV's window scores)."""
+    layer = AdaKVLayer(budget=8, recent=2, heads=2, window=window)
     for step in range(30):
         q = 10 if step == 0 else 1
         layer.attention_bias(q, torch.float32, 1)
@@ -55,7 +59,7 @@ def test_concentrated_head_gives_its_budget_to_a_dispersed_one():
         n = keys.shape[2]
         index, valid = layer._view if layer._view is not None else (None, None)
         probs = torch.zeros(1, 2, 1, q, n)
-        probs[0, 0, 0, :, 0 if layer.pool else 0] = 1.0
+        probs[0, 0, 0, :, 0] = 1.0  # head 0's first entry: its oldest kept token (the view is in position order)
         visible = torch.ones(n) if valid is None or valid.numel() == 0 else torch.cat([valid[0, 1].float(),
                                                                                        torch.ones(q)])
         probs[0, 1, 0] = visible / visible.sum()

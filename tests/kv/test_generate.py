@@ -24,7 +24,7 @@ def test_generate_reports_kv_bytes_equal_to_estimate(model_dir):
     # kivi: 45 prompt tokens flush one 32-token group at prefill and none while decoding, so the most the cache
     # held is what it holds at the end, which is what the estimate describes
     ("pyramid", 10, {"window": 4}), ("kivi", None, {"bits": 2, "residual": 32}),
-    ("kivi", 40, {"bits": 4, "residual": 16}),
+    ("kivi", 40, {"bits": 4, "residual": 16}), ("h2o", 10, {"quant": "kivi4"}), ("adakv", 10, {}),
 ])
 def test_every_policy_shrinks_the_cache_to_its_estimate(model_dir, kv, budget, options):
     """memfit generate's measured KV bytes == the policy's estimate, well below the full cache's: fails if the
@@ -65,6 +65,8 @@ def test_library_errors(model_dir):
     (["--max-new-tokens", "0"], "max-new-tokens"),
     (["--kv", "h2o", "--kv-budget", "1B"], "below the smallest 'h2o' cache"),
     (["--kv", "full", "--kv-budget", "1MiB"], "takes no budget"),
+    (["--kv", "snapkv", "--kv-budget", "8", "--kv-quant", "kivi4"], "unknown key 'quant'"),
+    (["--kv", "h2o", "--kv-budget", "8", "--kv-quant", "kivi3"], "quant"),
 ])
 def test_cli_bad_input_is_one_clear_error(model_dir, args, match):
     result = CliRunner().invoke(app, ["generate", str(model_dir), "--prompt", "the fox", *args])
@@ -80,6 +82,21 @@ def test_cli_generates_and_prints_the_report(model_dir, tmp_path):
     assert "KV cache" in result.output and "process peak" in result.output
     data = json.loads(out.read_text())
     assert data["new_tokens"] == 6 and data["memory"]["kv_cache"] == data["kv_estimate"]
+
+
+def test_cli_kv_quant_composes_with_a_byte_budget(model_dir, tmp_path):
+    """`--kv h2o --kv-quant kivi4 --kv-budget 8KiB`: more tokens than h2o alone in the same bytes, held = estimate."""
+    runs = {}
+    for extra in ([], ["--kv-quant", "kivi4"]):
+        out = tmp_path / f"r{len(extra)}.json"
+        result = CliRunner().invoke(app, ["generate", str(model_dir), "--prompt", TEXT[:200], "-n", "4", "--kv", "h2o",
+                                          "--kv-budget", "8KiB", *extra, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        runs[bool(extra)] = json.loads(out.read_text())
+    for data in runs.values():
+        assert data["memory"]["kv_cache"] == data["kv_estimate"] <= 8 * 1024
+    assert runs[True]["options"]["quant"] == "kivi4"
+    assert runs[True]["options"]["budget"] > 1.5 * runs[False]["options"]["budget"]
 
 
 def test_stream_and_weights_are_wired(model_dir):

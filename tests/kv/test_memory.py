@@ -15,6 +15,7 @@ POLICIES = [
     {"name": "h2o", "budget": 20, "quant": "kivi4", "quant_residual": 4},
     {"name": "h2o", "budget": 20, "quant": "kivi8"},
     {"name": "adakv", "budget": 20},
+    {"name": "adakv", "budget": 20, "scoring": "snapkv", "window": 6},
     {"name": "keyformer", "budget": 20, "quant": "kivi2", "quant_residual": 3, "quant_group": 8},
     {"name": "snapkv", "budget": 20, "window": 6},
     {"name": "pyramid", "budget": 20, "window": 6},

@@ -20,7 +20,7 @@ def generate_command(
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="Tokens to generate."),
     kv: str = typer.Option("full", "--kv", help="KV policy: full, streaming_llm, h2o, snapkv, keyformer, pyramid, "
-                           "kivi, gear."),
+                           "adakv, kivi, gear."),
     kv_budget: Optional[str] = typer.Option(None, "--kv-budget", help="Tokens kept per layer and head (e.g. 256), "
                                             "a share of the prompt (e.g. 20%), or the cache's bytes (e.g. 64MiB: "
                                             "the most tokens whose cache fits). kivi: optional."),

@@ -28,6 +28,7 @@ from memfit.kv.base import (SCORE_BYTES, BudgetConfig, KVPolicy, PolicyCache, Po
                             gather_tokens, keep_top, kv_geometry)
 
 POS_BYTES = 4  # int32 position per slot and head
+QUANT_BITS = {"kivi2": 2, "kivi4": 4, "kivi8": 8}  # `quant`: stored as in `kv.quantized_slots`
 
 
 class AccumulatedScoreLayer(PolicyLayer):
@@ -234,6 +235,19 @@ def scored_bytes(tokens: int, budget: int, batch: int, kv_heads: int, head_dim: 
     return dense_bytes(slots, batch, kv_heads, head_dim, elem) + batch * kv_heads * slots * (SCORE_BYTES + POS_BYTES)
 
 
+def quantized_bytes(tokens: int, budget: int, residual: int, bits: int, group: int, batch: int, kv_heads: int,
+                    head_dim: int, elem: int) -> int:
+    """Bytes after `tokens` tokens: `min(tokens, budget + 1)` slots, the last `residual` in full precision, the
+    others as codes (head_dim · bits / 8 bytes each for K and V) with a scale and a minimum per `group` channels,
+    plus a float32 score and an int32 position per slot."""
+    rows = batch * kv_heads
+    slots = min(tokens, budget + 1)
+    full = min(tokens, residual)
+    packed = slots - full
+    per_packed = 2 * (head_dim * bits // 8 + 2 * (head_dim // group) * elem)
+    return rows * (packed * per_packed + full * 2 * head_dim * elem + slots * (SCORE_BYTES + POS_BYTES))
+
+
 class AccumulatedConfig(BudgetConfig):
     """Options shared by H2O and Keyformer: `quant` stores the kept tokens KIVI-quantized
     (`memfit.kv.quantized_slots`; `--kv-quant kivi4`), the last `quant_residual` of them in full precision."""
@@ -263,8 +277,6 @@ class AccumulatedScorePolicy(KVPolicy):
 
     # --- quantized storage (config.quant) -----------------------------------------------------------------
     def quant_bits(self) -> int | None:
-        from memfit.kv.quantized_slots import QUANT_BITS
-
         return QUANT_BITS[self.config.quant] if self.config.quant else None
 
     def quant_residual(self) -> int:
@@ -300,8 +312,6 @@ class AccumulatedScorePolicy(KVPolicy):
     def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
         if self.config.quant is None:
             return scored_bytes(tokens, self.config.budget, batch, kv_heads, head_dim, elem)
-        from memfit.kv.quantized_slots import quantized_bytes
-
         return quantized_bytes(tokens, self.config.budget, self.quant_residual(), self.quant_bits(),
                                self.quant_group(head_dim), batch, kv_heads, head_dim, elem)
 

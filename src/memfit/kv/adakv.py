@@ -6,8 +6,10 @@ LLM Inference". arXiv:2407.11550.
 A uniform policy gives every KV head the same `budget` tokens; heads whose attention is concentrated on few tokens
 waste theirs while dispersed heads lose mass. Ada-KV keeps the layer's total, `budget · kv_heads`, and takes the top
 scores over all heads' tokens flattened together, so each head keeps as many tokens as its scores win (every head keeps
-at least its recent window, the paper's safeguard). Scores are H2O's accumulated attention (the paper plugs its
-allocation into SnapKV and Pyramid scoring; probabilities are normalised per head, so heads compare directly).
+at least its recent window, the paper's safeguard). Scores (`scoring`): H2O's accumulated attention, or SnapKV's —
+the attention of the last `window` queries, max-pooled over each head's neighbouring positions, the window's tokens
+always kept — which is what the paper plugs its allocation into. Probabilities are normalised per head, so heads
+compare directly.
 
 Layout (memory is really saved, not masked): per batch row, one pool of `budget · kv_heads` slots holding keys and
 values (B, slots, D) with each slot's head (int32), accumulated score (float32) and position (int32) — no padding is
@@ -18,7 +20,7 @@ L · kv_heads tokens, counted in the peak estimate. Eager attention only (the sc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -31,8 +33,11 @@ HEAD_BYTES = POS_BYTES = 4  # int32 head id and position per slot
 
 class AdaKVConfig(BudgetConfig):
     name: str = "adakv"
-    recent_ratio: float = Field(0.5, ge=0, le=1, description="share of the per-head budget every head keeps for its "
-                                "most recent tokens (the safeguard)")
+    recent_ratio: float = Field(0.5, ge=0, le=1, description="h2o scoring: share of the per-head budget every head "
+                                "keeps for its most recent tokens (the safeguard)")
+    scoring: Literal["h2o", "snapkv"] = "h2o"
+    window: int = Field(16, gt=0, description="snapkv scoring: observation window (kept by every head)")
+    kernel: int = Field(7, gt=0, description="snapkv scoring: max-pooling kernel over neighbouring positions (odd)")
 
 
 class AdaKVLayer(PolicyLayer):
@@ -40,9 +45,10 @@ class AdaKVLayer(PolicyLayer):
 
     needs_attention = True
 
-    def __init__(self, budget: int, recent: int, heads: int) -> None:
+    def __init__(self, budget: int, recent: int, heads: int, window: int | None = None, kernel: int = 1) -> None:
         super().__init__(None)  # heads hold different lengths; the bound is the pool's size (`evict` checks it)
         self.per_head, self.recent, self.heads = budget, recent, heads
+        self.window, self.kernel = window, kernel  # window: SnapKV scoring (`obs` rows per slot), None: H2O
         self.pool: dict[str, torch.Tensor] = {}  # keys, values (B, N, D); head, score, pos (B, N)
         self.longest = 0  # tokens of the longest head: the padded view's length
         self._view: tuple[torch.Tensor, torch.Tensor] | None = None  # (index, valid) (B, H, longest)
@@ -104,29 +110,60 @@ class AdaKVLayer(PolicyLayer):
         return torch.cat([past[0], key_states], dim=2), torch.cat([past[1], value_states], dim=2)
 
     def observe_attention(self, probs: torch.Tensor) -> None:
-        scores = probs.sum(dim=(2, 3))  # (B, H, longest + q)
-        b = scores.shape[0]
-        if self.pool:  # padding got probability 0 (masked), so it adds nothing to the slot it points at
-            index, _ = self._view
-            self.pool["score"].scatter_add_(1, index.reshape(b, -1), scores[..., :self.longest].reshape(b, -1))
         k, v = self._new
-        q, d = k.shape[2], k.shape[-1]
+        b, q, d = k.shape[0], k.shape[2], k.shape[-1]
         device = k.device
         new = {"keys": k.reshape(b, self.heads * q, d), "values": v.reshape(b, self.heads * q, d),
                "head": torch.arange(self.heads, dtype=torch.int32, device=device).repeat_interleave(q).expand(b, -1),
-               "score": scores[..., self.longest:].reshape(b, -1),
                "pos": torch.arange(self.seen - q, self.seen, dtype=torch.int32, device=device).repeat(self.heads)
                .expand(b, -1)}
+        if self.window is None:  # H2O: accumulate
+            scores = probs.sum(dim=(2, 3))  # (B, H, longest + q)
+            if self.pool:  # padding got probability 0 (masked), so it adds nothing to the slot it points at
+                index, _ = self._view
+                self.pool["score"].scatter_add_(1, index.reshape(b, -1), scores[..., :self.longest].reshape(b, -1))
+            new["score"] = scores[..., self.longest:].reshape(b, -1)
+        else:  # SnapKV: the attention rows of the last `window` queries, per slot (B, slots, ≤ window)
+            rows = probs.sum(dim=2)[:, :, -self.window:]  # (B, H, m, longest + q)
+            m = rows.shape[2]
+            if self.pool:
+                index, _ = self._view
+                past = torch.zeros(b, self.pool["obs"].shape[1], m, device=device).scatter_add_(
+                    1, index.reshape(b, -1, 1).expand(-1, -1, m),
+                    rows[..., :self.longest].permute(0, 1, 3, 2).reshape(b, -1, m))
+                self.pool["obs"] = torch.cat([self.pool["obs"], past], dim=2)[..., -self.window:]
+            cols = self.pool["obs"].shape[2] if self.pool else m
+            fresh = rows[..., self.longest:].permute(0, 1, 3, 2).reshape(b, self.heads * q, m)
+            new["obs"] = torch.nn.functional.pad(fresh, (cols - m, 0))  # earlier queries paid them nothing
         self.pool = {name: t.contiguous() if name not in self.pool else torch.cat([self.pool[name], t], dim=1)
                      for name, t in new.items()}
         self._new = self._view = None
         self.evict()
 
+    def _snap_scores(self) -> torch.Tensor:
+        """SnapKV's score per slot (B, slots): window attention, max-pooled along each head's positions."""
+        raw = self.pool["obs"].sum(dim=-1)
+        if self.kernel <= 1:
+            return raw
+        index, valid = self._build_view()
+        b, h, length = index.shape
+        view = raw.gather(1, index.view(b, -1)).view(b, h, length).masked_fill(~valid, float("-inf"))
+        pooled = torch.nn.functional.max_pool1d(view.view(b * h, 1, length), self.kernel, stride=1,
+                                                padding=self.kernel // 2)[..., :length].view(b, -1)
+        slots = raw.shape[1]  # padding scatters into a spare column that is dropped
+        target = torch.where(valid.view(b, -1), index.view(b, -1), slots)
+        return torch.zeros(b, slots + 1, device=raw.device).scatter_(1, target, pooled)[:, :slots]
+
     def evict(self) -> None:
         total = self.per_head * self.heads
         if self.pool["head"].shape[1] > total:
             protected = self.pool["pos"] >= self.seen - min(self.recent, self.per_head)
-            keep = self.pool["score"].masked_fill(protected, float("inf")).topk(total, dim=1).indices
+            if self.window is None:
+                scores = self.pool["score"]
+            else:
+                self.longest = int(self.head_lengths().max())
+                scores = self._snap_scores()
+            keep = scores.masked_fill(protected, float("inf")).topk(total, dim=1).indices
             self.pool = {name: t.gather(1, keep if t.dim() == 2 else keep[..., None].expand(-1, -1, t.shape[-1]))
                          for name, t in self.pool.items()}
         self.longest = int(self.head_lengths().max())
@@ -148,6 +185,8 @@ class AdaKV(KVPolicy):
 
     def recent(self) -> int:
         budget, ratio = self.config.budget, self.config.recent_ratio
+        if self.config.scoring == "snapkv":
+            return min(self.config.window, budget)
         return min(budget, max(1, round(budget * ratio))) if ratio > 0 else 0
 
     def make_cache(self, model: nn.Module) -> PolicyCache:
@@ -155,12 +194,15 @@ class AdaKV(KVPolicy):
         return super().make_cache(model)
 
     def make_layer(self, layer_idx: int, n_layers: int) -> PolicyLayer:
-        return AdaKVLayer(self.config.budget, self.recent(), self._kv_heads)
+        c = self.config
+        snap = c.scoring == "snapkv"
+        return AdaKVLayer(c.budget, self.recent(), self._kv_heads, c.window if snap else None, c.kernel if snap else 1)
 
     def layer_bytes(self, layer_idx, n_layers, tokens, batch, kv_heads, head_dim, elem) -> int:
-        kept = min(tokens, self.config.budget)
-        return dense_bytes(kept, batch, kv_heads, head_dim, elem) + batch * kv_heads * kept * (
-            SCORE_BYTES + POS_BYTES + HEAD_BYTES)
+        c = self.config
+        kept = min(tokens, c.budget)
+        stats = (min(c.window, tokens) * SCORE_BYTES if c.scoring == "snapkv" else SCORE_BYTES) + POS_BYTES + HEAD_BYTES
+        return dense_bytes(kept, batch, kv_heads, head_dim, elem) + batch * kv_heads * kept * stats
 
     def update_overshoot(self, layer_idx, n_layers, past, chunk, batch, kv_heads, head_dim, elem) -> int:
         """The padded view attention reads (the longest head: at most the pool minus the other heads' recent

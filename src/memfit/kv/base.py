@@ -239,7 +239,12 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def find_cache(args: tuple, kwargs: dict) -> PolicyCache | None:
-    """The `PolicyCache` passed to a module call, whatever the argument is named (`compat.find_instance`)."""
+    """The `PolicyCache` passed to a module call, whatever the argument is named (`compat.find_instance`); the
+    two names transformers has used are looked up first (this runs twice per layer and decode step)."""
+    for key in ("past_key_values", "cache", "past_key_value"):
+        value = kwargs.get(key)
+        if isinstance(value, PolicyCache):
+            return value
     return find_instance(args, kwargs, PolicyCache)
 
 

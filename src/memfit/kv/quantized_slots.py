@@ -19,7 +19,7 @@ tokens and the stale slot of the token evicted last); a step quantizes the oldes
 (one token, `index_copy_`), writes the new token into its residual slot (a ring), and attention reads the
 dequantized quantized slots next to the residual — a temporary, as in KIVI. Bytes held: the codes, scales and minimums
 of `budget + 1 - residual` slots, `residual` full-precision tokens, and a float32 score and int32 position per slot
-(`quantized_bytes`, equal to the measured cache, tested).
+(`accumulated.quantized_bytes`, equal to the measured cache, tested).
 """
 
 from __future__ import annotations
@@ -29,11 +29,8 @@ from typing import Any
 import torch
 
 from memfit.kv import quant
-from memfit.kv.accumulated import POS_BYTES, AccumulatedScoreLayer
-from memfit.kv.base import SCORE_BYTES, PolicyLayer, gather_tokens, keep_top
-
-QUANT_BITS = {"kivi2": 2, "kivi4": 4, "kivi8": 8}
-
+from memfit.kv.accumulated import AccumulatedScoreLayer
+from memfit.kv.base import PolicyLayer, gather_tokens, keep_top
 
 class QuantizedScoreLayer(AccumulatedScoreLayer):
     """`AccumulatedScoreLayer` with the kept tokens older than the residual window stored quantized per token.
@@ -171,16 +168,3 @@ class QuantizedScoreLayer(AccumulatedScoreLayer):
 
     def stats_tensors(self) -> tuple[torch.Tensor | None, ...]:
         return (self.scores, self.pos, *(self.packed or ()))
-
-
-def quantized_bytes(tokens: int, budget: int, residual: int, bits: int, group: int, batch: int, kv_heads: int,
-                    head_dim: int, elem: int) -> int:
-    """Bytes after `tokens` tokens: `min(tokens, budget + 1)` slots, the last `residual` in full precision, the
-    others as codes (head_dim · bits / 8 bytes each for K and V) with a scale and a minimum per `group` channels,
-    plus a float32 score and an int32 position per slot."""
-    rows = batch * kv_heads
-    slots = min(tokens, budget + 1)
-    full = min(tokens, residual)
-    packed = slots - full
-    per_packed = 2 * (head_dim * bits // 8 + 2 * (head_dim // group) * elem)
-    return rows * (packed * per_packed + full * 2 * head_dim * elem + slots * (SCORE_BYTES + POS_BYTES))

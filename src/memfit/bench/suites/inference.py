@@ -47,12 +47,17 @@ POLICIES: dict[str, dict[str, Any]] = {
     "snapkv": {"window": 16, "kernel": 7},
     "keyformer": {},
     "pyramid": {"window": 16, "kernel": 7},
+    "adakv": {},
 }
 COMPOSE_CASES: list[tuple[str, float | None, dict[str, Any]]] = [
     ("kivi-4bit (no eviction)", None, {"name": "kivi", "bits": 4}),
     ("kivi-2bit (no eviction)", None, {"name": "kivi", "bits": 2}),
     *((f"h2o {tag}".strip(), ratio, {"name": "h2o", **({"quant": q} if q else {})})
       for ratio in (0.5, 0.2) for tag, q in (("", None), ("+ kivi4", "kivi4"), ("+ kivi2", "kivi2"))),
+    *((label, ratio, spec) for ratio in (0.5, 0.2) for label, spec in (
+        ("adakv (h2o scores)", {"name": "adakv"}),
+        ("snapkv", {"name": "snapkv", "window": 16}),
+        ("adakv (snapkv scores)", {"name": "adakv", "scoring": "snapkv", "window": 16}))),
 ]
 KVPRESS_OF = {"streaming_llm": "streaming_llm", "snapkv": "snapkv", "pyramid": "pyramid", "h2o": "observed_attention"}
 
@@ -152,7 +157,7 @@ def run(opts: BenchOptions) -> list[dict]:
             t = time.perf_counter()
             ppl, kv = context_ppl(eager, policy, windows, context)
             row("context", f"kivi-{bits}bit", "memfit", 1.0, ppl, base_ppl, kv, base_kv, time.perf_counter() - t)
-    if opts.wants("compose"):  # eviction x quantization (issue 16 item 2): h2o alone, KIVI alone, both
+    if opts.wants("compose"):  # issue 16 item 2: h2o alone, KIVI alone, both; uniform vs Ada-KV per-head budgets
         for label, ratio, spec in COMPOSE_CASES:
             budget = {"budget": round(ratio * context)} if ratio else {}
             policy = build_policy(**spec, **budget)

@@ -32,6 +32,9 @@ PEAK_CASES: list[tuple[str, str | None, dict[str, Any], dict[str, Any]]] = [
     ("kivi", "10%", {"bits": 4}, {}),
     ("gear", None, {"bits": 2, "rank": 4}, {}),
     ("h2o", "256KiB", {}, {}),
+    ("h2o", "10%", {"quant": "kivi4"}, {}),
+    ("h2o", "256KiB", {"quant": "kivi4"}, {}),
+    ("adakv", "10%", {}, {}),
 ]
 
 
@@ -42,7 +45,7 @@ def peak_rows(path: Path, length: int, new_tokens: int = 16) -> list[dict]:
     ids = torch.randint(0, models["sdpa"].config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     rows = []
     for kv, budget, options, extra in PEAK_CASES:
-        needs_eager = kv in ("h2o", "snapkv", "keyformer", "pyramid")
+        needs_eager = kv in ("h2o", "snapkv", "keyformer", "pyramid", "adakv")
         model = models["eager" if needs_eager else "sdpa"]
         r = generate(model, ids, new_tokens, kv=kv, kv_budget=budget, kv_options=options, **extra)
         label = kv + (f" {'+'.join(f'{k}={v}' for k, v in options.items())}" if options else "")
@@ -74,7 +77,7 @@ def speed_rows(path: Path, prompt: int = 512, budget: int = 256, new_tokens: int
     from memfit.generate import load_causal_lm
 
     rows = []
-    for impl, names in (("sdpa", ["streaming_llm"]), ("eager", ["streaming_llm", "h2o", "keyformer"])):
+    for impl, names in (("sdpa", ["streaming_llm"]), ("eager", ["streaming_llm", "h2o", "keyformer", "adakv"])):
         model = load_causal_lm(path, impl)[0]
         ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
         n_layers = model.config.num_hidden_layers
