@@ -91,7 +91,8 @@ def test_load_state_dict_resumes_exactly():
     train(model, opt, data[:3])
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     opt_saved = opt.state_dict()
-    opt_saved = {**opt_saved, "state": {i: {k: v.clone() for k, v in st.items()} for i, st in opt_saved["state"].items()}}
+    opt_saved = {**opt_saved,
+                 "state": {i: {k: v.clone() for k, v in st.items()} for i, st in opt_saved["state"].items()}}
     after = train(model, opt, data[3:])
     torch.manual_seed(0)
     model2 = tiny()

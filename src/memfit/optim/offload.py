@@ -12,9 +12,12 @@ counters, projectors: every tensor in the optimizer's per-parameter state) lives
 FSDP2). The step runs unit by unit: the unit's state is put into the optimizer as tensors *viewing the file*,
 the optimizer's own `step` updates them in place (bit-equal to the in-memory step: the same kernel on the same
 values), the unit's mapped pages are released (`madvise(MADV_DONTNEED)`: the dirty pages stay in the page cache
-and the kernel writes them back), and meanwhile a background thread has faulted in the next unit's pages
-(`MADV_WILLNEED` + one read per page). So the process holds at most two units' state at a time (the first step,
-which creates each unit's state in memory and then copies it into its file: two copies of one unit).
+and the kernel writes them back), and meanwhile a background thread has mapped the next unit's pages in, writable
+(`MADV_POPULATE_WRITE`: read from disk where evicted; before Linux 5.14 one write per page). So the process holds
+at most two units' state at a time (the first step, which creates each unit's state in memory and then copies it
+into its file: two copies of one unit). Measured (`memfit bench distributed`, docs/benchmarks.md): the process
+peak falls by the offloaded bytes minus that staging; the optimizer step itself runs ~5x slower (page faults and
+write-back of the whole state every step), which a training step at a useful batch mostly hides.
 
 Any optimizer whose update runs in `step()` and keeps per-parameter state works (memfit's AdamW, 8-bit AdamW,
 Adam-mini, GaLore family, APOLLO, FRUGAL, SCALE, SGD), plain or wrapped in `memfit.distributed.optim`'s

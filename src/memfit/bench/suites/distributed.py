@@ -89,9 +89,9 @@ def rank_rows(opts: BenchOptions) -> Iterator[list[dict]]:
                                    (False, "ZeRO-2", "none")):
         if not reshard and opts.quick:
             continue
-        runs = spawn(_train, 2, _recipe(opts, distributed={"reshard_after_forward": reshard},
-                                        optimizer={"offload": offload}))
-        predicted = estimate_rank(built.spec, built.techniques, 2, reshard)
+        variant = _recipe(opts, distributed={"reshard_after_forward": reshard}, optimizer={"offload": offload})
+        runs = spawn(_train, 2, variant)
+        predicted = estimate_rank(built.spec, load_recipe(variant).techniques(), 2, reshard)
         ranks = runs[0]["memory"]["notes"]["ranks"]  # every rank's report, gathered by rank 0
         rows = []
         for rank in ranks:
