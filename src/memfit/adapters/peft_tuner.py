@@ -128,8 +128,9 @@ def _skeleton(params: tuple[ParamInfo, ...], targets: list[str]) -> nn.Module:
         has_bias = f"{m}.bias" in by_name
         if is_embedding(m):
             layer = nn.Embedding(w.shape[0], w.shape[1], device="meta", dtype=dtype)
-        else:
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device="meta", dtype=dtype)
+        else:  # a `Conv1D` target as the linear layer it is (peft's LoRA shapes are the same)
+            out, inp = w.linear_shape
+            layer = nn.Linear(inp, out, bias=has_bias, device="meta", dtype=dtype)
         module_at(parent).add_module(leaf, layer)
         done.update({f"{m}.weight", f"{m}.bias"})
     for p in params:
@@ -249,7 +250,8 @@ class PeftTuner(Technique):
                 out.append(ParamInfo(name, tuple(p.shape), p.element_size(), p.requires_grad))
             else:
                 base = original[orig_name]
-                out.append(ParamInfo(name, base.shape, base.bytes_per_element, role == "copy"))
+                out.append(ParamInfo(name, base.shape, base.bytes_per_element, role == "copy",
+                                     transposed=base.transposed))
         return tuple(out)
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
