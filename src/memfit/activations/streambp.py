@@ -124,7 +124,8 @@ def llama_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     allowed = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
     for layer in layers:
         attn = getattr(layer, "self_attn", None)
-        extra = {n for n, _ in layer.named_children()} - allowed
+        # dropouts that never drop are no part; one that does would differ between StreamBP's recomputes
+        extra = {n for n, m in layer.named_children() if not (isinstance(m, nn.Dropout) and m.p == 0)} - allowed
         if attn is None or extra or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
             what = (f"extra block parts {sorted(extra)}" if extra else
                     "a fused q/k/v projection" if hasattr(attn, "qkv_proj") else "no q/k/v/o projections")

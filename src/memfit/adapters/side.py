@@ -27,7 +27,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from memfit.errors import ConfigError
-from memfit.memory.estimate import head_components
+from memfit.memory.estimate import trained_head_components
 from memfit.memory.spec import ParamInfo, RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
 
@@ -127,7 +127,7 @@ def backbone_head_bytes(spec: RunSpec, train_head: bool) -> int:
     """What the backbone's own head keeps when its layers below are frozen or rebuilt (SHERL, MEFT): the family's
     final norm (trainable here), head, loss and logits, without the frozen head inputs; a decoder's `embeddings`
     are the rotary tables its layers read, an encoder's (LayerNorm, dropout of frozen embeddings) are not kept."""
-    head = head_components(spec)
+    head = trained_head_components(spec)
     return (head["final_norm"] + head["head"] + head["loss"] + head["logits"]
             - frozen_head_input_bytes(spec, train_head) + (head["embeddings"] if spec.task == "causal_lm" else 0))
 
@@ -139,7 +139,7 @@ def head_saved_bytes(spec: RunSpec, train_head: bool) -> int:
     m, b, s, t = spec.model, spec.batch, spec.seq, spec.tokens
     if spec.task == "causal_lm":
         return (t * m.hidden * 4 if train_head else 0) + b * (s - 1) * (m.vocab * 4 + 8) + 8 + t * 8
-    head = head_components(spec)
+    head = trained_head_components(spec)
     pooler_in = frozen_head_input_bytes(spec, train_head)
     labels = max(m.num_labels, 1)
     rows = b if spec.task == "seq_cls" else t
