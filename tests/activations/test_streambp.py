@@ -90,3 +90,60 @@ def test_step_peak_estimate_matches_measured(seq, chunk, vocab):
     measured = meter.report().peak.total
     predicted = estimate_step(spec, [tech])[1]
     assert abs(measured / predicted - 1) < 0.05, (measured, predicted)
+
+
+def _decoder(model_type: str, **fields):
+    import transformers
+
+    from .conftest import VOCAB
+
+    config = transformers.AutoConfig.for_model(
+        model_type, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, **fields)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").train()
+
+
+@pytest.mark.parametrize("model_type,fields", [("mistral", {"sliding_window": 32}), ("qwen2", {}),
+                                               ("qwen3", {"head_dim": 16})])
+def test_other_decoders_gradients_equal_baseline(model_type, fields):
+    """Mistral (a sequence within its window), Qwen2 (GQA, q/k/v biases), Qwen3 (per-head q/k norms): StreamBP's
+    gradients equal plain backprop's, and the technique accepts the model (its chunked layer matches the model's)."""
+    batch = make_batch(2, 24)
+    ref_loss, ref = grads_of(_decoder(model_type, **fields), hf_loss, batch)
+    model = _decoder(model_type, **fields)
+    tech = build_technique("activations", {"name": "streambp", "chunk_size": 7})
+    ctx = Context(model=model, spec=RunSpec.from_model(model, batch=2, seq=24), techniques=[tech])
+    tech.check(ctx)
+    tech.apply(ctx)
+    loss, got = _streambp_grads(model, batch, 7)
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    assert_grads_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type,fields,match", [
+    ("gpt2", {}, "Llama's layout"),
+    ("phi3", {"pad_token_id": 0}, "fused q/k/v"),
+    ("gemma", {"head_dim": 16}, "scaled"),
+])
+def test_unsupported_decoders_one_clear_error(model_type, fields, match):
+    import transformers
+
+    from .conftest import VOCAB
+
+    if model_type == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB))
+    else:
+        model = _decoder(model_type, **fields)
+    tech = build_technique("activations", {"name": "streambp"})
+    with pytest.raises(ConfigError, match=match):
+        tech.check(Context(model=model, spec=RunSpec.from_model(model, batch=1, seq=16), techniques=[tech]))
+
+
+def test_sliding_window_beyond_the_window_is_refused():
+    model = _decoder("mistral", sliding_window=16)
+    tech = build_technique("activations", {"name": "streambp"})
+    with pytest.raises(ConfigError, match="window 16"):
+        tech.check(Context(model=model, spec=RunSpec.from_model(model, batch=1, seq=32), techniques=[tech]))
+    with pytest.raises(ConfigError, match="window 16"):
+        streambp_forward_backward(model, make_batch(1, 32), 1.0, 8)

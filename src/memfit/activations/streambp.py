@@ -10,7 +10,9 @@ the detached keys/values are accumulated over chunks and pushed through the k/v 
 head and cross-entropy run one chunk at a time as well, so activation and logit memory scale with the chunk,
 not the sequence; the result equals plain backprop up to summation order.
 
-For the Llama family (transformers `LlamaForCausalLM` and same-shaped models). Replaces forward+backward
+For decoders with Llama's layer layout and standard or grouped attention: Llama, Mistral (while a sequence fits its
+sliding window), Qwen2, Qwen3 (per-head q/k norms); others get one `ConfigError` naming what they have. Its chunked
+layer is checked against the model's own forward when applied (`check_matches_model`). Replaces forward+backward
 of a micro-batch (`wrap_forward_backward`), so it subsumes checkpointing and chunked CE.
 
     activations: [{name: streambp, chunk_size: 512}]
@@ -62,13 +64,20 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + _rotate_half(x) * sin
 
 
+def _heads(attn: nn.Module, proj: str, norm: str, hn: torch.Tensor) -> torch.Tensor:
+    """A projection's output as (batch, heads, positions, head_dim), through its per-head norm if the attention has
+    one (Qwen3's q_norm / k_norm)."""
+    b, s, _ = hn.shape
+    x = getattr(attn, proj)(hn).view(b, s, -1, attn.head_dim)
+    if hasattr(attn, norm):
+        x = getattr(attn, norm)(x)
+    return x.transpose(1, 2)
+
+
 def _keys_values(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     attn = layer.self_attn
-    b, s, _ = x.shape
     hn = layer.input_layernorm(x)
-    k = attn.k_proj(hn).view(b, s, -1, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(hn).view(b, s, -1, attn.head_dim).transpose(1, 2)
-    return _rope(k, cos, sin), v
+    return _rope(_heads(attn, "k_proj", "k_norm", hn), cos, sin), _heads(attn, "v_proj", "v_norm", hn)
 
 
 def _chunk_forward(layer: nn.Module, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
@@ -78,7 +87,7 @@ def _chunk_forward(layer: nn.Module, x: torch.Tensor, k: torch.Tensor, v: torch.
     b, n, _ = x.shape
     end = start + n
     hn = layer.input_layernorm(x)
-    q = _rope(attn.q_proj(hn).view(b, n, -1, attn.head_dim).transpose(1, 2), cos, sin)
+    q = _rope(_heads(attn, "q_proj", "q_norm", hn), cos, sin)
     o = F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], attn_mask=mask, scale=attn.scaling,
                                        enable_gqa=k.shape[1] != q.shape[1])
     h = x + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
@@ -101,23 +110,55 @@ def _chunk_mask(start: int, end: int, keep: torch.Tensor | None, device: torch.d
 
 
 def llama_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(LlamaModel-like body, lm_head); `ConfigError` for a model StreamBP does not cover."""
+    """(decoder body, lm_head) of a causal LM with Llama's layer layout — norm → q/k/v projections (GQA or not, with
+    biases or per-head q/k norms) → rotary → attention → o_proj → residual → norm → MLP → residual: Llama, Mistral,
+    Qwen2, Qwen3 and same-shaped models; `ConfigError` naming what a model has that StreamBP does not cover."""
     inner = c.unwrap(model)
     body = getattr(inner, "model", None)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     layers = getattr(body, "layers", None)
-    ok = head is not None and layers is not None and all(
-        hasattr(layer, "self_attn") and hasattr(layer, "mlp") and hasattr(layer, "input_layernorm")
-        and all(hasattr(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        for layer in layers) and hasattr(body, "rotary_emb") and hasattr(body, "norm")
-    if not ok:
-        raise ConfigError(f"streambp supports Llama-family causal LMs (LlamaForCausalLM); got {type(inner).__name__}")
+    name = type(inner).__name__
+    if head is None or layers is None or not hasattr(body, "rotary_emb") or not hasattr(body, "norm"):
+        raise ConfigError(f"streambp supports decoders with Llama's layout (Llama, Mistral, Qwen2, Qwen3); got {name}, "
+                          "which has no `model.layers` with rotary embeddings and a final norm")
+    allowed = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+    for layer in layers:
+        attn = getattr(layer, "self_attn", None)
+        # dropouts that never drop are no part; one that does would differ between StreamBP's recomputes
+        extra = {n for n, m in layer.named_children() if not (isinstance(m, nn.Dropout) and m.p == 0)} - allowed
+        if attn is None or extra or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            what = (f"extra block parts {sorted(extra)}" if extra else
+                    "a fused q/k/v projection" if hasattr(attn, "qkv_proj") else "no q/k/v/o projections")
+            raise ConfigError(f"streambp supports decoders with Llama's layer layout; {name} has {what}")
     config = inner.config
     if getattr(config, "attention_dropout", 0.0):
         raise ConfigError("streambp needs attention_dropout = 0 (dropout masks would differ between recomputes)")
-    if getattr(config, "final_logit_softcapping", None) or getattr(config, "sliding_window", None):
-        raise ConfigError("streambp does not support logit soft-capping or sliding-window attention")
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None):
+        raise ConfigError(f"streambp does not support logit soft-capping ({name})")
+    if float(getattr(body, "normalizer", getattr(config, "embedding_multiplier", 1.0)) or 1.0) != 1.0 or (
+            "gemma" in str(getattr(config, "model_type", ""))):
+        raise ConfigError(f"streambp does not support {name}: its embeddings are scaled inside the model's forward")
     return body, head
+
+
+def sliding_window(model: nn.Module) -> int:
+    """Tokens a sliding-window layer attends to (0: every layer attends to the whole prefix)."""
+    config = c.unwrap(model).config
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2 sets a window it does not use
+        return 0
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return 0
+    return int(getattr(config, "sliding_window", None) or 0)
+
+
+def check_window(model: nn.Module, seq: int) -> None:
+    """StreamBP's chunk masks are causal over the whole prefix: exact only while a sequence fits the window."""
+    window = sliding_window(model)
+    if window and seq > window:
+        raise ConfigError(f"streambp does not support sliding-window attention beyond the window: sequences of {seq} "
+                          f"tokens, window {window} ({type(c.unwrap(model)).__name__}); use sequences of at most "
+                          f"{window} tokens or another activation technique")
 
 
 @torch.no_grad()
@@ -173,6 +214,7 @@ def streambp_forward_backward(model: nn.Module, batch: Batch, loss_scale: float,
     ids = batch["input_ids"]
     keep = batch.get("attention_mask")
     seq = ids.shape[1]
+    check_window(model, seq)
     spans = _spans(seq, chunk_size)
     masks = {s: _chunk_mask(s, e, keep, ids.device) for s, e in spans}
     positions = torch.arange(seq, device=ids.device)[None]
@@ -234,6 +276,7 @@ class StreamBP(Technique):
     def check(self, ctx: Context) -> None:
         c.check_causal_lm(ctx, self.name)
         llama_parts(ctx.model)
+        check_window(ctx.model, ctx.spec.seq)
         for t in ctx.techniques or []:
             if t is not self and t.name in _INCOMPATIBLE:
                 raise ConfigError(f"streambp cannot be combined with '{t.name}': {_INCOMPATIBLE[t.name]}; "

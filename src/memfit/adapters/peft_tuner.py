@@ -128,8 +128,9 @@ def _skeleton(params: tuple[ParamInfo, ...], targets: list[str]) -> nn.Module:
         has_bias = f"{m}.bias" in by_name
         if is_embedding(m):
             layer = nn.Embedding(w.shape[0], w.shape[1], device="meta", dtype=dtype)
-        else:
-            layer = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device="meta", dtype=dtype)
+        else:  # a `Conv1D` target as the linear layer it is (peft's LoRA shapes are the same)
+            out, inp = w.linear_shape
+            layer = nn.Linear(inp, out, bias=has_bias, device="meta", dtype=dtype)
         module_at(parent).add_module(leaf, layer)
         done.update({f"{m}.weight", f"{m}.bias"})
     for p in params:
@@ -254,7 +255,8 @@ class PeftTuner(Technique):
                 out.append(ParamInfo(name, tuple(p.shape), p.element_size(), p.requires_grad))
             else:
                 base = original[orig_name]
-                out.append(ParamInfo(name, base.shape, base.bytes_per_element, role == "copy"))
+                out.append(ParamInfo(name, base.shape, base.bytes_per_element, role == "copy",
+                                     transposed=base.transposed))
         return tuple(out)
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
@@ -266,6 +268,27 @@ class PeftTuner(Technique):
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         targets = spec.extra.get("adapter_targets", [])
         return base.with_(activations=base.activations + self.extra_activation_bytes(spec, targets))
+
+
+def lora_activation_bytes(spec: RunSpec, r: int, n_targets: int) -> int:
+    """What LoRA adapters (`lora_A` / `lora_B` of rank `r` on `n_targets` linears) add to what the blocks save: per
+    wrapped linear, lora_B's input (lora_A's output: tokens × r, in the compute dtype). Under autocast the input is
+    cast to the fp32 adapter's dtype first, so lora_A saves its own cast copy even of an input already in the compute
+    dtype: where another op keeps that input anyway (`Family.kept_inputs`, e.g. the attention output the kernel
+    saves), the copy is extra. (What the frozen base keeps or not is the block family's, `arch/flow.py`.)"""
+    from memfit.memory.arch import family_of
+    from memfit.memory.arch.flow import block_path
+    from memfit.memory.arch.parts import dtypes
+
+    d = dtypes(spec)
+    out = spec.tokens * r * d.compute * n_targets
+    if d.autocast:
+        kept = family_of(spec.model).kept_inputs(spec)
+        for p in spec.model.params:
+            where = block_path(spec.model, p.name) if ".lora_A" in p.name and len(p.shape) == 2 else None
+            if where is not None and where[1].split(".lora_A")[0] in kept:
+                out += spec.tokens * p.shape[1] * d.compute
+    return out
 
 
 def _replace_params(model: ModelShape, params: tuple[ParamInfo, ...]) -> ModelShape:
@@ -314,24 +337,7 @@ class LoraLike(PeftTuner):
         )
 
     def extra_activation_bytes(self, spec: RunSpec, targets: list[str]) -> int:
-        """Per wrapped linear, lora_B's input (lora_A's output: tokens × r, in the compute dtype). Under autocast
-        peft casts each target's input to the fp32 adapter's dtype, so lora_A saves its own cast copy even of an
-        input already in the compute dtype: where another op keeps that input anyway (`Family.kept_inputs`, e.g.
-        the attention output the kernel saves), the copy is extra. (What the frozen base keeps or not is the block
-        family's, `arch/flow.py`.)"""
-        from memfit.memory.arch import family_of
-        from memfit.memory.arch.flow import block_path
-        from memfit.memory.arch.parts import dtypes
-
-        d = dtypes(spec)
-        out = spec.tokens * self.config.r * d.compute * len(targets)
-        if d.autocast:
-            kept = family_of(spec.model).kept_inputs(spec)
-            for p in spec.model.params:
-                where = block_path(spec.model, p.name) if ".lora_A." in p.name else None
-                if where is not None and where[1].split(".lora_A.")[0] in kept:
-                    out += spec.tokens * p.shape[1] * d.compute
-        return out
+        return lora_activation_bytes(spec, self.config.r, len(targets))
 
     def check(self, ctx: Context) -> None:
         if ctx.has_quantized_base():

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from memfit.errors import ConfigError
-from memfit.memory.estimate import family_of, head_components
+from memfit.memory.estimate import trained_head_components
 from memfit.memory.spec import ParamInfo, RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
 
@@ -126,12 +127,9 @@ def backbone_head_bytes(spec: RunSpec, train_head: bool) -> int:
     """What the backbone's own head keeps when its layers below are frozen or rebuilt (SHERL, MEFT): the family's
     final norm (trainable here), head, loss and logits, without the frozen head inputs; a decoder's `embeddings`
     are the rotary tables its layers read, an encoder's (LayerNorm, dropout of frozen embeddings) are not kept."""
-    head = head_components(spec)
-    # a family whose head follows the gradient flow (`Family.head_with`) has already dropped a frozen input
-    dropped = family_of(spec.model).head(spec)["head"] - head["head"]
-    frozen = max(frozen_head_input_bytes(spec, train_head) - dropped, 0)
-    return (head["final_norm"] + head["head"] + head["loss"] + head["logits"] - frozen
-            + (head["embeddings"] if spec.task == "causal_lm" else 0))
+    head = trained_head_components(spec)
+    return (head["final_norm"] + head["head"] + head["loss"] + head["logits"]
+            - frozen_head_input_bytes(spec, train_head) + (head["embeddings"] if spec.task == "causal_lm" else 0))
 
 
 def head_saved_bytes(spec: RunSpec, train_head: bool) -> int:
@@ -141,7 +139,7 @@ def head_saved_bytes(spec: RunSpec, train_head: bool) -> int:
     m, b, s, t = spec.model, spec.batch, spec.seq, spec.tokens
     if spec.task == "causal_lm":
         return (t * m.hidden * 4 if train_head else 0) + b * (s - 1) * (m.vocab * 4 + 8) + 8 + t * 8
-    head = head_components(spec)
+    head = trained_head_components(spec)
     pooler_in = frozen_head_input_bytes(spec, train_head)
     labels = max(m.num_labels, 1)
     rows = b if spec.task == "seq_cls" else t
@@ -175,12 +173,7 @@ class SideModel(nn.Module):
         states, last = backbone_states(self._core(), self.n_states, self.who, input_ids, attention_mask, **kwargs)
         final = self.side_forward(states, last, attention_mask)
         logits, loss = head_loss(self.backbone, self._core(), self.task, final, attention_mask, labels)
-        from transformers.modeling_outputs import SequenceClassifierOutput  # on use: transformers loads for seconds
-
         return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-_SIDE_PARAMS: dict[tuple, list[ParamInfo]] = {}
 
 
 def side_param_infos(side: nn.Module, prefix: str = "side.") -> list[ParamInfo]:
@@ -236,12 +229,8 @@ class SideTechnique(Technique):
         ctx.model = wrapped
 
     def side_params(self, spec: RunSpec) -> list[ParamInfo]:
-        """The side network's parameters (memoised: the planner asks for the same model in hundreds of plans)."""
-        key = (type(self), self.config.model_dump_json(), spec.model.n_layers, spec.model.hidden)
-        if key not in _SIDE_PARAMS:
-            with torch.device("meta"):
-                _SIDE_PARAMS[key] = side_param_infos(self.build_side(spec.model.n_layers, spec.model.hidden))
-        return list(_SIDE_PARAMS[key])
+        with torch.device("meta"):
+            return side_param_infos(self.build_side(spec.model.n_layers, spec.model.hidden))
 
     def transform_spec(self, spec: RunSpec) -> RunSpec:
         return freeze_backbone_spec(spec, self.train_head(spec.task), self.side_params(spec))

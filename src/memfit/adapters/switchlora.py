@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from memfit.adapters.peft_tuner import CLS_HEADS, PeftTunerConfig, resolve_targets
+from memfit.adapters.peft_tuner import CLS_HEADS, PeftTunerConfig, lora_activation_bytes, resolve_targets
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import ParamInfo, RunSpec, model_shape
@@ -212,6 +212,6 @@ class SwitchLoRA(AdapterTechnique):
                           extra=extra)
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
-        """As LoRA: per wrapped linear, B's backward keeps A's output (tokens × r, fp32); the pool is a buffer."""
+        """As LoRA: per wrapped linear, B's backward keeps A's output (`peft_tuner.lora_activation_bytes`); the pool is a buffer."""
         targets = spec.extra.get("adapter_targets", [])
-        return base.with_(activations=base.activations + spec.tokens * self.config.r * 4 * len(targets))
+        return base.with_(activations=base.activations + lora_activation_bytes(spec, self.config.r, len(targets)))

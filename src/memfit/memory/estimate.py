@@ -100,6 +100,11 @@ def head_components(spec: RunSpec) -> dict[str, int]:
     return family.head(spec) if flow.full else family.head_with(spec, flow)
 
 
+def trained_head_components(spec: RunSpec) -> dict[str, int]:
+    """`head_components` as if every parameter trained (for a technique that accounts for its frozen head itself)."""
+    return family_of(spec.model).head(spec)
+
+
 def block_components(spec: RunSpec, index: int) -> dict[str, int]:
     """What block `index` saves for backward, by part: `layer_components` unless part of the model is frozen,
     then what that block saves given where gradients flow (nothing in a block below every trained weight; a frozen

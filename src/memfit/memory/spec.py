@@ -24,14 +24,16 @@ Task = Literal["causal_lm", "seq_cls", "token_cls"]
 
 @dataclass(frozen=True)
 class ParamInfo:
-    """One parameter tensor: its name, shape, bytes per element, whether it trains, and whether it is part of a
-    quantized weight's storage (codes, scales: decoded per forward, never cast or saved as a dense copy)."""
+    """One parameter tensor: its name, shape, bytes per element, whether it trains, whether it is part of a
+    quantized weight's storage (codes, scales: decoded per forward, never cast or saved as a dense copy), and
+    whether it is a matmul weight stored transposed, (in, out) (`Conv1D`); `linear_shape` is (out, in) either way."""
 
     name: str
     shape: tuple[int, ...]
     bytes_per_element: float = 4
     trainable: bool = True
     quantized: bool = False
+    transposed: bool = False  # a matmul weight stored (in, out): transformers' `Conv1D` (GPT-2)
 
     @property
     def numel(self) -> int:
@@ -43,6 +45,11 @@ class ParamInfo:
     @property
     def nbytes(self) -> int:
         return int(round(self.numel * self.bytes_per_element))
+
+    @property
+    def linear_shape(self) -> tuple[int, ...]:
+        """The shape as `nn.Linear` stores it, (out, in)."""
+        return self.shape[::-1] if self.transposed else self.shape
 
 
 @dataclass(frozen=True)
@@ -126,11 +133,13 @@ def model_shape(model: nn.Module) -> ModelShape:
     config = _config_of(model)
     seen: set[int] = set()
     params = []
+    transposed = {f"{n}.weight" for n, m in model.named_modules() if is_conv1d(m)}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))
-        params.append(ParamInfo(name, tuple(p.shape), p.element_size(), p.requires_grad))
+        params.append(ParamInfo(name, tuple(p.shape), p.element_size(), p.requires_grad,
+                                transposed=name in transposed))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     if config is None:
         return ModelShape("other", 0, 0, 0, 0, 0, 0, 0, tuple(params), buffers,
@@ -144,6 +153,11 @@ def model_shape(model: nn.Module) -> ModelShape:
     except UnsupportedArchitecture as exc:  # parameters still count; activation estimates raise this
         return ModelShape("other", **_config_dims(config), **common, unsupported=str(exc))
     return ModelShape(family=arch.family, **dims, **common, arch=arch)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D` (GPT-2): a linear layer whose weight is stored (in, out), `nf` outputs."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def _config_dims(config) -> dict:

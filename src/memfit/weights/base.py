@@ -32,8 +32,8 @@ class WeightQuantConfig(TechniqueConfig):
 
 def quantized_param_infos(p: ParamInfo, fmt: WeightFormat, group_size: int | None, awq: bool = False,
                           trainable_scale: bool = False) -> list[ParamInfo]:
-    """The ParamInfos a `QuantLinear` stores in place of the dense weight `p` (shape (out, in))."""
-    out, inp = p.shape
+    """The ParamInfos a `QuantLinear` stores in place of the dense weight `p` ((out, in), or a `Conv1D`'s (in, out))."""
+    out, inp = p.linear_shape
     prefix = p.name[: -len("weight")]
     infos = []
     for name, (shape, dtype) in fmt.layout(out, inp, group_size).tensors.items():

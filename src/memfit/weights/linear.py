@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.errors import ConfigError
+from memfit.memory.spec import is_conv1d
 from memfit.weights.format import WeightFormat, get_format
 
 
@@ -89,10 +90,15 @@ class QuantLinear(nn.Module):
         self.compute_dtype = torch.float32
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str | WeightFormat, group_size: int | None = None,
+    def from_linear(cls, linear: nn.Module, fmt: str | WeightFormat, group_size: int | None = None,
                     in_scale: torch.Tensor | None = None) -> QuantLinear:
+        """From an `nn.Linear`, or a transformers `Conv1D` (GPT-2: weight stored (in, out), `x @ W + b`), whose
+        transposed weight is the same linear map."""
         w = linear.weight.detach().float()
-        q = cls(linear.in_features, linear.out_features, fmt, group_size, bias=linear.bias is not None,
+        if is_conv1d(linear):
+            w = w.t()
+        out_features, in_features = w.shape
+        q = cls(in_features, out_features, fmt, group_size, bias=linear.bias is not None,
                 in_scale=in_scale is not None, device=w.device)
         if in_scale is not None:
             q.in_scale.data.copy_(in_scale.float())
@@ -174,7 +180,8 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
 
 def quantizable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP,
                         target: Iterable[str] | None = None) -> list[tuple[str, nn.Linear]]:
-    """The `nn.Linear` modules `quantize_model` would replace (targets: module names or name suffixes)."""
+    """The `nn.Linear` (and transformers `Conv1D`) modules `quantize_model` would replace (targets: module names or
+    name suffixes)."""
     skip = tuple(skip)
     found = []
     for name, mod in model.named_modules():
@@ -182,7 +189,7 @@ def quantizable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP,
             continue
         if target is not None and not matches(name, target):
             continue
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, nn.Linear) or is_conv1d(mod):
             found.append((name, mod))
         elif (target is not None and matches(name, target) and not isinstance(mod, QuantLinear)
               and (next(mod.children(), None) is None or any(True for _ in mod.parameters(recurse=False)))):
@@ -200,7 +207,7 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize_model(model: nn.Module, fmt: str | WeightFormat, group_size: int | None = None,
                    skip: Iterable[str] = DEFAULT_SKIP, target: Iterable[str] | None = None,
                    in_scales: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Replace every `nn.Linear` (except `skip`, optionally only `target`) with a `QuantLinear`, in place.
+    """Replace every `nn.Linear` / `Conv1D` (except `skip`, optionally only `target`) with a `QuantLinear`, in place.
 
     Targeting a module that is not a linear layer raises `ConfigError`.
     """

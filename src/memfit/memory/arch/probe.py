@@ -4,7 +4,9 @@ The model may live on the meta device, so the module runs through `torch.func.fu
 parameters; `torch.autograd.graph.saved_tensors_hooks` sees every tensor its backward will need. The input is
 bf16, so an fp32 copy of it (RMSNorm's `pow`) is told apart from the input itself; tensors are classified by
 shape (per element, per row, per channel) and grouped by storage, as the memory meter counts them. Parameters
-require gradients, so what their gradients need (a norm's normalized input) is saved as in training.
+require gradients, so what their gradients need (a norm's normalized input) is saved as in training; a module with
+parameters is probed again with them frozen (`Saves.frozen`) and with an input that needs no gradient
+(`Saves.leaf`), for partly frozen models (`arch/flow.py`).
 """
 
 from __future__ import annotations
