@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from memfit.bench.harness import BenchOptions, record_all
+from memfit.bench.harness import BenchOptions, record_all, record_partial
 from memfit.bench.workloads import quality_lm
 
 MIB = 2**20
@@ -165,6 +165,7 @@ def format_rows(opts: BenchOptions) -> list[dict]:
                      "weight_mib": wbytes / MIB if wbytes else None,
                      "weight_vs_fp32": wbytes / base_bytes if wbytes else None, "ppl": ppl,
                      "ppl_vs_fp32": ppl / base_ppl, "quantize_s": q_s})
+        record_partial(opts, {"workload": "format", **rows[-1]})
     return rows
 
 
