@@ -9,10 +9,10 @@ int3 uses a 3-bit grid in the same nibbles (AWQ and PEQA offer it; not bit-packe
 
 Inference (no gradient) on CPU runs torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`, the CPU twin
 of gpt-fast's tinygemm, which torchao's int4 CPU layout also calls) on the stored codes themselves: when
-out_features is a multiple of 64, the codes are stored in the byte order that kernel reads (`BLOCK_N`), so it
+out_features is a multiple of 16, the codes are stored in the byte order that kernel reads (`BLOCK_N`), so it
 needs no second copy of the weight. The kernel computes (q − 8)·s + m with bf16 activations, scales and offsets;
-memfit passes s and m = (8 − zero)·s rounded to bf16, built per call (4 bytes per group; keeping them would
-decode ~20 % faster on small layers but cost bytes beyond torchao's 0.5 + 4/g per parameter), which adds
+memfit passes s and m = (8 − zero)·s rounded to bf16, built per call (4 bytes per group; keeping them measured
++21 % tokens/s on a small model but would cost bytes beyond torchao's 0.5 + 4/g per parameter), which adds
 about 2⁻⁸ relative error per output on top of the weights' own — as int8's kernel path does. Other shapes, group
 sizes the kernel lacks (32/64/128/256 only), gradients, and a torch without the kernel (or whose result disagrees
 with the decoded weight on a probe: one warning) decode the weight instead.
@@ -149,7 +149,6 @@ class UIntFormat(GroupwiseFormat):
             x2 = F.pad(x2, (0, padded - inp))
         y = int4_mm(x2.contiguous(), w, group, kernel_scales(t))
         return y.view(*x.shape[:-1], out).to(x.dtype)
-
 
     def group_scale(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return t["scale"].float()
