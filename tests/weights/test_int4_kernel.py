@@ -45,7 +45,7 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("out,k", [(64, 128), (128, 256), (192, 64), (704, 256)])
+@pytest.mark.parametrize("out,k", [(64, 128), (128, 256), (704, 256), (688, 256), (48, 64), (80, 128)])
 def test_stored_order_is_the_kernels(out, k):
     codes = torch.randint(0, 16, (out, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(out))
     packed = pack_codes(codes)
@@ -64,35 +64,35 @@ def test_decoded_weight_is_codes_minus_zero_times_scale(fmt):
     """The blocked order changes where codes sit, not what they decode to: decode = (q − zero)·scale per group,
     recomputed here from the unpacked codes, and row lookups (embeddings) read the same rows."""
     torch.manual_seed(1)
-    w = torch.randn(128, 200)
+    w = torch.randn(144, 200)  # two 64-row blocks and a 16-row tail
     fmt_obj = int4_module.INT3 if fmt == "int3" else INT4
     t = fmt_obj.encode(w, 64)  # 200 columns padded to 256
-    q = unpack_codes(t["qweight"]).float().view(128, 4, 64)
-    ref = ((q - t["zero"].float()[..., None]) * t["scale"].float()[..., None]).view(128, 256)[:, :200]
-    assert torch.equal(fmt_obj.decode(t, 128, 200), ref)
-    rows = torch.tensor([0, 31, 32, 63, 64, 127, 5])
-    assert torch.equal(fmt_obj.decode_rows(t, rows, 128, 200), ref[rows])
-    assert ((ref - w).abs() <= fmt_obj.error_bound(t, 128, 200)).all()
+    q = unpack_codes(t["qweight"]).float().view(144, 4, 64)
+    ref = ((q - t["zero"].float()[..., None]) * t["scale"].float()[..., None]).view(144, 256)[:, :200]
+    assert torch.equal(fmt_obj.decode(t, 144, 200), ref)
+    rows = torch.tensor([0, 31, 32, 63, 64, 127, 128, 143, 5])
+    assert torch.equal(fmt_obj.decode_rows(t, rows, 144, 200), ref[rows])
+    assert ((ref - w).abs() <= fmt_obj.error_bound(t, 144, 200)).all()
 
 
-@pytest.mark.parametrize("fmt,inp,group_size,rows", [("int4", 256, 64, 1), ("int4", 256, 64, 17),
-                                                     ("int4", 200, 64, 3), ("int4", 256, 0, 3),
-                                                     ("int4", 256, 128, 3), ("int3", 256, 64, 3)])
-def test_kernel_output_close_to_decoded_weight(kernel_calls, fmt, inp, group_size, rows):
-    q, x = _pair(inp, fmt=fmt, group_size=group_size, rows=rows)
+@pytest.mark.parametrize("fmt,inp,out,group_size,rows", [
+    ("int4", 256, 128, 64, 1), ("int4", 256, 128, 64, 17), ("int4", 200, 128, 64, 3), ("int4", 256, 128, 0, 3),
+    ("int4", 256, 128, 128, 3), ("int4", 256, 688, 64, 2), ("int3", 256, 128, 64, 3)])
+def test_kernel_output_close_to_decoded_weight(kernel_calls, fmt, inp, out, group_size, rows):
+    q, x = _pair(inp, out=out, fmt=fmt, group_size=group_size, rows=rows)
     with torch.no_grad():
         fast = q(x)
     ref = _decoded(q, x)
     assert kernel_calls  # the kernel ran
-    assert fast.shape == ref.shape == (2, rows, 128)
+    assert fast.shape == ref.shape == (2, rows, out)
     # bf16 activations, scales and offsets: about 2^-8 relative per output, never more than 2^-6 of the scale
     assert (fast - ref).abs().max() <= 2**-6 * ref.abs().max()
     assert not torch.equal(fast, ref)  # a different computation, not the decoded path
 
 
-@pytest.mark.parametrize("out,group_size", [(96, 64), (128, 16)])
+@pytest.mark.parametrize("out,group_size", [(40, 64), (128, 16)])
 def test_unsupported_layers_decode(kernel_calls, out, group_size):
-    """Output widths not a multiple of 64 (row-major order) and group sizes the kernel lacks decode."""
+    """Output widths not a multiple of 16 (row-major order) and group sizes the kernel lacks decode."""
     q, x = _pair(128, out=out, group_size=group_size)
     with torch.no_grad():
         y = q(x)

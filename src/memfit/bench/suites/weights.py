@@ -1,10 +1,10 @@
 """`memfit bench weights`: size and perplexity of every weight format, and streaming's peak vs in-memory.
 
 Sections (rows):
-- `format`: a causal LM pretrained by memfit's pretrain workload at small size (llama-1m, BPE 512, block 128, 300
-  steps on War and Peace + Shakespeare, cached under `~/.cache/memfit/models/weights-bench-lm`; or any HF causal LM
-  named by `MEMFIT_INFERENCE_MODEL`), quantized with each format; perplexity on held-out War and Peace windows
-  (last 5 %), bytes per quantized parameter, weight bytes.
+- `format`: the quality bench model (`bench.workloads.quality_lm`: a 5M-parameter Llama, BPE 512, trained once
+  at block 512 on War and Peace + Shakespeare + WikiText-2 valid, cached under `~/.cache/memfit/models/quality-lm`;
+  or any HF causal LM named by `MEMFIT_INFERENCE_MODEL`), quantized with each format; perplexity on held-out War
+  and Peace windows of 512 tokens (last 5 %), bytes per quantized parameter, weight bytes.
   `bnb-nf4` is bitsandbytes' own NF4 round trip of the same weights (reference). AWQ calibrates on 16×128 tokens
   from the *start* of War and Peace (training text, disjoint from the held-out tail).
 - `stream`: a llama-20m-shaped model (random weights; memory does not depend on training) saved as safetensors and
@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from memfit.bench.harness import BenchOptions, record_all
-from memfit.bench.workloads import pretrained_lm, small_lm_recipe
+from memfit.bench.harness import BenchOptions, record_all, record_partial
+from memfit.bench.workloads import quality_lm
 
 MIB = 2**20
 
@@ -101,20 +101,13 @@ EMBED = "+embed"
 FORMATS += [(m + EMBED, f, g) for m, f, g in FORMATS if m in ("int8", "int4-g64", "nf4-g64", "awq-int4-g64", "dfloat11")]
 
 
-OWN_CACHE = Path("~/.cache/memfit/models/weights-bench-lm").expanduser()
-PRETRAIN_STEPS = 300
-
-
-def pretrain_recipe(data_dir: Path, steps: int = PRETRAIN_STEPS) -> dict[str, Any]:
-    """The pretrain workload shrunk to train in minutes on 2 cores (llama-1m, BPE 512, block 128): small enough
-    to reach a perplexity where quantization noise shows, which a barely-trained larger model does not."""
-    return small_lm_recipe("weights-bench-lm", data_dir, block_size=128, vocab_size=512, steps=steps, batch_size=16,
-                           warmup_steps=20, eval_every=steps, eval_batches=5)
+WINDOW = 512
+"""Perplexity windows: the quality model's training block."""
 
 
 def lm_dir(opts: BenchOptions) -> Path:
-    """MEMFIT_INFERENCE_MODEL if set, else our own pretrained LM (trained once, cached)."""
-    return pretrained_lm(pretrain_recipe(Path(opts.data_dir)), OWN_CACHE)
+    """MEMFIT_INFERENCE_MODEL if set, else the quality bench model (trained once, cached)."""
+    return quality_lm(Path(opts.data_dir))
 
 
 def format_rows(opts: BenchOptions) -> list[dict]:
@@ -130,7 +123,7 @@ def format_rows(opts: BenchOptions) -> list[dict]:
     path = lm_dir(opts)
     dense, tokenizer = load_causal_lm(path, "sdpa")
     dense.eval()
-    n_windows, length = (16, 128) if opts.quick else (48, 128)  # the LM was trained at block 128
+    n_windows, length = (16, WINDOW) if opts.quick else (48, WINDOW)
     windows = heldout_windows(tokenizer, data_dir, n_windows, length)
     text = (data_dir / "warpeace/input.txt").read_text(encoding="utf-8")
     calib_ids = torch.tensor(tokenizer(text[: 200_000])["input_ids"][: 16 * 128]).reshape(16, 128)
@@ -172,6 +165,7 @@ def format_rows(opts: BenchOptions) -> list[dict]:
                      "weight_mib": wbytes / MIB if wbytes else None,
                      "weight_vs_fp32": wbytes / base_bytes if wbytes else None, "ppl": ppl,
                      "ppl_vs_fp32": ppl / base_ppl, "quantize_s": q_s})
+        record_partial(opts, {"workload": "format", **rows[-1]})
     return rows
 
 
