@@ -172,3 +172,20 @@ def test_cli_estimate_on_a_config_folder(tmp_path, data_dir, model_type, fields,
     else:
         assert result.exit_code == 2, result.output
         assert f"model_type '{model_type}'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe", "olmoe"])
+def test_a_moe_router_is_no_lora_or_galore_target(name):
+    """transformers holds a router (`mlp.gate`) as a bare weight of one row per expert: `all-linear` LoRA must not
+    wrap it (peft cannot) and GaLore must not project it (its expert count is below any usual rank)."""
+    from torch import nn
+
+    from memfit.adapters.peft_tuner import resolve_targets
+    from memfit.optim.common import is_target
+
+    model = tiny_model(name, "causal_lm", "eager")
+    live = dict(model.named_modules())
+    targets = resolve_targets(RunSpec.from_model(model).model.params, "all-linear")
+    assert targets and all(isinstance(live[t], nn.Linear) for t in targets)
+    routers = [n for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert routers and not any(is_target(n, (4, 64)) for n in routers)
