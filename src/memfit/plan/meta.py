@@ -39,7 +39,8 @@ def meta_model(recipe: Recipe) -> nn.Module:
         if recipe.task != "causal_lm":
             config.num_labels = getattr(recipe.data, "num_labels", None) or 2
         model = getattr(transformers, TASK_AUTO_CLASS[recipe.task]).from_config(config, dtype=dtype)
-    if recipe.model.path is not None and Path(recipe.model.path).is_dir():
+    if (recipe.model.path is not None and Path(recipe.model.path).is_dir()
+            and getattr(model.config, "quantization_config", None) is None):  # packed weights have other shapes
         check_weights(model, recipe.model.path)
     return model
 
