@@ -71,10 +71,23 @@ def _meta(model_type: str, task: str = "causal_lm", **fields):
         return auto.from_config(config)
 
 
+_TINY_DECODER = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=128)
+
+
 @pytest.mark.parametrize("model_type,fields,says", [
     ("bloom", dict(hidden_size=64, n_layer=2, n_head=4), r"model_type 'bloom'.*BloomBlock.*matches none"),
     ("falcon", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True),
      r"model_type 'falcon' \(falcon block family\): ALiBi"),
+    # beyond the tested list (memfit bench memory-model --only architectures, docs/benchmarks.md): refused, one line
+    ("gemma3_text", dict(**_TINY_DECODER, head_dim=32), r"'gemma3_text' \(gemma block family\): .*q/k norms"),
+    ("cohere", _TINY_DECODER, r"'cohere': its block CohereDecoderLayer .*matches none"),
+    ("starcoder2", _TINY_DECODER, r"'starcoder2': its block Starcoder2DecoderLayer .*matches none"),
+    ("olmo2", _TINY_DECODER, r"'olmo2': its block Olmo2DecoderLayer .*matches none"),
+    ("phimoe", dict(**_TINY_DECODER, num_local_experts=4), r"'phimoe': its block PhimoeDecoderLayer .*matches none"),
+    ("gptj", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8), r"'gptj': its block GPTJBlock .*matches none"),
+    ("codegen", dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8), r"'codegen': its block CodeGenBlock"),
+    ("gpt_bigcode", dict(n_embd=64, n_layer=2, n_head=4), r"'gpt_bigcode' \(gpt2 block family\): .*multi-query"),
 ])
 def test_an_unmodelled_architecture_is_one_clear_error(model_type, fields, says):
     """An architecture no family recognises (Bloom), or a feature its family lacks (Falcon with ALiBi): its
@@ -83,6 +96,21 @@ def test_an_unmodelled_architecture_is_one_clear_error(model_type, fields, says)
     model = _meta(model_type, vocab_size=512, **fields)
     spec = RunSpec.from_model(model, batch=2, seq=32)
     assert spec.model.family == "other" and spec.model.n_params > 0
+    with pytest.raises(UnsupportedArchitecture, match=says):
+        estimate_step(spec, [])
+
+
+@pytest.mark.parametrize("model_type,fields,says", [
+    ("distilbert", dict(dim=64, n_layers=2, n_heads=4, hidden_dim=128), r"'distilbert': its block TransformerBlock"),
+    ("modernbert", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2),
+     r"'modernbert': its block ModernBertEncoderLayer .*matches none"),
+    ("albert", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    embedding_size=32), r"'albert': no list of 2 identical blocks"),  # one block shared by all
+])
+def test_an_unmodelled_encoder_is_one_clear_error(model_type, fields, says):
+    spec = RunSpec.from_model(_meta(model_type, "seq_cls", vocab_size=512, **fields), task="seq_cls", batch=2, seq=32)
+    assert spec.model.n_params > 0
     with pytest.raises(UnsupportedArchitecture, match=says):
         estimate_step(spec, [])
 
@@ -144,3 +172,20 @@ def test_cli_estimate_on_a_config_folder(tmp_path, data_dir, model_type, fields,
     else:
         assert result.exit_code == 2, result.output
         assert f"model_type '{model_type}'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe", "olmoe"])
+def test_a_moe_router_is_no_lora_or_galore_target(name):
+    """transformers holds a router (`mlp.gate`) as a bare weight of one row per expert: `all-linear` LoRA must not
+    wrap it (peft cannot) and GaLore must not project it (its expert count is below any usual rank)."""
+    from torch import nn
+
+    from memfit.adapters.peft_tuner import resolve_targets
+    from memfit.optim.common import is_target
+
+    model = tiny_model(name, "causal_lm", "eager")
+    live = dict(model.named_modules())
+    targets = resolve_targets(RunSpec.from_model(model).model.params, "all-linear")
+    assert targets and all(isinstance(live[t], nn.Linear) for t in targets)
+    routers = [n for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert routers and not any(is_target(n, (4, 64)) for n in routers)

@@ -45,6 +45,8 @@ class Outcome:
             return "clean" if self.exit_code == 0 and all(f in self.output for f in case.names) else "failed"
         if self.exit_code == 0:
             return "accepted"
+        if self.exit_code == 2 and "Invalid value for '" in self.output:  # click's own check of an option's type
+            return "clean" if all(f in self.output for f in case.names) else "vague"
         if self.exit_code != 2 or self.output.count("error:") != 1:
             return "failed"
         return "clean" if all(f in self.output for f in case.names) else "vague"
@@ -347,6 +349,78 @@ def _cases() -> list[Case]:
 
     add("report: memory.json is corrupt", garbage_summary, "memory.json")
     add("bench: unknown suite", lambda w: ["bench", "nosuch", "--out", str(w.root / "b")], "nosuch")
+
+    # --- recipes to estimate and plan
+    add("estimate: recipe is a list", lambda w: ["estimate", str(w.file("l2.yaml", "- a\n"))], "l2.yaml", "mapping")
+    add("estimate: recipe is empty", lambda w: ["estimate", str(w.file("e2.yaml", ""))], "e2.yaml")
+    add("plan: recipe is binary", lambda w: ["plan", str(w.file("g3.yaml", BINARY)), "--budget", "1GB"], "g3.yaml")
+    add("plan: recipe is a list", lambda w: ["plan", str(w.file("l3.yaml", "- a\n")), "--budget", "1GB"], "l3.yaml")
+    for nproc in ("0", "-1", "abc"):
+        add(f"plan: --nproc {nproc}", lambda w, n=nproc: ["plan", str(w.recipe()), "--budget", "1GB", "--nproc", n],
+            "--nproc")
+    add("plan --generate without a model", lambda w: ["plan", "--generate", "--budget", "1GB"], "--model")
+    add("plan --generate without token counts",
+        lambda w: ["plan", "--generate", "--model", str(model_copy(w)), "--budget", "1GB"], "--prompt-tokens")
+    add("optimizer.offload misspelt", lambda w: ["train", str(w.recipe()), "optimizer.offload=dsk"], "offload",
+        "disk")
+    add("optimizer offload key misspelt", lambda w: ["train", str(w.recipe()), "optimizer.ofload=disk"], "ofload")
+
+    # --- a model folder (model.path) with a damaged config.json or weights
+    def folder_recipe(w, command: str, edit: Callable[[Path], None]) -> list[str]:
+        model = model_copy(w)
+        edit(model)
+        rec = toy_recipe("pretrain", w.data, steps=1, measure_steps=0)
+        rec["model"] = {"path": str(model)}
+        return [command, str(w.file(R, yaml.safe_dump(rec)))] + (["-o", w.out()] if command == "train" else [])
+
+    def config_edit(**change):
+        def edit(model: Path) -> None:
+            import json
+
+            config = json.loads((model / "config.json").read_text())
+            for key, value in change.items():
+                if value is None:
+                    config.pop(key)
+                else:
+                    config[key] = value
+            (model / "config.json").write_text(json.dumps(config))
+        return edit
+
+    for command in ("estimate", "train"):
+        add(f"{command}: config.json truncated",
+            lambda w, c=command: folder_recipe(w, c, lambda m: _truncate(m / "config.json")), "config.json")
+        add(f"{command}: config.json without hidden_size",
+            lambda w, c=command: folder_recipe(w, c, config_edit(hidden_size=None)), "config.json",
+            "does not describe these weights")
+        add(f"{command}: config.json with vocab_size 0",
+            lambda w, c=command: folder_recipe(w, c, config_edit(vocab_size=0)), "vocab_size")
+    add("train: model.safetensors truncated",
+        lambda w: folder_recipe(w, "train", lambda m: _truncate(m / "model.safetensors")), "model.safetensors")
+    add("estimate: model.safetensors is garbage",
+        lambda w: folder_recipe(w, "estimate", lambda m: (m / "model.safetensors").write_bytes(BINARY)),
+        "model.safetensors")
+
+    # --- prune
+    def prune(w, model: str, *extra: str, out: str | None = None) -> list[str]:
+        return ["prune", model, "-m", "llm-pruner", "-o", out or str(w.root / "pruned"), "--calib-samples", "2",
+                "--calib-len", "16", *extra]
+
+    def gpt2_folder(w) -> str:
+        import transformers
+
+        folder = w.root / "gpt2"
+        config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=512)
+        transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+        for tok in model_copy(w).glob("tok*"):
+            shutil.copy(tok, folder)
+        return str(folder)
+
+    add("prune: model folder missing", lambda w: prune(w, str(w.root / "nomodel")), "nomodel")
+    add("prune: a GPT-2 model", lambda w: prune(w, gpt2_folder(w)), "gpt2", "Llama")
+    add("prune: sparsity 1.5", lambda w: prune(w, str(model_copy(w)), "-s", "1.5"), "sparsity")
+    add("prune: output is a folder the user owns",
+        lambda w: prune(w, str(model_copy(w)), "--overwrite", out=str(w.file("mine2/notes.txt", "mine").parent)),
+        "mine2", "not written by")
     return c
 
 

@@ -67,10 +67,13 @@ def _matches(module_name: str, target: str) -> bool:
 
 
 def resolve_targets(params: tuple[ParamInfo, ...], target: str | list[str]) -> list[str]:
-    """Full names of the modules to wrap. `all-linear` = every linear layer except the output head."""
+    """Full names of the modules to wrap. `all-linear` = every linear layer except the output head (and a
+    mixture-of-experts router, which transformers holds as a bare weight, not an `nn.Linear`)."""
+    from memfit.optim.common import is_router
+
     modules = _module_weights(params)
     if target == "all-linear":
-        names = [m for m in modules if not is_head(m) and not is_embedding(m)]
+        names = [m for m in modules if not is_head(m) and not is_embedding(m) and not is_router(m)]
         if not names:
             raise ConfigError("adapter target 'all-linear' found no linear layer in this model")
         return names

@@ -98,8 +98,20 @@ def load_model(name_or_path: str, task: str, num_labels: int | None = None, toke
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(name_or_path)
     from safetensors import SafetensorError
 
+    if local:
+        check_config(load_config(source), source)
     try:
         model = auto.from_pretrained(source, local_files_only=_offline(local), **extra)
+    except RuntimeError as exc:  # transformers' report of weights whose shapes the config does not make
+        if "mismatched_sizes" not in str(exc):
+            raise
+        if local:  # name the first tensor that differs
+            import torch
+
+            with torch.device("meta"):
+                check_weights(auto.from_config(load_config(source), **extra), source)
+        raise ModelError(f"could not load model '{name_or_path}': its weights' shapes do not match its "
+                         f"config.json (was config.json edited?)") from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load model '{name_or_path}' for {task}: {str(exc).splitlines()[0]}") from None
     except SafetensorError as exc:  # a weights file cut short or damaged
@@ -107,3 +119,48 @@ def load_model(name_or_path: str, task: str, num_labels: int | None = None, toke
         raise ModelError(f"could not load model '{name_or_path}': {files} damaged ({exc}); export or copy the "
                          f"model folder again") from None
     return ModelBundle(model=model, tokenizer=tokenizer, source=source)
+
+
+_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def load_config(source: str):
+    """The transformers config of a local model folder, or one `ModelError` naming its config.json."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{Path(source) / 'config.json'} is not a transformers config: "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
+def check_config(config: Any, source: str) -> None:
+    """Every size the config names is a positive integer (a vocab_size of 0 builds an empty embedding)."""
+    for key in _SIZES:
+        try:
+            value = getattr(config, key, None)
+        except (AttributeError, KeyError):
+            continue
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            file = Path(source) if str(source).endswith(".json") else Path(source) / "config.json"
+            raise ModelError(f"{file}: {key} is {value!r}; it must be a positive integer")
+
+
+def check_weights(model: nn.Module, source: str) -> None:
+    """The safetensors weights in model folder `source` (headers only) have the shapes `model`, built from its
+    config.json, gives them: a damaged file, or a config.json that no longer matches its weights (a size edited
+    or missing, so transformers' default applies), is one `ModelError` rather than an estimate of another model."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    for file in sorted(Path(source).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"{file}: damaged ({exc}); export or copy the model folder again") from None
+        for name, shape in stored.items():
+            if name in shapes and shapes[name] != shape:
+                raise ModelError(f"{file}: {name} is {list(shape)} but {Path(source) / 'config.json'} makes it "
+                                 f"{list(shapes[name])}: the config does not describe these weights")

@@ -259,8 +259,18 @@ class Timer:
 
 # --- parameter grouping ---------------------------------------------------------------------------------------
 def is_target(name: str, shape: tuple[int, ...], exclude: Iterable[str] = DEFAULT_EXCLUDE) -> bool:
-    """A 2-D parameter the method handles itself (others fall back to AdamW inside the same optimizer)."""
-    return len(shape) == 2 and not any(key in name for key in exclude)
+    """A 2-D parameter the method handles itself (others fall back to AdamW inside the same optimizer). A
+    mixture-of-experts router (`is_router`) is not one: a few rows, one per expert, fewer than a usual rank."""
+    return len(shape) == 2 and not any(key in name for key in exclude) and not is_router(name)
+
+
+ROUTER_SUFFIXES = (".gate.weight", "_expert_gate.weight", ".router.weight", ".gate", "_expert_gate", ".router")
+
+
+def is_router(name: str) -> bool:
+    """A mixture-of-experts router's weight or module (Mixtral/Qwen-MoE/OLMoE `mlp.gate`, Qwen-MoE's
+    `shared_expert_gate`): it scores experts rather than transforming the hidden state (not `gate_proj`)."""
+    return name.endswith(ROUTER_SUFFIXES)
 
 
 def split_groups(model: nn.Module, weight_decay: float, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[dict]:

@@ -16,7 +16,7 @@ def meta_model(recipe: Recipe) -> nn.Module:
     """The recipe's model with shapes but no storage (works for models larger than memory)."""
     import transformers
 
-    from memfit.models.load import TASK_AUTO_CLASS, resolve_model_path
+    from memfit.models.load import TASK_AUTO_CLASS, check_config, check_weights, load_config, resolve_model_path
     from memfit.models.presets import llama_config
 
     from memfit.memory.precision import dtype_of_name
@@ -33,10 +33,16 @@ def meta_model(recipe: Recipe) -> nn.Module:
             config = config_file(recipe.model.path)
         else:
             source, local = resolve_model_path(recipe.model.path)
-            config = transformers.AutoConfig.from_pretrained(source, local_files_only=local)
+            config = (load_config(source) if local
+                      else transformers.AutoConfig.from_pretrained(source, local_files_only=local))
+        check_config(config, recipe.model.config or recipe.model.path)
         if recipe.task != "causal_lm":
             config.num_labels = getattr(recipe.data, "num_labels", None) or 2
-        return getattr(transformers, TASK_AUTO_CLASS[recipe.task]).from_config(config, dtype=dtype)
+        model = getattr(transformers, TASK_AUTO_CLASS[recipe.task]).from_config(config, dtype=dtype)
+    if (recipe.model.path is not None and Path(recipe.model.path).is_dir()
+            and getattr(model.config, "quantization_config", None) is None):  # packed weights have other shapes
+        check_weights(model, recipe.model.path)
+    return model
 
 
 def config_file(path: str):

@@ -112,10 +112,17 @@ ARCHITECTURES: dict[str, tuple[str, tuple[str, ...], dict]] = {
     "qwen3-moe": ("qwen3_moe", ("causal_lm",), {**MLP, "num_key_value_heads": 2, "num_experts": 4,
                                               "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
     "stablelm": ("stablelm", ("causal_lm",), {**MLP, "num_key_value_heads": 2}),
+    # read by a family without a test of their own before: Llama blocks (Granite's multipliers, OLMo's
+    # parameter-free LayerNorm), experts (OLMoE), BERT blocks (ELECTRA's narrower embedding, XLM-RoBERTa)
+    "granite": ("granite", ("causal_lm",), {**MLP, "num_key_value_heads": 2}),
+    "olmo": ("olmo", ("causal_lm",), {**MLP, "num_key_value_heads": 2}),
+    "olmoe": ("olmoe", ("causal_lm",), {**MLP, "num_experts": 4, "num_experts_per_tok": 2}),
     "bert": ("bert", ("seq_cls", "token_cls"), MLP),
     "roberta": ("roberta", ("seq_cls", "token_cls"), MLP),
     "deberta-v2": ("deberta-v2", ("seq_cls", "token_cls"), MLP),
     "deberta-v3": ("deberta-v2", ("seq_cls", "token_cls"), {**MLP, **_DEBERTA_V3}),
+    "electra": ("electra", ("seq_cls",), {**MLP, "embedding_size": 64}),
+    "xlm-roberta": ("xlm-roberta", ("seq_cls",), MLP),
 }
 
 

@@ -52,7 +52,8 @@ def describe(model: nn.Module, config: Any) -> tuple[Arch, dict]:
         except UnsupportedArchitecture as exc:
             raise UnsupportedArchitecture(f"memfit has no memory model for model_type '{model_type}' "
                                           f"({family.name} block family): {exc}") from None
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # a config the family's reading cannot take
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:  # a config or module the
+            # family's reading cannot take (RuntimeError: a probed module refusing the probe's input)
             raise UnsupportedArchitecture(f"memfit has no memory model for model_type '{model_type}': its "
                                           f"{type(block).__name__} looks like a {family.name} block but reading it "
                                           f"failed ({exc})") from None

@@ -28,7 +28,8 @@ def probe(module: nn.Module, width: int | None = None, backward: bool = False) -
     buffers = tuple(module.named_buffers())
     if buffers:
         raise UnsupportedArchitecture(f"{type(module).__name__} holds buffers; memfit cannot probe what it saves")
-    channels = params[0][1][-1] if params else (width or _WIDTH)
+    shape = getattr(module, "normalized_shape", None)  # a parameter-free LayerNorm still fixes its width (OLMo)
+    channels = params[0][1][-1] if params else (width or (int(shape[-1]) if shape else _WIDTH))
     saves = _probe(module, params, channels)
     if params:  # what it saves with its weights frozen, and with an input that needs no gradient
         saves = replace(saves, frozen=_probe(module, params, channels, weight_grad=False),
