@@ -72,3 +72,17 @@ def test_negative_prefill_chunk_is_refused(model, prompt):
 
     with pytest.raises(ConfigError, match="prefill-chunk"):
         generate(model, prompt, 2, kv="h2o", kv_budget=8, prefill_chunk=-1)
+
+
+def test_adakv_peaks_within_the_estimate_on_a_second_shape():
+    """Ada-KV's padded view and grown pool are not alive at once (its `update_overshoot`): the estimate stays an
+    upper bound within 1.5× on llama-1m (4 KV heads, no GQA) as on llama-tiny above."""
+    from memfit.models import build_llama
+
+    lm = build_llama("llama-1m", 256, seed=0).eval()
+    lm.set_attn_implementation("eager")
+    prompt = torch.randint(0, 256, (1, 600), generator=torch.Generator().manual_seed(1))
+    result = generate(lm, prompt, 4, kv="adakv", kv_budget=60)
+    for phase in ("prefill", "decode"):
+        assert result.peaks[phase] <= result.peak_estimates[phase] <= 1.5 * result.peaks[phase], (
+            phase, result.peaks, result.peak_estimates)

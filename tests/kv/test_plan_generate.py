@@ -2,7 +2,7 @@ import pytest
 from typer.testing import CliRunner
 
 from memfit.cli import app
-from memfit.plan.generate import measure_plan, plan_generation
+from memfit.plan.generate import KV_OPTIONS, measure_plan, plan_generation
 
 
 @pytest.mark.parametrize("pick", [lambda r: r.kv == "full" and r.weights.startswith("fp"),
@@ -19,7 +19,7 @@ def test_predicted_peak_bounds_the_measured_one(sdpa_model, pick):
 
 def test_rows_cover_every_combination_and_compression_lowers_the_peak(sdpa_model):
     rows = plan_generation(sdpa_model, 2000, 100)
-    assert len(rows) == 4 * 7
+    assert len(rows) == 4 * len(KV_OPTIONS)
     full = next(r for r in rows if r.kv == "full" and r.weights.startswith("fp"))
     h2o = next(r for r in rows if r.kv == "h2o" and r.weights == "int8")
     assert h2o.peak < full.peak / 4 and rows[0] is full
@@ -47,3 +47,21 @@ def test_plan_generate_is_also_memfit_plan_generate(model_dir):
         assert result.output == old.output and "recommended:" in result.output
     missing = CliRunner().invoke(app, ["plan", "--generate", str(model_dir), "--budget", "2MiB"])
     assert missing.exit_code == 2 and "--prompt-tokens" in missing.output
+
+
+def test_tight_budget_picks_eviction_with_quantized_kept_tokens():
+    """A budget that h2o+kivi4 meets and no plan ranked above it (plain h2o, KIVI alone, h2o+kivi8) does: the
+    composition is recommended, and its measured peak is within the prediction. A 12-layer llama-tiny, so the
+    cache (every layer) outweighs one layer's temporaries."""
+    import copy
+
+    from memfit.models import build_llama
+
+    lm = build_llama("llama-tiny", 256, seed=0, num_hidden_layers=12, num_key_value_heads=4).eval()
+    rows = plan_generation(lm, 1000, 8, kv_share=0.5)
+    composed = min((r for r in rows if r.kv == "h2o" and r.kv_options == {"quant": "kivi4"}), key=lambda r: r.peak)
+    best = next(r for r in rows if r.peak <= composed.peak)
+    assert best is composed, best.label()
+    assert all(r.peak > composed.peak for r in rows if r.kv == "h2o" and not r.kv_options)
+    measured = measure_plan(copy.deepcopy(lm), None, composed, 1000, 8)
+    assert measured <= composed.peak <= 1.5 * measured, (composed.label(), measured, composed.peak)

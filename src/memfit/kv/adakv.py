@@ -206,8 +206,11 @@ class AdaKV(KVPolicy):
 
     def update_overshoot(self, layer_idx, n_layers, past, chunk, batch, kv_heads, head_dim, elem) -> int:
         """The padded view attention reads (the longest head: at most the pool minus the other heads' recent
-        windows) concatenated with the chunk, and the pool grown by the chunk before it evicts."""
+        windows) concatenated with the chunk, alive through attention, plus the larger of what sits next to it at
+        two different moments: the gathered view before the concatenation (`update`), or the pool grown by the
+        chunk before it evicts (`observe_attention`; the gathered view is freed by then)."""
         longest = min(past * kv_heads - (kv_heads - 1) * min(self.recent(), past), past * kv_heads)
-        view = 2 * dense_bytes(longest + chunk, batch, kv_heads, head_dim, elem)
+        view = dense_bytes(longest + chunk, batch, kv_heads, head_dim, elem)
+        gathered = dense_bytes(longest, batch, kv_heads, head_dim, elem)
         grown = dense_bytes(past + chunk, batch, kv_heads, head_dim, elem) + batch * kv_heads * (past + chunk) * 12
-        return view + grown
+        return view + max(gathered, grown)

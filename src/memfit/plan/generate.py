@@ -3,7 +3,8 @@ with `measure=True`, measured by running it).
 
 For a model, a prompt length, a number of new tokens and a byte budget, every combination of a weight format
 (fp as loaded, int8, int4, nf4: `WeightQuantTechnique.transform_spec`) and a KV policy (the full cache, the evicting
-policies at `kv_share` of the context, KIVI 4/2-bit, GEAR 2-bit) is predicted as the tensor peak of the whole
+policies at `kv_share` of the context — H2O and Keyformer also with their kept tokens KIVI-quantized to 8/4/2 bits,
+Ada-KV's per-head budgets — KIVI 4/2-bit, GEAR 2-bit) is predicted as the tensor peak of the whole
 generation: weights + the larger of the prefill and decode peaks (`memfit.kv.peak`, KV cache included; compressing
 policies prefill in chunks by default). Rows are sorted by fidelity (no eviction first, then fewer bits) and then by
 peak; the first that fits is the recommendation. Weight streaming from disk is not planned here (its resident bytes
@@ -20,11 +21,18 @@ from memfit.memory.estimate import parameter_bytes
 from memfit.memory.spec import RunSpec
 
 WEIGHTS = (None, "int8", "int4", "nf4")
-KV_OPTIONS: tuple[tuple[str, dict[str, Any], int], ...] = (  # (policy, options, fidelity rank: lower is closer)
+# (policy, options, fidelity rank: lower is closer to the full cache). A prior, not a measurement of this model:
+# fewer bits rank lower, eviction below quantization alone, and eviction with its kept tokens KIVI-quantized
+# (`kv.quantized_slots`) just below the same eviction unquantized, fewer bits lower (measured in docs/benchmarks.md:
+# h2o + kivi4 within ±1 % of h2o's perplexity, + kivi2 +7 %); StreamingLLM, which keeps no heavy hitters, last.
+KV_OPTIONS: tuple[tuple[str, dict[str, Any], int], ...] = (
     ("full", {}, 0), ("kivi", {"bits": 4}, 1), ("gear", {"bits": 2}, 2), ("kivi", {"bits": 2}, 3),
-    ("snapkv", {"window": 16}, 4), ("h2o", {}, 4), ("streaming_llm", {}, 5),
+    ("snapkv", {"window": 16}, 4), ("h2o", {}, 4), ("keyformer", {}, 4), ("adakv", {}, 4),
+    *((name, {"quant": quant}, rank) for quant, rank in (("kivi8", 5), ("kivi4", 6), ("kivi2", 7))
+      for name in ("h2o", "keyformer")),
+    ("streaming_llm", {}, 8),
 )
-BUDGETED = ("snapkv", "h2o", "streaming_llm")
+BUDGETED = ("snapkv", "h2o", "keyformer", "adakv", "streaming_llm")
 
 
 @dataclass
