@@ -141,6 +141,16 @@ def test_qlora_base_keeps_its_int8_storage_under_fsdp2(two_ranks):
         assert quantized and set(quantized.values()) == {"torch.int8"}, dtypes
 
 
+def test_qlora_int8_codes_are_gathered_as_stored(two_ranks):
+    """Under bf16-mixed FSDP2 gathers a QLoRA block's int8 codes as int8 (only floating parameters are cast):
+    the measured unsharded block equals `unit_bytes`' prediction (it counted the codes at 2 bytes before)."""
+    if "qlora_gather" not in two_ranks[0]:
+        pytest.skip("needs the shared data")
+    for rank in two_ranks:
+        result = ok(rank["qlora_gather"])
+        assert result["measured"] == result["predicted"], result
+
+
 @pytest.mark.parametrize("adapter", ["lisa", "badam"])
 def test_layer_samplers_are_refused_under_fsdp2(adapter):
     import torch

@@ -74,6 +74,7 @@ def two_ranks(folder: str, steps: int, memory_layers: dict[bool, int], data: str
         # ~1e-3 (not explained yet; a CLI run is one run per process, and these match one process there)
         out["techniques"] = {name: _guard(_technique_run, name, data) for name in H.TECHNIQUE_RUNS}
         out["qlora_dtypes"] = _guard(_qlora_dtypes, ctx, data)
+        out["qlora_gather"] = _guard(_qlora_gather, ctx, data)
     out["parity"] = {name: _guard(H.sharded_losses, ctx, name, steps) for name in H.OPTIMIZERS}
     out["same_gradients"] = {name: _guard(_same_gradients, ctx, name) for name in SAME_GRADIENTS}
     out["frozen"] = _guard(_frozen_dtypes, ctx)
@@ -98,9 +99,34 @@ def _qlora_dtypes(ctx, data: str) -> dict:
     from memfit.train.build import build_run
     from memfit.train.parallel import Parallel
 
-    built = build_run(load_recipe(H.technique_recipe("qlora_int8", data)), Parallel(ctx))
+    built = build_run(load_recipe(H.technique_recipe("qlora_int8", data)), par=Parallel(ctx))
     trainable = {n for n, p in built.model.named_parameters() if p.requires_grad}
     return {n: str(d) for n, d in local_dtypes(built.model).items() if n not in trainable}
+
+
+def _qlora_gather(ctx, data: str) -> dict:
+    """QLoRA's int8 base under bf16-mixed: one block's gathered (unsharded) parameter bytes, measured by
+    unsharding it, next to `unit_bytes`' prediction on the estimator's shapes (FSDP2 casts only floating
+    parameters to bf16: the int8 codes are gathered as stored)."""
+    from memfit.memory.sharding import block_names, unit_bytes, units_from_params
+    from memfit.recipe import load_recipe
+    from memfit.train.build import build_run
+    from memfit.train.parallel import Parallel
+
+    recipe = H.technique_recipe("qlora_int8", data)
+    recipe["train"]["precision"] = "bf16"
+    built = build_run(load_recipe(recipe), par=Parallel(ctx))
+    from torch.distributed.fsdp import FSDPModule
+
+    block = next(m for m in built.model.modules() if isinstance(m, FSDPModule) and m is not built.model)
+    block.unshard()
+    measured = sum(p.numel() * p.element_size() for p in block.parameters())
+    block.reshard()
+    spec = built.spec
+    for t in sorted(built.techniques, key=lambda t: t.order):
+        spec = t.transform_spec(spec)
+    _, blocks = units_from_params(spec.model.params, block_names(spec.model.params))
+    return {"measured": measured, "predicted": unit_bytes(blocks[0], ctx.world_size, 2, 4).params}
 
 
 def _same_gradients(ctx, name: str, steps: int = 5) -> float:

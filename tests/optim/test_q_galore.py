@@ -170,3 +170,17 @@ def test_state_dict_resume_is_exact():
     fresh_opt.step()
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, want[k]), k
+
+
+def test_bf16_true_gradients_are_the_float_parameters_only(data_dir):
+    """Under bf16-true the precision wrapper steps q_galore's float parameters; the int8 layers still update inside
+    backward with no gradient kept, so the estimate keeps q_galore's gradient story (the float parameters' in bf16),
+    not every parameter's (3.4× the measured gradients before)."""
+    from memfit.bench.technique_matrix import matrix_recipe, measure_recipe
+
+    recipe = matrix_recipe("adamw", "bf16-true", data_dir)
+    recipe["optimizer"] = {"name": "q_galore", "rank": 8, "lr": 1e-2, "min_8bit_size": 0}
+    row = measure_recipe(recipe)
+    assert "crash" not in row and "refused" not in row, row
+    assert row["gradients_measured"] == row["gradients_estimate"], row
+    assert row["optimizer_measured"] == row["optimizer_estimate"], row

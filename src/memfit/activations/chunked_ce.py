@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
 from memfit.memory import estimate as est
+from memfit.memory.arch.flow import flow_of
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Batch, Context, LossFn, TechniqueConfig
 
@@ -166,10 +167,13 @@ class ChunkedCE(lay.LayoutTechnique):
     def shape_layout(self, spec: RunSpec, layout: lay.ActivationLayout) -> lay.ActivationLayout:
         """Forward keeps one fp32 log-sum-exp and one target per token, with one chunk's fp32 logits in flight
         (measured: CPU's log-sum-exp makes no second chunk-sized copy). Backward starts with one chunk's fp32
-        probabilities, the hidden-state gradient, and the fp32 head-weight gradient with the chunk's part."""
+        probabilities, the hidden-state gradient, and — only when the head's weight trains (not under LoRA / QLoRA
+        with a frozen head: autograd then asks for no weight gradient) — the fp32 head-weight gradient with the
+        chunk's part (measured, tests/activations/test_chunked_ce.py)."""
         if spec.task != "causal_lm":
             return layout
         m, chunk = spec.model, min(self.config.chunk_size, spec.tokens)
-        backward = chunk * m.vocab * 4 + spec.tokens * m.hidden * est.dtypes(spec).compute + 2 * m.vocab * m.hidden * 4
+        head_grad = 2 * m.vocab * m.hidden * 4 if flow_of(spec).head else 0
+        backward = chunk * m.vocab * 4 + spec.tokens * m.hidden * est.dtypes(spec).compute + head_grad
         return replace(layout, head_saved=lay.norm_bytes(spec) + 12 * spec.tokens, head_transient=chunk * m.vocab * 4,
                        head_backward=backward)

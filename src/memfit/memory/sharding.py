@@ -22,7 +22,8 @@ plus, while a step runs, the units in flight (verified against torch's FSDPMemTr
     ZeRO-2  (reshard_after_forward=False) every block gathered in forward stays until its backward
     The root is never resharded between forward and backward (FSDP2 keeps it for the backward).
 
-Unsharded parameters and all-gather outputs are in the compute dtype (`MixedPrecisionPolicy.param_dtype`),
+Unsharded parameters and all-gather outputs are in the compute dtype (`MixedPrecisionPolicy.param_dtype`; a
+quantized weight's integer codes as stored: FSDP2 casts only floating parameters),
 reduce-scatter inputs in `reduce_dtype`, shards in the storage dtype. Not included: activations, temporaries and
 an owner-rank optimizer step's gathered matrix (`memfit.distributed.optim`: one parameter and its gradient, whole).
 """
@@ -63,7 +64,9 @@ def unit_bytes(params: Iterable[ParamInfo], world: int, compute_bytes: float | N
         rows = p.shape[0] if p.shape else 1
         row_numel = p.numel // rows if rows else 0
         chunk = padded_rows(rows, world) * row_numel
-        compute = compute_bytes or p.bytes_per_element
+        # FSDP2 casts only floating parameters to `param_dtype`: a quantized weight's integer codes (NF4/int4
+        # packed bytes, int8) are gathered as stored (torch's FSDPParam.init_dtype_attrs)
+        compute = compute_bytes if compute_bytes and not _integer_codes(p) else p.bytes_per_element
         whole += int(chunk * world * compute)  # FSDP2's unsharded parameter is a view of the padded gather
         gather += int(chunk * world * compute)
         shard += int(chunk * p.bytes_per_element)
@@ -72,6 +75,11 @@ def unit_bytes(params: Iterable[ParamInfo], world: int, compute_bytes: float | N
             scatter += int(chunk * world * (reduce_bytes or compute))
             grad_shard += int(chunk * p.bytes_per_element)
     return Unit(whole, gather, grads, scatter, shard, grad_shard)
+
+
+def _integer_codes(p: ParamInfo) -> bool:
+    """A quantized weight's integer storage (memfit's formats keep codes in uint8/int8, scales in 2-4 byte floats)."""
+    return p.quantized and p.bytes_per_element <= 1
 
 
 def units_from_params(params: Iterable[ParamInfo], blocks: list[str]) -> tuple[list[ParamInfo], list[list[ParamInfo]]]:

@@ -222,4 +222,7 @@ class PrecisionTechnique(WrappedTechnique):
         out = self.inner.estimate(self._state_view(spec), base)
         master = sum(F32 * p.numel for p in spec.model.trainable if p.bytes_per_element != F32) \
             if self.master_weights else 0
-        return out.with_(optimizer=out.optimizer + master, gradients=base.gradients)
+        # gradients: the inner optimizer's own story (e.g. q_galore's int8 layers have none) in the weights'
+        # storage dtype, not the fp32 view its state is sized by
+        gradients = self.inner.estimate(spec, base).gradients
+        return out.with_(optimizer=out.optimizer + master, gradients=gradients)
