@@ -18,6 +18,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(int(os.environ.get("MEMFIT_TEST_THREADS", "1")))
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    """A test that leaves autograd off (e.g. a generator suspended inside `no_grad`) breaks every test after it:
+    restore it and fail the test that leaked."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("the test left torch's grad mode disabled")
+
+
 @pytest.fixture
 def data_dir() -> Path:
     if not DATA.exists():

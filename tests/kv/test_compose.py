@@ -11,13 +11,16 @@ from memfit.memory.spec import RunSpec
 
 
 def _decode(model, cache, ids, steps):
-    """Prefill `ids` in chunks of 7, then greedy-decode `steps` tokens one at a time; yield each step's logits."""
+    """Prefill `ids` in chunks of 7, then greedy-decode `steps` tokens one at a time; each step's logits (a list: a
+    generator suspended inside `no_grad` would leave gradients off for whatever runs next)."""
+    out = []
     with torch.no_grad():
         logits = chunked_prefill(model, ids, cache, 7)
         for _ in range(steps):
             tok = logits.argmax(-1, keepdim=True)
             logits = model(tok, past_key_values=cache).logits[:, -1]
-            yield logits
+            out.append(logits)
+    return out
 
 
 def test_budget_holds_and_decode_writes_in_place(model):
