@@ -69,7 +69,7 @@ def _matches(module_name: str, target: str) -> bool:
 def resolve_targets(params: tuple[ParamInfo, ...], target: str | list[str]) -> list[str]:
     """Full names of the modules to wrap. `all-linear` = every linear layer except the output head (and a
     mixture-of-experts router, which transformers holds as a bare weight, not an `nn.Linear`)."""
-    from memfit.optim.common import is_router
+    from memfit.memory.arch import is_router
 
     modules = _module_weights(params)
     if target == "all-linear":

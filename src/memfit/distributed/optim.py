@@ -21,7 +21,6 @@ are rebuilt over proxies, and this wrapper exposes the original groups (DTensor 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from memfit.optim.adam_mini import AdamMini, block_kind
 from memfit.optim.adamw_8bit import AdamW8bit
 from memfit.optim.galore import GaLoreAdamW
 from memfit.optim.scale import SCALE
+from memfit.optim.wrapped import init_optimizer_hooks
 
 LOCAL, OWNER = "local", "owner"
 Rule = Callable[[torch.optim.Optimizer, dict, torch.Tensor, str | None], tuple[str, dict[str, Any]]]
@@ -131,6 +131,8 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
 class ShardedOptimizer(torch.optim.Optimizer):
     """Wraps an optimizer built over a `fully_shard`-ed model's parameters (before its first step)."""
 
+    shards_state = True  # each rank holds its rows' state in `slots` (read by `optim.offload`, which sits below)
+
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         # The Optimizer base __init__ is not called: groups are the wrapped optimizer's original ones.
         rule = rule_for(optimizer)
@@ -138,13 +140,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             raise ConfigError("wrap the optimizer with ShardedOptimizer before its first step")
         self.optimizer = optimizer
         self.param_groups = optimizer.param_groups
-        # step hooks work as on any torch optimizer (memory trackers use them to label optimizer-step tensors)
-        self._optimizer_step_pre_hooks: dict = OrderedDict()
-        self._optimizer_step_post_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        init_optimizer_hooks(self)  # memory trackers label optimizer-step tensors with them
         self._patch_step_function()
         names = {id(p): n for n, p in model.named_parameters()}
         params = [p for g in self.param_groups for p in g["params"]]

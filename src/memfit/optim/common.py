@@ -24,6 +24,7 @@ from torch import nn
 
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory.arch import is_router
 from memfit.memory.estimate import gradient_bytes
 from memfit.memory.spec import ParamInfo, RunSpec
 from memfit.optim import quant
@@ -262,15 +263,6 @@ def is_target(name: str, shape: tuple[int, ...], exclude: Iterable[str] = DEFAUL
     """A 2-D parameter the method handles itself (others fall back to AdamW inside the same optimizer). A
     mixture-of-experts router (`is_router`) is not one: a few rows, one per expert, fewer than a usual rank."""
     return len(shape) == 2 and not any(key in name for key in exclude) and not is_router(name)
-
-
-ROUTER_SUFFIXES = (".gate.weight", "_expert_gate.weight", ".router.weight", ".gate", "_expert_gate", ".router")
-
-
-def is_router(name: str) -> bool:
-    """A mixture-of-experts router's weight or module (Mixtral/Qwen-MoE/OLMoE `mlp.gate`, Qwen-MoE's
-    `shared_expert_gate`): it scores experts rather than transforming the hidden state (not `gate_proj`)."""
-    return name.endswith(ROUTER_SUFFIXES)
 
 
 def split_groups(model: nn.Module, weight_decay: float, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[dict]:

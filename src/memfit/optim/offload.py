@@ -272,7 +272,6 @@ class DiskStateOptimizer(WrappedOptimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, folder: Path | str | None = None,
                  prefetch: bool = True) -> None:
-        from memfit.distributed.optim import ShardedOptimizer
         from memfit.optim.layerwise import LayerwiseOptimizer
         from memfit.optim.precision import PrecisionOptimizer
 
@@ -281,7 +280,7 @@ class DiskStateOptimizer(WrappedOptimizer):
                               "backward or per parameter: drop layerwise / state_dtype / 16-bit weights, or offload")
         super().__init__(optimizer)
         self._patch_step_function()  # step hooks (memory trackers) work as on any torch optimizer
-        self.sharded = isinstance(optimizer, ShardedOptimizer)
+        self.sharded = getattr(optimizer, "shards_state", False)  # distributed.optim.ShardedOptimizer
         params = [p for g in optimizer.param_groups for p in g["params"]]
         if any(p.device.type != "cpu" for p in params):
             raise ConfigError("optimizer.offload: disk updates the state on the host; this run's parameters are on "

@@ -12,6 +12,17 @@ from memfit.memory.breakdown import MemoryBreakdown
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context, OptimizerTechnique
 
+_HOOK_DICTS = ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+               "load_state_dict_post")
+
+
+def init_optimizer_hooks(optimizer: torch.optim.Optimizer) -> None:
+    """The hook registries `torch.optim.Optimizer.__init__` makes, for a wrapper that does not call it: step and
+    state-dict hooks then work as on any torch optimizer (memory trackers register them). OrderedDicts, as torch's
+    own: hook handles keep weak references to them."""
+    for kind in _HOOK_DICTS:
+        setattr(optimizer, f"_optimizer_{kind}_hooks", OrderedDict())
+
 
 class WrappedOptimizer(torch.optim.Optimizer):
     """Delegates `param_groups`, `state`, `defaults` and `zero_grad` to `self.optimizer`; subclasses write `step`
@@ -20,13 +31,7 @@ class WrappedOptimizer(torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         # Optimizer.__init__ is not called: groups, defaults and state are the wrapped optimizer's
         self.optimizer = optimizer
-        # OrderedDicts, as torch's own: hook handles keep weak references to them (memory trackers register hooks)
-        self._optimizer_step_pre_hooks: dict = OrderedDict()
-        self._optimizer_step_post_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: dict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: dict = OrderedDict()
+        init_optimizer_hooks(self)
 
     @property
     def param_groups(self) -> list[dict]:

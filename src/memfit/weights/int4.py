@@ -20,13 +20,13 @@ with the decoded weight on a probe: one warning) decode the weight instead.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 import torch.nn.functional as F
 
 from memfit.weights.base import WeightQuantTechnique
+from memfit.weights.kernels import kernel_works
 from memfit.weights.format import GroupwiseFormat, TensorSpecs, decode_nibbles, pack_nibbles, register, unpack_nibbles
 
 BLOCK_N = 64
@@ -185,27 +185,18 @@ _KERNEL: dict[str, bool] = {}
 
 
 def int4_kernel_works() -> bool:
-    """Whether torch's CPU int4 kernel exists and agrees with the decoded weight on a probe (once per process);
-    otherwise warn once, naming the torch version, and decode instead."""
-    if "ok" not in _KERNEL:
+    """Whether torch's CPU int4 kernel exists and agrees with the decoded weight on a probe (`kernel_works`)."""
+
+    def agrees() -> bool:
         gen = torch.Generator().manual_seed(0)
         w = torch.randn(BLOCK_N, 128, generator=gen)
         x = torch.randn(3, 128, generator=gen).bfloat16().float()
         t = INT4.encode(w, 64)
-        try:
-            y = int4_mm(x.bfloat16(), t["qweight"], 64, kernel_scales(t)).float()
-            ref = x @ INT4.decode(t, BLOCK_N, 128).t()
-            ok = bool((y - ref).abs().max() <= 2**-6 * ref.abs().max())
-        except (AttributeError, RuntimeError, NotImplementedError) as exc:
-            ok, why = False, f"{type(exc).__name__}: {exc}"
-        else:
-            why = "its result disagrees with the decoded weight"
-        if not ok:
-            logging.getLogger("memfit").warning(
-                "int4 weights: torch %s's int4 matmul kernel (_weight_int4pack_mm_for_cpu) is unusable (%s); "
-                "decoding the weights per forward instead (slower)", torch.__version__, why)
-        _KERNEL["ok"] = ok
-    return _KERNEL["ok"]
+        y = int4_mm(x.bfloat16(), t["qweight"], 64, kernel_scales(t)).float()
+        ref = x @ INT4.decode(t, BLOCK_N, 128).t()
+        return bool((y - ref).abs().max() <= 2**-6 * ref.abs().max())
+
+    return kernel_works(_KERNEL, "int4", "_weight_int4pack_mm_for_cpu", agrees)
 
 
 class Int4Weights(WeightQuantTechnique):

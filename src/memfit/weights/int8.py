@@ -17,11 +17,11 @@ or one whose result disagrees with the decoded weight on a probe, falls back to 
 
 from __future__ import annotations
 
-import logging
 
 import torch
 
 from memfit.weights.base import WeightQuantTechnique
+from memfit.weights.kernels import kernel_works
 from memfit.weights.format import GroupwiseFormat, TensorSpecs, register
 
 
@@ -79,25 +79,17 @@ def _ones(n: int) -> torch.Tensor:
 
 
 def int8_kernel_works() -> bool:
-    """Whether torch's CPU int8 weight-only kernel exists and agrees with the decoded weight on a probe (once
-    per process); otherwise warn once, naming the torch version, and decode instead."""
-    if "ok" not in _KERNEL:
+    """Whether torch's CPU int8 weight-only kernel exists and agrees with the decoded weight on a probe
+    (`kernel_works`)."""
+
+    def agrees() -> bool:
         gen = torch.Generator().manual_seed(0)
         w = torch.randint(-127, 128, (24, 48), dtype=torch.int8, generator=gen)
         x = torch.randn(3, 48, generator=gen)
-        try:
-            y = torch._weight_int8pack_mm(x.bfloat16(), w, torch.ones(24, dtype=torch.bfloat16)).float()
-            ok = bool((y - x.bfloat16().float() @ w.float().t()).abs().max() <= 2**-7 * y.abs().max())
-        except (AttributeError, RuntimeError, NotImplementedError) as exc:
-            ok, why = False, f"{type(exc).__name__}: {exc}"
-        else:
-            why = "its result disagrees with the decoded weight"
-        if not ok:
-            logging.getLogger("memfit").warning(
-                "int8 weights: torch %s's int8 matmul kernel (torch._weight_int8pack_mm) is unusable (%s); "
-                "decoding the weights per forward instead (slower)", torch.__version__, why)
-        _KERNEL["ok"] = ok
-    return _KERNEL["ok"]
+        y = torch._weight_int8pack_mm(x.bfloat16(), w, torch.ones(24, dtype=torch.bfloat16)).float()
+        return bool((y - x.bfloat16().float() @ w.float().t()).abs().max() <= 2**-7 * y.abs().max())
+
+    return kernel_works(_KERNEL, "int8", "torch._weight_int8pack_mm", agrees)
 
 
 INT8 = register(Int8Format())

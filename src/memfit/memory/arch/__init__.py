@@ -13,12 +13,12 @@ This package sits below `memory/spec.py` (whose `model_shape` calls `describe`):
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from torch import nn
 
 from memfit.memory.arch.base import Arch, Family, UnsupportedArchitecture
+from memfit.memory.arch.names import ROUTER_SUFFIXES, in_block, is_embedding, is_router  # noqa: F401 (re-exported)
 from memfit.memory.arch.bert import Bert
 from memfit.memory.arch.deberta import DeBERTa
 from memfit.memory.arch.falcon import Falcon
@@ -72,26 +72,6 @@ def family_of(shape: ModelShape) -> Family:
     if family is None:
         raise UnsupportedArchitecture(shape.unsupported or f"memfit has no memory model for family '{shape.family}'")
     return family
-
-
-_EMBEDDING_NAMES = ("embed", "embeddings", "wte", "wpe")
-_LAYER_RE = re.compile(r"\.layers?\.\d+\.")
-
-
-def is_embedding(shape: ModelShape, name: str) -> bool:
-    """Whether parameter `name` is part of the input embeddings (a table gathered by index, or its container's
-    norm): read off the modules when the model was described, else guessed from the name. Module paths are
-    matched anywhere in the name, so the names an adapter wrapper gives (`base_model.model.…`) still match."""
-    if shape.arch is not None:
-        return any(f".{module}." in f".{name}" for module in shape.arch.embedding_modules)
-    return any(k in name for k in _EMBEDDING_NAMES)
-
-
-def in_block(shape: ModelShape, name: str) -> bool:
-    """Whether parameter `name` belongs to one of the repeated blocks."""
-    if shape.arch is not None and shape.arch.layer_prefix:
-        return f".{shape.arch.layer_prefix}." in f".{name}"
-    return bool(_LAYER_RE.search(f".{name}"))
 
 
 def _blocks(model: nn.Module, config: Any) -> tuple[str, nn.ModuleList | None]:

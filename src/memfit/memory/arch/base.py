@@ -13,11 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from memfit.errors import ModelError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (BlockFlow, Flow in annotations: memory/arch/flow.py, which imports this package)
     from torch import nn
-
-    from memfit.memory.arch.flow import BlockFlow, Flow
-    from memfit.memory.spec import RunSpec
 
 
 class UnsupportedArchitecture(ModelError):

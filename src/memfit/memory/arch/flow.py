@@ -72,7 +72,7 @@ def flow_of(spec) -> Flow:
 
 
 def _flow(spec) -> Flow:
-    from memfit.memory.arch import is_embedding
+    from memfit.memory.arch.names import is_embedding
 
     m = spec.model
     n = m.n_layers
@@ -107,7 +107,7 @@ def _flow(spec) -> Flow:
 
 def block_path(m, name: str) -> tuple[int, str] | None:
     """(block index, the parameter's path inside the block) for a parameter of one of the blocks, else None."""
-    from memfit.memory.arch import in_block
+    from memfit.memory.arch.names import in_block
 
     if not in_block(m, name):
         return None
