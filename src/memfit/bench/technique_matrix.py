@@ -44,6 +44,7 @@ MORE_TECHNIQUES: dict[str, dict[str, Any]] = {
     "switchlora": {"adapter": {"name": "switchlora", "r": 4}},
     "s2a": {"activations": ["s2a"]},
     "mesa": {"activations": ["mesa"]},
+    "peqa": {"adapter": {"name": "peqa", "bits": 4}},
     "dora": {"adapter": {"name": "dora", "r": 4}},
 }
 
