@@ -54,7 +54,8 @@ def test_second_shape(technique, precision, data_dir):
 
 
 MORE = [("switchlora", "32-true"), ("switchlora", "bf16-mixed"), ("s2a", "bf16-mixed"), ("s2a", "bf16-true"),
-        ("mesa", "bf16-mixed"), ("mesa", "32-true"), ("peqa", "32-true"), ("peqa", "bf16-mixed")]
+        ("mesa", "bf16-mixed"), ("mesa", "32-true"), ("peqa", "32-true"), ("peqa", "bf16-mixed"),
+        ("dora", "32-true")]
 """Techniques outside the matrix whose step peak was once above the prediction: SwitchLoRA under autocast (its
 projections returned fp32: 1.10×), S2A under bf16-mixed (the packed weight casts, the quantizer's fp32 scratch and
 the forward's KV cache beside the packed layers were not modelled: 1.06×); PEQA's top-MLP scale-gradient
