@@ -77,9 +77,10 @@ def test_frozen_layers_activations_quantized_within_bound(bits, keep, attn):
     assert report.category_peaks.activations < exact_report.category_peaks.activations
     # an upper bound (frozen layers placed where packing costs most), tight to the packing scratch
     assert 0.8 * est.activations <= report.category_peaks.activations <= 1.06 * est.activations
-    # the packed bytes of the frozen layers' saved tensors are the estimate's compressed bytes, plus the
-    # per-channel scales and offsets the estimate neglects: 8 bytes per channel (≤ the MLP's width) or head, of
-    # each of a frozen layer's (≤ 8) packed tensors, 2 frozen layers
+    # the packed bytes of the frozen layers' saved tensors are the estimate's compressed bytes, up to the
+    # per-channel scales and offsets the estimate approximates (one pair per element / token; 4-D attention
+    # tensors hold one per head): 8 bytes per channel (≤ the MLP's width) of each of a frozen layer's (≤ 8)
+    # packed tensors, 2 frozen layers
     s = spec
     for t in techs:
         s = t.transform_spec(s)
@@ -87,7 +88,7 @@ def test_frozen_layers_activations_quantized_within_bound(bits, keep, attn):
     assert len(plans) == 2 and all(p.keep == keep for p in plans)
     assert all(p.probs[0] == (spec.batch * spec.model.n_heads * spec.seq ** 2 if attn == "eager" else 0) for p in plans)
     compressed = sum(p.kept(s) for p in plans)
-    assert compressed <= techs[0].packed_bytes <= compressed + 2 * 8 * 8 * spec.model.intermediate
+    assert abs(techs[0].packed_bytes - compressed) <= 2 * 8 * 8 * spec.model.intermediate
     assert losses[-1] < losses[0] - 0.5  # still trains
     # compressed saved activations of frozen layers change gradients only slightly: the losses track the exact run
     # (4-bit codes with three quarters of the probabilities pruned drift more: 5 % after 6 steps at lr 1e-2)

@@ -51,3 +51,22 @@ def test_second_shape(technique, precision, data_dir):
     assert "refused" not in row and "crash" not in row, row
     assert row["activations_ratio"] == 1.0, row
     assert abs(row["step_peak_ratio"] - 1) <= 0.05, row
+
+
+MORE = [("switchlora", "32-true"), ("switchlora", "bf16-mixed"), ("s2a", "bf16-mixed"), ("s2a", "bf16-true"),
+        ("mesa", "bf16-mixed"), ("mesa", "32-true"), ("peqa", "32-true"), ("peqa", "bf16-mixed"),
+        ("dora", "32-true")]
+"""Techniques outside the matrix whose step peak was once above the prediction: SwitchLoRA under autocast (its
+projections returned fp32: 1.10×), S2A under bf16-mixed (the packed weight casts, the quantizer's fp32 scratch and
+the forward's KV cache beside the packed layers were not modelled: 1.06×); PEQA's top-MLP scale-gradient
+transients (exact here; 1.04× on GPT-2, tests/weights/test_qlora.py)."""
+
+
+@pytest.mark.parametrize("technique,precision", MORE)
+def test_more_techniques_step_peak(technique, precision, data_dir):
+    row = measure_recipe(matrix_recipe(technique, precision, data_dir))
+    assert "refused" not in row and "crash" not in row, row
+    assert row["parameters_ratio"] == row["gradients_ratio"] == 1.0, row
+    assert 0.95 <= row["step_peak_ratio"] <= 1.02, row
+    if technique == "switchlora":  # LoRA's activation model, to the byte
+        assert row["activations_ratio"] == 1.0, row

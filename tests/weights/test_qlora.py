@@ -137,8 +137,12 @@ def test_gpt2_conv1d_quantized_and_trained(name, opts):
         conv.weight.data = m.dequantize().t().contiguous()
     ids = torch.randint(0, 256, (2, 16))
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # the decode path (the fused int4 kernel is bounded against it in test_int4_kernel.py)
+        for m in quant.values():
+            m.fused = False
         torch.testing.assert_close(model(input_ids=ids).logits, deq(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        for m in quant.values():
+            del m.fused
     model.train()
     est, peak = estimate_step(spec, [tech])
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -158,5 +162,5 @@ def test_gpt2_conv1d_quantized_and_trained(name, opts):
     ratio = report.tensor_peak / peak
     if name == "qlora":  # GPT-2's frozen blocks are estimated as trained ones (an upper bound; docs/benchmarks.md)
         assert 0.85 <= ratio <= 1.02, ratio
-    else:  # PEQA: within 5 %, 4 % above the prediction (a backward transient of the scale's gradient, not modelled)
-        assert abs(ratio - 1) <= 0.05, ratio
+    else:  # PEQA: the scales' gradient's weight-sized transients in the top MLP's backward (`PEQA.step_phases`)
+        assert 0.95 <= ratio <= 1.02, ratio

@@ -12,6 +12,7 @@ from torch import nn
 from memfit.activations import _common as c
 from memfit.activations import layout as lay
 from memfit.compat import count_training_calls, fail
+from memfit.memory.arch import family_of
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Batch, Context, ForwardBackward, TechniqueConfig
 
@@ -62,9 +63,14 @@ class CompressedActivations(lay.LayoutTechnique):
     def shape_layout(self, spec: RunSpec, layout: lay.ActivationLayout) -> lay.ActivationLayout:
         """Every layer's saved tensors are kept at `bits` and unpacked in full for its backward. While a layer
         runs forward (outside a checkpoint), its full-precision tensors, their packed copies and the quantizer's
-        scratch (two of the largest, MLP-wide tensors) are alive together."""
-        scratch = layout.layer + 2 * spec.tokens * spec.model.intermediate * lay.act_bytes(spec)
-        return layout.with_layers(lambda i, plan: replace(plan, bits=self.bits, pack_scratch=scratch))
+        fp32 scratch (`layout.quantizer_scratch`) are alive together. Under autocast the weight casts autograd
+        saves pass through the hooks too and are kept packed. Until the loss, the forward's KV cache keeps the
+        keys and values in full (`Family.cache_saved`), and the model's forward the first block's input."""
+        scratch = layout.layer + lay.quantizer_scratch(spec)
+        cache = family_of(spec.model).cache_saved(spec)
+        return layout.with_layers(lambda i, plan: replace(
+            plan, bits=self.bits, pack_scratch=scratch, casts=layout.layer_casts,
+            forward_only=cache + (lay.layer_input_bytes(spec) if i == 0 else 0)))
 
 
 def error_bound(x_range: float, bits: int) -> float:

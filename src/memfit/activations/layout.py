@@ -100,8 +100,16 @@ def linear_inputs_bytes(spec: RunSpec) -> int:
 
 
 def compressed_bytes(spec: RunSpec, nbytes: int, bits: int) -> int:
-    """Saved float tensors re-stored at `bits` per element (scales are negligible)."""
-    return int(nbytes * bits / (8 * act_bytes(spec)))
+    """Saved float tensors re-stored at `bits` per element, with one fp32 (scale, min) pair per channel (a saved
+    activation's elements over the tokens; negligible but at a few tokens)."""
+    n = nbytes // act_bytes(spec)
+    return int(n * bits / 8) + 8 * n // max(spec.tokens, 1)
+
+
+def quantizer_scratch(spec: RunSpec) -> int:
+    """`_common.quantize` of the largest (MLP-wide) saved tensor works in fp32: the shifted and the scaled copy,
+    and the fp32 upcast first unless the tensor is fp32 already."""
+    return (2 + (act_bytes(spec) < 4)) * spec.tokens * spec.model.intermediate * 4
 
 
 def softmax_outputs(spec: RunSpec) -> tuple[int, int]:
@@ -136,13 +144,18 @@ class LayerPlan:
     pack_scratch: int = 0  # bytes alive while a forward outside a checkpoint packs its saved tensors
     keep: float = 1.0  # fraction of the attention probabilities' entries kept (pruned by magnitude; with `bits`)
     probs: tuple[int, int] = (0, 0)  # (elements, bytes) of `saved` that are attention probabilities
+    casts: int = 0  # autocast's weight casts autograd saved, re-stored at `bits` too (the hooks see them)
+    forward_only: int = 0  # kept in full beside the re-stored copies until the loss (the KV cache's entries)
 
     def kept(self, spec: RunSpec) -> int:
         if not self.bits:
             return self.exact + self.saved
         n, nbytes = self.probs
         return (self.exact + compressed_bytes(spec, self.saved - nbytes, self.bits)
-                + pruned_bytes(n, self.bits, self.keep))
+                + pruned_bytes(n, self.bits, self.keep) + compressed_bytes(spec, self.casts, self.bits))
+
+    def kept_casts(self) -> bool:
+        return bool(self.bits and self.casts)
 
     def packing(self) -> int:
         return self.pack_scratch if self.bits and not self.recomputed else 0
@@ -174,11 +187,12 @@ class ActivationLayout:
         if self.on_host:  # the device holds the head and one layer in flight
             return self.fixed + casts + head + self.layer
         kept = [p.kept(spec) for p in self.layers]
-        peak = sum(kept) + head
+        cache = [p.forward_only for p in self.layers]
+        peak = sum(kept) + sum(cache) + head
         for i, plan in enumerate(self.layers):
             peak = max(peak, sum(kept[:i]) + self.layer)
             if plan.packing():
-                peak = max(peak, sum(kept[:i]) + kept[i] + plan.packing())
+                peak = max(peak, sum(kept[:i + 1]) + sum(cache[:i + 1]) + plan.packing())
         return self.fixed + casts + peak
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
@@ -192,8 +206,9 @@ class ActivationLayout:
         n = spec.model.n_layers
         fixed = est.fixed_bytes(breakdown) + self.fixed
         # weight casts: all cached while forward computes the loss; then those autograd saved, a recomputed
-        # layer's only while its backward runs (none at the optimizer step: autocast's cache is gone)
-        casts = [0 if p.recomputed else self.layer_casts for p in self.layers]
+        # layer's only while its backward runs (none at the optimizer step: autocast's cache is gone), a packed
+        # layer's re-stored in what it keeps (and unpacked with the layer for its backward)
+        casts = [0 if p.recomputed or p.kept_casts() else self.layer_casts for p in self.layers]
         grads = breakdown.gradients
         held = grads if spec.grad_accum > 1 else 0
         mlp_tmp, attn_tmp = est.block_backward_temporaries(spec)
@@ -203,13 +218,19 @@ class ActivationLayout:
         # and the norms' are freed (the layer's own gradients counted as made)
         in_mlp, in_attn = mlp_tmp - parts["norms"] // 2, attn_tmp - parts["mlp"] - parts["norms"]
         kept = [p.kept(spec) for p in self.layers]
+        cache = [p.forward_only for p in self.layers]
         phases = {
-            "forward_head": fixed + self.head_casts + n * self.layer_casts + held + sum(kept) + self.head_saved
+            "forward_head": fixed + self.head_casts + n * self.layer_casts + held + sum(kept) + sum(cache)
+            + self.head_saved
             + self.head_transient + est.forward_head_held(spec),
             "backward_start": fixed + self.head_casts + sum(casts) + held + sum(kept) + self.head_saved
             + self.head_backward,
             "optimizer_step": est.fixed_bytes(breakdown) + grads + est.optimizer_step_transients(spec, breakdown),
         }
+        for i, plan in enumerate(self.layers):
+            if plan.packing():  # a layer packing its saved tensors in forward: the casts made so far are cached
+                phases[f"layer_{i}_forward"] = (fixed + (i + 1) * self.layer_casts + held + sum(kept[:i + 1])
+                                                + sum(cache[:i + 1]) + plan.packing())
         for i in reversed(range(n)):
             below = fixed + sum(casts[:i]) + self.layer_casts + sum(kept[:i]) + self.layer
             phases[f"layer_{i}_mlp"] = below + max(held, est.gradients_made(spec, breakdown, n - 1 - i)) + in_mlp

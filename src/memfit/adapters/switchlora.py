@@ -62,8 +62,11 @@ class SwitchLoRALinear(nn.Linear):
         self.scale = alpha / r
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the sum is in the frozen linear's output dtype (the compute dtype under autocast), as peft's LoRA returns
+        # it: casting to the input's fp32 would keep every tensor after the projections in fp32 under autocast
+        result = F.linear(x, self.weight, self.bias)
         update = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
-        return F.linear(x, self.weight, self.bias) + update.to(x.dtype)
+        return result + update.to(result.dtype)
 
     @torch.no_grad()
     def switch_B(self, i: int, j: int) -> None:

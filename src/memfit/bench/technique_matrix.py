@@ -39,6 +39,15 @@ TECHNIQUES: dict[str, dict[str, Any]] = {
     "sgd": {"optimizer": {"name": "sgd", "momentum": 0.9}},
 }
 
+MORE_TECHNIQUES: dict[str, dict[str, Any]] = {
+    # techniques outside the matrix whose estimate was under the measured peak once (tests/memory/test_precision_matrix.py)
+    "switchlora": {"adapter": {"name": "switchlora", "r": 4}},
+    "s2a": {"activations": ["s2a"]},
+    "mesa": {"activations": ["mesa"]},
+    "peqa": {"adapter": {"name": "peqa", "bits": 4}},
+    "dora": {"adapter": {"name": "dora", "r": 4}},
+}
+
 
 def matrix_recipe(technique: str, precision: str, data: Path, preset: str = "llama-tiny", **train: Any
                   ) -> dict[str, Any]:
@@ -51,10 +60,10 @@ def matrix_recipe(technique: str, precision: str, data: Path, preset: str = "lla
                   "precision": precision, "num_threads": 1, **train},
         "optimizer": {"name": "adamw", "lr": 1e-3},
     }
-    slots = copy.deepcopy(TECHNIQUES[technique])
+    slots = copy.deepcopy({**TECHNIQUES, **MORE_TECHNIQUES}[technique])
     recipe["train"].update(slots.pop("train", {}))
     recipe.update(slots)
-    if "step" in TECHNIQUES[technique]:
+    if "step" in slots:
         recipe.pop("optimizer")
     return recipe
 

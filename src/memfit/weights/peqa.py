@@ -18,6 +18,7 @@ from pydantic import Field
 
 from memfit.errors import ConfigError
 from memfit.memory.breakdown import MemoryBreakdown
+from memfit.memory import estimate as est
 from memfit.memory.estimate import parameter_bytes
 from memfit.memory.spec import RunSpec
 from memfit.techniques.base import Context, Technique, TechniqueConfig
@@ -63,6 +64,21 @@ class PEQA(Technique):
 
     def estimate(self, spec: RunSpec, base: MemoryBreakdown) -> MemoryBreakdown:
         return base.with_(parameters=parameter_bytes(spec))
+
+    def step_phases(self, spec: RunSpec, breakdown: MemoryBreakdown) -> dict[str, int]:
+        """Plain backprop's phases, and the first backward of the top block's MLP (its output projection): the
+        scales' gradient is reduced from a dense fp32 ∂L/∂W (`weights.linear.padded_weight_grad`), alive with the
+        unit codes and their product (3 weight-sized fp32 tensors) beside the projection's output and input
+        gradients."""
+        phases = est.backprop_phases(spec, breakdown)
+        m = spec.model
+        if not m.n_layers or not any(p.trainable for p in m.params):
+            return phases
+        mlp_tmp, _ = est.block_backward_temporaries(spec)
+        before = phases["top_block_mlp"] + est.block_components(spec, m.n_layers - 1)["norms"] // 2 - mlp_tmp
+        grads = spec.tokens * (m.hidden + m.intermediate) * est.dtypes(spec).compute
+        phases["top_block_mlp_scales"] = before + grads + 3 * m.hidden * m.intermediate * 4
+        return phases
 
 
 def _freeze(model):

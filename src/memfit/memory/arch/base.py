@@ -154,6 +154,12 @@ class Family:
         tensors are not the ones the attention saved)."""
         return 0
 
+    def cache_saved(self, spec: RunSpec) -> int:
+        """Bytes of one block's KV-cache entries that are the very tensors its attention saved (so free beside
+        them), held by the forward's output until the loss is computed: a technique that re-stores saved tensors
+        keeps these in full on top of its copies."""
+        return 0
+
     def kept_inputs(self, spec: RunSpec) -> tuple[str, ...]:
         """Paths (inside a block) of the projections whose input another op saves anyway (e.g. the attention
         kernel's own output, read by the output projection): an adapter that casts its input to a copy of its

@@ -142,6 +142,14 @@ class Llama(Family):
             return 0
         return m.n_layers * spec.tokens * m.n_kv_heads * m.head_dim * d.residual
 
+    def cache_saved(self, spec):
+        """The cache's values, and its keys unless they are the residual-dtype copies `output_held` counts."""
+        m, a, d = spec.model, _arch(spec), dtypes(spec)
+        if spec.task != "causal_lm":
+            return 0
+        keys_extra = d.autocast and (m.arch is None or a.rotary_dim)
+        return spec.tokens * m.n_kv_heads * m.head_dim * (d.compute + (0 if keys_extra else d.residual))
+
     def kept_inputs(self, spec):
         m, a = spec.model, _arch(spec)
         own_copy = parts.attention_kernel(spec) != "flash" or (m.arch is not None and a.relaid_output)
