@@ -416,7 +416,7 @@ def _cases() -> list[Case]:
         return str(folder)
 
     add("prune: model folder missing", lambda w: prune(w, str(w.root / "nomodel")), "nomodel")
-    add("prune: a GPT-2 model", lambda w: prune(w, gpt2_folder(w)), "gpt2", "Llama")
+    add("prune: a GPT-2 model", lambda w: prune(w, gpt2_folder(w)), "gpt2", "supported")
     add("prune: sparsity 1.5", lambda w: prune(w, str(model_copy(w)), "-s", "1.5"), "sparsity")
     add("prune: output is a folder the user owns",
         lambda w: prune(w, str(model_copy(w)), "--overwrite", out=str(w.file("mine2/notes.txt", "mine").parent)),

@@ -32,6 +32,7 @@ from memfit.prune.common import (
     save_pruned,
 )
 from memfit.prune.flap import flap
+from memfit.prune.layout import layout_of
 from memfit.prune.llm_pruner import llm_pruner
 from memfit.prune.slicegpt import slicegpt
 
@@ -87,6 +88,7 @@ def prune(model_dir: str | os.PathLike, method: str, sparsity: float, out: str |
     check_output(out, overwrite)
     text = read_utf8(existing_file(calib or DEFAULT_CALIB, "calibration text", "--calib"), "calibration text")
     model, tokenizer = load_causal_lm(model_dir, "sdpa")
+    layout_of(model)  # an unsupported architecture is refused before anything is printed
     ids = calibration_ids(tokenizer, text, samples, length)
     note(f"pruning {model_dir} with {method} at sparsity {sparsity} on {ids.shape[0]}×{ids.shape[1]} calibration "
          f"tokens")
