@@ -138,16 +138,26 @@ def activation_bytes(spec: RunSpec) -> int:
 
 # --- backward transients and the step peak ------------------------------------------------------------------
 
+_SPLITS: dict[tuple, tuple[object, tuple[int, int]]] = {}
+
+
 def gradient_split(spec: RunSpec) -> tuple[int, int]:
     """(gradient bytes of the parts after the last block — LM head, final norm, pooler, classifier —,
-    mean gradient bytes of one block)."""
-    head = layers = 0
-    for p in spec.model.trainable:
-        if in_block(spec.model, p.name):
-            layers += p.nbytes
-        elif not is_embedding(spec.model, p.name):
-            head += p.nbytes
-    return head, layers // max(spec.model.n_layers, 1)
+    mean gradient bytes of one block); memoised by the identity of the parameter tuple, as `flow_of`."""
+    m = spec.model
+    key = (id(m.params), id(m.arch), m.n_layers)
+    hit = _SPLITS.get(key)
+    if hit is None or hit[0][0] is not m.params or hit[0][1] is not m.arch:
+        head = layers = 0
+        for p in m.trainable:
+            if in_block(m, p.name):
+                layers += p.nbytes
+            elif not is_embedding(m, p.name):
+                head += p.nbytes
+        if len(_SPLITS) >= 256:
+            _SPLITS.clear()
+        hit = _SPLITS[key] = ((m.params, m.arch), (head, layers // max(m.n_layers, 1)))
+    return hit[1]
 
 
 def head_backward_temporaries(spec: RunSpec, tokens: int | None = None) -> int:

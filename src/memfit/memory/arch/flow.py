@@ -57,18 +57,20 @@ class Flow:
         return self.blocks[-1].grad_out if self.blocks else False
 
 
-_FLOWS: dict[tuple, Flow] = {}
+_FLOWS: dict[tuple, tuple[object, Flow]] = {}
 
 
 def flow_of(spec) -> Flow:
-    """The flow of `spec`'s model (memoised by its parameters: the planner asks for the same model many times)."""
+    """The flow of `spec`'s model, memoised by the identity of its parameter tuple (the planner asks for the same
+    model thousands of times; hashing the tuple itself cost more than computing the flow)."""
     m = spec.model
-    key = (m.params, m.n_layers, m.arch.layer_prefix if m.arch is not None else "", m.tie_embeddings, spec.task)
-    if key not in _FLOWS:
+    key = (id(m.params), id(m.arch), m.n_layers, m.tie_embeddings, spec.task)
+    hit = _FLOWS.get(key)
+    if hit is None or hit[0][0] is not m.params or hit[0][1] is not m.arch:
         if len(_FLOWS) >= 256:
             _FLOWS.clear()
-        _FLOWS[key] = _flow(spec)
-    return _FLOWS[key]
+        hit = _FLOWS[key] = ((m.params, m.arch), _flow(spec))  # the references keep the ids from being reused
+    return hit[1]
 
 
 def _flow(spec) -> Flow:
