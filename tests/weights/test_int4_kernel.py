@@ -3,7 +3,6 @@ the output is close to the decoded weight's, the kernel is used only where it ap
 repacked, and a missing or wrong kernel falls back loudly."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from memfit.weights import int4 as int4_module
 from memfit.weights.format import pack_nibbles
 from memfit.weights.int4 import INT4, pack_codes, unpack_codes
 from memfit.weights.linear import QuantLinear
+from weights.kernel_fallback import assert_falls_back_loudly
 
 
 def _pair(inp: int, out: int = 128, fmt: str = "int4", group_size=64, rows: int = 3):
@@ -117,12 +117,7 @@ def test_missing_kernel_falls_back_loudly(monkeypatch, caplog):
 
     monkeypatch.setattr(int4_module, "int4_mm", broken)
     monkeypatch.setattr(int4_module, "_KERNEL", {})
-    with caplog.at_level(logging.WARNING, logger="memfit"), torch.no_grad():
-        y = q(x)
-        q(x)
-    assert torch.equal(y, ref)
-    warnings = [r.getMessage() for r in caplog.records if "_weight_int4pack_mm_for_cpu" in r.getMessage()]
-    assert len(warnings) == 1 and torch.__version__ in warnings[0]
+    assert_falls_back_loudly(q, x, ref, caplog, "_weight_int4pack_mm_for_cpu")
 
 
 def test_wrong_kernel_result_falls_back(monkeypatch):

@@ -1,7 +1,6 @@
 """int8 inference through torch's int8 weight-only kernel: close to the decoded weight, used only where it is
 correct, and a loud fallback when it is missing or wrong."""
 
-import logging
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from torch import nn
 
 from memfit.weights import int8 as int8_module
 from memfit.weights.linear import QuantLinear
+from weights.kernel_fallback import assert_falls_back_loudly
 
 
 def _pair(inp: int, out: int = 40, group_size=None) -> tuple[QuantLinear, torch.Tensor]:
@@ -78,12 +78,7 @@ def test_missing_kernel_falls_back_loudly(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "_weight_int8pack_mm", broken)
     monkeypatch.setattr(int8_module, "_KERNEL", {})
-    with caplog.at_level(logging.WARNING, logger="memfit"), torch.no_grad():
-        y = q(x)
-        q(x)
-    assert torch.equal(y, ref)
-    warnings = [r.getMessage() for r in caplog.records if "_weight_int8pack_mm" in r.getMessage()]
-    assert len(warnings) == 1 and torch.__version__ in warnings[0]
+    assert_falls_back_loudly(q, x, ref, caplog, "_weight_int8pack_mm")
 
 
 def test_wrong_kernel_result_falls_back(monkeypatch):
