@@ -105,12 +105,10 @@ def test_step_peak_estimate_matches_measured(techniques):
     """The activation techniques' phase model (loss head, start of backward, each layer's backward) predicts
     the measured tensor peak of forward+backward within 2 % low / 8 % high (exact to 0.1 % for each technique
     alone at 1-2k tokens on llama-1m; the combination at this small size is 6 % conservative)."""
-    from memfit.memory.estimate import estimate_step
-    from memfit.memory.measure import MemoryMeter
     from memfit.memory.spec import RunSpec
     from memfit.techniques.base import Context
     from memfit.techniques.registry import build_technique
-    from memfit.train.build import apply_techniques, wrap_forward_backward
+    from memfit.train.build import apply_techniques
 
     from .conftest import make_model
 
@@ -119,13 +117,7 @@ def test_step_peak_estimate_matches_measured(techniques):
     spec = RunSpec.from_model(model, batch=1, seq=512)
     ctx = Context(model=model, spec=spec, techniques=techs)
     apply_techniques(ctx)
-    fb = wrap_forward_backward(ctx)
-    ids = torch.randint(0, 2048, (1, 512), generator=torch.Generator().manual_seed(0))
-    meter = MemoryMeter(model)
-    with meter.region():
-        fb(model, {"input_ids": ids, "labels": ids}, 1.0)
-    measured = meter.report().peak.total
-    predicted = estimate_step(spec, techs)[1]
+    measured, predicted = _step_peaks(ctx, model, spec, techs, 2048)
     assert 0.92 < measured / predicted < 1.02, (measured, predicted)
 
 
@@ -133,9 +125,7 @@ def test_frozen_head_makes_no_weight_gradient():
     """LoRA with a frozen LM head: autograd asks the fused head for no weight gradient, so the estimate must not
     count the fp32 (vocab × hidden) gradient and its per-chunk part (it did: 0.73 of the measured peak here,
     +35 % on torchtune's 3B LoRA row). Large vocabulary so the head's backward is the step's peak."""
-    from memfit.memory.estimate import estimate_step
-    from memfit.memory.measure import MemoryMeter
-    from memfit.train.build import apply_techniques, wrap_forward_backward
+    from memfit.train.build import apply_techniques
 
     vocab = 8192
     model = make_model("llama-1m", vocab_size=vocab, num_hidden_layers=2)
@@ -145,11 +135,20 @@ def test_frozen_head_makes_no_weight_gradient():
     ctx = Context(model=model, spec=spec, techniques=techs)
     apply_techniques(ctx)
     assert not model.get_output_embeddings().weight.requires_grad
+    measured, predicted = _step_peaks(ctx, model, spec, techs, vocab)
+    assert 0.92 < measured / predicted < 1.02, (measured, predicted)
+
+
+def _step_peaks(ctx, model, spec, techs, vocab: int) -> tuple[int, int]:
+    """(measured, predicted) tensor peak of one forward+backward of `model` (set up by `ctx`) over 512 random
+    tokens."""
+    from memfit.memory.estimate import estimate_step
+    from memfit.memory.measure import MemoryMeter
+    from memfit.train.build import wrap_forward_backward
+
     fb = wrap_forward_backward(ctx)
     ids = torch.randint(0, vocab, (1, 512), generator=torch.Generator().manual_seed(0))
     meter = MemoryMeter(model)
     with meter.region():
         fb(model, {"input_ids": ids, "labels": ids}, 1.0)
-    measured = meter.report().peak.total
-    predicted = estimate_step(spec, techs)[1]
-    assert 0.92 < measured / predicted < 1.02, (measured, predicted)
+    return meter.report().peak.total, estimate_step(spec, techs)[1]

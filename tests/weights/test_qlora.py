@@ -47,14 +47,9 @@ def test_forward_matches_dequantized_model_and_dense_within_nf4_error():
     assert (out_q - out_dense).abs().max() < 0.2 * out_dense.abs().max()
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int8", "int4"])
-def test_only_adapters_train_and_bytes_match_estimate(fmt):
-    model, tech, spec = _qlora(build_llama("llama-tiny", 256, seed=0, intermediate_size=192), format=fmt)
-    est = estimate_run(spec, [tech])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+def _train_once(model, ids, trainable):
+    """One measured AdamW step on `trainable`: (the names of the parameters it changed, the meter's report)."""
     opt = torch.optim.AdamW(trainable, lr=1e-2)
-    ids = torch.randint(0, 256, (2, 16))
 
     def step():
         model(input_ids=ids, labels=ids).loss.backward()
@@ -63,7 +58,17 @@ def test_only_adapters_train_and_bytes_match_estimate(fmt):
 
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, report = measure(step, model, opt)
-    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}, report
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8", "int4"])
+def test_only_adapters_train_and_bytes_match_estimate(fmt):
+    model, tech, spec = _qlora(build_llama("llama-tiny", 256, seed=0, intermediate_size=192), format=fmt)
+    est = estimate_run(spec, [tech])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    ids = torch.randint(0, 256, (2, 16))
+    changed, report = _train_once(model, ids, trainable)
     assert changed and all("lora_" in n for n in changed)
     assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
     assert report.peak.parameters == est.parameters
@@ -146,16 +151,7 @@ def test_gpt2_conv1d_quantized_and_trained(name, opts):
     model.train()
     est, peak = estimate_step(spec, [tech])
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-2)
-
-    def step():
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    _, report = measure(step, model, opt)
-    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    changed, report = _train_once(model, ids, trainable)
     assert changed and changed == {n for n, p in model.named_parameters() if p.requires_grad}
     assert report.peak.parameters == est.parameters
     assert report.category_peaks.gradients == est.gradients
